@@ -1,0 +1,3 @@
+"""s2reg version."""
+
+__version__ = "0.1.0"

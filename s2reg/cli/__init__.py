@@ -1,0 +1,49 @@
+"""The ``s2reg`` command line: thin click commands over the Python API.
+
+Each command family lives in its own module and exposes ``COMMANDS`` (a list of click
+commands). Library errors (:class:`s2reg.errors.S2RegError`) and OS errors become a one-line
+``Error: ...`` with exit status 1 here, at the edge, so the library never imports click.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from .._version import __version__
+from ..errors import S2RegError
+
+# One module per command family; each exposes COMMANDS.
+COMMAND_MODULES = (
+    "inspect",
+    "validate",
+    "extract",
+    "demo",
+)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except S2RegError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="s2reg")
+def main() -> None:
+    """s2reg: adapters for structured-sparse (S2FT) and spectral (PISA) fine-tuning.
+
+    Adapters are directories holding a JSON manifest and a safetensors payload
+    (spec/FORMAT.md). Commands inspect, validate, extract, merge and share them.
+    """
+
+
+for _module in COMMAND_MODULES:
+    for _command in importlib.import_module(f".{_module}", __name__).COMMANDS:
+        main.add_command(_command)

@@ -1,0 +1,70 @@
+"""``s2reg inspect``: what an adapter holds, per layer and module."""
+
+from __future__ import annotations
+
+import click
+
+from ..ops.describe import describe
+from ..format.stats import ranges
+from . import render
+from .common import adapter_argument, json_option
+
+
+def _selection(row: dict) -> str:
+    if row["kind"] == "pisa":
+        return f"block {row['block'][0]}x{row['block'][1]}, {row['coefficients']} coef/block, grid {row['grid'][0]}x{row['grid'][1]}"
+    what = "rows" if row["axis"] == "rows" else "cols"
+    if row["groups"] is not None:
+        return f"groups {ranges(row['groups'])} ({row['count']} {what})"
+    return f"{what} {ranges(row['indices'])} ({row['count']}/{row['of']})"
+
+
+@click.command("inspect")
+@adapter_argument("adapter")
+@json_option
+def inspect_command(adapter, as_json: bool) -> None:
+    """Show an adapter's targets, selections, sizes and norms.
+
+    \b
+    Example:
+      s2reg inspect ./my-adapter
+      s2reg inspect ./my-adapter --json | jq '.targets[].indices'
+    """
+    report = describe(adapter)
+    if as_json:
+        render.emit_json(report)
+        return
+    s = report["summary"]
+    lines = [
+        f"[bold]{s['kind']}[/] adapter for [bold]{s['base']['name']}[/]"
+        + (f" @ {s['base']['revision']}" if s["base"]["revision"] else ""),
+        f"{s['targets']} targets, {s['params']:,} parameters ({s['percent_of_targeted']:.2f}% of the targeted tensors)",
+    ]
+    if "digest" in s:
+        lines.append(
+            f"payload {render.human_bytes(s['bytes_on_disk'])} on disk ({s['encoding']}), "
+            f"{render.human_bytes(s['raw_bytes'])} raw, ratio {s['compression_ratio']:.2f}x; digest {s['digest'][:16]}"
+        )
+    render.console.print("\n".join(lines))
+    render.console.print(
+        render.table(
+            None,
+            ["layer", "module", "selection", "params", "% base", "‖Δ‖", "raw bytes"],
+            (
+                [
+                    "" if r["layer"] is None else r["layer"],
+                    r["module"],
+                    _selection(r),
+                    f"{r['params']:,}",
+                    f"{r['percent_of_base']:.2f}",
+                    f"{r['delta_norm']:.4g}",
+                    render.human_bytes(r["payload_bytes"]),
+                ]
+                for r in report["targets"]
+            ),
+            right=["params", "% base", "‖Δ‖", "raw bytes"],
+        )
+    )
+
+
+COMMANDS = [inspect_command]

@@ -1,0 +1,49 @@
+"""The error types s2reg raises.
+
+Every failure a user can cause (bad files, wrong base model, bad names, ...) raises a
+subclass of :class:`S2RegError` whose message is one line that says what is wrong and, where
+possible, how to fix it. The CLI turns these into a clean ``Error: ...`` and a non-zero exit;
+anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class S2RegError(Exception):
+    """Base class of every error s2reg raises on purpose."""
+
+
+class FormatError(S2RegError):
+    """An adapter on disk or in memory does not follow spec/FORMAT.md."""
+
+
+class IntegrityError(FormatError):
+    """Bytes do not match the digest recorded for them (corruption or tampering)."""
+
+
+class UnsupportedVersion(FormatError):
+    """The adapter was written by a newer format version than this s2reg understands."""
+
+
+class ShapeError(S2RegError):
+    """Tensor shapes (or index ranges) do not fit together."""
+
+
+class BaseMismatch(S2RegError):
+    """An adapter or checkpoint is being combined with a base model it was not made for."""
+
+
+class NonFiniteError(S2RegError):
+    """NaN or Inf where finite numbers are required."""
+
+
+class CheckpointError(S2RegError):
+    """A model checkpoint (safetensors shards, index, config) is unreadable or inconsistent."""
+
+
+class RegistryError(S2RegError):
+    """The adapter registry (local store or remote) refused or failed an operation."""
+
+
+class NotFound(RegistryError):
+    """A name, tag or file that was asked for does not exist."""

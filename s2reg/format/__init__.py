@@ -1,0 +1,35 @@
+"""The adapter format, version 1: spec/FORMAT.md in code. No CLI, no registry."""
+
+from .adapter import (
+    Adapter,
+    BaseModel,
+    Fingerprint,
+    PISAAdapter,
+    S2FTAdapter,
+    Stored,
+    TensorReader,
+    load,
+    read_manifest,
+)
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, UnknownKeyWarning
+from .pisa import PISATarget, reconstruct
+from .s2ft import S2FTTarget, exact_difference
+
+__all__ = [
+    "Adapter",
+    "BaseModel",
+    "FORMAT_VERSION",
+    "Fingerprint",
+    "MANIFEST_NAME",
+    "PISAAdapter",
+    "PISATarget",
+    "S2FTAdapter",
+    "S2FTTarget",
+    "Stored",
+    "TensorReader",
+    "UnknownKeyWarning",
+    "exact_difference",
+    "load",
+    "read_manifest",
+    "reconstruct",
+]

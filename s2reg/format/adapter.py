@@ -1,0 +1,381 @@
+"""Adapters in memory, and their directory form on disk (FORMAT §1, §3, §6, §7)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Union
+
+import torch
+
+from .._version import __version__
+from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
+from . import codec, dtypes, manifest, payload
+from .digest import sha256_bytes, tensor_sha256
+from ..fsatomic import write_directory
+from .pisa import PISATarget
+from .s2ft import S2FTTarget, exact_difference, take
+
+Target = Union[S2FTTarget, PISATarget]
+
+
+class TensorReader(Protocol):
+    """What an adapter needs of a base model: its tensors by name (a checkpoint or a state dict)."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """FORMAT §3.2: shape, dtype and sha256 of one base tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    sha256: str
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> Fingerprint:
+        return cls(tuple(tensor.shape), dtypes.name_of(tensor.dtype), tensor_sha256(tensor))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "sha256": self.sha256}
+
+
+@dataclass
+class BaseModel:
+    """FORMAT §3.2: which base model an adapter belongs to."""
+
+    name: str
+    revision: str | None = None
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where a loaded adapter came from, and what it costs on disk."""
+
+    path: Path
+    digest: str
+    encoding: str
+    payload_bytes: int
+    raw_bytes: int
+
+
+def _now() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch) if epoch else None))
+
+
+def _reader(base: TensorReader | Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    if isinstance(base, Mapping):
+        return lambda name: base[name]
+    return base.get
+
+
+class Adapter:
+    """A set of per-tensor deltas of one kind for one base model.
+
+    Build one with :meth:`S2FTAdapter.from_slices`, :meth:`S2FTAdapter.from_tuned`,
+    :meth:`PISAAdapter.from_coefficients` or :func:`load`; write it with :meth:`save`.
+    """
+
+    kind: ClassVar[str]
+    target_type: ClassVar[type]
+
+    def __init__(
+        self,
+        targets: Mapping[str, Target],
+        base: BaseModel,
+        *,
+        params: Mapping[str, Any] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ):
+        self.targets: dict[str, Target] = dict(sorted(targets.items()))
+        self.base = base
+        self.params = dict(params or {})
+        self.provenance = {
+            "tool": f"s2reg {__version__}",
+            "created": _now(),
+            "source": "from_slices",
+            "training": None,
+            **(provenance or {}),
+        }
+        self.extra = dict(extra or {})
+        self.stored: Stored | None = None
+        self.check()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {len(self.targets)} targets, base={self.base.name!r}>"
+
+    # -- checks ---------------------------------------------------------------------------
+    def check(self, *, allow_nonfinite: bool = False) -> None:
+        """Check every target against FORMAT §4/§5 and against its base fingerprint."""
+        if not self.targets:
+            raise FormatError("an adapter needs at least one target tensor")
+        for name, target in self.targets.items():
+            manifest.check_tensor_name(name)
+            if not isinstance(target, self.target_type):
+                raise FormatError(f"{name}: a {self.kind} adapter cannot hold a {target.kind} target")
+            target.check(name, allow_nonfinite=allow_nonfinite)
+            fp = self.base.fingerprints.get(name)
+            if fp is None:
+                raise FormatError(f"{name}: no base fingerprint (FORMAT §3.2)")
+            if fp.shape != tuple(target.shape) or fp.dtype != dtypes.name_of(target.dtype):
+                raise ShapeError(
+                    f"{name}: target is {list(target.shape)} {dtypes.name_of(target.dtype)} but its base fingerprint "
+                    f"says {list(fp.shape)} {fp.dtype}"
+                )
+
+    def verify_base(self, base: TensorReader | Mapping[str, torch.Tensor], *, hashes: bool = True) -> None:
+        """Raise BaseMismatch unless every target's base tensor matches its fingerprint (FORMAT §3.2)."""
+        get = _reader(base)
+        for name, fp in sorted(self.base.fingerprints.items()):
+            try:
+                tensor = get(name)
+            except KeyError:
+                raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})") from None
+            if tuple(tensor.shape) != fp.shape or dtypes.name_of(tensor.dtype) != fp.dtype:
+                raise BaseMismatch(
+                    f"{name}: base tensor is {list(tensor.shape)} {dtypes.name_of(tensor.dtype)}, adapter expects "
+                    f"{list(fp.shape)} {fp.dtype} (made for {self.base.name!r})"
+                )
+            sha = getattr(base, "sha256_of", None)
+            if hashes and (sha(name) if sha else tensor_sha256(tensor)) != fp.sha256:
+                raise BaseMismatch(
+                    f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r}); "
+                    "use --force to skip the fingerprint check"
+                )
+
+    # -- access ---------------------------------------------------------------------------
+    def to_dense(self, name: str) -> torch.Tensor:
+        """The full delta matrix of one target (FORMAT §4.4, §5.3)."""
+        try:
+            return self.targets[name].to_dense()
+        except KeyError:
+            raise FormatError(f"adapter has no target {name!r}") from None
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.num_params for t in self.targets.values())
+
+    def stats(self) -> list[dict[str, Any]]:
+        """One row per target: kind-specific selection, params, share of the base tensor, norm, bytes."""
+        from .stats import target_rows
+
+        return target_rows(self)
+
+    # -- serialisation ----------------------------------------------------------------------
+    def payload_bytes(self) -> bytes:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, target in self.targets.items():
+            tensors.update(target.payload_tensors(name))
+        meta = {"s2reg.format_version": str(manifest.FORMAT_VERSION), "s2reg.kind": self.kind}
+        return payload.dump(tensors, meta)
+
+    def manifest_for(self, raw: bytes, blob: bytes, encoding: str, level: int | None) -> dict[str, Any]:
+        payload_entry: dict[str, Any] = {
+            "file": manifest.PAYLOAD_FILES[encoding],
+            "encoding": encoding,
+            "bytes": len(blob),
+            "sha256": sha256_bytes(blob),
+            "raw_bytes": len(raw),
+            "raw_sha256": sha256_bytes(raw),
+        }
+        if level is not None:
+            payload_entry["zstd_level"] = level
+        return {
+            **self.extra,
+            "format": manifest.FORMAT,
+            "format_version": manifest.FORMAT_VERSION,
+            "kind": self.kind,
+            "base": {
+                **self.base.extra,
+                "name": self.base.name,
+                "revision": self.base.revision,
+                "fingerprints": {n: fp.as_json() for n, fp in sorted(self.base.fingerprints.items())},
+            },
+            "targets": {name: t.manifest_entry() for name, t in self.targets.items()},
+            "payload": payload_entry,
+            "params": self.params,
+            "provenance": self.provenance,
+        }
+
+    def save(
+        self, path: str | os.PathLike, *, compress: bool = True, level: int = codec.DEFAULT_LEVEL, overwrite: bool = False
+    ) -> Stored:
+        """Write the adapter directory atomically; the same adapter and options give the same bytes."""
+        raw = self.payload_bytes()
+        encoding = codec.ZSTD_BYTEPLANE if compress else codec.RAW
+        blob = codec.encode(raw, level) if compress else raw
+        text = manifest.dump(self.manifest_for(raw, blob, encoding, level if compress else None))
+        path = Path(path)
+        write_directory(path, {manifest.MANIFEST_NAME: text, manifest.PAYLOAD_FILES[encoding]: blob}, overwrite=overwrite)
+        self.stored = Stored(path, sha256_bytes(text), encoding, len(blob), len(raw))
+        return self.stored
+
+
+class S2FTAdapter(Adapter):
+    """Row/column slices of exact differences (FORMAT §4)."""
+
+    kind = "s2ft"
+    target_type = S2FTTarget
+
+    @classmethod
+    def from_tuned(
+        cls,
+        base: TensorReader | Mapping[str, torch.Tensor],
+        slices: Mapping[str, tuple[str, Iterable[int] | torch.Tensor, torch.Tensor]],
+        *,
+        base_name: str,
+        base_revision: str | None = None,
+        group_sizes: Mapping[str, int] | None = None,
+        **kwargs: Any,
+    ) -> S2FTAdapter:
+        """From fine-tuned slice values: ``{name: (axis, indices, tuned_slice)}`` in the base's dtype.
+
+        Stores exact differences (FORMAT §4.3), so merging reproduces the tuned values bit-for-bit.
+        """
+        return cls._build(base, slices, base_name, base_revision, group_sizes, snap=False, **kwargs)
+
+    @classmethod
+    def from_slices(
+        cls,
+        base: TensorReader | Mapping[str, torch.Tensor],
+        slices: Mapping[str, tuple[str, Iterable[int] | torch.Tensor, torch.Tensor]],
+        *,
+        base_name: str,
+        base_revision: str | None = None,
+        group_sizes: Mapping[str, int] | None = None,
+        **kwargs: Any,
+    ) -> S2FTAdapter:
+        """From deltas: ``{name: (axis, indices, delta_slice)}``; deltas are snapped to exact ones (§4.3)."""
+        return cls._build(base, slices, base_name, base_revision, group_sizes, snap=True, **kwargs)
+
+    @classmethod
+    def _build(cls, base, slices, base_name, base_revision, group_sizes, *, snap: bool, **kwargs) -> S2FTAdapter:
+        get = _reader(base)
+        targets, fingerprints = {}, {}
+        for name, (axis, indices, values) in sorted(slices.items()):
+            manifest.check_tensor_name(name)
+            weight = get(name)
+            idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+            target = S2FTTarget(tuple(weight.shape), weight.dtype, axis, idx, values.detach().to(torch.float64),
+                                (group_sizes or {}).get(name))
+            target.check(name)  # shapes and ranges before any arithmetic
+            base_slice = take(weight, axis, idx)
+            tuned = (base_slice.to(torch.float64) + target.delta).to(weight.dtype) if snap else values.detach()
+            if tuned.dtype != weight.dtype:
+                raise ShapeError(f"{name}: tuned slice is {tuned.dtype} but the base tensor is {weight.dtype}")
+            target.delta = exact_difference(base_slice, tuned, name=name)
+            targets[name] = target
+            fingerprints[name] = Fingerprint.of(weight)
+        return cls(targets, BaseModel(base_name, base_revision, fingerprints), **kwargs)
+
+
+class PISAAdapter(Adapter):
+    """Sparse rfft2 coefficients per block (FORMAT §5)."""
+
+    kind = "pisa"
+    target_type = PISATarget
+
+    @classmethod
+    def from_coefficients(
+        cls,
+        base: TensorReader | Mapping[str, torch.Tensor],
+        coefficients: Mapping[str, tuple[tuple[int, int], torch.Tensor, torch.Tensor]],
+        *,
+        base_name: str,
+        base_revision: str | None = None,
+        scale: float | Mapping[str, float] = 1.0,
+        coefficient_dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> PISAAdapter:
+        """From ``{name: (block, indices [blocks, k], complex coefficients [blocks, k])}``.
+
+        Each block's indices may come in any order; they are sorted together with their coefficients.
+        """
+        get = _reader(base)
+        targets, fingerprints = {}, {}
+        for name, (block, indices, values) in sorted(coefficients.items()):
+            manifest.check_tensor_name(name)
+            weight = get(name)
+            idx = torch.as_tensor(indices, dtype=torch.int64)
+            values = torch.as_tensor(values).detach()
+            if not values.is_complex():
+                raise FormatError(f"{name}: coefficients must be a complex tensor")
+            if idx.shape != values.shape or idx.dim() != 2:
+                raise ShapeError(f"{name}: indices {list(idx.shape)} and coefficients {list(values.shape)} must be [blocks, k]")
+            order = idx.argsort(dim=1)
+            idx, values = idx.gather(1, order), values.gather(1, order)
+            stored = torch.stack([values.real, values.imag], dim=-1).to(coefficient_dtype)
+            s = scale[name] if isinstance(scale, Mapping) else scale
+            targets[name] = PISATarget(tuple(weight.shape), weight.dtype, (int(block[0]), int(block[1])), idx, stored, float(s))
+            fingerprints[name] = Fingerprint.of(weight)
+        return cls(targets, BaseModel(base_name, base_revision, fingerprints), **kwargs)
+
+
+ADAPTER_TYPES: dict[str, type[Adapter]] = {"s2ft": S2FTAdapter, "pisa": PISAAdapter}
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
+    """The parsed manifest of the adapter directory at ``path`` and its bytes (FORMAT §7 step 1)."""
+    path = Path(path)
+    file = path / manifest.MANIFEST_NAME
+    if not path.is_dir():
+        raise FormatError(f"{path}: not an adapter directory (no such directory)")
+    if not file.is_file():
+        raise FormatError(f"{path}: not an adapter directory (no {manifest.MANIFEST_NAME})")
+    if file.stat().st_size > manifest.MAX_MANIFEST_BYTES:
+        raise FormatError(f"{file}: larger than the {manifest.MAX_MANIFEST_BYTES}-byte manifest limit")
+    text = file.read_bytes()
+    return manifest.parse(text), text
+
+
+def read_payload(path: Path, entry: Mapping[str, Any]) -> bytes:
+    """The verified raw payload bytes (FORMAT §7 steps 2-3)."""
+    file = path / entry["file"]
+    if not file.is_file():
+        raise FormatError(f"{file}: payload file missing")
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+        raise FormatError(f"{file}: truncated or extended payload ({size} bytes, manifest says {entry['bytes']})")
+    blob = file.read_bytes()
+    if sha256_bytes(blob) != entry["sha256"]:
+        raise IntegrityError(f"{file}: sha256 mismatch, the payload is corrupted or was modified")
+    raw = codec.decode(blob, entry["raw_bytes"]) if entry["encoding"] == codec.ZSTD_BYTEPLANE else blob
+    if sha256_bytes(raw) != entry["raw_sha256"]:
+        raise IntegrityError(f"{file}: decoded payload sha256 mismatch, the payload is corrupted")
+    return raw
+
+
+def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
+    """Read and fully check the adapter directory at ``path`` (FORMAT §7)."""
+    path = Path(path)
+    data, text = read_manifest(path)
+    tensors, _ = payload.load(read_payload(path, data["payload"]))
+    cls = ADAPTER_TYPES[data["kind"]]
+    expected = {n for name in data["targets"] for n in cls.target_type.payload_names(name)}
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise FormatError(f"{path}: payload tensors do not match the manifest (missing {missing}, unexpected {extra})")
+    targets = {name: cls.target_type.from_manifest(name, entry, tensors) for name, entry in data["targets"].items()}
+    base = data["base"]
+    fingerprints = {
+        name: Fingerprint(tuple(fp["shape"]), fp["dtype"], fp["sha256"]) for name, fp in base["fingerprints"].items()
+    }
+    adapter = cls.__new__(cls)
+    adapter.targets = dict(sorted(targets.items()))
+    adapter.base = BaseModel(base["name"], base["revision"], fingerprints,
+                             {k: v for k, v in base.items() if k not in {"name", "revision", "fingerprints"}})
+    adapter.params = data["params"]
+    adapter.provenance = data["provenance"]
+    adapter.extra = {k: v for k, v in data.items() if k not in manifest.TOP_KEYS}
+    adapter.check(allow_nonfinite=allow_nonfinite)
+    adapter.stored = Stored(path, sha256_bytes(text), data["payload"]["encoding"], data["payload"]["bytes"],
+                            data["payload"]["raw_bytes"])
+    return adapter

@@ -1,0 +1,192 @@
+"""PISA deltas (FORMAT §5): a few rfft2 coefficients per block, reconstructed by inverse FFT.
+
+:func:`reconstruct` is the one kernel for this kind: saving, merging, inspection and training
+(it is differentiable in the coefficients) all call it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import FormatError, NonFiniteError, ShapeError
+from . import dtypes
+from .manifest import require, require_dtype, require_shape, warn_unknown
+
+COEFFICIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_BLOCK_AREA = 1 << 24
+
+
+def half_width(block: tuple[int, int]) -> int:
+    """Width of the rfft2 half-plane of a ``(bh, bw)`` block: ``bw // 2 + 1``."""
+    return block[1] // 2 + 1
+
+
+def grid_of(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    """``(ceil(out / bh), ceil(in / bw))`` (FORMAT §5.1)."""
+    return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
+
+
+def _hermitian_columns(spectrum: torch.Tensor, bw: int) -> torch.Tensor:
+    """Replace the self-conjugate columns (v = 0, and v = bw/2 for even bw) by their Hermitian part.
+
+    FFT libraries disagree on what c2r does with non-Hermitian input there; FORMAT §5.3 defines it
+    as the Hermitian part, so we make the input Hermitian before calling one.
+    """
+    bh = spectrum.shape[-2]
+    mirror = (-torch.arange(bh)) % bh
+    columns = [0] + ([bw // 2] if bw % 2 == 0 and bw > 1 else [])
+    out = spectrum.clone()
+    for v in columns:
+        col = spectrum[..., v]
+        out[..., v] = (col + col[..., mirror].conj()) / 2
+    return out
+
+
+def reconstruct(
+    shape: tuple[int, int],
+    block: tuple[int, int],
+    indices: torch.Tensor,
+    coefficients: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """FORMAT §5.3: the dense float32 delta of a PISA target.
+
+    ``indices`` is ``[blocks, k]`` (half-plane positions ``u * hw + v``), ``coefficients`` is a
+    complex ``[blocks, k]`` tensor. Differentiable with respect to ``coefficients``.
+    """
+    bh, bw = block
+    hw = half_width(block)
+    gr, gc = grid_of(shape, block)
+    coefficients = coefficients.to(torch.complex64)
+    spectrum = torch.zeros(gr * gc, bh * hw, dtype=torch.complex64, device=coefficients.device)
+    spectrum = spectrum.scatter(1, indices.to(device=coefficients.device, dtype=torch.long), coefficients)
+    spectrum = _hermitian_columns(spectrum.reshape(gr * gc, bh, hw), bw)
+    blocks = torch.fft.irfft2(spectrum, s=(bh, bw))
+    dense = blocks.reshape(gr, gc, bh, bw).permute(0, 2, 1, 3).reshape(gr * bh, gc * bw)
+    return dense[: shape[0], : shape[1]] * scale
+
+
+@dataclass(eq=False)
+class PISATarget:
+    """One tensor's PISA delta (FORMAT §5.2). ``coefficients`` is real ``[blocks, k, 2]`` as stored."""
+
+    kind: ClassVar[str] = "pisa"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    block: tuple[int, int]
+    indices: torch.Tensor
+    coefficients: torch.Tensor
+    scale: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return grid_of(self.shape, self.block)
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        """Trainable real numbers: a complex coefficient counts twice."""
+        return int(self.coefficients.numel())
+
+    def complex_coefficients(self) -> torch.Tensor:
+        c = self.coefficients.to(torch.float32)
+        return torch.complex(c[..., 0], c[..., 1])
+
+    def check(self, name: str, *, allow_nonfinite: bool = False) -> None:
+        """Every rule of FORMAT §5.1-5.2; raises FormatError / ShapeError / NonFiniteError."""
+        if len(self.shape) != 2:
+            raise ShapeError(f"{name}: PISA targets must be rank 2, shape is {list(self.shape)}")
+        if self.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            raise FormatError(f"{name}: PISA needs a float base tensor, got {self.dtype}")
+        bh, bw = self.block
+        if bh < 1 or bw < 1 or bh * bw > MAX_BLOCK_AREA:
+            raise ShapeError(f"{name}: block {list(self.block)} must have sides >= 1 and area <= {MAX_BLOCK_AREA}")
+        if not math.isfinite(self.scale):
+            raise NonFiniteError(f"{name}: scale {self.scale} is not finite")
+        if self.coefficients.dtype not in COEFFICIENT_DTYPES:
+            raise FormatError(f"{name}: coefficients must be F32, F16 or BF16, got {self.coefficients.dtype}")
+        blocks = self.grid[0] * self.grid[1]
+        idx = self.indices
+        if idx.dim() != 2 or idx.shape[0] != blocks or idx.shape[1] < 1:
+            raise ShapeError(f"{name}: indices shape {list(idx.shape)}, expected [{blocks}, k>=1] for grid {list(self.grid)}")
+        if list(self.coefficients.shape) != [blocks, idx.shape[1], 2]:
+            raise ShapeError(
+                f"{name}: coefficients shape {list(self.coefficients.shape)}, expected [{blocks}, {idx.shape[1]}, 2]"
+            )
+        positions = bh * half_width(self.block)
+        if int(idx.min()) < 0 or int(idx.max()) >= positions:
+            raise ShapeError(f"{name}: frequency index out of range [0, {positions}) of the {bh}x{bw} half-plane")
+        if idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+            raise FormatError(f"{name}: frequency indices must be strictly increasing within each block")
+        if not allow_nonfinite and not bool(torch.isfinite(self.coefficients).all()):
+            raise NonFiniteError(f"{name}: coefficients contain NaN or Inf (refused; FORMAT §5.2)")
+
+    def to_dense(self) -> torch.Tensor:
+        """FORMAT §5.3: the dense float32 delta."""
+        return reconstruct(self.shape, self.block, self.indices, self.complex_coefficients(), self.scale)
+
+    def merged(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
+        """The whole merged (or unmerged) weight: cast_D(float32(W) +/- delta) (FORMAT §5.3)."""
+        delta = self.to_dense()
+        wide = weight.to(torch.float32)
+        return (wide - delta if subtract else wide + delta).to(weight.dtype)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            **self.extra,
+            "shape": list(self.shape),
+            "dtype": dtypes.name_of(self.dtype),
+            "payload_dtype": dtypes.name_of(self.coefficients.dtype),
+            "block": list(self.block),
+            "grid": list(self.grid),
+            "coefficients": self.k,
+            "scale": self.scale,
+        }
+
+    def payload_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.indices": self.indices.to(torch.int32), f"{name}.coefficients": self.coefficients.contiguous()}
+
+    @staticmethod
+    def payload_names(name: str) -> tuple[str, ...]:
+        return f"{name}.indices", f"{name}.coefficients"
+
+    @classmethod
+    def from_manifest(cls, name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PISATarget:
+        where = f"targets[{name!r}]"
+        known = {"shape", "dtype", "payload_dtype", "block", "grid", "coefficients", "scale"}
+        warn_unknown(entry, known, where)
+        shape = require_shape(entry, "shape", where)
+        dtype = require_dtype(entry, "dtype", where, dtypes.FLOAT_DTYPES)
+        payload_dtype = require_dtype(entry, "payload_dtype", where, frozenset({"F32", "F16", "BF16"}))
+        block = require_shape(entry, "block", where)
+        grid = require_shape(entry, "grid", where)
+        k = require(entry, "coefficients", int, where)
+        scale = require(entry, "scale", (int, float), where)
+        if len(block) != 2:
+            raise ShapeError(f"{name}: block must be [bh, bw], got {list(block)}")
+        if len(shape) != 2 or tuple(grid) != grid_of(shape, block):
+            raise ShapeError(f"{name}: grid {list(grid)} does not match shape {list(shape)} and block {list(block)}")
+        indices, coefficients = (tensors[n] for n in cls.payload_names(name))
+        if indices.dtype != torch.int32:
+            raise FormatError(f"{name}: payload indices must be I32, got {dtypes.name_of(indices.dtype)}")
+        if dtypes.name_of(coefficients.dtype) != payload_dtype:
+            raise FormatError(f"{name}: payload coefficients are {dtypes.name_of(coefficients.dtype)}, manifest says {payload_dtype}")
+        if indices.dim() != 2 or indices.shape[1] != k:
+            raise ShapeError(f"{name}: manifest says {k} coefficients per block, payload indices are {list(indices.shape)}")
+        return cls(
+            shape=shape,
+            dtype=dtypes.to_torch(dtype),
+            block=(block[0], block[1]),
+            indices=indices.to(torch.int64),
+            coefficients=coefficients,
+            scale=float(scale),
+            extra={k_: v for k_, v in entry.items() if k_ not in known},
+        )

@@ -1,0 +1,72 @@
+"""Per-target statistics of an adapter, for ``inspect`` and ``Adapter.stats()``."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+from .s2ft import S2FTTarget, axis_dim
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)\.")
+
+
+def layer_and_module(name: str) -> tuple[int | None, str]:
+    """``model.layers.3.mlp.down_proj.weight`` -> ``(3, "mlp.down_proj.weight")``."""
+    match = _LAYER.search(name)
+    if not match:
+        return None, name
+    return int(match.group(1)), name[match.end() :]
+
+
+def ranges(values: list[int]) -> str:
+    """Compact text for a sorted index list: ``[0, 1, 2, 7, 9, 10]`` -> ``"0-2,7,9-10"``."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
+def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
+    rows = []
+    for name, t in adapter.targets.items():
+        layer, module = layer_and_module(name)
+        dense_size = math.prod(t.shape)
+        row: dict[str, Any] = {
+            "name": name,
+            "layer": layer,
+            "module": module,
+            "kind": t.kind,
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "params": t.num_params,
+            "percent_of_base": 100.0 * t.num_params / dense_size,
+            "payload_bytes": sum(x.numel() * x.element_size() for x in t.payload_tensors(name).values()),
+        }
+        if isinstance(t, S2FTTarget):
+            row.update(
+                axis=t.axis,
+                count=t.count,
+                of=t.shape[axis_dim(t.axis)],
+                indices=t.indices.tolist(),
+                group_size=t.group_size,
+                groups=t.groups,
+                delta_norm=float(t.delta.double().norm()),
+            )
+        else:
+            row.update(
+                block=list(t.block),
+                grid=list(t.grid),
+                coefficients=t.k,
+                scale=t.scale,
+                delta_norm=float(t.to_dense().double().norm()),
+            )
+        rows.append(row)
+    return rows

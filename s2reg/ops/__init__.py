@@ -1,0 +1,1 @@
+"""Verbs over adapters and checkpoints: pure tensor math with IO kept at the edges."""

@@ -1,0 +1,89 @@
+"""Builders for format tests: tiny bases, adapters, and forged adapter directories.
+
+``forge`` writes an adapter directory from arbitrary manifest and payload content with
+*consistent* digests, so tests reach the checks behind the hash check (FORMAT §7 step 4).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from s2reg import PISAAdapter, S2FTAdapter
+from s2reg.format import codec, manifest, payload
+from s2reg.format.digest import sha256_bytes
+
+DOWN = "model.layers.0.mlp.down_proj.weight"
+Q = "model.layers.0.self_attn.q_proj.weight"
+UP = "model.layers.1.mlp.up_proj.weight"
+
+
+def tiny_base(dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        DOWN: torch.randn(16, 40, generator=g).to(dtype),
+        Q: torch.randn(32, 16, generator=g).to(dtype),
+        UP: torch.randn(40, 16, generator=g).to(dtype),
+    }
+
+
+def s2ft_adapter(base=None, seed=1, **kwargs) -> S2FTAdapter:
+    base = base if base is not None else tiny_base()
+    g = torch.Generator().manual_seed(seed)
+    return S2FTAdapter.from_slices(
+        base,
+        {
+            DOWN: ("columns", [3, 7, 8, 30], torch.randn(16, 4, generator=g) * 0.05),
+            Q: ("rows", list(range(8, 16)), torch.randn(8, 16, generator=g) * 0.05),
+        },
+        base_name="tiny",
+        group_sizes={Q: 8},
+        **kwargs,
+    )
+
+
+def random_half_plane_indices(blocks: int, k: int, block: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    positions = block[0] * (block[1] // 2 + 1)
+    return torch.stack([torch.randperm(positions, generator=g)[:k] for _ in range(blocks)])
+
+
+def pisa_adapter(base=None, seed=2, block=(4, 8), k=5, **kwargs) -> PISAAdapter:
+    base = base if base is not None else tiny_base()
+    g = torch.Generator().manual_seed(seed)
+    coefficients = {}
+    for name in (DOWN, UP):
+        rows, cols = base[name].shape
+        blocks = -(-rows // block[0]) * -(-cols // block[1])
+        idx = random_half_plane_indices(blocks, k, block, g)
+        values = torch.complex(torch.randn(blocks, k, generator=g), torch.randn(blocks, k, generator=g))
+        coefficients[name] = (block, idx, values)
+    return PISAAdapter.from_coefficients(base, coefficients, base_name="tiny", scale=0.5, **kwargs)
+
+
+def forge(path: Path, manifest_obj: dict, tensors: dict[str, torch.Tensor], *, compress: bool = False) -> Path:
+    """Write ``manifest_obj`` (payload entry recomputed) and ``tensors`` as an adapter directory."""
+    raw = payload.dump(tensors, {"s2reg.format_version": "1", "s2reg.kind": manifest_obj["kind"]})
+    blob = codec.encode(raw) if compress else raw
+    encoding = "zstd-byteplane" if compress else "raw"
+    manifest_obj = json.loads(json.dumps(manifest_obj))
+    manifest_obj["payload"] = {
+        "file": manifest.PAYLOAD_FILES[encoding],
+        "encoding": encoding,
+        "bytes": len(blob),
+        "sha256": sha256_bytes(blob),
+        "raw_bytes": len(raw),
+        "raw_sha256": sha256_bytes(raw),
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    (path / manifest.MANIFEST_NAME).write_bytes(manifest.dump(manifest_obj))
+    (path / manifest.PAYLOAD_FILES[encoding]).write_bytes(blob)
+    return path
+
+
+def parts(adapter) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter's manifest object and payload tensors, for tampering with one and re-forging."""
+    raw = adapter.payload_bytes()
+    tensors, _ = payload.load(raw)
+    return adapter.manifest_for(raw, raw, "raw", None), tensors

@@ -1,0 +1,267 @@
+"""Hostile and broken adapters: each is refused with a clear one-line error (FORMAT §6, §7)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+import zstandard
+from click.testing import CliRunner
+
+import s2reg
+from s2reg.cli import main
+from s2reg.errors import FormatError, IntegrityError, NonFiniteError, ShapeError
+from s2reg.format import codec, payload
+from s2reg.format.digest import sha256_bytes
+
+from .helpers import DOWN, Q, forge, parts, pisa_adapter, s2ft_adapter
+
+
+def refused(path, error, match):
+    """The library raises ``error`` and ``s2reg validate`` exits 1 with the same one-line message."""
+    with pytest.raises(error, match=match) as info:
+        s2reg.load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "a"
+    s2ft_adapter().save(path, compress=False)
+    return path
+
+
+def test_truncated_payload(saved):
+    file = saved / "payload.safetensors"
+    file.write_bytes(file.read_bytes()[:-10])
+    refused(saved, FormatError, "truncated")
+
+
+def test_corrupted_byte_fails_the_hash(saved):
+    file = saved / "payload.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x40
+    file.write_bytes(bytes(data))
+    refused(saved, IntegrityError, "sha256 mismatch")
+
+
+def test_corrupted_compressed_payload(tmp_path):
+    s2ft_adapter().save(tmp_path / "a", compress=True)
+    file = tmp_path / "a" / "payload.safetensors.zst"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    refused(tmp_path / "a", IntegrityError, "sha256 mismatch")
+
+
+def test_missing_payload_file(saved):
+    (saved / "payload.safetensors").unlink()
+    refused(saved, FormatError, "payload file missing")
+
+
+def test_not_an_adapter_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", FormatError, "no s2reg.json")
+
+
+def test_manifest_not_json(saved):
+    (saved / "s2reg.json").write_text("{not json")
+    refused(saved, FormatError, "not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "path_in_manifest, match",
+    [
+        (("kind",), "missing required key 'kind'"),
+        (("base",), "missing required key 'base'"),
+        (("payload", "sha256"), "missing required key 'sha256'"),
+        (("provenance", "created"), "missing required key 'created'"),
+    ],
+)
+def test_manifest_missing_fields(tmp_path, path_in_manifest, match):
+    data, tensors = parts(s2ft_adapter())
+    holder = data
+    for key in path_in_manifest[:-1]:
+        holder = holder[key]
+    del holder[path_in_manifest[-1]]
+    path = tmp_path / "a"
+    forge(path, data, tensors)
+    if path_in_manifest[0] == "payload":  # forge recomputes the payload entry; drop the key after
+        written = json.loads((path / "s2reg.json").read_text())
+        del written["payload"]["sha256"]
+        (path / "s2reg.json").write_text(json.dumps(written))
+    refused(path, FormatError, match)
+
+
+def test_manifest_wrong_type(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    data["targets"][DOWN]["count"] = "four"
+    refused(forge(tmp_path / "a", data, tensors), FormatError, "'count' must be int")
+
+
+def test_missing_target_field(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    del data["targets"][DOWN]["axis"]
+    refused(forge(tmp_path / "a", data, tensors), FormatError, "missing required key 'axis'")
+
+
+def test_bad_tensor_name(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    data["targets"]["../evil"] = data["targets"].pop(DOWN)
+    refused(forge(tmp_path / "a", data, tensors), FormatError, "invalid tensor name")
+
+
+@pytest.mark.parametrize(
+    "indices, error, match",
+    [
+        ([3, 7, 8, 40], ShapeError, "index 40 out of range"),
+        ([3, 8, 7, 30], FormatError, "strictly increasing"),
+        ([3, 7, 7, 30], FormatError, "strictly increasing"),
+        ([-1, 7, 8, 30], ShapeError, "index -1 out of range"),
+    ],
+)
+def test_s2ft_bad_indices(tmp_path, indices, error, match):
+    data, tensors = parts(s2ft_adapter())
+    tensors[f"{DOWN}.indices"] = torch.tensor(indices, dtype=torch.int32)
+    refused(forge(tmp_path / "a", data, tensors), error, match)
+
+
+def test_s2ft_slice_shape_mismatch(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    tensors[f"{DOWN}.delta"] = torch.zeros(15, 4)
+    refused(forge(tmp_path / "a", data, tensors), ShapeError, "does not match the slice shape")
+
+
+def test_s2ft_count_mismatch(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    data["targets"][DOWN]["count"] = 5
+    refused(forge(tmp_path / "a", data, tensors), ShapeError, "count 5")
+
+
+def test_s2ft_incomplete_group(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    tensors[f"{Q}.indices"] = torch.arange(8, 16, dtype=torch.int32) - 1  # 7..14 straddles two heads
+    refused(forge(tmp_path / "a", data, tensors), FormatError, "whole groups of 8")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_delta_refused_unless_allowed(tmp_path, bad):
+    data, tensors = parts(s2ft_adapter())
+    tensors[f"{DOWN}.delta"][0, 0] = bad
+    path = forge(tmp_path / "a", data, tensors)
+    refused(path, NonFiniteError, "NaN or Inf")
+    assert torch.isnan(s2reg.load(path, allow_nonfinite=True).targets[DOWN].delta).any() == (bad != bad)
+    result = CliRunner().invoke(main, ["validate", str(path), "--allow-nonfinite"])
+    assert result.exit_code == 0, result.output
+
+
+def test_nonfinite_rejected_at_construction():
+    with pytest.raises(NonFiniteError):
+        s2reg.PISAAdapter.from_coefficients(
+            {"w": torch.zeros(4, 4)},
+            {"w": ((4, 4), torch.tensor([[1]]), torch.tensor([[complex(float("nan"), 0)]]))},
+            base_name="b",
+        )
+
+
+def test_pisa_bad_frequency_index(tmp_path):
+    data, tensors = parts(pisa_adapter())
+    name = next(iter(data["targets"]))
+    idx = tensors[f"{name}.indices"].clone()
+    idx[0, -1] = 4 * (8 // 2 + 1)  # one past the half-plane of a 4x8 block
+    tensors[f"{name}.indices"] = idx
+    refused(forge(tmp_path / "a", data, tensors), ShapeError, "out of range")
+
+
+def test_pisa_grid_mismatch(tmp_path):
+    data, tensors = parts(pisa_adapter())
+    name = next(iter(data["targets"]))
+    data["targets"][name]["grid"] = [1, 1]
+    refused(forge(tmp_path / "a", data, tensors), ShapeError, "grid")
+
+
+def test_payload_with_unexpected_tensor(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    tensors["sneaky"] = torch.zeros(1)
+    refused(forge(tmp_path / "a", data, tensors), FormatError, "unexpected \\['sneaky'\\]")
+
+
+def _with_raw_payload(path, raw: bytes, data: dict) -> None:
+    data = json.loads(json.dumps(data))
+    data["payload"].update(bytes=len(raw), sha256=sha256_bytes(raw), raw_bytes=len(raw), raw_sha256=sha256_bytes(raw))
+    path.mkdir()
+    (path / "payload.safetensors").write_bytes(raw)
+    (path / "s2reg.json").write_text(json.dumps(data))
+
+
+def test_oversized_header(tmp_path):
+    data, _ = parts(s2ft_adapter())
+    raw = struct.pack("<Q", payload.MAX_HEADER_BYTES + 1) + b"{}"
+    _with_raw_payload(tmp_path / "a", raw, data)
+    refused(tmp_path / "a", FormatError, "over the 16777216-byte limit")
+
+
+def test_header_longer_than_file(tmp_path):
+    data, _ = parts(s2ft_adapter())
+    _with_raw_payload(tmp_path / "a", struct.pack("<Q", 1000) + b"{}", data)
+    refused(tmp_path / "a", FormatError, "truncated")
+
+
+def test_overlapping_offsets(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    raw = bytearray(payload.dump(tensors, {}))
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    first = min((v for k, v in header.items() if k != "__metadata__"), key=lambda v: v["data_offsets"][0])
+    first["data_offsets"] = [4, first["data_offsets"][1] + 4]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    _with_raw_payload(tmp_path / "a", struct.pack("<Q", len(text)) + text + bytes(raw[8 + n :]), data)
+    refused(tmp_path / "a", FormatError, "gap or overlap|do not match its shape")
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    """FORMAT §6.2: a frame that inflates past raw_bytes is refused before using more memory."""
+    data, tensors = parts(s2ft_adapter())
+    raw = payload.dump(tensors, {})
+    bomb = zstandard.ZstdCompressor().compress(raw + bytes(50_000_000))
+    path = tmp_path / "a"
+    path.mkdir()
+    data["payload"].update(
+        file="payload.safetensors.zst", encoding="zstd-byteplane", bytes=len(bomb), sha256=sha256_bytes(bomb),
+        raw_bytes=len(raw), raw_sha256=sha256_bytes(raw),
+    )
+    (path / "payload.safetensors.zst").write_bytes(bomb)
+    (path / "s2reg.json").write_text(json.dumps(data))
+    refused(path, FormatError, "decompresses past its declared size")
+
+
+def test_compressed_payload_shorter_than_declared(tmp_path):
+    data, tensors = parts(s2ft_adapter())
+    raw = payload.dump(tensors, {})
+    blob = codec.encode(raw)
+    path = tmp_path / "a"
+    path.mkdir()
+    data["payload"].update(
+        file="payload.safetensors.zst", encoding="zstd-byteplane", bytes=len(blob), sha256=sha256_bytes(blob),
+        raw_bytes=len(raw) + 8, raw_sha256=sha256_bytes(raw),
+    )
+    (path / "payload.safetensors.zst").write_bytes(blob)
+    (path / "s2reg.json").write_text(json.dumps(data))
+    refused(path, FormatError, "truncated")
+
+
+def test_oversized_manifest(tmp_path, monkeypatch):
+    from s2reg.format import manifest
+
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 100)
+    s2ft_adapter().save(tmp_path / "a")
+    with pytest.raises(FormatError, match="manifest limit"):
+        s2reg.load(tmp_path / "a")
