@@ -33,7 +33,12 @@ def inspect_command(adapter, as_json: bool) -> None:
     report = describe(adapter)
     if as_json:
         render.emit_json(report)
-        return
+    else:
+        show(report)
+
+
+def show(report: dict) -> None:
+    """Render a :func:`describe` report: a summary, then one row per target."""
     s = report["summary"]
     lines = [
         f"[bold]{s['kind']}[/] adapter for [bold]{s['base']['name']}[/]"
