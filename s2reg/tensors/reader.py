@@ -1,0 +1,180 @@
+"""Lazy, strict reading of a safetensors checkpoint: one file, or Hugging Face shards + index.
+
+Only headers are read up front. Tensors are read on demand (whole, or a range of rows, which is a
+contiguous byte range), so peak memory is the tensors in hand, never the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, NotFound
+from .header import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_CHUNK = 1 << 22
+
+
+def _shard_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint (expected a directory or a .safetensors file)")
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: unreadable shard index") from None
+        for name in files:
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint")
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no safetensors files (is this a Hugging Face checkpoint directory?)")
+    return files
+
+
+class CheckpointSource:
+    """A checkpoint opened for lazy reading. Use as a context manager or call :meth:`close`.
+
+    ``names()``, ``shape()``, ``dtype()`` come from the headers; ``get()`` reads one tensor,
+    ``get_rows()`` a range of its rows; ``info()`` gives the absolute byte range in its file,
+    which is what in-place surgery patches.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.files = _shard_files(self.path)
+        self._info: dict[str, TensorInfo] = {}
+        self._metadata: dict[str, dict[str, str]] = {}
+        for file in self.files:
+            entries, metadata = read_header(file)
+            self._metadata[file.name] = metadata
+            for name, info in entries.items():
+                if name in self._info:
+                    raise CheckpointError(f"{self.path}: tensor {name} is stored in both {self._info[name].file.name} and {file.name}")
+                self._info[name] = info
+        index = self.path / INDEX_NAME
+        if self.path.is_dir() and index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            wrong = sorted(n for n, f in weight_map.items() if n not in self._info or self._info[n].file.name != f)
+            unlisted = sorted(set(self._info) - set(weight_map))
+            if wrong or unlisted:
+                raise CheckpointError(f"{index}: index disagrees with the shards (e.g. {(wrong + unlisted)[0]})")
+        self._handles: dict[Path, Any] = {}
+
+    # -- context management -------------------------------------------------------------------
+    def __enter__(self) -> CheckpointSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+    # -- what is in it --------------------------------------------------------------------------
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def names(self) -> list[str]:
+        return sorted(self._info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._info[name]
+        except KeyError:
+            raise NotFound(f"{self.path}: no tensor named {name}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.info(name).dtype
+
+    def metadata(self, file: str) -> dict[str, str]:
+        """The ``__metadata__`` of one shard (by file name)."""
+        return dict(self._metadata[file])
+
+    def shard_names(self) -> dict[str, list[str]]:
+        """Shard file name -> its tensors, in file order."""
+        out: dict[str, list[str]] = {f.name: [] for f in self.files}
+        for info in sorted(self._info.values(), key=lambda i: (i.file.name, i.start)):
+            out[info.file.name].append(info.name)
+        return out
+
+    def config(self) -> dict[str, Any] | None:
+        """The parsed ``config.json`` beside the weights, or None."""
+        file = self.directory / "config.json"
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except ValueError:
+            raise CheckpointError(f"{file}: not valid JSON") from None
+
+    # -- reading --------------------------------------------------------------------------------
+    def _handle(self, file: Path):
+        fh = self._handles.get(file)
+        if fh is None:
+            fh = self._handles[file] = open(file, "rb")
+        return fh
+
+    def read_bytes(self, file: Path, start: int, nbytes: int) -> torch.Tensor:
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        fh = self._handle(file)
+        fh.seek(start)
+        if nbytes and fh.readinto(buffer.numpy()) != nbytes:
+            raise CheckpointError(f"{file}: truncated while reading (file changed underneath?)")
+        return buffer
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, freshly read (the caller owns it)."""
+        info = self.info(name)
+        return self.read_bytes(info.file, info.start, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``name`` (a contiguous byte range; only those bytes are read)."""
+        info = self.info(name)
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise CheckpointError(f"{name}: rows {start}:{stop} out of range for shape {list(info.shape)}")
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        data = self.read_bytes(info.file, info.start + start * row, (stop - start) * row)
+        return data.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+
+    def sha256_of(self, name: str) -> str:
+        """sha256 of the tensor's stored bytes (FORMAT §2), streamed from the file."""
+        info = self.info(name)
+        h = hashlib.sha256()
+        fh = self._handle(info.file)
+        fh.seek(info.start)
+        left = info.nbytes
+        while left:
+            chunk = fh.read(min(_CHUNK, left))
+            if not chunk:
+                raise CheckpointError(f"{info.file}: truncated while hashing {name}")
+            h.update(chunk)
+            left -= len(chunk)
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"CheckpointSource({str(self.path)!r}, {len(self._info)} tensors in {len(self.files)} files)"

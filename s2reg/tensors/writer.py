@@ -1,0 +1,152 @@
+"""Streaming, sharded, atomic writing of checkpoints in the Hugging Face layout.
+
+Every shard's header is laid out from the tensor specs before any tensor exists; tensors are then
+produced one at a time and their bytes appended, so peak memory is one tensor. The whole output
+directory is assembled beside its destination and renamed into place at the end, so a failure
+(full disk, a refused tensor, an interrupt) never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..format.digest import tensor_bytes
+from ..fsatomic import fsync_dir
+from .header import layout
+from .reader import INDEX_NAME, SINGLE_NAME
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, tuple(tensor.shape), tensor.dtype)
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, list[TensorSpec]]:
+    """Group tensors (in the given order) into shards of at most ``max_shard_bytes``, HF-named."""
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    if len(groups) == 1:
+        return {SINGLE_NAME: groups[0]}
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def _write_shard(file: Path, specs: list[TensorSpec], produce: Callable[[TensorSpec], torch.Tensor],
+                 metadata: Mapping[str, str] | None, tick: Callable[[str], None]) -> None:
+    header, _ = layout(specs, dict(metadata) if metadata else None)
+    with open(file, "wb") as fh:
+        fh.write(header)
+        for spec in specs:
+            tensor = produce(spec)
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise CheckpointError(
+                    f"{spec.name}: produced {list(tensor.shape)} {tensor.dtype}, planned {list(spec.shape)} {spec.dtype}"
+                )
+            fh.write(tensor_bytes(tensor))
+            del tensor
+            tick(spec.name)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def copy_side_files(source_dir: Path, dest_dir: Path) -> list[str]:
+    """Copy everything beside the weights (config, tokenizer, generation config, README, ...)."""
+    copied = []
+    for item in sorted(Path(source_dir).iterdir()):
+        if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.name.startswith("."):
+            continue
+        target = dest_dir / item.name
+        if item.is_dir():
+            shutil.copytree(item, target)
+        elif item.is_file():
+            shutil.copy2(item, target)
+        copied.append(item.name)
+    return copied
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    shards: Mapping[str, list[TensorSpec]],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    *,
+    metadata: Mapping[str, Mapping[str, str]] | None = None,
+    side_files_from: str | os.PathLike | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Path:
+    """Write a checkpoint directory atomically, streaming tensors from ``produce(spec)``.
+
+    ``shards`` maps file name -> tensors in file order (see :func:`plan_shards`, or reuse a base's
+    layout with ``CheckpointSource.shard_names()``); with several shards an index is written.
+    ``metadata`` maps file name -> safetensors ``__metadata__``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(17, "output already exists (pass --force to replace it)", str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if side_files_from is not None:
+            copy_side_files(Path(side_files_from), staging)
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
+        for file, specs in shards.items():
+            _write_shard(staging / file, specs, produce, (metadata or {}).get(file), progress)
+        if len(shards) > 1:
+            weight_map = {spec.name: file for file, specs in shards.items() for spec in specs}
+            total = sum(spec.nbytes for specs in shards.values() for spec in specs)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        fsync_dir(staging)
+        if out.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, retired / "x")
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def save_state_dict(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                    **kwargs) -> Path:
+    """Write in-memory tensors as a checkpoint (a convenience over :func:`write_checkpoint`)."""
+    tensors = dict(tensors)
+    specs = [TensorSpec.of(n, t) for n, t in tensors.items()]
+    max_shard = kwargs.pop("max_shard_bytes", DEFAULT_MAX_SHARD_BYTES)
+    return write_checkpoint(out_dir, plan_shards(specs, max_shard), lambda s: tensors[s.name], **kwargs)
