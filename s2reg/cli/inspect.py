@@ -12,7 +12,7 @@ from .common import adapter_argument, json_option
 
 def _selection(row: dict) -> str:
     if row["kind"] == "pisa":
-        return f"block {row['block'][0]}x{row['block'][1]}, {row['coefficients']} coef/block, grid {row['grid'][0]}x{row['grid'][1]}"
+        return f"{row['coefficients']}/block of {row['block'][0]}x{row['block'][1]}, grid {row['grid'][0]}x{row['grid'][1]}"
     what = "rows" if row["axis"] == "rows" else "cols"
     if row["groups"] is not None:
         return f"groups {ranges(row['groups'])} ({row['count']} {what})"
@@ -54,20 +54,22 @@ def show(report: dict) -> None:
     render.console.print(
         render.table(
             None,
-            ["layer", "module", "selection", "params", "% base", "‖Δ‖", "raw bytes"],
+            ["layer", "module", "selection", "params", "% base", "‖Δ‖", "bytes", "zstd", "ratio"],
             (
                 [
                     "" if r["layer"] is None else r["layer"],
-                    r["module"],
+                    r["module"].removesuffix(".weight"),
                     _selection(r),
                     f"{r['params']:,}",
                     f"{r['percent_of_base']:.2f}",
                     f"{r['delta_norm']:.4g}",
                     render.human_bytes(r["payload_bytes"]),
+                    render.human_bytes(r["compressed_bytes"]),
+                    f"{r['payload_bytes'] / r['compressed_bytes']:.2f}x",
                 ]
                 for r in report["targets"]
             ),
-            right=["params", "% base", "‖Δ‖", "raw bytes"],
+            right=["params", "% base", "‖Δ‖", "bytes", "zstd", "ratio"],
         )
     )
 

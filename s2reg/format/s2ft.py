@@ -135,9 +135,15 @@ class S2FTTarget:
         put(dense, self.axis, self.indices, self.delta)
         return dense
 
-    def merged(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
-        """The merged (or unmerged) slice of ``weight``; exact per FORMAT §4.3."""
+    def merged_slice(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
+        """Only the selected slice of ``weight``, merged (or unmerged); exact per FORMAT §4.3."""
         return add_exact(take(weight, self.axis, self.indices), self.delta, subtract=subtract)
+
+    def merged(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
+        """A merged (or unmerged) copy of the whole ``weight``; exact per FORMAT §4.3."""
+        out = weight.clone()
+        put(out, self.axis, self.indices, self.merged_slice(weight, subtract=subtract))
+        return out
 
     def manifest_entry(self) -> dict[str, Any]:
         return {

@@ -6,6 +6,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from . import codec, payload
 from .s2ft import S2FTTarget, axis_dim
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
     for name, t in adapter.targets.items():
         layer, module = layer_and_module(name)
         dense_size = math.prod(t.shape)
+        tensors = t.payload_tensors(name)
         row: dict[str, Any] = {
             "name": name,
             "layer": layer,
@@ -48,7 +50,9 @@ def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
             "dtype": str(t.dtype).removeprefix("torch."),
             "params": t.num_params,
             "percent_of_base": 100.0 * t.num_params / dense_size,
-            "payload_bytes": sum(x.numel() * x.element_size() for x in t.payload_tensors(name).values()),
+            "payload_bytes": sum(x.numel() * x.element_size() for x in tensors.values()),
+            # This target alone through the payload codec: its share of the compressed file.
+            "compressed_bytes": len(codec.encode(payload.dump(tensors, {}))),
         }
         if isinstance(t, S2FTTarget):
             row.update(

@@ -64,7 +64,7 @@ def pisa_adapter(base=None, seed=2, block=(4, 8), k=5, **kwargs) -> PISAAdapter:
 
 def forge(path: Path, manifest_obj: dict, tensors: dict[str, torch.Tensor], *, compress: bool = False) -> Path:
     """Write ``manifest_obj`` (payload entry recomputed) and ``tensors`` as an adapter directory."""
-    raw = payload.dump(tensors, {"s2reg.format_version": "1", "s2reg.kind": manifest_obj["kind"]})
+    raw = payload.dump(tensors, {"s2reg.format_version": "1", "s2reg.kind": manifest_obj.get("kind", "s2ft")})
     blob = codec.encode(raw) if compress else raw
     encoding = "zstd-byteplane" if compress else "raw"
     manifest_obj = json.loads(json.dumps(manifest_obj))

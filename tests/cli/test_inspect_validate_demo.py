@@ -1,0 +1,69 @@
+"""The format-level commands through the CLI: inspect, validate --base, demo."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+import s2reg
+from s2reg.cli import main, render
+from s2reg.tensors import save_state_dict
+from tests.format.helpers import DOWN, Q, pisa_adapter, s2ft_adapter, tiny_base
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_inspect_json_lists_indices_and_blocks(tmp_path):
+    s2ft_adapter().save(tmp_path / "s")
+    pisa_adapter().save(tmp_path / "p", compress=False)
+    s = json.loads(run("inspect", tmp_path / "s", "--json").output)
+    by_name = {t["name"]: t for t in s["targets"]}
+    assert by_name[DOWN]["axis"] == "columns" and by_name[DOWN]["indices"] == [3, 7, 8, 30]
+    assert by_name[Q]["groups"] == [1] and by_name[Q]["group_size"] == 8
+    assert s["summary"]["bytes_on_disk"] == (tmp_path / "s" / "payload.safetensors.zst").stat().st_size
+    p = json.loads(run("inspect", tmp_path / "p", "--json").output)
+    assert {t["block"][0] for t in p["targets"]} == {4} and {t["coefficients"] for t in p["targets"]} == {5}
+    assert p["summary"]["encoding"] == "raw" and p["summary"]["compression_ratio"] == 1.0
+
+
+def test_inspect_table_shows_every_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(render.console, "_width", 200)
+    s2ft_adapter().save(tmp_path / "s")
+    result = run("inspect", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert "mlp.down_proj" in result.output and "self_attn.q_proj" in result.output
+    assert "cols 3,7-8,30" in result.output
+
+
+def test_validate_against_the_right_and_the_wrong_base(tmp_path):
+    base = tiny_base()
+    s2ft_adapter(base).save(tmp_path / "a")
+    right = save_state_dict(tmp_path / "right", base)
+    ok = run("validate", tmp_path / "a", "--base", right, "--json")
+    assert ok.exit_code == 0 and json.loads(ok.output)["base_checked"] is True
+    wrong = save_state_dict(tmp_path / "wrong", tiny_base(seed=9))
+    bad = run("validate", tmp_path / "a", "--base", wrong)
+    assert bad.exit_code == 1 and bad.output.startswith("Error: ") and "differs from the one this adapter was made for" in bad.output
+    reshaped = dict(base, **{DOWN: torch.zeros(16, 41, dtype=torch.bfloat16)})
+    shape = run("validate", tmp_path / "a", "--base", save_state_dict(tmp_path / "shape", reshaped))
+    assert shape.exit_code == 1 and "[16, 41] BF16, adapter expects [16, 40]" in shape.output
+
+
+def test_inspect_of_a_missing_adapter_is_one_clean_line(tmp_path):
+    result = run("inspect", tmp_path / "nope")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = run("demo", "--workdir", tmp_path / "demo", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["adapters"]) == {"s2ft", "pisa"}
+    s2ft = s2reg.load(tmp_path / "demo" / "s2ft-adapter")
+    heads = {tuple(t.groups) for n, t in s2ft.targets.items() if "q_proj" in n}
+    assert heads == {(0, 2)}
+    assert report["adapters"]["pisa"]["summary"]["params"] == s2reg.load(tmp_path / "demo" / "pisa-adapter").num_params
