@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "inspect",
     "validate",
     "extract",
+    "surgery",
     "demo",
 )
 

@@ -133,19 +133,25 @@ class Adapter:
 
     def verify_base(self, base: TensorReader | Mapping[str, torch.Tensor], *, hashes: bool = True) -> None:
         """Raise BaseMismatch unless every target's base tensor matches its fingerprint (FORMAT §3.2)."""
+        lazy = all(hasattr(base, m) for m in ("shape", "dtype", "sha256_of", "names"))
         get = _reader(base)
         for name, fp in sorted(self.base.fingerprints.items()):
-            try:
-                tensor = get(name)
-            except KeyError:
-                raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})") from None
-            if tuple(tensor.shape) != fp.shape or dtypes.name_of(tensor.dtype) != fp.dtype:
+            if lazy:  # a checkpoint: headers and streamed hashes, no tensor decoded
+                if name not in base.names():
+                    raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})")
+                shape, dtype, sha = tuple(base.shape(name)), base.dtype(name), lambda n=name: base.sha256_of(n)
+            else:
+                try:
+                    tensor = get(name)
+                except KeyError:
+                    raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})") from None
+                shape, dtype, sha = tuple(tensor.shape), tensor.dtype, lambda t=tensor: tensor_sha256(t)
+            if shape != fp.shape or dtypes.name_of(dtype) != fp.dtype:
                 raise BaseMismatch(
-                    f"{name}: base tensor is {list(tensor.shape)} {dtypes.name_of(tensor.dtype)}, adapter expects "
+                    f"{name}: base tensor is {list(shape)} {dtypes.name_of(dtype)}, adapter expects "
                     f"{list(fp.shape)} {fp.dtype} (made for {self.base.name!r})"
                 )
-            sha = getattr(base, "sha256_of", None)
-            if hashes and (sha(name) if sha else tensor_sha256(tensor)) != fp.sha256:
+            if hashes and sha() != fp.sha256:
                 raise BaseMismatch(
                     f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r}); "
                     "use --force to skip the fingerprint check"

@@ -18,6 +18,7 @@ from ..errors import CheckpointError, NotFound
 from .header import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+JOURNAL_NAME = ".s2reg-journal.json"
 SINGLE_NAME = "model.safetensors"
 _CHUNK = 1 << 22
 
@@ -55,9 +56,13 @@ class CheckpointSource:
     which is what in-place surgery patches.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, allow_pending_journal: bool = False):
         self.path = Path(path)
         self.files = _shard_files(self.path)
+        if not allow_pending_journal and (self.directory / JOURNAL_NAME).exists():
+            raise CheckpointError(
+                f"{self.directory}: an in-place merge or unmerge was interrupted; run `s2reg recover {self.directory}` first"
+            )
         self._info: dict[str, TensorInfo] = {}
         self._metadata: dict[str, dict[str, str]] = {}
         for file in self.files:

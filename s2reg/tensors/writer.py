@@ -79,11 +79,11 @@ def _write_shard(file: Path, specs: list[TensorSpec], produce: Callable[[TensorS
         os.fsync(fh.fileno())
 
 
-def copy_side_files(source_dir: Path, dest_dir: Path) -> list[str]:
+def copy_side_files(source_dir: Path, dest_dir: Path, exclude: Iterable[str] = ()) -> list[str]:
     """Copy everything beside the weights (config, tokenizer, generation config, README, ...)."""
-    copied = []
+    copied, skip = [], set(exclude)
     for item in sorted(Path(source_dir).iterdir()):
-        if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.name.startswith("."):
+        if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.name.startswith(".") or item.name in skip:
             continue
         target = dest_dir / item.name
         if item.is_dir():
@@ -100,7 +100,9 @@ def write_checkpoint(
     produce: Callable[[TensorSpec], torch.Tensor],
     *,
     metadata: Mapping[str, Mapping[str, str]] | None = None,
+    verbatim: Mapping[str, tuple[Path, list[TensorSpec]]] | None = None,
     side_files_from: str | os.PathLike | None = None,
+    side_files_exclude: Iterable[str] = (),
     extra_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] = lambda _: None,
@@ -109,7 +111,8 @@ def write_checkpoint(
 
     ``shards`` maps file name -> tensors in file order (see :func:`plan_shards`, or reuse a base's
     layout with ``CheckpointSource.shard_names()``); with several shards an index is written.
-    ``metadata`` maps file name -> safetensors ``__metadata__``.
+    ``metadata`` maps file name -> safetensors ``__metadata__``. ``verbatim`` maps file name ->
+    (existing shard, its tensors): shards nothing changes in are copied byte for byte, not re-encoded.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -118,14 +121,19 @@ def write_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         if side_files_from is not None:
-            copy_side_files(Path(side_files_from), staging)
+            copy_side_files(Path(side_files_from), staging, exclude=side_files_exclude)
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
+        for file, (source, specs) in (verbatim or {}).items():
+            shutil.copyfile(source, staging / file)
+            for spec in specs:
+                progress(spec.name)
         for file, specs in shards.items():
             _write_shard(staging / file, specs, produce, (metadata or {}).get(file), progress)
-        if len(shards) > 1:
-            weight_map = {spec.name: file for file, specs in shards.items() for spec in specs}
-            total = sum(spec.nbytes for specs in shards.values() for spec in specs)
+        layout_of = {**shards, **{file: specs for file, (_, specs) in (verbatim or {}).items()}}
+        if len(layout_of) > 1:
+            weight_map = {spec.name: file for file, specs in layout_of.items() for spec in specs}
+            total = sum(spec.nbytes for specs in layout_of.values() for spec in specs)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         fsync_dir(staging)

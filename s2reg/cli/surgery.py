@@ -1,0 +1,169 @@
+"""``merge``, ``unmerge``, ``recover``, ``permute``, ``unpermute``: checkpoint surgery commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..format import Adapter
+from ..surgery import (
+    merge,
+    merge_in_place,
+    permute_checkpoint,
+    recover,
+    unmerge,
+    unmerge_in_place,
+    unpermute_checkpoint,
+)
+from ..tensors import CheckpointSource
+from . import render
+from .common import AdapterType, json_option
+
+checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+adapters_argument = click.argument("adapters", type=AdapterType(), nargs=-1, required=True)
+output_option = click.option("-o", "--output", type=click.Path(path_type=Path), help="Write a new checkpoint here.")
+in_place_option = click.option("--in-place", is_flag=True, help="Patch the checkpoint's own files (journaled).")
+force_option = click.option("--force", is_flag=True,
+                            help="Skip the base fingerprint check (never the shape check); replace OUTPUT if it exists.")
+
+
+def _count(checkpoint: Path) -> int:
+    with CheckpointSource(checkpoint, allow_pending_journal=True) as source:
+        return len(source.names())
+
+
+def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Path | None, in_place: bool, force: bool,
+         as_json: bool) -> None:
+    if bool(output) == in_place:
+        raise click.UsageError("give exactly one of -o/--output and --in-place")
+    with render.progress() as bar:
+        task = bar.add_task(kind, total=_count(checkpoint) if output else None)
+        step = lambda name: bar.update(task, advance=1, description=name)  # noqa: E731
+        if in_place:
+            fn = merge_in_place if kind == "merge" else unmerge_in_place
+            report = fn(checkpoint, list(adapters), force=force, progress=step)
+        else:
+            fn = merge if kind == "merge" else unmerge
+            report = fn(checkpoint, list(adapters), output, force=force, overwrite=force, progress=step)
+    if as_json:
+        render.emit_json(report)
+        return
+    where = report.get("output") or report.get("in_place")
+    size = f", {render.human_bytes(report['bytes_patched'])} patched" if "bytes_patched" in report else ""
+    render.console.print(
+        f"[green]{kind}d[/] {len(adapters)} adapter(s): {report['tensors']} tensors{size} in {report['seconds']:.2f}s -> {where}; "
+        f"{len(report['merged_now'])} adapter(s) merged now"
+    )
+
+
+@click.command("merge")
+@checkpoint_argument
+@adapters_argument
+@output_option
+@in_place_option
+@force_option
+@json_option
+def merge_command(checkpoint, adapters, output, in_place, force, as_json) -> None:
+    """Merge ADAPTERS (in order) into the checkpoint BASE.
+
+    With -o, a new checkpoint is written (config, tokenizer and other files copied; untouched shards
+    copied byte for byte), streaming one tensor at a time. With --in-place, only the touched bytes
+    of BASE's own shards are patched, behind an undo journal. Refused before any write: names,
+    shapes or dtypes that do not fit, a base that is not the adapter's (unless --force), an adapter
+    already merged, NaN/Inf in the result.
+
+    \b
+    Example:
+      s2reg merge ./SmolLM2-135M ./math-adapter ./code-adapter -o ./merged
+      s2reg merge ./SmolLM2-135M ./math-adapter --in-place
+    """
+    _run("merge", checkpoint, adapters, output, in_place, force, as_json)
+
+
+@click.command("unmerge")
+@checkpoint_argument
+@adapters_argument
+@output_option
+@in_place_option
+@force_option
+@json_option
+def unmerge_command(checkpoint, adapters, output, in_place, force, as_json) -> None:
+    """Take ADAPTERS out of the checkpoint MERGED again.
+
+    For S2FT the result is bit-identical to the base (every tensor's sha256 is checked against the
+    ledger). PISA is undone in float32 and cast back: within one unit in the last place.
+
+    \b
+    Example:
+      s2reg unmerge ./merged ./math-adapter -o ./base-again
+    """
+    _run("unmerge", checkpoint, adapters, output, in_place, force, as_json)
+
+
+@click.command("recover")
+@checkpoint_argument
+@click.option("--forward", is_flag=True, help="Complete the interrupted operation instead of rolling it back.")
+@json_option
+def recover_command(checkpoint, forward, as_json) -> None:
+    """Finish an interrupted in-place merge/unmerge of CHECKPOINT: roll back (default) or --forward."""
+    report = recover(checkpoint, forward=forward)
+    if as_json:
+        render.emit_json(report)
+    else:
+        render.console.print(f"[green]{report['action']}[/]: {report['checkpoint']}")
+
+
+def _selection(value: str):
+    """An adapter directory, or a JSON file ``{"heads": {layer: [...]}, "channels": {layer: [...]}}``."""
+    path = Path(value)
+    if path.is_file() and path.suffix == ".json":
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise click.BadParameter(f"{path}: not valid JSON") from None
+    return AdapterType().convert(value, None, None)
+
+
+@click.command("permute")
+@checkpoint_argument
+@click.option("--plan", "plan_from", required=True, help="Adapter (its heads/channels) or selection JSON file.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+def permute_command(checkpoint, plan_from, output, force, as_json) -> None:
+    """Co-permute heads and FFN channels so the planned selection is contiguous.
+
+    q/k/v rows move with o columns per head (GQA-aware: a query head stays with its key/value
+    group), up/gate rows with down columns per channel. The model's outputs do not change;
+    the permutation is recorded in the output, and `s2reg unpermute` restores the original bit for bit.
+    """
+    with render.progress() as bar:
+        task = bar.add_task("permute", total=_count(checkpoint))
+        report = permute_checkpoint(checkpoint, _selection(plan_from), output, overwrite=force,
+                                    progress=lambda name: bar.update(task, advance=1, description=name))
+    if as_json:
+        render.emit_json(report)
+    else:
+        render.console.print(f"[green]permuted[/] {report['layers_permuted']} layer(s) -> {output}")
+
+
+@click.command("unpermute")
+@checkpoint_argument
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+def unpermute_command(checkpoint, output, force, as_json) -> None:
+    """Write a permuted checkpoint back in its original order (bit-identical to the original)."""
+    with render.progress() as bar:
+        task = bar.add_task("unpermute", total=_count(checkpoint))
+        report = unpermute_checkpoint(checkpoint, output, overwrite=force,
+                                      progress=lambda name: bar.update(task, advance=1, description=name))
+    if as_json:
+        render.emit_json(report)
+    else:
+        render.console.print(f"[green]restored[/] {report['layers_restored']} layer(s) -> {output}")
+
+
+COMMANDS = [merge_command, unmerge_command, recover_command, permute_command, unpermute_command]

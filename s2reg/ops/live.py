@@ -1,0 +1,97 @@
+"""Apply and remove adapters on a live ``torch.nn.Module``: the fast adapter switch.
+
+An S2FT adapter touches only its slices: applying it is a scatter of ``cast(W_slice + delta)`` into
+the parameter, removing it the exact inverse (FORMAT §4.3), so any number of apply/remove cycles
+leaves the weights bit-identical. The cost grows with the slice (d x s), not with d x d as a LoRA
+merge ``W += B @ A`` does. PISA adapters are applied densely in float32 (FORMAT §5.3) and their
+removal is exact to one unit in the last place of the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import BaseMismatch, S2RegError
+from ..format import Adapter, S2FTTarget
+from ..format.s2ft import add_exact, axis_dim
+
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, list[int]] = weakref.WeakKeyDictionary()
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    found = dict(model.named_parameters(remove_duplicate=False))
+    found.update(dict(model.named_buffers(remove_duplicate=False)))
+    return found
+
+
+def _resolve(model: nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
+    tensors = _tensors(model)
+    resolved = {}
+    for name, target in adapter.targets.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise BaseMismatch(f"the model has no parameter {name!r} (adapter made for {adapter.base.name!r})")
+        if tuple(tensor.shape) != tuple(target.shape) or tensor.dtype != target.dtype:
+            raise BaseMismatch(
+                f"{name}: model parameter is {list(tensor.shape)} {tensor.dtype}, adapter expects "
+                f"{list(target.shape)} {target.dtype}"
+            )
+        resolved[name] = tensor
+    return resolved
+
+
+def _update(tensor: torch.Tensor, target, *, subtract: bool) -> None:
+    with torch.no_grad():
+        if isinstance(target, S2FTTarget):
+            dim = axis_dim(target.axis)
+            index = target.indices.to(device=tensor.device, dtype=torch.long)
+            current = tensor.index_select(dim, index)
+            tensor.index_copy_(dim, index, add_exact(current, target.delta.to(tensor.device), subtract=subtract))
+        else:
+            delta = target.to_dense().to(tensor.device)
+            wide = tensor.to(torch.float32)
+            tensor.copy_((wide - delta if subtract else wide + delta).to(tensor.dtype))
+
+
+def apply(model: nn.Module, adapter: Adapter) -> None:
+    """Add ``adapter``'s delta to the matching parameters of ``model`` in place.
+
+    Parameters are matched by name (``model.layers.0.mlp.down_proj.weight``, as in the checkpoint),
+    shapes and dtypes are checked before anything changes, and applying the same adapter object
+    twice is refused.
+    """
+    applied = _APPLIED.setdefault(model, [])
+    if id(adapter) in applied:
+        raise S2RegError(f"this adapter is already applied to the model ({adapter.base.name!r}); remove it first")
+    for name, tensor in _resolve(model, adapter).items():
+        _update(tensor, adapter.targets[name], subtract=False)
+    applied.append(id(adapter))
+
+
+def remove(model: nn.Module, adapter: Adapter) -> None:
+    """Take ``adapter`` out of ``model`` again: bit-exact for S2FT (FORMAT §4.3)."""
+    applied = _APPLIED.get(model, [])
+    if id(adapter) not in applied:
+        raise S2RegError("this adapter is not applied to the model")
+    for name, tensor in _resolve(model, adapter).items():
+        _update(tensor, adapter.targets[name], subtract=True)
+    applied.remove(id(adapter))
+
+
+@contextmanager
+def applied(model: nn.Module, *adapters: Adapter) -> Iterator[nn.Module]:
+    """``with applied(model, a, b): ...`` runs the block with the adapters in, and takes them out after."""
+    done: list[Adapter] = []
+    try:
+        for adapter in adapters:
+            apply(model, adapter)
+            done.append(adapter)
+        yield model
+    finally:
+        for adapter in reversed(done):
+            remove(model, adapter)

@@ -1,0 +1,224 @@
+"""What a merge or unmerge will do, decided and checked before any byte is written.
+
+Both ways of writing (a new checkpoint, or patching in place) share this: the compatibility checks
+(names, shapes and dtypes always; base fingerprints unless forced), the ledger bookkeeping, and the
+per-tensor math, which is exact for S2FT (FORMAT §4.3) and permutation-aware.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..arch import ModelInfo, detect
+from ..errors import BaseMismatch, IntegrityError, NonFiniteError, S2RegError, ShapeError
+from ..format import Adapter, S2FTTarget
+from ..format import dtypes
+from ..format.digest import tensor_sha256
+from ..format.s2ft import add_exact, take
+from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
+from ..tensors import CheckpointSource
+from .ledger import Ledger, adapter_identity
+
+PERMUTATION_NAME = "s2reg-permutation.json"
+PERMUTATION_FORMAT = "s2reg.permutation"
+
+
+def read_permutation(source: CheckpointSource) -> tuple[Permutation, ModelInfo] | None:
+    """The co-permutation a checkpoint was written with (spec/SURGERY.md §4), if any."""
+    file = source.directory / PERMUTATION_NAME
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+        if data.get("format") != PERMUTATION_FORMAT:
+            raise ValueError
+    except (ValueError, AttributeError):
+        raise S2RegError(f"{file}: unreadable permutation record (spec/SURGERY.md §4)") from None
+    info = detect(source.config())
+    return Permutation.from_json(data["permutation"], info.dims), info
+
+
+@dataclass
+class Plan:
+    """A checked merge (``subtract=False``) or unmerge of ``adapters`` into ``source``."""
+
+    source: CheckpointSource
+    adapters: list[Adapter]
+    subtract: bool
+    ledger_before: Ledger
+    ledger_after: Ledger
+    touched: dict[str, list[Any]] = field(default_factory=dict)  # tensor -> targets, in application order
+    expect_sha: dict[str, str] = field(default_factory=dict)  # tensor -> sha256 the result must have
+    permutation: tuple[Permutation, ModelInfo] | None = None
+    stacked: set[str] = field(default_factory=set)  # tensors an earlier merge already changed
+
+    def transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor after the operation: exact, finite-checked, in the checkpoint's coordinates."""
+        work = self._to_original(name, tensor)
+        for i, target in enumerate(self.touched[name]):
+            if not self.subtract and (i or name in self.stacked) and isinstance(target, S2FTTarget):
+                _check_reversible(name, target, work)
+            work = target.merged(work, subtract=self.subtract)
+        if work.is_floating_point():
+            broken = ~torch.isfinite(work) & torch.isfinite(self._to_original(name, tensor))
+            if bool(broken.any()):
+                raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
+        expected = self.expect_sha.get(name)
+        if expected is not None and tensor_sha256(work) != expected:
+            raise IntegrityError(f"{name}: unmerge did not restore the recorded original bytes; refused, nothing was written")
+        return self._from_original(name, work)
+
+    def transform_slice(self, name: str, before: torch.Tensor, support: tuple[str, torch.Tensor]) -> torch.Tensor:
+        """Like :meth:`transform` on just the ``support`` slice (unpermuted S2FT only): reads only its bytes."""
+        axis, union = support
+        dim = 0 if axis == "rows" else 1
+        position = {int(i): p for p, i in enumerate(union.tolist())}
+        work = before
+        for target in self.touched[name]:
+            where = torch.tensor([position[int(i)] for i in target.indices], dtype=torch.long)
+            part = add_exact(work.index_select(dim, where), target.delta, subtract=self.subtract)
+            work = work.index_copy(dim, where, part)
+        if bool((~torch.isfinite(work) & torch.isfinite(before)).any()):
+            raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
+        return work
+
+    def support(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """The slice the operation changes in the checkpoint's coordinates, or None for the whole tensor."""
+        targets = self.touched[name]
+        if not all(isinstance(t, S2FTTarget) for t in targets) or len({t.axis for t in targets}) != 1:
+            return None
+        if self.permutation:
+            perm, info = self.permutation
+            targets = [permute_s2ft_target(name, t, perm, info.arch, info.dims) for t in targets]
+        indices = torch.unique(torch.cat([t.indices.long() for t in targets]))
+        return targets[0].axis, indices
+
+    def _to_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.permutation:
+            return tensor
+        perm, info = self.permutation
+        return permute_tensor(name, tensor, perm.inverse(), info.arch, info.dims)
+
+    def _from_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.permutation:
+            return tensor
+        perm, info = self.permutation
+        return permute_tensor(name, tensor, perm, info.arch, info.dims)
+
+    def original_sha(self, name: str) -> str:
+        """sha256 of the tensor in original coordinates, as it is now (streamed when unpermuted)."""
+        if not self.permutation:
+            return self.source.sha256_of(name)
+        return tensor_sha256(self._to_original(name, self.source.get(name)))
+
+
+def _check_reversible(name: str, target: S2FTTarget, current: torch.Tensor) -> None:
+    """Refuse to stack an S2FT delta where unmerging it again would not restore ``current`` exactly.
+
+    Its exact difference (FORMAT §4.3) was taken against the original base; on top of another
+    adapter's values the round trip can round differently.
+    """
+    part = take(current, target.axis, target.indices)
+    back = add_exact(add_exact(part, target.delta), target.delta, subtract=True)
+    if not torch.equal(back.view(torch.uint8), part.view(torch.uint8)):
+        raise S2RegError(
+            f"{name}: this adapter overlaps one merged before it and could not be unmerged exactly; "
+            "combine them with `s2reg fuse` instead"
+        )
+
+
+def _check_shapes(source: CheckpointSource, adapter: Adapter) -> None:
+    for name, target in adapter.targets.items():
+        if name not in source:
+            raise BaseMismatch(f"the checkpoint has no tensor {name!r} (adapter made for {adapter.base.name!r})")
+        if tuple(source.shape(name)) != tuple(target.shape) or source.dtype(name) != target.dtype:
+            raise ShapeError(
+                f"{name}: checkpoint has {list(source.shape(name))} {dtypes.name_of(source.dtype(name))}, adapter expects "
+                f"{list(target.shape)} {dtypes.name_of(target.dtype)} (made for {adapter.base.name!r})"
+            )
+
+
+def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: bool = False) -> Plan:
+    """Check that ``adapters`` can be merged, in order, into ``source``; raise before any write."""
+    if not adapters:
+        raise S2RegError("name at least one adapter to merge")
+    ledger = Ledger.read(source.directory)
+    plan = Plan(source, list(adapters), False, ledger, ledger, permutation=read_permutation(source),
+                stacked={n for entry in ledger.merged for n in entry["support"]})
+    seen: set[str] = set()
+    for adapter in adapters:
+        identity = adapter_identity(adapter)
+        if identity in seen or ledger.find(identity) is not None:
+            raise S2RegError(f"adapter {identity[:16]} ({adapter.base.name!r}) is already merged into {source.directory}; refused")
+        seen.add(identity)
+        _check_shapes(source, adapter)
+        originals = {}
+        for name in adapter.targets:
+            known = ledger.original.get(name) or plan.ledger_after.original.get(name)
+            if force and known is None:
+                continue  # --force: no hashing at all; the ledger then cannot vouch for this tensor
+            originals[name] = known or plan.original_sha(name)
+            if not force and originals[name] != adapter.base.fingerprints[name].sha256:
+                raise BaseMismatch(
+                    f"{name}: the checkpoint's tensor differs from the base this adapter was made for "
+                    f"({adapter.base.name!r}); pass --force to skip the fingerprint check"
+                )
+        for name in adapter.targets:
+            plan.touched.setdefault(name, []).append(adapter.targets[name])
+        plan.ledger_after = plan.ledger_after.with_merged(adapter, identity, originals)
+    return plan
+
+
+def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: bool = False) -> Plan:
+    """Check that ``adapters`` can be taken out of ``source`` exactly; raise before any write.
+
+    Adapters are taken out newest first. One that a later, still merged adapter overlaps is refused:
+    taking it out first would not restore the original bits.
+    """
+    if not adapters:
+        raise S2RegError("name at least one adapter to unmerge")
+    ledger = Ledger.read(source.directory)
+    identities = [adapter_identity(a) for a in adapters]
+    if len(set(identities)) != len(identities):
+        raise S2RegError("the same adapter is named twice")
+    missing = [a for a, i in zip(adapters, identities) if ledger.find(i) is None]
+    if missing and not force:
+        raise BaseMismatch(
+            f"adapter for {missing[0].base.name!r} is not recorded as merged into {source.directory} "
+            "(pass --force to subtract it anyway)"
+        )
+    position = {i: (ledger.find(i) if ledger.find(i) is not None else -1) for i in identities}
+    order = sorted(zip(adapters, identities), key=lambda pair: position[pair[1]], reverse=True)
+    plan = Plan(source, [a for a, _ in order], True, ledger, ledger, permutation=read_permutation(source))
+    for adapter, identity in order:
+        _check_shapes(source, adapter)
+        clash = plan.ledger_after.later_overlap(identity)
+        if clash is not None:
+            raise S2RegError(
+                f"{clash}: an adapter merged later overlaps this one; unmerge that one first (or both in one call)"
+            )
+        plan.ledger_after = plan.ledger_after.without(identity)
+        for name, target in adapter.targets.items():
+            plan.touched.setdefault(name, []).append(target)
+    for name, targets in plan.touched.items():
+        untouched_after = name not in plan.ledger_after.original
+        exact = all(isinstance(t, S2FTTarget) for t in targets)
+        if untouched_after and exact and name in ledger.original:
+            plan.expect_sha[name] = ledger.original[name]
+    return plan
+
+
+def describe_plan(plan: Plan) -> dict[str, Any]:
+    return {
+        "operation": "unmerge" if plan.subtract else "merge",
+        "adapters": [adapter_identity(a) for a in plan.adapters],
+        "tensors": len(plan.touched),
+        "merged_now": [e["digest"] for e in plan.ledger_after.merged],
+        "permuted": plan.permutation is not None,
+    }
