@@ -40,6 +40,14 @@ def add_exact(base: torch.Tensor, delta: torch.Tensor, *, subtract: bool = False
     return torch.where(delta == 0, base, moved)
 
 
+def reversible(current: torch.Tensor, delta: torch.Tensor) -> bool:
+    """Whether adding ``delta`` to ``current`` and subtracting it again gives ``current`` back bit for bit.
+
+    Always true on the base the delta was taken against (§4.3); on top of another delta it may not be.
+    """
+    return _same_bits(add_exact(add_exact(current, delta), delta, subtract=True), current)
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     bits = _BITS[a.dtype]
     return bool(torch.equal(a.view(bits), b.view(bits)))

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter, S2FTTarget
-from ..format.s2ft import add_exact, axis_dim
+from ..format.s2ft import add_exact, axis_dim, reversible
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, list[int]] = weakref.WeakKeyDictionary()
 
@@ -45,13 +45,17 @@ def _resolve(model: nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
     return resolved
 
 
-def _update(tensor: torch.Tensor, target, *, subtract: bool) -> None:
+def _update(name: str, tensor: torch.Tensor, target, *, subtract: bool, stacked: bool) -> None:
     with torch.no_grad():
         if isinstance(target, S2FTTarget):
             dim = axis_dim(target.axis)
             index = target.indices.to(device=tensor.device, dtype=torch.long)
             current = tensor.index_select(dim, index)
-            tensor.index_copy_(dim, index, add_exact(current, target.delta.to(tensor.device), subtract=subtract))
+            delta = target.delta.to(tensor.device)
+            if stacked and not subtract and not reversible(current, delta):
+                raise S2RegError(f"{name}: this adapter overlaps one already applied and could not be removed exactly; "
+                                 "remove that one first or fuse them")
+            tensor.index_copy_(dim, index, add_exact(current, delta, subtract=subtract))
         else:
             delta = target.to_dense().to(tensor.device)
             wide = tensor.to(torch.float32)
@@ -68,8 +72,15 @@ def apply(model: nn.Module, adapter: Adapter) -> None:
     applied = _APPLIED.setdefault(model, [])
     if id(adapter) in applied:
         raise S2RegError(f"this adapter is already applied to the model ({adapter.base.name!r}); remove it first")
-    for name, tensor in _resolve(model, adapter).items():
-        _update(tensor, adapter.targets[name], subtract=False)
+    done = []
+    try:
+        for name, tensor in _resolve(model, adapter).items():
+            _update(name, tensor, adapter.targets[name], subtract=False, stacked=bool(applied))
+            done.append((name, tensor))
+    except S2RegError:
+        for name, tensor in reversed(done):
+            _update(name, tensor, adapter.targets[name], subtract=True, stacked=False)
+        raise
     applied.append(id(adapter))
 
 
@@ -79,7 +90,7 @@ def remove(model: nn.Module, adapter: Adapter) -> None:
     if id(adapter) not in applied:
         raise S2RegError("this adapter is not applied to the model")
     for name, tensor in _resolve(model, adapter).items():
-        _update(tensor, adapter.targets[name], subtract=True)
+        _update(name, tensor, adapter.targets[name], subtract=True, stacked=False)
     applied.remove(id(adapter))
 
 

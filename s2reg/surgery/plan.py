@@ -20,7 +20,7 @@ from ..errors import BaseMismatch, IntegrityError, NonFiniteError, S2RegError, S
 from ..format import Adapter, S2FTTarget
 from ..format import dtypes
 from ..format.digest import tensor_sha256
-from ..format.s2ft import add_exact, take
+from ..format.s2ft import add_exact, reversible, take
 from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
 from ..tensors import CheckpointSource
 from .ledger import Ledger, adapter_identity
@@ -124,9 +124,7 @@ def _check_reversible(name: str, target: S2FTTarget, current: torch.Tensor) -> N
     Its exact difference (FORMAT §4.3) was taken against the original base; on top of another
     adapter's values the round trip can round differently.
     """
-    part = take(current, target.axis, target.indices)
-    back = add_exact(add_exact(part, target.delta), target.delta, subtract=True)
-    if not torch.equal(back.view(torch.uint8), part.view(torch.uint8)):
+    if not reversible(take(current, target.axis, target.indices), target.delta):
         raise S2RegError(
             f"{name}: this adapter overlaps one merged before it and could not be unmerged exactly; "
             "combine them with `s2reg fuse` instead"

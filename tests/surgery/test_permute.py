@@ -1,0 +1,73 @@
+"""Co-permutation: function-preserving, GQA-aware, exactly reversible (spec/SURGERY.md §4)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from s2reg.arch import detect
+from s2reg.cli import main
+from s2reg.errors import ShapeError
+from s2reg.ops.permute import LayerPermutation, plan
+from s2reg.surgery import merge, permute_checkpoint, unmerge, unpermute_checkpoint
+from s2reg.tensors import CheckpointSource
+
+from .helpers import file_digests, logits, model_of, s2ft, tensor_digests, tiny
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_permute_keeps_outputs_and_unpermute_is_bit_exact(tmp_path, family):
+    base = tiny(tmp_path / "base", family, dtype=torch.float32, num_attention_heads=8,
+                **({"num_key_value_heads": 4, "head_dim": 8} if family == "llama" else {}))
+    adapter = s2ft(base, heads=(3, 6), channels=(5, 77, 100))
+    permute_checkpoint(base, adapter, tmp_path / "perm")
+    assert tensor_digests(tmp_path / "perm") != tensor_digests(base)
+    a, b = logits(model_of(base, torch.float32)), logits(model_of(tmp_path / "perm", torch.float32))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    unpermute_checkpoint(tmp_path / "perm", tmp_path / "back")
+    assert file_digests(tmp_path / "back") == file_digests(base)
+
+
+def test_selection_becomes_contiguous_and_heads_stay_in_their_groups(tmp_path):
+    base = tiny(tmp_path / "base", num_attention_heads=8, num_key_value_heads=2, head_dim=8)
+    with CheckpointSource(base) as source:
+        dims = detect(source.config()).dims
+    perm = plan(dims, {0: [1, 6]}, {0: [9, 3]}).layers[0]
+    assert perm.channels[:2] == [3, 9]
+    assert perm.kv_heads == [0, 1]
+    assert perm.heads[0] == 1 and perm.heads[4] == 6  # first in their kv group
+    for new, old in enumerate(perm.heads):
+        assert perm.kv_heads[new // dims.group] == old // dims.group
+    with pytest.raises(ShapeError, match="leave its key/value group"):
+        LayerPermutation([4, 1, 2, 3, 0, 5, 6, 7], [0, 1], list(range(dims.intermediate))).check(dims, 0)
+
+
+def test_merge_into_a_permuted_checkpoint_maps_original_coordinates(tmp_path):
+    base = tiny(tmp_path / "base")
+    adapter = s2ft(base, heads=(1,), channels=(70, 71))
+    permute_checkpoint(base, adapter, tmp_path / "perm")
+    merge(tmp_path / "perm", [adapter], tmp_path / "perm_merged")  # fingerprints checked in original order
+    unpermute_checkpoint(tmp_path / "perm_merged", tmp_path / "merged_back")
+    merge(base, [adapter], tmp_path / "merged")
+    assert tensor_digests(tmp_path / "merged_back") == tensor_digests(tmp_path / "merged")
+    unmerge(tmp_path / "perm_merged", [adapter], tmp_path / "perm_again")
+    assert tensor_digests(tmp_path / "perm_again") == tensor_digests(tmp_path / "perm")
+
+
+def test_cli_permute_from_a_selection_file(tmp_path):
+    base = tiny(tmp_path / "base")
+    selection = tmp_path / "sel.json"
+    selection.write_text(json.dumps({"heads": {"1": [2]}, "channels": {"0": [10, 11]}}))
+    run = CliRunner().invoke
+    out = run(main, ["permute", str(base), "--plan", str(selection), "-o", str(tmp_path / "p"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["layers_permuted"] == 2
+    again = run(main, ["permute", str(tmp_path / "p"), "--plan", str(selection), "-o", str(tmp_path / "pp")])
+    assert again.exit_code == 1 and "already permuted" in again.output
+    assert run(main, ["unpermute", str(tmp_path / "p"), "-o", str(tmp_path / "b")]).exit_code == 0
+    assert file_digests(tmp_path / "b") == file_digests(base)
+    plain = run(main, ["unpermute", str(base), "-o", str(tmp_path / "x")])
+    assert plain.exit_code == 1 and "not a permuted checkpoint" in plain.output
