@@ -24,10 +24,10 @@ import zstandard
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fixtures.smollm2 import build_smollm2  # noqa: E402
-from s2reg import PISAAdapter, S2FTAdapter, load  # noqa: E402
-from s2reg.arch import LLAMA, detect  # noqa: E402
-from s2reg.tensors import CheckpointSource  # noqa: E402
+from fixtures.smollm2 import build_smollm2
+from s2reg import PISAAdapter, S2FTAdapter, load
+from s2reg.arch import LLAMA, detect
+from s2reg.tensors import CheckpointSource
 
 
 def dir_bytes(path: Path, pattern: str) -> int:

@@ -19,7 +19,12 @@ from typing import Any
 import torch
 
 from .errors import S2RegError
-from .tensors.writer import DEFAULT_MAX_SHARD_BYTES, TensorSpec, plan_shards, write_checkpoint
+from .tensors.writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    TensorSpec,
+    plan_shards,
+    write_checkpoint,
+)
 
 LLAMA_DEFAULTS: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],

@@ -72,7 +72,7 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget
         raise click.UsageError("--kind pisa needs --budget")
     with CheckpointSource(base) as b, CheckpointSource(tuned) as t, render.progress() as bar:
         task = bar.add_task("comparing", total=len(b.names()))
-        step = lambda name: bar.update(task, advance=1, description=name)  # noqa: E731
+        step = lambda name: bar.update(task, advance=1, description=name)
         name = base_name or str(Path(base).resolve())
         try:
             if kind == "s2ft":

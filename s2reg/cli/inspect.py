@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..ops.describe import describe
 from ..format.stats import ranges
+from ..ops.describe import describe
 from . import render
 from .common import adapter_argument, json_option
 

@@ -40,7 +40,7 @@ def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Pat
         raise click.UsageError("give exactly one of -o/--output and --in-place")
     with render.progress() as bar:
         task = bar.add_task(kind, total=_count(checkpoint) if output else None)
-        step = lambda name: bar.update(task, advance=1, description=name)  # noqa: E731
+        step = lambda name: bar.update(task, advance=1, description=name)
         if in_place:
             fn = merge_in_place if kind == "merge" else unmerge_in_place
             report = fn(checkpoint, list(adapters), force=force, progress=step)

@@ -16,11 +16,11 @@ from .pisa import PISATarget, reconstruct
 from .s2ft import S2FTTarget, exact_difference
 
 __all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
     "Adapter",
     "BaseModel",
-    "FORMAT_VERSION",
     "Fingerprint",
-    "MANIFEST_NAME",
     "PISAAdapter",
     "PISATarget",
     "S2FTAdapter",

@@ -13,9 +13,9 @@ import torch
 
 from .._version import __version__
 from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
+from ..fsatomic import write_directory
 from . import codec, dtypes, manifest, payload
 from .digest import sha256_bytes, tensor_sha256
-from ..fsatomic import write_directory
 from .pisa import PISATarget
 from .s2ft import S2FTTarget, exact_difference, take
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..arch import ModelInfo, detect
-from ..errors import BaseMismatch, IntegrityError, NonFiniteError, S2RegError, ShapeError
-from ..format import Adapter, S2FTTarget
-from ..format import dtypes
+from ..errors import (
+    BaseMismatch,
+    IntegrityError,
+    NonFiniteError,
+    S2RegError,
+    ShapeError,
+)
+from ..format import Adapter, S2FTTarget, dtypes
 from ..format.digest import tensor_sha256
 from ..format.s2ft import add_exact, reversible, take
 from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
@@ -60,15 +64,17 @@ class Plan:
 
     def transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor after the operation: exact, finite-checked, in the checkpoint's coordinates."""
-        work = self._to_original(name, tensor)
+        before = work = self._to_original(name, tensor)
         for i, target in enumerate(self.touched[name]):
-            if not self.subtract and (i or name in self.stacked) and isinstance(target, S2FTTarget):
-                _check_reversible(name, target, work)
+            stacked = not self.subtract and (i or name in self.stacked) and isinstance(target, S2FTTarget)
+            if stacked and not reversible(take(work, target.axis, target.indices), target.delta):
+                raise _irreversible(name)
             work = target.merged(work, subtract=self.subtract)
-        if work.is_floating_point():
-            broken = ~torch.isfinite(work) & torch.isfinite(self._to_original(name, tensor))
-            if bool(broken.any()):
-                raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
+        for target in self.touched[name]:  # only where something changed: S2FT leaves the rest alone
+            if isinstance(target, S2FTTarget):
+                _check_finite(name, take(work, target.axis, target.indices), take(before, target.axis, target.indices))
+            else:
+                _check_finite(name, work, before)
         expected = self.expect_sha.get(name)
         if expected is not None and tensor_sha256(work) != expected:
             raise IntegrityError(f"{name}: unmerge did not restore the recorded original bytes; refused, nothing was written")
@@ -80,12 +86,13 @@ class Plan:
         dim = 0 if axis == "rows" else 1
         position = {int(i): p for p, i in enumerate(union.tolist())}
         work = before
-        for target in self.touched[name]:
-            where = torch.tensor([position[int(i)] for i in target.indices], dtype=torch.long)
-            part = add_exact(work.index_select(dim, where), target.delta, subtract=self.subtract)
-            work = work.index_copy(dim, where, part)
-        if bool((~torch.isfinite(work) & torch.isfinite(before)).any()):
-            raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
+        for i, target in enumerate(self.touched[name]):
+            where = torch.tensor([position[int(j)] for j in target.indices], dtype=torch.long)
+            current = work.index_select(dim, where)
+            if not self.subtract and (i or name in self.stacked) and not reversible(current, target.delta):
+                raise _irreversible(name)
+            work = work.index_copy(dim, where, add_exact(current, target.delta, subtract=self.subtract))
+        _check_finite(name, work, before)
         return work
 
     def support(self, name: str) -> tuple[str, torch.Tensor] | None:
@@ -118,17 +125,21 @@ class Plan:
         return tensor_sha256(self._to_original(name, self.source.get(name)))
 
 
-def _check_reversible(name: str, target: S2FTTarget, current: torch.Tensor) -> None:
-    """Refuse to stack an S2FT delta where unmerging it again would not restore ``current`` exactly.
+def _check_finite(name: str, after: torch.Tensor, before: torch.Tensor) -> None:
+    """Refuse NaN/Inf in ``after`` where ``before`` was finite."""
+    if after.numel() == 0 or bool(torch.isfinite(after.abs().amax())):  # one fast reduction; NaN propagates
+        return
+    if bool((~torch.isfinite(after) & torch.isfinite(before)).any()):
+        raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
 
-    Its exact difference (FORMAT §4.3) was taken against the original base; on top of another
-    adapter's values the round trip can round differently.
-    """
-    if not reversible(take(current, target.axis, target.indices), target.delta):
-        raise S2RegError(
-            f"{name}: this adapter overlaps one merged before it and could not be unmerged exactly; "
-            "combine them with `s2reg fuse` instead"
-        )
+
+def _irreversible(name: str) -> S2RegError:
+    # The delta's exact difference (FORMAT §4.3) was taken against the original base; stacked on
+    # another adapter's values, its round trip can round differently.
+    return S2RegError(
+        f"{name}: this adapter overlaps one merged before it and could not be unmerged exactly; "
+        "combine them with `s2reg fuse` instead"
+    )
 
 
 def _check_shapes(source: CheckpointSource, adapter: Adapter) -> None:

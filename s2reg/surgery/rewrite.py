@@ -1,10 +1,10 @@
 """Merge and unmerge into a new checkpoint directory, streaming.
 
-Tensors are read lazily and only the touched ones are decoded: shards with no touched tensor are
-copied byte for byte, the others are rewritten one tensor at a time in the base's own shard layout
-(names, order, dtypes, ``__metadata__``), next to copies of config, tokenizer and other files. Peak
-memory is the largest touched tensor plus a constant, never the model. The output appears by
-atomic rename, complete or not at all.
+Only the touched slices are read and decoded. The shards are copied byte for byte (an in-kernel
+copy; the base's layout, dtypes and ``__metadata__`` come along unchanged), then the copies are
+patched where the adapters change them, next to copies of config, tokenizer and other files.
+Peak memory is the touched slices (a whole tensor only for PISA), never the model. The output
+appears by atomic rename, complete or not at all.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from ..format import Adapter
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
+from . import patching
 from .ledger import LEDGER_NAME
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
 
@@ -28,32 +29,23 @@ def _rewrite(plan: Plan, output: Path, *, overwrite: bool, progress: Progress) -
     if Path(output).resolve() == source.directory.resolve():
         raise FileExistsError(17, "output is the base checkpoint itself (use --in-place to patch it)", str(output))
     started = time.perf_counter()
-    shards: dict[str, list[TensorSpec]] = {}
-    verbatim: dict[str, tuple[Path, list[TensorSpec]]] = {}
-    for file, names in source.shard_names().items():
-        specs = [TensorSpec(n, source.shape(n), source.dtype(n)) for n in names]
-        if any(n in plan.touched for n in names):
-            shards[file] = specs
-        else:
-            verbatim[file] = (source.directory / file, specs)
-
-    def produce(spec: TensorSpec):
-        tensor = source.get(spec.name)
-        return plan.transform(spec.name, tensor) if spec.name in plan.touched else tensor
-
-    extra = {LEDGER_NAME: plan.ledger_after.to_bytes()} if plan.ledger_after.merged else {}
+    patches, blobs = patching.prepare(plan, progress)  # every check passes before the output exists
+    infos = {p["tensor"]: source.info(p["tensor"]) for p in patches}
+    verbatim = {
+        file: (source.directory / file, [TensorSpec(n, source.shape(n), source.dtype(n)) for n in names])
+        for file, names in source.shard_names().items()
+    }
     write_checkpoint(
-        output, shards, produce,
-        metadata={f: source.metadata(f) for f in shards},
+        output, {}, None,
         verbatim=verbatim,
         side_files_from=source.directory,
         side_files_exclude=[LEDGER_NAME],
-        extra_files=extra,
+        extra_files={LEDGER_NAME: plan.ledger_after.to_bytes()} if plan.ledger_after.merged else {},
+        finalize=lambda staged: patching.write(staged, infos, patches, blobs, "after"),
         overwrite=overwrite,
-        progress=progress,
     )
-    return {**describe_plan(plan), "output": str(output), "rewritten_shards": len(shards),
-            "copied_shards": len(verbatim), "seconds": time.perf_counter() - started}
+    return {**describe_plan(plan), "output": str(output), "tensors_patched": len(patches),
+            "bytes_patched": patching.patched_bytes(blobs), "seconds": time.perf_counter() - started}
 
 
 def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, force: bool = False,

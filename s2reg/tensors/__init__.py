@@ -5,6 +5,12 @@ Nothing here knows about adapters; surgery ops receive tensors and return tensor
 """
 
 from .reader import CheckpointSource, TensorInfo
-from .writer import TensorSpec, copy_side_files, plan_shards, save_state_dict, write_checkpoint
+from .writer import (
+    TensorSpec,
+    copy_side_files,
+    plan_shards,
+    save_state_dict,
+    write_checkpoint,
+)
 
 __all__ = ["CheckpointSource", "TensorInfo", "TensorSpec", "copy_side_files", "plan_shards", "save_state_dict", "write_checkpoint"]

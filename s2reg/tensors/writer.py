@@ -79,6 +79,11 @@ def _write_shard(file: Path, specs: list[TensorSpec], produce: Callable[[TensorS
         os.fsync(fh.fileno())
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 def copy_side_files(source_dir: Path, dest_dir: Path, exclude: Iterable[str] = ()) -> list[str]:
     """Copy everything beside the weights (config, tokenizer, generation config, README, ...)."""
     copied, skip = [], set(exclude)
@@ -97,13 +102,14 @@ def copy_side_files(source_dir: Path, dest_dir: Path, exclude: Iterable[str] = (
 def write_checkpoint(
     out_dir: str | os.PathLike,
     shards: Mapping[str, list[TensorSpec]],
-    produce: Callable[[TensorSpec], torch.Tensor],
+    produce: Callable[[TensorSpec], torch.Tensor] | None,
     *,
     metadata: Mapping[str, Mapping[str, str]] | None = None,
     verbatim: Mapping[str, tuple[Path, list[TensorSpec]]] | None = None,
     side_files_from: str | os.PathLike | None = None,
     side_files_exclude: Iterable[str] = (),
     extra_files: Mapping[str, bytes] | None = None,
+    finalize: Callable[[Path], None] | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Path:
@@ -112,7 +118,9 @@ def write_checkpoint(
     ``shards`` maps file name -> tensors in file order (see :func:`plan_shards`, or reuse a base's
     layout with ``CheckpointSource.shard_names()``); with several shards an index is written.
     ``metadata`` maps file name -> safetensors ``__metadata__``. ``verbatim`` maps file name ->
-    (existing shard, its tensors): shards nothing changes in are copied byte for byte, not re-encoded.
+    (existing shard, its tensors): such shards are copied byte for byte, not re-encoded.
+    ``finalize(staging_dir)`` runs last, before anything is synced and renamed into place (it may
+    patch the copied shards).
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -125,11 +133,15 @@ def write_checkpoint(
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
         for file, (source, specs) in (verbatim or {}).items():
-            shutil.copyfile(source, staging / file)
+            shutil.copyfile(source, staging / file)  # in-kernel copy (copy_file_range / sendfile)
             for spec in specs:
                 progress(spec.name)
         for file, specs in shards.items():
             _write_shard(staging / file, specs, produce, (metadata or {}).get(file), progress)
+        if finalize is not None:
+            finalize(staging)
+        for file in verbatim or {}:
+            _fsync_file(staging / file)
         layout_of = {**shards, **{file: specs for file, (_, specs) in (verbatim or {}).items()}}
         if len(layout_of) > 1:
             weight_map = {spec.name: file for file, specs in layout_of.items() for spec in specs}

@@ -10,7 +10,13 @@ import torch
 from safetensors import safe_open
 
 from s2reg.errors import CheckpointError, NotFound
-from s2reg.tensors import CheckpointSource, TensorSpec, plan_shards, save_state_dict, write_checkpoint
+from s2reg.tensors import (
+    CheckpointSource,
+    TensorSpec,
+    plan_shards,
+    save_state_dict,
+    write_checkpoint,
+)
 from s2reg.tensors.reader import INDEX_NAME
 
 

@@ -1,0 +1,28 @@
+"""Shared by the benchmarks: run a command as its own process, return wall time and peak RSS."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(argv: list[str], *, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of ``argv`` run under ``/usr/bin/time -v``."""
+    started = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"benchmark command failed: {' '.join(argv)}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    return wall, peak_kib / 1024
+
+
+def python(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", code, *args]

@@ -1,0 +1,101 @@
+"""Merge an adapter into a checkpoint: s2reg merge -o and --in-place vs the PEFT path, side by side.
+
+    python bench/merge.py [--big] [--channels 32]
+
+For SmolLM2-135M (and with --big a ~1.7 GB synthetic Llama from make_big_checkpoint.py): an S2FT
+adapter of ``--channels`` down_proj channels per layer, and a PEFT LoRA on down_proj with the same
+trainable parameter count. Each command runs as its own process under /usr/bin/time: wall time and
+peak RSS. The PEFT path is what users do today: load the model, PeftModel.from_pretrained,
+merge_and_unload, save_pretrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapter_size import s2ft_adapter
+from make_big_checkpoint import make
+from measure import python, run
+
+from fixtures.smollm2 import build_smollm2
+from s2reg.arch import detect
+from s2reg.tensors import CheckpointSource
+
+PEFT_MERGE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
+model.save_pretrained(sys.argv[3])
+"""
+
+
+def make_lora(base: Path, out: Path, rank: int) -> int:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+    peft_model.save_pretrained(out)
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def bench(label: str, base: Path, work: Path, channels: int) -> list[tuple]:
+    with CheckpointSource(base) as source:
+        dims = detect(source.config()).dims
+        adapter = s2ft_adapter(source, dims, channels, torch.Generator().manual_seed(0))
+    adapter.save(work / "s2ft")
+    rank = max(1, round(adapter.num_params / (dims.layers * (dims.hidden + dims.intermediate))))
+    lora_params = make_lora(base, work / "lora", rank)
+    shutil.copytree(base, work / "inplace")
+    for f in base.iterdir():  # warm the page cache so every contender reads from memory
+        f.read_bytes() if f.stat().st_size < 2**31 else None
+    s2reg = [sys.executable, "-m", "s2reg"]
+    rows = []
+    wall, rss = run(s2reg + ["merge", str(base), str(work / "s2ft"), "-o", str(work / "merged-s2reg")])
+    rows.append((f"s2reg merge -o ({adapter.num_params:,} params)", wall, rss))
+    wall, rss = run(s2reg + ["merge", str(work / "inplace"), str(work / "s2ft"), "--in-place"])
+    rows.append(("s2reg merge --in-place", wall, rss))
+    wall, rss = run(python(PEFT_MERGE, str(base), str(work / "lora"), str(work / "merged-peft")))
+    rows.append((f"PEFT LoRA r={rank} merge_and_unload + save ({lora_params:,} params)", wall, rss))
+    peft_wall, peft_rss = rows[-1][1], rows[-1][2]
+    print(f"\n### {label}\n")
+    print("| path | wall s | peak RSS MiB | time vs PEFT | RSS vs PEFT |")
+    print("|---|---:|---:|---:|---:|")
+    for name, wall, rss in rows:
+        print(f"| {name} | {wall:.2f} | {rss:.0f} | {peft_wall / wall:.1f}x faster | {100 * rss / peft_rss:.0f}% |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", action="store_true", help="also the ~1.7 GB synthetic checkpoint")
+    parser.add_argument("--channels", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "smol").mkdir()
+        bench("SmolLM2-135M (bf16, 3 shards, 270 MB)", build_smollm2(), tmp / "smol", args.channels)
+        if args.big:
+            (tmp / "big").mkdir()
+            base = make(tmp / "big-base")
+            bench("synthetic Llama, 16 layers, hidden 2048 (bf16, 4 shards, 1.7 GB)", base, tmp / "big", args.channels)
+
+
+if __name__ == "__main__":
+    main()
