@@ -73,7 +73,9 @@ def bench(label: str, base: Path, work: Path, channels: int) -> list[tuple]:
     rows.append(("s2reg merge --in-place", wall, rss))
     wall, rss = run(python(PEFT_MERGE, str(base), str(work / "lora"), str(work / "merged-peft")))
     rows.append((f"PEFT LoRA r={rank} merge_and_unload + save ({lora_params:,} params)", wall, rss))
-    peft_wall, peft_rss = rows[-1][1], rows[-1][2]
+    wall, rss = run([sys.executable, "-c", "import s2reg.cli"])
+    rows.append(("floor: start Python and import s2reg (torch)", wall, rss))
+    peft_wall, peft_rss = rows[-2][1], rows[-2][2]
     print(f"\n### {label}\n")
     print("| path | wall s | peak RSS MiB | time vs PEFT | RSS vs PEFT |")
     print("|---|---:|---:|---:|---:|")

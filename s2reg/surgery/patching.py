@@ -3,15 +3,15 @@
 Shared by in-place surgery (patching a checkpoint's own shards, behind a journal) and by writing
 a new checkpoint (patching fresh copies of the shards). A patch is the bytes of one tensor's
 changed slice, before and after: rows of a row-major tensor are contiguous, columns strided, PISA
-targets whole. Slices are read and written through memory maps, so a scattered channel selection
-costs one vectorised gather or assignment, and only the slice's bytes are touched.
+targets whole. Row runs are single reads and writes; column slices are gathered and scattered in
+blocks of whole rows a few MiB at a time (a strided selection touches every row's pages anyway),
+so memory stays bounded and a scattered channel selection costs a handful of system calls.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +28,83 @@ from .plan import Plan
 Patches = tuple[list[dict[str, Any]], dict[str, torch.Tensor]]
 
 
-def _region(buffer, info: TensorInfo, axis: str | None, indices: list[int] | None) -> tuple[np.ndarray, tuple]:
-    """A uint8 view of a tensor's bytes inside ``buffer``, and the index selecting the slice's bytes.
+_BLOCK_BYTES = 4 * 1024 * 1024
 
-    ``view[index]`` holds the slice's bytes in its own row-major order; assigning to it writes
-    exactly those bytes and no other.
-    """
-    flat = np.frombuffer(buffer, dtype=np.uint8, count=info.nbytes, offset=info.start)
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs ``[start, stop)`` of sorted indices."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _pread(fd: int, length: int, offset: int) -> np.ndarray:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise CheckpointError(f"shard truncated while reading {length} bytes at offset {offset}")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _row_blocks(info: TensorInfo):
+    """``(first row, row count, file offset)`` blocks of about 4 MiB covering a rank-2 tensor."""
+    row_bytes = info.nbytes // info.shape[0]
+    step = max(1, _BLOCK_BYTES // max(1, row_bytes))
+    for first in range(0, info.shape[0], step):
+        count = min(step, info.shape[0] - first)
+        yield first, count, info.start + first * row_bytes
+
+
+def _read_bytes(fd: int, info: TensorInfo, axis: str | None, indices: list[int] | None) -> np.ndarray:
+    """The slice's bytes in its own row-major order."""
     if axis is None:
-        return flat, (slice(None),)
-    idx = np.asarray(indices, dtype=np.int64)
+        return _pread(fd, info.nbytes, info.start)
+    row_bytes = info.nbytes // info.shape[0]
     if axis == "rows":
-        return flat.reshape(info.shape[0], -1), (idx,)
-    return flat.reshape(info.shape[0], info.shape[1], info.dtype.itemsize), (slice(None), idx)
+        return np.concatenate([_pread(fd, (b - a) * row_bytes, info.start + a * row_bytes) for a, b in _runs(indices)])
+    cols, item, idx = info.shape[1], info.dtype.itemsize, np.asarray(indices)
+    parts = [_pread(fd, count * row_bytes, offset).reshape(count, cols, item)[:, idx, :].reshape(-1)
+             for _, count, offset in _row_blocks(info)]
+    return np.concatenate(parts)
+
+
+def write_patch(fd: int, info: TensorInfo, patch: dict[str, Any], data: torch.Tensor) -> None:
+    """Write one patch's bytes into the shard open as ``fd``; no byte outside the slice changes value."""
+    raw = data.numpy()
+    axis, indices = patch["axis"], patch["indices"]
+    row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
+    expected = info.nbytes if axis is None else len(indices) * (
+        row_bytes if axis == "rows" else info.shape[0] * info.dtype.itemsize)
+    if raw.size != expected:
+        raise CheckpointError(f"{patch['file']}: patch bytes do not fit the slice of {patch['tensor']}")
+    if axis is None:
+        os.pwrite(fd, raw.tobytes(), info.start)
+    elif axis == "rows":
+        at = 0
+        for a, b in _runs(indices):
+            os.pwrite(fd, raw[at:at + (b - a) * row_bytes].tobytes(), info.start + a * row_bytes)
+            at += (b - a) * row_bytes
+    else:  # columns are strided: read-modify-write blocks of whole rows, a few MiB at a time
+        cols, item, idx = info.shape[1], info.dtype.itemsize, np.asarray(indices)
+        values = raw.reshape(info.shape[0], len(indices), item)
+        for first, count, offset in _row_blocks(info):
+            block = _pread(fd, count * row_bytes, offset).reshape(count, cols, item).copy()
+            block[:, idx, :] = values[first:first + count]
+            os.pwrite(fd, block.tobytes(), offset)
 
 
 def read_slice(source: CheckpointSource, name: str, support: tuple[str, torch.Tensor]) -> torch.Tensor:
-    """The support slice of a tensor, gathered from a read-only map of its file (no whole-tensor read)."""
+    """The support slice of a tensor, read block by block from its file (never the whole tensor at once)."""
     info = source.info(name)
     axis, indices = support
-    with open(info.file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        view, index = _region(mapped, info, axis, indices.tolist())
-        data = bytearray(np.ascontiguousarray(view[index]).tobytes())
-        del view
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        data = bytearray(_read_bytes(fd, info, axis, indices.tolist()).tobytes())
+    finally:
+        os.close(fd)
     shape = (indices.numel(), *info.shape[1:]) if axis == "rows" else (info.shape[0], indices.numel())
     return torch.frombuffer(data, dtype=info.dtype).reshape(shape) if data else torch.empty(shape, dtype=info.dtype)
 
@@ -85,25 +139,18 @@ def prepare(plan: Plan, progress: Callable[[str], None]) -> Patches:
 
 def write(directory: Path, infos: dict[str, TensorInfo], patches: list[dict[str, Any]],
           blobs: dict[str, torch.Tensor], which: str) -> None:
-    """Write the ``before`` or ``after`` bytes of every patch into the shards in ``directory``, and msync."""
-    with ExitStack() as stack:
-        maps: dict[str, mmap.mmap] = {}
+    """Write the ``before`` or ``after`` bytes of every patch into the shards in ``directory``, and fsync."""
+    fds: dict[str, int] = {}
+    try:
         for i, patch in enumerate(patches):
-            info = infos[patch["tensor"]]
-            if patch["file"] not in maps:
-                fh = stack.enter_context(open(directory / patch["file"], "r+b"))
-                maps[patch["file"]] = stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_WRITE))
-            write_patch(maps[patch["file"]], info, patch, blobs[f"{i}.{which}"])
-        for mapped in maps.values():
-            mapped.flush()  # msync: the patched pages reach the file before anyone says they did
-
-
-def write_patch(mapped: mmap.mmap, info: TensorInfo, patch: dict[str, Any], data: torch.Tensor) -> None:
-    view, index = _region(mapped, info, patch["axis"], patch["indices"])
-    target = view[index]
-    if target.size != data.numel():
-        raise CheckpointError(f"{patch['file']}: patch bytes do not fit the slice of {patch['tensor']}")
-    view[index] = data.numpy().reshape(target.shape)
+            if patch["file"] not in fds:
+                fds[patch["file"]] = os.open(directory / patch["file"], os.O_RDWR)
+            write_patch(fds[patch["file"]], infos[patch["tensor"]], patch, blobs[f"{i}.{which}"])
+        for fd in fds.values():
+            os.fsync(fd)  # the patched bytes reach the disk before anyone says they did
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def patched_bytes(blobs: dict[str, torch.Tensor]) -> int:
