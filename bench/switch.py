@@ -4,7 +4,8 @@
 
 s2reg: ``apply`` + ``remove`` of an S2FT adapter holding ``--channels`` columns of a d x d bf16
 weight (exact, FORMAT §4.3). LoRA: ``W += B @ A`` and ``W -= B @ A`` with the same number of
-parameters (rank = channels / 2), the merge/unmerge that PEFT performs. Median of repeated runs.
+parameters (rank = channels / 2), the merge/unmerge that PEFT performs. Median of repeated runs,
+one thread.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)  # one core each: stable on a shared machine, and the same for both contenders
     print(f"{args.channels} channels (S2FT) vs LoRA rank {args.channels // 2}; bf16 weights; median of {args.repeats}\n")
     print("| d | s2reg apply+remove ms | LoRA merge+unmerge ms | speed-up |")
     print("|---:|---:|---:|---:|")

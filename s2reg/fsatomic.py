@@ -9,8 +9,25 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def staging_directory(destination: Path, suffix: str = ".tmp") -> Path:
+    """A fresh directory beside ``destination`` with the permissions a plain mkdir would give.
+
+    (``mkdtemp`` makes it owner-only, which would leak into the renamed result.)
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=suffix, dir=destination.parent))
+    staging.chmod(0o777 & ~_umask())
+    return staging
 
 
 def fsync_dir(path: Path) -> None:
@@ -28,21 +45,21 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def write_directory(path: Path, files: Mapping[str, bytes], *, overwrite: bool = False) -> None:
-    """Create directory ``path`` holding ``files`` (name -> bytes), all or nothing.
+@contextmanager
+def building(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """``with building(dest) as staging:`` fill ``staging``; it becomes ``dest`` only if the block succeeds.
 
-    The files are written and fsync'd in a temp directory beside ``path``, which is then renamed
-    into place. An existing ``path`` is an error unless ``overwrite``; then it is replaced only after
-    the new directory is complete.
+    The staging directory sits beside ``dest``. On success it is fsync'd and renamed into place (an
+    existing ``dest`` is an error unless ``overwrite``, and is replaced only then); on any failure
+    it is removed and ``dest`` is untouched.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(17, "output already exists (pass overwrite / --force to replace it)", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    staging = staging_directory(path)
     try:
-        for name, data in files.items():
-            _write_synced(staging / name, data)
+        yield staging
         fsync_dir(staging)
         if path.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -57,11 +74,19 @@ def write_directory(path: Path, files: Mapping[str, bytes], *, overwrite: bool =
         raise
 
 
+def write_directory(path: Path, files: Mapping[str, bytes], *, overwrite: bool = False) -> None:
+    """Create directory ``path`` holding ``files`` (name -> bytes), all or nothing."""
+    with building(path, overwrite=overwrite) as staging:
+        for name, data in files.items():
+            _write_synced(staging / name, data)
+
+
 def write_file(path: Path, data: bytes) -> None:
     """Replace the file at ``path`` with ``data`` atomically (temp file beside it, fsync, rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as a plain open() would create it, not mkstemp's 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..format.digest import tensor_bytes
-from ..fsatomic import fsync_dir
+from ..fsatomic import building
 from .header import layout
 from .reader import INDEX_NAME, SINGLE_NAME
 
@@ -123,11 +122,7 @@ def write_checkpoint(
     patch the copied shards).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(17, "output already exists (pass --force to replace it)", str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with building(out, overwrite=overwrite) as staging:
         if side_files_from is not None:
             copy_side_files(Path(side_files_from), staging, exclude=side_files_exclude)
         for name, data in (extra_files or {}).items():
@@ -148,18 +143,6 @@ def write_checkpoint(
             total = sum(spec.nbytes for specs in layout_of.values() for spec in specs)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        fsync_dir(staging)
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, retired / "x")
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

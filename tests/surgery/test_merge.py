@@ -192,14 +192,14 @@ def test_full_disk_leaves_no_output_and_inputs_untouched(base, tmp_path, monkeyp
 
 def test_read_only_output_directory(base, tmp_path, monkeypatch):
     """Simulated with EROFS at the first write (the tests may run as root, which ignores modes)."""
-    from s2reg.tensors import writer
+    from s2reg import fsatomic
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "ro"))
 
     adapter = _saved(base, tmp_path)
     before = file_digests(base)
-    monkeypatch.setattr(writer.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(fsatomic.tempfile, "mkdtemp", read_only)
     result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "ro" / "m")])
     assert result.exit_code == 1 and "Read-only file system" in result.output and "Traceback" not in result.output
     assert file_digests(base) == before
