@@ -12,11 +12,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of ``argv`` run under ``/usr/bin/time -v``."""
+def run(argv: list[str], *, env: dict[str, str] | None = None, durable: bool = True) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of ``argv`` run under ``/usr/bin/time -v``.
+
+    With ``durable`` the wall time runs until the written data is on disk (a ``sync`` after the
+    command), so a tool that fsyncs its output and one that leaves it in the page cache are timed
+    to the same point.
+    """
+    os.sync()
     started = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True,
+    done = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    if durable:
+        os.sync()
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"benchmark command failed: {' '.join(argv)}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

@@ -4,7 +4,8 @@
 
 For SmolLM2-135M (and with --big a ~1.7 GB synthetic Llama from make_big_checkpoint.py): an S2FT
 adapter of ``--channels`` down_proj channels per layer, and a PEFT LoRA on down_proj with the same
-trainable parameter count. Each command runs as its own process under /usr/bin/time: wall time and
+trainable parameter count. Each command runs as its own process under /usr/bin/time: wall time
+(until its output is on disk: s2reg fsyncs, PEFT does not, so a ``sync`` ends every timing) and
 peak RSS. The PEFT path is what users do today: load the model, PeftModel.from_pretrained,
 merge_and_unload, save_pretrained.
 """

@@ -18,6 +18,8 @@ from .errors import (
     UnsupportedVersion,
 )
 from .format import Adapter, BaseModel, Fingerprint, PISAAdapter, S2FTAdapter, load
+from .ops.live import applied, apply, remove
+from .surgery import merge, merge_in_place, recover, unmerge, unmerge_in_place
 
 __all__ = [
     "Adapter",
@@ -36,5 +38,13 @@ __all__ = [
     "ShapeError",
     "UnsupportedVersion",
     "__version__",
+    "applied",
+    "apply",
     "load",
+    "merge",
+    "merge_in_place",
+    "recover",
+    "remove",
+    "unmerge",
+    "unmerge_in_place",
 ]
