@@ -2,7 +2,9 @@
 
 ``s2reg demo`` builds the fixture model, makes an S2FT adapter (two attention heads and eight
 FFN channels per layer) and a PISA adapter (16x16 blocks, 8 coefficients each) from known
-deltas, saves, reloads and validates them against the base, and shows what they hold.
+deltas, saves, reloads and validates them against the base, shows what they hold, then merges
+them into the base and takes them out again (new checkpoint and in place), checking that S2FT
+comes back bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from .arch import LLAMA, detect
 from .format import Adapter, PISAAdapter, S2FTAdapter, load
 from .ops.describe import describe
+from .surgery import merge, merge_in_place, unmerge, unmerge_in_place
 from .synth import build_checkpoint
 from .tensors import CheckpointSource
 
@@ -68,7 +71,7 @@ def _same(a: Adapter, b: Adapter) -> bool:
 
 
 def run_demo(workdir: Path, step: Step = lambda _: None) -> dict[str, Any]:
-    """Run the tour in ``workdir`` (replaced); return the reports of both adapters."""
+    """Run the tour in ``workdir`` (replaced); return the reports of both adapters and the surgery checks."""
     workdir = Path(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     step("building the fixture model (tiny Llama, GQA 4/2 heads, bf16)")
@@ -86,4 +89,23 @@ def run_demo(workdir: Path, step: Step = lambda _: None) -> dict[str, Any]:
                 raise AssertionError(f"{name}: reloaded adapter differs from the saved one")
             loaded.verify_base(source)
             reports[name] = describe(loaded)
+        original = {n: source.sha256_of(n) for n in source.names()}
+    adapters = [load(workdir / "s2ft-adapter"), load(workdir / "pisa-adapter")]
+    step("merging both adapters into the base (new checkpoint), then unmerging them, newest first")
+    merge(base_dir, adapters, workdir / "merged")
+    unmerge(workdir / "merged", adapters[1:], workdir / "s2ft-only")
+    unmerge(workdir / "s2ft-only", adapters[:1], workdir / "restored")
+    step("merging and unmerging the S2FT adapter in place on a copy (journaled)")
+    shutil.copytree(base_dir, workdir / "in-place")
+    merge_in_place(workdir / "in-place", adapters[:1])
+    unmerge_in_place(workdir / "in-place", adapters[:1])
+    with CheckpointSource(workdir / "restored") as restored, CheckpointSource(workdir / "in-place") as patched:
+        s2ft_only = set(adapters[0].targets) - set(adapters[1].targets)
+        surgery = {
+            "s2ft_tensors_bit_identical_after_unmerge": all(restored.sha256_of(n) == original[n] for n in s2ft_only),
+            "in_place_round_trip_bit_identical": all(patched.sha256_of(n) == original[n] for n in original),
+        }
+    if not all(surgery.values()):
+        raise AssertionError(f"surgery round trip was not exact: {surgery}")
+    reports["surgery"] = surgery
     return reports

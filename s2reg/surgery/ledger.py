@@ -89,9 +89,16 @@ class Ledger:
         return Ledger([*self.merged, entry], original)
 
     def without(self, identity: str) -> Ledger:
+        """The ledger after unmerging ``identity``.
+
+        A tensor a dense (PISA) delta was taken out of is only within an ulp of what it was, so the
+        ledger stops vouching for its original bytes.
+        """
+        removed = [e for e in self.merged if e["digest"] == identity]
         merged = [e for e in self.merged if e["digest"] != identity]
         touched = {name for e in merged for name in e["support"]}
-        return Ledger(merged, {n: s for n, s in self.original.items() if n in touched})
+        inexact = {name for e in removed for name, support in e["support"].items() if support == "dense"}
+        return Ledger(merged, {n: s for n, s in self.original.items() if n in touched and n not in inexact})
 
     def later_overlap(self, identity: str) -> str | None:
         """A tensor where an adapter merged after ``identity`` overlaps it (so unmerging it first is inexact)."""

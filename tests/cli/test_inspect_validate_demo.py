@@ -63,6 +63,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert set(report["adapters"]) == {"s2ft", "pisa"}
+    assert report["surgery"] == {"s2ft_tensors_bit_identical_after_unmerge": True, "in_place_round_trip_bit_identical": True}
     s2ft = s2reg.load(tmp_path / "demo" / "s2ft-adapter")
     heads = {tuple(t.groups) for n, t in s2ft.targets.items() if "q_proj" in n}
     assert heads == {(0, 2)}
