@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "validate",
     "extract",
     "surgery",
+    "registry",
     "demo",
 )
 

@@ -1,0 +1,48 @@
+"""The README.md (model card) pushed beside an adapter, so the Hub shows what it is."""
+
+from __future__ import annotations
+
+from ..format import Adapter
+from ..ops.describe import describe
+
+
+def model_card(adapter: Adapter, ref: str) -> str:
+    s = describe(adapter)["summary"]
+    front = [
+        "---",
+        "library_name: s2reg",
+        f"base_model: {adapter.base.name}",
+        "base_model_relation: adapter",
+        "tags:",
+        "- s2reg",
+        f"- {adapter.kind}",
+        "- peft",
+        "---",
+        "",
+    ]
+    rows = [
+        "| layer | module | selection | params | % of base |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in describe(adapter)["targets"]:
+        if r["kind"] == "s2ft":
+            what = f"{r['axis']} {r['count']}/{r['of']}"
+        else:
+            what = f"{r['coefficients']} coefficients per {r['block'][0]}x{r['block'][1]} block"
+        rows.append(f"| {'' if r['layer'] is None else r['layer']} | {r['module']} | {what} | {r['params']:,} | {r['percent_of_base']:.2f} |")
+    body = [
+        f"# {ref}",
+        "",
+        f"A **{adapter.kind.upper()}** adapter for `{adapter.base.name}` in the s2reg adapter format v1: "
+        f"{s['targets']} target tensors, {s['params']:,} parameters.",
+        "",
+        "```bash",
+        "pip install s2reg",
+        f"s2reg pull hf://REPO {ref}",
+        f"s2reg merge BASE_CHECKPOINT {ref} -o merged",
+        "```",
+        "",
+        *rows,
+        "",
+    ]
+    return "\n".join(front + body)

@@ -1,0 +1,174 @@
+"""The local store (spec/REGISTRY.md): content addressing, refs, verification, concurrency, names."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+
+import pytest
+from click.testing import CliRunner
+
+import s2reg
+from s2reg.cli import main
+from s2reg.errors import IntegrityError, NotFound, RegistryError
+from s2reg.registry import Store, list_adapters, parse_ref
+
+from .helpers import adapter_dir, base_checkpoint, tree_digest
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return base_checkpoint(root / "a", seed=0), base_checkpoint(root / "b", seed=1)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("S2REG_HOME", str(tmp_path / "home"))
+    return Store()
+
+
+def test_push_pull_round_trip_is_byte_identical(store, bases, tmp_path):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    digest = store.push(source, "math:v1")
+    assert digest == s2reg.load(source).stored.digest
+    out = store.pull("math:v1", tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in source.iterdir()}
+    store.tag("math:v1", "math")
+    assert store.load("math").stored.digest == digest  # NAME alone means NAME:latest
+
+
+def test_blobs_are_stored_once(store, bases, tmp_path):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    for i in range(5):
+        store.push(source, f"copy{i}:v1")
+    blobs = list((store.root / "blobs").rglob("*"))
+    assert len([b for b in blobs if b.is_file()]) == 2  # one manifest, one payload
+    assert len(store.refs()) == 5
+
+
+@pytest.mark.parametrize("bad", ["", "../evil", "a/../b", "/abs", "UPPER", "a//b", "x" * 200, "ok:bad tag", "-lead", "a/..:v1"])
+def test_bad_names_are_refused_and_nothing_is_written(store, bases, tmp_path, bad):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    with pytest.raises(RegistryError):
+        store.push(source, bad)
+    assert not (store.root / "refs").exists() or not any((store.root / "refs").rglob("*"))
+    assert not (tmp_path / "evil").exists()
+
+
+def test_missing_ref_is_not_found(store):
+    with pytest.raises(NotFound, match="s2reg ls"):
+        store.entry("nothing:here")
+
+
+def test_corrupted_payload_blob_is_caught_and_quarantined(store, bases, tmp_path):
+    store.push(adapter_dir(bases[0], tmp_path / "a"), "math:v1")
+    entry = store.entry("math:v1")
+    blob = store.blob_path(entry.manifest["payload"]["sha256"])
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1
+    blob.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="corrupted"):
+        store.load("math:v1")
+    with pytest.raises(IntegrityError):
+        store.pull("math:v1", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    report = store.verify()
+    assert report["corrupt"] == [entry.manifest["payload"]["sha256"]]
+    assert [b["ref"] for b in report["broken_refs"]] == ["math:v1"]
+    assert any((store.root / "quarantine").iterdir())
+
+
+def test_corrupted_manifest_blob_is_caught(store, bases, tmp_path):
+    digest = store.push(adapter_dir(bases[0], tmp_path / "a"), "math:v1")
+    blob = store.blob_path(digest)
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes().replace(b'"s2ft"', b'"pisa"'))
+    with pytest.raises(IntegrityError):
+        store.load("math:v1")
+    result = CliRunner().invoke(main, ["verify"])
+    assert result.exit_code == 1 and "broken" in result.output
+
+
+def test_push_refuses_a_corrupt_adapter_and_leaves_the_store_unchanged(store, bases, tmp_path):
+    store.push(adapter_dir(bases[0], tmp_path / "a"), "good:v1")
+    bad = adapter_dir(bases[0], tmp_path / "b", seed=2)
+    payload = next(bad.glob("payload.*"))
+    payload.write_bytes(payload.read_bytes()[:-1])
+    before = tree_digest(store.root)
+    with pytest.raises(s2reg.FormatError, match="truncated"):
+        store.push(bad, "bad:v1")
+    assert tree_digest(store.root) == before
+
+
+def test_crash_before_the_ref_leaves_no_half_ref_and_gc_cleans_up(store, bases, tmp_path, monkeypatch):
+    store.push(adapter_dir(bases[0], tmp_path / "a"), "keep:v1")
+
+    def crash(ref, digest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "_set_ref", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.push(adapter_dir(bases[0], tmp_path / "b", seed=3), "lost:v1")
+    monkeypatch.undo()
+    assert [str(r) for r in store.refs()] == ["keep:v1"]
+    assert store.gc()["blobs_removed"] == 2
+    assert store.load("keep:v1")
+
+
+def _push_many(root, source, worker):
+    store = Store(root)
+    for i in range(5):
+        store.push(source, f"shared:v{i}")
+        store.push(source, f"worker{worker}:v{i}")
+
+
+def test_concurrent_pushes_from_several_processes(store, bases, tmp_path):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_push_many, args=(str(store.root), str(source), w)) for w in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(w.exitcode == 0 for w in workers)
+    assert len(store.refs()) == 5 + 15
+    report = store.verify()
+    assert report["corrupt"] == [] and report["broken_refs"] == []
+    assert not list((store.root / "blobs").rglob(".incoming.*"))
+
+
+def test_ls_base_lists_only_adapters_made_for_that_checkpoint(store, bases, tmp_path):
+    store.push(adapter_dir(bases[0], tmp_path / "a"), "for-a:v1")
+    store.push(adapter_dir(bases[1], tmp_path / "b"), "for-b:v1")
+    assert [r["ref"] for r in list_adapters(store, base=bases[0])] == ["for-a:v1"]
+    assert [r["ref"] for r in list_adapters(store, base=bases[1])] == ["for-b:v1"]
+    assert len(list_adapters(store, kind="s2ft")) == 2 and list_adapters(store, kind="pisa") == []
+
+
+def test_cli_session(store, bases, tmp_path):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    run = CliRunner().invoke
+    assert run(main, ["push", str(source), "team/math:v1"]).exit_code == 0
+    assert run(main, ["tag", "team/math:v1", "team/math:stable"]).exit_code == 0
+    listed = json.loads(run(main, ["ls", "--json", "--base", str(bases[0])]).output)
+    assert [r["ref"] for r in listed] == ["team/math:stable", "team/math:v1"]
+    shown = json.loads(run(main, ["show", "team/math:stable", "--json"]).output)
+    assert shown["summary"]["digest"] == s2reg.load(source).stored.digest
+    inspected = run(main, ["inspect", "team/math:v1", "--json"])  # a ref wherever a path is accepted
+    assert inspected.exit_code == 0 and json.loads(inspected.output)["targets"][0]["indices"] == [1, 20, 30]
+    merged = run(main, ["merge", str(bases[0]), "team/math:v1", "-o", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    assert run(main, ["pull", "team/math:v1", "-o", str(tmp_path / "out")]).exit_code == 0
+    assert run(main, ["rm", "team/math:v1", "team/math:stable"]).exit_code == 0
+    assert json.loads(run(main, ["gc", "--json"]).output)["blobs_removed"] == 2
+    missing = run(main, ["pull", "team/math:v1", "-o", str(tmp_path / "again")])
+    assert missing.exit_code == 1 and missing.output.startswith("Error: no adapter team/math:v1")
+    bad = run(main, ["push", str(source), "../../etc/passwd"])
+    assert bad.exit_code == 1 and "invalid adapter name" in bad.output
+
+
+def test_parse_ref_defaults_to_latest():
+    assert str(parse_ref("org/name")) == "org/name:latest"
+    assert parse_ref("a.b-c_d:V1.0").tag == "V1.0"
