@@ -81,7 +81,8 @@ def push_to_hub(store: Store, source: str, url: str, *, subfolder: str | None = 
 
 
 def pull_from_hub(store: Store, url: str, ref: str | None = None, *, subfolder: str | None = None,
-                  token: str | None = None, endpoint: str | None = None) -> dict[str, Any]:
+                  token: str | None = None, endpoint: str | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Download the adapter at ``url`` (through the Hub cache), verify it, and store it as ``ref``."""
     from huggingface_hub import snapshot_download
 
@@ -92,7 +93,7 @@ def pull_from_hub(store: Store, url: str, ref: str | None = None, *, subfolder: 
     try:
         # Only this adapter's files: other adapters in the same repo stay on the Hub.
         snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + MANIFEST_NAME, prefix + "payload.*"],
-                                     endpoint=_endpoint(endpoint), token=token)
+                                     endpoint=_endpoint(endpoint), token=token, cache_dir=cache_dir)
     except Exception as exc:  # noqa: BLE001 - network, offline and Hub errors become one clear line
         raise _hub_error(exc, f"pull from {url} failed") from None
     directory = Path(snapshot) / prefix if prefix else Path(snapshot)
