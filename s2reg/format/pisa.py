@@ -52,17 +52,20 @@ def reconstruct(
     indices: torch.Tensor,
     coefficients: torch.Tensor,
     scale: float,
+    *,
+    precision: torch.dtype = torch.complex64,
 ) -> torch.Tensor:
     """FORMAT §5.3: the dense float32 delta of a PISA target.
 
     ``indices`` is ``[blocks, k]`` (half-plane positions ``u * hw + v``), ``coefficients`` is a
-    complex ``[blocks, k]`` tensor. Differentiable with respect to ``coefficients``.
+    complex ``[blocks, k]`` tensor. Differentiable with respect to ``coefficients``. The format is
+    defined in complex64 (float32 output); ``precision=torch.complex128`` exists for gradient checks.
     """
     bh, bw = block
     hw = half_width(block)
     gr, gc = grid_of(shape, block)
-    coefficients = coefficients.to(torch.complex64)
-    spectrum = torch.zeros(gr * gc, bh * hw, dtype=torch.complex64, device=coefficients.device)
+    coefficients = coefficients.to(precision)
+    spectrum = torch.zeros(gr * gc, bh * hw, dtype=precision, device=coefficients.device)
     spectrum = spectrum.scatter(1, indices.to(device=coefficients.device, dtype=torch.long), coefficients)
     spectrum = _hermitian_columns(spectrum.reshape(gr * gc, bh, hw), bw)
     blocks = torch.fft.irfft2(spectrum, s=(bh, bw))

@@ -1,0 +1,1 @@
+"""PISA: config, block-FFT delta layer, and ``prepare_pisa``."""

@@ -1,0 +1,71 @@
+"""A linear layer plus a trainable PISA delta: a few rfft2 coefficients per block.
+
+Frequency positions are drawn once (seeded) and kept as a buffer, then stored explicitly in the
+exported adapter (FORMAT §5). The coefficients start at zero, so training starts from the base
+model. The delta is rebuilt once per forward for all blocks at once, with the format's own
+reconstruction (``s2reg.format.pisa.reconstruct``), so training and merging agree exactly.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...format.pisa import grid_of, half_width, reconstruct
+
+
+def canonical_positions(block: tuple[int, int]) -> torch.Tensor:
+    """Half-plane positions ``u * hw + v`` that are independent coefficients (FORMAT §5.3).
+
+    In the self-conjugate columns (v = 0 and, for even widths, the Nyquist column) position u and
+    its mirror -u hold one conjugate pair; only the first of each pair is offered.
+    """
+    bh, bw = block
+    hw = half_width(block)
+    keep = []
+    for u in range(bh):
+        for v in range(hw):
+            self_conjugate = v == 0 or (bw % 2 == 0 and v == bw // 2)
+            if not self_conjugate or u <= (-u) % bh:
+                keep.append(u * hw + v)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def attach(linear: nn.Linear, block: tuple[int, int], k: int, scale: float, generator: torch.Generator) -> nn.Parameter:
+    """Give ``linear`` a trainable PISA delta of ``k`` coefficients per block; return the parameter."""
+    linear.weight.requires_grad_(False)
+    shape = tuple(linear.weight.shape)
+    blocks = grid_of(shape, block)[0] * grid_of(shape, block)[1]
+    offered = canonical_positions(block)
+    if not 1 <= k <= offered.numel():
+        raise ValueError(f"coefficients per block must be 1..{offered.numel()} for a {block[0]}x{block[1]} block")
+    picks = torch.stack([offered[torch.randperm(offered.numel(), generator=generator)[:k]].sort().values
+                         for _ in range(blocks)])
+    linear.pisa_block = block
+    linear.pisa_scale = float(scale)
+    linear.register_buffer("pisa_indices", picks.to(linear.weight.device), persistent=False)
+    linear.pisa_coefficients = nn.Parameter(torch.zeros(blocks, k, 2, device=linear.weight.device))
+    linear.forward = types.MethodType(_forward, linear)
+    return linear.pisa_coefficients
+
+
+def is_attached(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and hasattr(module, "pisa_coefficients")
+
+
+def delta(linear: nn.Linear, precision: torch.dtype = torch.complex64) -> torch.Tensor:
+    """The dense delta (FORMAT §5.3) of the current coefficients, differentiable."""
+    c = linear.pisa_coefficients
+    return reconstruct(tuple(linear.weight.shape), linear.pisa_block, linear.pisa_indices,
+                       torch.complex(c[..., 0], c[..., 1]) if precision == torch.complex64
+                       else torch.complex(c[..., 0].double(), c[..., 1].double()),
+                       linear.pisa_scale, precision=precision)
+
+
+def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    precision = torch.complex128 if linear.weight.dtype == torch.float64 else torch.complex64
+    d = delta(linear, precision)
+    return F.linear(x, linear.weight, linear.bias) + F.linear(x, d.to(x.dtype))

@@ -1,0 +1,155 @@
+"""S2FT training: partial back-propagation against full autograd, exactness, export, selection."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import s2reg
+from s2reg.errors import S2RegError
+from s2reg.train import S2FTConfig, export_adapter, prepare_s2ft
+from s2reg.train.select import choose
+
+from .helpers import batch, tiny_model
+
+ALL_ROLES = ("q", "k", "v", "o", "up", "gate", "down")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_slice_gradients_equal_full_autograd_restricted_to_the_slice(tmp_path, family, micro_batches):
+    model, _ = tiny_model(tmp_path / "m", family)
+    reference = copy.deepcopy(model)
+    prepared = prepare_s2ft(model, S2FTConfig(channels=5, heads=1, roles=ALL_ROLES, seed=3))
+    for p in reference.parameters():
+        p.requires_grad_(True)
+    data = batch(model, size=4)
+    for part in torch.chunk(torch.arange(4), micro_batches):
+        sub = {k: v[part] for k, v in data.items()}
+        (model(**sub).loss / micro_batches).backward()
+    reference(**data).loss.backward()
+    modules = dict(reference.named_modules())
+    checked = 0
+    for name, param in prepared.parameters.items():
+        module_name = name.removesuffix(".s2ft_slice")
+        ours = dict(model.named_modules())[module_name]
+        full = modules[module_name].weight.grad
+        expected = full.index_select(0 if ours.s2ft_axis == "rows" else 1, ours.s2ft_indices)
+        torch.testing.assert_close(param.grad.double(), expected, rtol=1e-9, atol=1e-12)
+        checked += 1
+    assert checked == len(ALL_ROLES if family == "llama" else ("q", "k", "v", "o", "up", "down")) * model.config.num_hidden_layers
+    assert all(p.grad is None for n, p in model.named_parameters() if "s2ft_slice" not in n)
+
+
+def test_training_changes_nothing_outside_the_slices_and_export_reproduces_the_model(tmp_path):
+    model, base_dir = tiny_model(tmp_path / "m", dtype=torch.bfloat16)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    prepared = prepare_s2ft(model, S2FTConfig(channels=6, heads=1, roles=("q", "o", "down"), seed=1))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(5):
+        model(**batch(model, seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = model(**batch(model, seed=99)).logits.detach()
+    changed = 0
+    modules = dict(model.named_modules())
+    for name, tensor in model.state_dict().items():
+        if name.endswith("s2ft_slice"):
+            continue
+        module = modules.get(name.removesuffix(".weight"))
+        if module is not None and hasattr(module, "s2ft_slice") and name.endswith(".weight"):
+            dim = 0 if module.s2ft_axis == "rows" else 1
+            keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
+            keep[module.s2ft_indices] = False
+            assert torch.equal(tensor.index_select(dim, keep.nonzero().reshape(-1)).view(torch.int16),
+                               before[name].index_select(dim, keep.nonzero().reshape(-1)).view(torch.int16)), name
+            changed += int(not torch.equal(tensor, before[name]))
+        else:
+            assert torch.equal(tensor.view(torch.uint8), before[name].view(torch.uint8)), name
+    assert changed == len(prepared.parameters)
+    adapter = export_adapter(model, training={"steps": 5})
+    adapter.save(tmp_path / "adapter")
+    loaded = s2reg.load(tmp_path / "adapter")
+    assert loaded.provenance["training"] == {"steps": 5}
+    fresh, _ = tiny_model(tmp_path / "fresh", dtype=torch.bfloat16)
+    with s2reg.applied(fresh, loaded):
+        assert torch.equal(fresh(**batch(fresh, seed=99)).logits, trained)
+    s2reg.merge(base_dir, [loaded], tmp_path / "merged")
+    merged, _ = tiny_model(tmp_path / "unused", dtype=torch.bfloat16)
+    merged.load_state_dict(type(merged).from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).state_dict())
+    assert torch.equal(merged(**batch(merged, seed=99)).logits, trained)
+
+
+def _with_column_norms(model, norms):
+    down = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        down.copy_(down / down.norm(dim=0, keepdim=True) * torch.tensor(norms, dtype=down.dtype))
+
+
+def test_weight_strategy_picks_the_documented_extremes_and_respects_exclude(tmp_path):
+    model, _ = tiny_model(tmp_path / "m", num_hidden_layers=1)
+    norms = torch.linspace(1, 2, model.config.intermediate_size).flip(0).tolist()  # channel 0 is largest
+    _with_column_norms(model, norms)
+    largest = prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=4, strategy="weight"))
+    assert largest.selection[0]["channels"] == [0, 1, 2, 3]
+    smallest = prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=4, strategy="weight", order="smallest"))
+    n = model.config.intermediate_size
+    assert smallest.selection[0]["channels"] == [n - 4, n - 3, n - 2, n - 1]
+    first = export_adapter(_trained_copy(model, largest))
+    disjoint = prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=4, strategy="weight", exclude=[first]))
+    assert disjoint.selection[0]["channels"] == [4, 5, 6, 7]
+
+
+def _trained_copy(model, prepared):
+    clone = copy.deepcopy(model)
+    prepare_s2ft(clone, prepared.config)
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    return clone
+
+
+def test_activation_strategies_follow_the_calibration_inputs(tmp_path):
+    model, _ = tiny_model(tmp_path / "m", num_hidden_layers=1)
+    up = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        up[7] *= 50  # channel 7 carries by far the largest activations
+        up[9] *= 0  # channel 9 carries none
+    calibration = [batch(model, seed=s) for s in range(2)]
+    for strategy in ("activation", "weight_activation", "gradient"):
+        top = prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=1, strategy=strategy), calibration=calibration)
+        assert top.selection[0]["channels"] == [7], strategy
+    low = prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=1, strategy="activation", order="smallest"),
+                       calibration=calibration)
+    assert low.selection[0]["channels"] == [9]
+    with pytest.raises(S2RegError, match="calibration data"):
+        prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=1, strategy="activation"))
+
+
+def test_random_selection_is_seeded_and_counts_are_exact(tmp_path):
+    model, _ = tiny_model(tmp_path / "m")
+    a = prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=7, heads=2, seed=5))
+    b = prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=7, heads=2, seed=5))
+    assert a.selection == b.selection
+    assert all(len(s["channels"]) == 7 and len(s["heads"]) == 2 for s in a.selection.values())
+    g = torch.Generator().manual_seed(0)
+    assert choose(3, 10, scores=None, order="largest", excluded={0, 1, 2, 3, 4, 5, 6}, generator=g) == [7, 8, 9]
+    with pytest.raises(S2RegError, match="only 2 of 10 are free"):
+        choose(3, 10, scores=None, order="largest", excluded=set(range(8)), generator=g)
+
+
+def test_gqa_heads_train_their_kv_group(tmp_path):
+    model, _ = tiny_model(tmp_path / "m", num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    prepared = prepare_s2ft(model, S2FTConfig(channels=0, heads=1, roles=("q", "k", "o"), seed=0))
+    head = prepared.selection[0]["heads"][0]
+    k = model.model.layers[0].self_attn.k_proj
+    assert k.s2ft_indices.tolist() == list(range((head // 2) * 16, (head // 2 + 1) * 16))
+
+
+def test_unknown_architecture_names_the_targets_option(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(S2RegError, match="--targets"):
+        prepare_s2ft(model)
