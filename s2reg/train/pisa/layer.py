@@ -47,7 +47,8 @@ def attach(linear: nn.Linear, block: tuple[int, int], k: int, scale: float, gene
     linear.pisa_block = block
     linear.pisa_scale = float(scale)
     linear.register_buffer("pisa_indices", picks.to(linear.weight.device), persistent=False)
-    linear.pisa_coefficients = nn.Parameter(torch.zeros(blocks, k, 2, device=linear.weight.device))
+    dtype = torch.promote_types(linear.weight.dtype, torch.float32)
+    linear.pisa_coefficients = nn.Parameter(torch.zeros(blocks, k, 2, device=linear.weight.device, dtype=dtype))
     linear.forward = types.MethodType(_forward, linear)
     return linear.pisa_coefficients
 
@@ -56,16 +57,29 @@ def is_attached(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and hasattr(module, "pisa_coefficients")
 
 
-def delta(linear: nn.Linear, precision: torch.dtype = torch.complex64) -> torch.Tensor:
-    """The dense delta (FORMAT §5.3) of the current coefficients, differentiable."""
-    c = linear.pisa_coefficients
-    return reconstruct(tuple(linear.weight.shape), linear.pisa_block, linear.pisa_indices,
-                       torch.complex(c[..., 0], c[..., 1]) if precision == torch.complex64
-                       else torch.complex(c[..., 0].double(), c[..., 1].double()),
-                       linear.pisa_scale, precision=precision)
+def block_delta(shape: tuple[int, int], block: tuple[int, int], indices: torch.Tensor, coefficients: torch.Tensor,
+                scale: float, precision: torch.dtype = torch.complex64) -> torch.Tensor:
+    """The dense delta (FORMAT §5.3) of real ``[blocks, k, 2]`` coefficients, differentiable."""
+    if precision == torch.complex128:
+        coefficients = coefficients.double()
+    return reconstruct(shape, block, indices, torch.complex(coefficients[..., 0], coefficients[..., 1]), scale,
+                       precision=precision)
+
+
+def pisa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coefficients: torch.Tensor,
+                indices: torch.Tensor, block: tuple[int, int], scale: float) -> torch.Tensor:
+    """``x @ (W + delta)^T + b``, computed as two matmuls so the frozen ``W`` is never copied."""
+    precision = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
+    d = block_delta(tuple(weight.shape), block, indices, coefficients, scale, precision)
+    return F.linear(x, weight, bias) + F.linear(x, d.to(x.dtype))
+
+
+def delta(linear: nn.Linear) -> torch.Tensor:
+    """The current dense delta of a PISA-attached linear layer."""
+    return block_delta(tuple(linear.weight.shape), linear.pisa_block, linear.pisa_indices, linear.pisa_coefficients,
+                       linear.pisa_scale)
 
 
 def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    precision = torch.complex128 if linear.weight.dtype == torch.float64 else torch.complex64
-    d = delta(linear, precision)
-    return F.linear(x, linear.weight, linear.bias) + F.linear(x, d.to(x.dtype))
+    return pisa_linear(x, linear.weight, linear.bias, linear.pisa_coefficients, linear.pisa_indices, linear.pisa_block,
+                       linear.pisa_scale)
