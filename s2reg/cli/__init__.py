@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "extract",
     "surgery",
     "registry",
+    "train",
     "demo",
 )
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import S2RegError
-from ..format import Adapter, PISAAdapter, S2FTAdapter
+from ..format import Adapter, PISAAdapter, S2FTAdapter, TensorReader
 from .pisa import layer as pisa_layer
 from .s2ft import layer as s2ft_layer
 
@@ -18,35 +18,44 @@ def _base_name(model: nn.Module, base_name: str | None) -> str:
     return base_name or getattr(config, "_name_or_path", None) or "unknown-base"
 
 
-def export_adapter(model: nn.Module, *, base_name: str | None = None, training: dict[str, Any] | None = None) -> Adapter:
+def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_name: str | None = None,
+                   training: dict[str, Any] | None = None) -> Adapter:
     """The adapter holding what ``model`` learned since ``prepare_s2ft`` / ``prepare_pisa``.
 
     S2FT: exact differences between the trained slices (as the model uses them, in the weight's
     dtype) and the original ones, so merging the adapter into the base reproduces the trained
     weights bit for bit. PISA: the coefficients and their explicit frequency indices. ``training``
     goes into the manifest's provenance.
+
+    ``base`` (e.g. the ``CheckpointSource`` the model was loaded from) makes the adapter fit the
+    checkpoint as stored: a model trained in float32 from a bf16 checkpoint gives an adapter for
+    the bf16 tensors, its trained slices rounded to bf16.
     """
     prepared = getattr(model, "s2reg_prepared", None)
     provenance = {"source": "s2reg train", "training": training or {}}
     s2ft = {n: m for n, m in model.named_modules() if s2ft_layer.is_attached(m)}
     pisa = {n: m for n, m in model.named_modules() if pisa_layer.is_attached(m)}
     if s2ft:
-        base, slices = {}, {}
+        originals, slices = {}, {}
         for name, m in s2ft.items():
-            original = m.weight.detach().clone()
-            original.index_copy_(0 if m.s2ft_axis == "rows" else 1, m.s2ft_indices, m.s2ft_original)
-            base[f"{name}.weight"] = original.cpu()
-            slices[f"{name}.weight"] = (m.s2ft_axis, m.s2ft_indices.cpu(), s2ft_layer.tuned_slice(m).cpu())
+            key = f"{name}.weight"
+            if base is not None:
+                originals[key] = base.get(key)
+            else:
+                originals[key] = m.weight.detach().clone()
+                originals[key].index_copy_(0 if m.s2ft_axis == "rows" else 1, m.s2ft_indices, m.s2ft_original)
+            tuned = s2ft_layer.tuned_slice(m).to(originals[key].dtype)
+            slices[key] = (m.s2ft_axis, m.s2ft_indices.cpu(), tuned.cpu())
         params = {"method": "s2ft"}
         if prepared is not None:
             params.update(selection={str(k): v for k, v in prepared.selection.items()},
                           strategy=prepared.config.strategy, order=prepared.config.order, seed=prepared.config.seed,
                           roles=list(prepared.config.roles))
-        return S2FTAdapter.from_tuned(base, slices, base_name=_base_name(model, base_name),
+        return S2FTAdapter.from_tuned({k: v.cpu() for k, v in originals.items()}, slices, base_name=_base_name(model, base_name),
                                       group_sizes=getattr(prepared, "group_sizes", None), params=params,
                                       provenance=provenance)
     if pisa:
-        base = {f"{n}.weight": m.weight.detach().cpu() for n, m in pisa.items()}
+        weights = base if base is not None else {f"{n}.weight": m.weight.detach().cpu() for n, m in pisa.items()}
         coefficients, scales = {}, {}
         for name, m in pisa.items():
             c = m.pisa_coefficients.detach().float().cpu()
@@ -55,6 +64,6 @@ def export_adapter(model: nn.Module, *, base_name: str | None = None, training: 
         params = {"method": "pisa"}
         if prepared is not None:
             params.update(block=prepared.config.block, coefficients=prepared.config.coefficients, seed=prepared.config.seed)
-        return PISAAdapter.from_coefficients(base, coefficients, base_name=_base_name(model, base_name), scale=scales,
+        return PISAAdapter.from_coefficients(weights, coefficients, base_name=_base_name(model, base_name), scale=scales,
                                              params=params, provenance=provenance)
     raise S2RegError("the model has no S2FT slices or PISA coefficients (call prepare_s2ft / prepare_pisa first)")

@@ -59,7 +59,8 @@ def attach(linear: nn.Linear, axis: str, indices: torch.Tensor) -> nn.Parameter:
     linear.register_buffer("s2ft_indices", index, persistent=False)
     linear.register_buffer("s2ft_original", original, persistent=False)
     # A master copy at least float32 wide, so small updates of a bf16 model are not rounded away.
-    linear.s2ft_slice = nn.Parameter(original.to(torch.promote_types(original.dtype, torch.float32)))
+    # (a copy: ``.to`` of the same dtype would alias the original values the export diffs against)
+    linear.s2ft_slice = nn.Parameter(original.to(torch.promote_types(original.dtype, torch.float32), copy=True))
     linear._s2ft_written = -1
     linear.forward = types.MethodType(_forward, linear)
     return linear.s2ft_slice

@@ -1,0 +1,134 @@
+"""``s2reg train``: fine-tune a checkpoint with S2FT or PISA and write the adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..train.loop import TrainConfig
+from ..train.pisa.config import PISAConfig
+from ..train.s2ft.config import STRATEGIES, S2FTConfig
+from . import render
+from .common import AdapterType, json_option
+
+
+def _distributed() -> tuple[int, int]:
+    """Join the process group when launched by torchrun / accelerate (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), world
+    return 0, 1
+
+
+@click.command("train")
+@click.option("--base", "base", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint directory.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL: text, prompt/completion, messages, or input_ids.")
+@click.option("--method", type=click.Choice(["s2ft", "pisa"]), required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Adapter directory to write.")
+@click.option("--push", "push_ref", help="Also store the adapter in the local registry as NAME[:TAG].")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Per process.")
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", type=float, help="Learning rate (default: 2e-4 for s2ft, 5e-2 for pisa).")
+@click.option("--warmup-steps", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--max-length", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--eval-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Hold out this share of the data and report its loss before and after.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (state kept beside OUTPUT).")
+@click.option("--channels", default=32, show_default=True, type=click.IntRange(min=0), help="s2ft: FFN channels per layer.")
+@click.option("--heads", default=0, show_default=True, type=click.IntRange(min=0), help="s2ft: attention heads per layer.")
+@click.option("--roles", default="o,down", show_default=True, help="s2ft: projections to train (q,k,v,o,up,gate,down).")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="random", show_default=True, help="s2ft: selection.")
+@click.option("--order", type=click.Choice(["largest", "smallest"]), default="largest", show_default=True)
+@click.option("--exclude", "exclude", multiple=True, type=AdapterType(),
+              help="s2ft: choose channels/heads disjoint from this adapter (repeatable).")
+@click.option("--block", default=64, show_default=True, type=click.IntRange(min=1), help="pisa: block size.")
+@click.option("--coefficients", default=32, show_default=True, type=click.IntRange(min=1), help="pisa: per block.")
+@click.option("--targets", help="pisa: comma-separated module names (any architecture); default q,v projections.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+def train_command(base, data, method, output, push_ref, epochs, max_steps, batch_size, grad_accum, lr, warmup_steps,
+                  schedule, weight_decay, max_length, dtype, device, seed, eval_fraction, resume, channels, heads, roles,
+                  strategy, order, exclude, block, coefficients, targets, force, as_json) -> None:
+    """Fine-tune BASE on DATA with S2FT or PISA and write the adapter to OUTPUT.
+
+    Multi-GPU / multi-node: launch with `torchrun --nproc-per-node N -m s2reg train ...`
+    (DDP; --batch-size is per process).
+
+    \b
+    Example:
+      s2reg train --base ./SmolLM2-135M --data tasks.jsonl --method s2ft --channels 32 -o ./adapter
+      s2reg train --base ./SmolLM2-135M --data chat.jsonl --method pisa --block 64 --coefficients 32 \\
+                  --max-steps 200 --eval-fraction 0.1 -o ./adapter --push chat-pisa:v1
+    """
+    from ..train.session import run_training
+
+    if output.exists() and not force and not resume:
+        raise click.UsageError(f"{output} already exists (pass --force to replace it)")
+    rank, world = _distributed()
+    if method == "s2ft":
+        method_config = S2FTConfig(channels=channels, heads=heads, roles=tuple(r.strip() for r in roles.split(",") if r.strip()),
+                                   strategy=strategy, order=order, seed=seed, exclude=list(exclude))
+    else:
+        method_config = PISAConfig(block=block, coefficients=coefficients, seed=seed,
+                                   targets=tuple(t.strip() for t in targets.split(",")) if targets else ())
+    train_config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                               lr=lr or (2e-4 if method == "s2ft" else 5e-2), warmup_steps=warmup_steps, schedule=schedule,
+                               weight_decay=weight_decay, seed=seed)
+    if world > 1 and device is None:
+        import torch
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    state_dir = output.parent / f".{output.name}.train-state"
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                   TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=render.errors, disable=rank != 0)
+    with bar:
+        task = bar.add_task("train", total=None, loss=float("nan"), lr=0.0, tps=0.0)
+
+        def on_step(p):
+            bar.update(task, completed=p.step, total=p.total, loss=p.loss, lr=p.lr, tps=p.tokens_per_second)
+
+        run = run_training(base, data, method, method_config=method_config, train_config=train_config,
+                           max_length=max_length, dtype=dtype, device=device, eval_fraction=eval_fraction,
+                           state_dir=state_dir, resume=resume, on_step=on_step)
+    if rank != 0:
+        return
+    stored = run.adapter.save(output, overwrite=True)
+    summary = {"output": str(output), "method": method, "trainable_parameters": run.trainable, "device": run.device,
+               "digest": stored.digest, "bytes": stored.payload_bytes, **run.result.summary()}
+    if push_ref:
+        from ..registry import Store
+
+        summary["pushed"] = push_ref
+        Store().push(output, push_ref)
+    if as_json:
+        render.emit_json(summary)
+        return
+    rows = [("method", method), ("trainable parameters", f"{run.trainable:,}"), ("steps", run.result.steps),
+            ("tokens", f"{run.result.tokens:,}"), ("time", f"{run.result.seconds:.1f} s"),
+            ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")]
+    if run.result.eval_loss_before is not None:
+        rows += [("eval loss before", f"{run.result.eval_loss_before:.4f}"), ("eval loss after", f"{run.result.eval_loss_after:.4f}")]
+    rows += [("adapter", f"{output} ({render.human_bytes(stored.payload_bytes)}, {stored.digest[:16]})")]
+    if push_ref:
+        rows.append(("pushed", push_ref))
+    render.console.print(render.table("training summary", ["", ""], rows))
+
+
+COMMANDS = [train_command]

@@ -1,0 +1,230 @@
+"""The training loop behind ``s2reg train``: AdamW over the prepared parameters, warm-up and a linear
+or cosine schedule, gradient accumulation and clipping, eval loss, resumable state (safetensors and
+JSON, never pickle), and data-parallel training when launched by ``torchrun`` (DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import S2RegError
+from ..fsatomic import building
+from .data import IGNORE, Example, collate
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 50
+
+    def check(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise S2RegError(f"unknown schedule {self.schedule!r} (linear, cosine or constant)")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
+            raise S2RegError("batch size, gradient accumulation and epochs must be at least 1")
+        if self.lr <= 0:
+            raise S2RegError("the learning rate must be positive")
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    tokens_per_second: float
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    resumed_from: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "losses"} | {
+            "final_loss": self.losses[-1] if self.losses else None}
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _lr_factor(step: int, total: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def _batches(examples: list[Example], config: TrainConfig, epoch: int) -> list[list[Example]]:
+    """This rank's micro-batches for an epoch, in a seeded order every rank agrees on."""
+    rank, world = _rank_world()
+    order = list(range(len(examples)))
+    random.Random(config.seed * 1000 + epoch).shuffle(order)
+    global_batch = config.batch_size * world
+    batches = []
+    for start in range(0, len(order) - global_batch + 1, global_batch):  # whole global batches only
+        mine = order[start + rank * config.batch_size: start + (rank + 1) * config.batch_size]
+        batches.append([examples[i] for i in mine])
+    return batches
+
+
+def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
+    """Mean loss per target token over ``examples``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+            tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+            if tokens:
+                total += float(model(**batch).loss) * tokens
+                count += tokens
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def _save_state(directory: Path, step: int, parameters: dict[str, nn.Parameter], optimizer) -> None:
+    state = optimizer.state_dict()
+    tensors = {f"param.{name}": p.detach().cpu().contiguous() for name, p in parameters.items()}
+    scalars: dict[str, Any] = {"step": step, "param_groups": state["param_groups"], "state": {}}
+    for index, entry in state["state"].items():
+        scalars["state"][str(index)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars["state"][str(index)][key] = value
+    with building(directory, overwrite=True) as staging:
+        save_file(tensors, staging / "state.safetensors")
+        (staging / "state.json").write_text(json.dumps(scalars))
+
+
+def _load_state(directory: Path, parameters: dict[str, nn.Parameter], optimizer) -> int:
+    try:
+        tensors = load_file(directory / "state.safetensors")
+        scalars = json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise S2RegError(f"{directory}: unreadable training state ({exc}); delete it to start over") from None
+    missing = [n for n in parameters if f"param.{n}" not in tensors]
+    if missing:
+        raise S2RegError(f"{directory}: saved state is for another run (no {missing[0]}); delete it to start over")
+    with torch.no_grad():
+        for name, p in parameters.items():
+            p.copy_(tensors[f"param.{name}"])
+    state = {int(i): {**entry, **{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}}
+             for i, entry in scalars["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+    return int(scalars["step"])
+
+
+def train(
+    model: nn.Module,
+    examples: list[Example],
+    config: TrainConfig,
+    *,
+    pad_id: int = 0,
+    eval_examples: list[Example] | None = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    on_step: Callable[[Progress], None] = lambda _: None,
+) -> TrainResult:
+    """Train the parameters that require grad (after ``prepare_s2ft`` / ``prepare_pisa``) on ``examples``.
+
+    Under ``torchrun`` (an initialised process group) the model is wrapped in DDP and every rank
+    takes its share of each global batch (``batch_size`` per rank). ``state_dir`` keeps a resumable
+    state every ``save_every`` steps; ``resume`` continues from it.
+    """
+    config.check()
+    torch.manual_seed(config.seed)
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not parameters:
+        raise S2RegError("nothing to train: call prepare_s2ft or prepare_pisa first")
+    optimizer = torch.optim.AdamW(parameters.values(), lr=config.lr, weight_decay=config.weight_decay)
+    per_epoch = len(_batches(examples, config, 0)) // config.grad_accum
+    if per_epoch == 0:
+        raise S2RegError(f"{len(examples)} examples do not fill one step of batch {config.batch_size} x "
+                         f"{config.grad_accum} accumulation x {_rank_world()[1]} processes")
+    total = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
+    state_dir = Path(state_dir) if state_dir else None
+    start = _load_state(state_dir, parameters, optimizer) if resume and state_dir and state_dir.is_dir() else 0
+    rank, world = _rank_world()
+    runner = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    device = next(model.parameters()).device
+    result = TrainResult(steps=start, tokens=0, seconds=0.0, resumed_from=start)
+    if eval_examples:
+        result.eval_loss_before = evaluate(model, eval_examples, pad_id)
+    model.train()
+    started = time.perf_counter()
+    step = 0
+    for epoch in range(config.epochs):
+        batches = _batches(examples, config, epoch)
+        for first in range(0, per_epoch * config.grad_accum, config.grad_accum):
+            if step >= total:
+                break
+            if step < start:  # resuming: this step's data was already seen
+                step += 1
+                continue
+            factor = _lr_factor(step, total, config)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * factor
+            loss_sum = 0.0
+            for micro in batches[first:first + config.grad_accum]:
+                batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+                result.tokens += int(batch["attention_mask"].sum()) * world
+                loss = runner(**batch).loss / config.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters.values(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            result.steps = step
+            result.losses.append(loss_sum)
+            elapsed = time.perf_counter() - started
+            on_step(Progress(step, total, loss_sum, config.lr * factor, result.tokens / max(elapsed, 1e-9)))
+            if state_dir and rank == 0 and config.save_every and step % config.save_every == 0 and step < total:
+                _save_state(state_dir, step, parameters, optimizer)
+    result.seconds = time.perf_counter() - started
+    if eval_examples:
+        result.eval_loss_after = evaluate(model, eval_examples, pad_id)
+    if state_dir and rank == 0 and state_dir.exists():
+        shutil.rmtree(state_dir)
+    return result
