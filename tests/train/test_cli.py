@@ -1,0 +1,82 @@
+"""``s2reg train`` through the CLI, and the real short fine-tune on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import s2reg
+from s2reg.cli import main
+from s2reg.registry import Store
+from s2reg.synth import build_checkpoint
+
+from ..surgery.helpers import logits, model_of
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    base = build_checkpoint(tmp_path / "base", "llama", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": ids}) + "\n"
+                            for ids in torch.randint(3, 250, (24, 12), generator=g).tolist()))
+    return base, data
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("method", ["s2ft", "pisa"])
+def test_train_writes_an_adapter_for_the_stored_base(tiny, tmp_path, monkeypatch, method):
+    base, data = tiny
+    monkeypatch.setenv("S2REG_HOME", str(tmp_path / "home"))
+    extra = ["--channels", 8, "--heads", 1] if method == "s2ft" else ["--block", 16, "--coefficients", 4]
+    result = run("train", "--base", base, "--data", data, "--method", method, "-o", tmp_path / "adapter",
+                 "--max-steps", 4, "--batch-size", 4, "--eval-fraction", 0.2, "--push", f"tiny-{method}:v1",
+                 "--json", *extra)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 4 and summary["eval_loss_after"] is not None
+    assert run("validate", tmp_path / "adapter", "--base", base).exit_code == 0  # fingerprints of the bf16 checkpoint
+    adapter = Store().load(f"tiny-{method}:v1")
+    assert adapter.provenance["training"]["max_steps"] == 4
+    merged = run("merge", base, f"tiny-{method}:v1", "-o", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.output
+    reference = model_of(base)
+    s2reg.apply(reference, adapter)
+    assert torch.equal(logits(model_of(tmp_path / "merged")), logits(reference))
+
+
+def test_bad_training_inputs_are_clear_errors(tiny, tmp_path):
+    base, data = tiny
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "needs a tokenizer"}\n')
+    no_tok = run("train", "--base", base, "--data", text, "--method", "s2ft", "-o", tmp_path / "a")
+    assert no_tok.exit_code == 1 and "no tokenizer" in no_tok.output
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"input_ids": [1, 2]}\n{oops\n')
+    bad = run("train", "--base", base, "--data", broken, "--method", "s2ft", "-o", tmp_path / "a")
+    assert bad.exit_code == 1 and "broken.jsonl:2: not valid JSON" in bad.output
+    few = run("train", "--base", base, "--data", data, "--method", "s2ft", "-o", tmp_path / "a", "--batch-size", 64)
+    assert few.exit_code == 1 and "do not fill one step" in few.output
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize(("method", "options"), [
+    ("s2ft", ["--channels", 32, "--heads", 1, "--lr", 1e-3]),
+    ("pisa", ["--block", 64, "--coefficients", 32]),
+])
+def test_short_real_fine_tune_beats_the_base_model(smollm2_dir, tmp_path, method, options):
+    from fixtures.tasks import DATA
+
+    result = run("train", "--base", smollm2_dir, "--data", DATA / "task_train.jsonl", "--method", method,
+                 "-o", tmp_path / "adapter", "--max-steps", 12, "--batch-size", 8, "--max-length", 40,
+                 "--eval-fraction", 0.1, "--json", *options)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["eval_loss_after"] < 0.5 * summary["eval_loss_before"]
