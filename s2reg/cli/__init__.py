@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "surgery",
     "registry",
     "train",
+    "fuse",
     "demo",
 )
 
