@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "registry",
     "train",
     "fuse",
+    "interop",
     "demo",
 )
 

@@ -1,0 +1,6 @@
+"""Interoperability with PEFT (and through it vLLM, LoRAX): export to PEFT LoRA, import LoRA and FourierFT."""
+
+from .peft_fourierft import import_fourierft
+from .peft_lora import export_lora, import_lora
+
+__all__ = ["export_lora", "import_fourierft", "import_lora"]
