@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "train",
     "fuse",
     "interop",
+    "diff",
     "demo",
 )
 
