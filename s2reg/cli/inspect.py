@@ -21,16 +21,22 @@ def _selection(row: dict) -> str:
 
 @click.command("inspect")
 @adapter_argument("adapter")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw a layers x modules heatmap and the selection (PNG).")
 @json_option
-def inspect_command(adapter, as_json: bool) -> None:
+def inspect_command(adapter, plot: str | None, as_json: bool) -> None:
     """Show an adapter's targets, selections, sizes and norms.
 
     \b
     Example:
       s2reg inspect ./my-adapter
       s2reg inspect ./my-adapter --json | jq '.targets[].indices'
+      s2reg inspect ./my-adapter --plot adapter.png
     """
     report = describe(adapter)
+    if plot:
+        from ..plot import plot_adapter
+
+        plot_adapter(adapter, plot)
     if as_json:
         render.emit_json(report)
     else:

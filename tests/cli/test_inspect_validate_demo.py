@@ -68,3 +68,12 @@ def test_demo_runs_end_to_end(tmp_path):
     heads = {tuple(t.groups) for n, t in s2ft.targets.items() if "q_proj" in n}
     assert heads == {(0, 2)}
     assert report["adapters"]["pisa"]["summary"]["params"] == s2reg.load(tmp_path / "demo" / "pisa-adapter").num_params
+
+
+def test_inspect_plot_writes_a_png(tmp_path):
+    s2ft_adapter().save(tmp_path / "s")
+    pisa_adapter().save(tmp_path / "p")
+    for name in ("s", "p"):
+        result = run("inspect", tmp_path / name, "--plot", tmp_path / f"{name}.png")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,55 @@
+"""Pictures of an adapter (``s2reg inspect --plot``): a layers x modules heatmap of the delta norm
+and, for S2FT, which heads and channels each layer selected. Needs matplotlib (``pip install s2reg[plot]``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import S2RegError
+from .format import Adapter
+from .ops.describe import describe
+
+
+def plot_adapter(adapter: Adapter, output: str | os.PathLike) -> Path:
+    """Write a PNG (or any format matplotlib knows from the suffix) describing ``adapter``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise S2RegError("--plot needs matplotlib: pip install 's2reg[plot]'") from None
+    rows = describe(adapter)["targets"]
+    layers = sorted({r["layer"] for r in rows if r["layer"] is not None}) or [0]
+    modules = sorted({r["module"].removesuffix(".weight") for r in rows})
+    grid = [[0.0] * len(modules) for _ in layers]
+    for r in rows:
+        grid[layers.index(r["layer"] if r["layer"] is not None else 0)][modules.index(r["module"].removesuffix(".weight"))] = r["delta_norm"]
+    s2ft = adapter.kind == "s2ft"
+    fig, axes = plt.subplots(1, 2 if s2ft else 1, figsize=(12 if s2ft else 7, max(3, 0.3 * len(layers) + 1.5)),
+                             squeeze=False)
+    image = axes[0][0].imshow(grid, aspect="auto", cmap="viridis")
+    axes[0][0].set(title=f"{adapter.kind.upper()} delta norm", xlabel="module", ylabel="layer",
+                   xticks=range(len(modules)), yticks=range(len(layers)), yticklabels=layers)
+    axes[0][0].set_xticklabels(modules, rotation=45, ha="right", fontsize=7)
+    fig.colorbar(image, ax=axes[0][0])
+    if s2ft:
+        ax = axes[0][1]
+        for r in rows:
+            if r["layer"] is None:
+                continue
+            units = r["groups"] if r["groups"] is not None else r["indices"]
+            share = [u / max(1, (r["of"] // (r["group_size"] or 1)) - 1) for u in units]
+            module = r["module"].removesuffix(".weight")
+            ax.scatter(share, [r["layer"]] * len(share), s=6, label=module, color=f"C{modules.index(module) % 10}")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right")
+        ax.set(title="selected heads / channels (position within the layer)", xlabel="relative index", ylabel="layer")
+    fig.tight_layout()
+    output = Path(output)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
