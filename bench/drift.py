@@ -19,8 +19,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from s2reg import S2FTAdapter  # noqa: E402
-from s2reg.ops.live import apply, remove  # noqa: E402
+from s2reg import S2FTAdapter
+from s2reg.ops.live import apply, remove
 
 ROWS, COLS, CHANNELS = 576, 1536, 32
 

@@ -22,13 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapter_size import s2ft_adapter  # noqa: E402
+from adapter_size import s2ft_adapter
 
-from fixtures.smollm2 import build_smollm2  # noqa: E402
-from s2reg import load  # noqa: E402
-from s2reg.arch import detect  # noqa: E402
-from s2reg.registry import Store, list_adapters  # noqa: E402
-from s2reg.tensors import CheckpointSource  # noqa: E402
+from fixtures.smollm2 import build_smollm2
+from s2reg import load
+from s2reg.arch import detect
+from s2reg.registry import Store, list_adapters
+from s2reg.tensors import CheckpointSource
 
 
 def tree_bytes(root: Path) -> int:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from measure import run  # noqa: E402
+from measure import run
 
 METHODS = ("s2reg-s2ft", "peft-lora", "full", "s2reg-pisa", "peft-fourierft")
 CHANNELS = 32

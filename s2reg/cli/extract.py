@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from ..ops.extract import ExtractRefused, ExtractReport, extract_pisa, extract_s2ft
+from ..ops.extract import (
+    ExtractRefused,
+    ExtractReport,
+    extract_pisa,
+    extract_s2ft,
+    extract_s2ft_permuted,
+)
 from ..tensors import CheckpointSource
 from . import render
 from .common import json_option
@@ -50,12 +56,14 @@ def show_report(report: ExtractReport) -> None:
 @click.option("--budget", type=click.IntRange(min=1), help="pisa: coefficients kept per block.")
 @click.option("--block", "block", default="16", show_default=True, help="pisa: block shape, e.g. 16 or 16x32.")
 @click.option("--allow-partial", is_flag=True, help="pisa: leave out changed tensors that are not matrices.")
+@click.option("--detect-permutation", is_flag=True,
+              help="s2ft: TUNED was saved co-permuted (official S2FT code); find the order and undo it.")
 @click.option("--base-name", help="Name recorded for the base model (default: the BASE path).")
 @click.option("--raw", is_flag=True, help="Write the payload uncompressed.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @json_option
-def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget, block, allow_partial, base_name, raw,
-                    force, as_json) -> None:
+def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget, block, allow_partial,
+                    detect_permutation, base_name, raw, force, as_json) -> None:
     """Compare BASE and TUNED tensor by tensor and store what changed as an adapter.
 
     s2ft finds the rows or columns that changed and stores them exactly: merging the adapter
@@ -75,7 +83,12 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget
         step = lambda name: bar.update(task, advance=1, description=name)
         name = base_name or str(Path(base).resolve())
         try:
-            if kind == "s2ft":
+            if kind == "s2ft" and detect_permutation:
+                adapter, report, permutation = extract_s2ft_permuted(
+                    b, t, base_name=name, allow_dense=allow_dense, max_fraction=max_fraction, progress=step)
+                if not as_json:
+                    render.console.print(f"detected a co-permutation of {len(permutation.layers)} layer(s); undone")
+            elif kind == "s2ft":
                 adapter, report = extract_s2ft(b, t, base_name=name, allow_dense=allow_dense, max_fraction=max_fraction,
                                                progress=step)
             else:

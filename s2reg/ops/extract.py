@@ -18,6 +18,7 @@ from ..errors import BaseMismatch, S2RegError, ShapeError
 from ..format import PISAAdapter, S2FTAdapter
 from ..format.pisa import grid_of, half_width, reconstruct
 from ..format.s2ft import take
+from .permute import LayerPermutation, Permutation, permute_tensor
 
 Progress = Callable[[str], None]
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
@@ -260,3 +261,96 @@ def extract_pisa(
     )
     return adapter, report
 
+
+
+class _Unpermuted:
+    """A checkpoint reader that hands out tensors with a co-permutation undone (for extraction)."""
+
+    def __init__(self, source, permutation, info):
+        self.source, self.permutation, self.info = source, permutation, info
+
+    def names(self):
+        return self.source.names()
+
+    def shape(self, name):
+        return self.source.shape(name)
+
+    def dtype(self, name):
+        return self.source.dtype(name)
+
+    def config(self):
+        return self.source.config()
+
+    def get(self, name):
+        return permute_tensor(name, self.source.get(name), self.permutation, self.info.arch, self.info.dims)
+
+
+def _row_keys(tensor: torch.Tensor, block: int) -> list[bytes]:
+    """The bytes of each group of ``block`` rows (a head's rows, or one channel's row)."""
+    grouped = tensor.reshape(tensor.shape[0] // block, -1).contiguous()
+    return [bytes(row.view(torch.uint8).numpy()) for row in grouped]
+
+
+def _match(base: torch.Tensor, tuned: torch.Tensor, block: int) -> dict[int, int]:
+    """Tuned position -> original unit, for units whose rows are byte-identical and unique in base."""
+    index: dict[bytes, list[int]] = {}
+    for unit, key in enumerate(_row_keys(base, block)):
+        index.setdefault(key, []).append(unit)
+    return {pos: index[key][0] for pos, key in enumerate(_row_keys(tuned, block)) if len(index.get(key, [])) == 1}
+
+
+def _order(name: str, sources: list[dict[int, int]], total: int, layer: int) -> list[int]:
+    """Combine matches from untouched coupled tensors into a full order (new position -> original)."""
+    order: dict[int, int] = {}
+    for found in sources:
+        for pos, unit in found.items():
+            order.setdefault(pos, unit)
+    missing_pos = [p for p in range(total) if p not in order]
+    missing_units = sorted(set(range(total)) - set(order.values()))
+    if len(set(order.values())) != len(order) or len(missing_pos) > 1 or len(missing_pos) != len(missing_units):
+        raise S2RegError(f"layer {layer}: cannot identify the {name} order from untouched rows (too many were trained)")
+    order.update(zip(missing_pos, missing_units))
+    return [order[p] for p in range(total)]
+
+
+def detect_permutation(base, tuned) -> Permutation:
+    """The co-permutation the official S2FT code applied when it saved ``tuned`` (identity layers omitted).
+
+    Untouched coupled rows identify the order: query/key/value row blocks for heads (GQA-aware),
+    gate/up rows for FFN channels, matched by their exact bytes.
+    """
+    info = detect(base.config())
+    dims, arch = info.dims, info.arch
+    layers = {}
+    names = set(base.names())
+
+    def matches(role: str, layer: int, block: int) -> dict[int, int]:
+        name = arch.tensor(role, layer)
+        return _match(base.get(name), tuned.get(name), block) if name in names else {}
+
+    for layer in range(dims.layers):
+        heads = _order("head", [matches("q", layer, dims.head_dim)], dims.heads, layer)
+        kv = _order("key/value head", [matches("k", layer, dims.head_dim), matches("v", layer, dims.head_dim)],
+                    dims.kv_heads, layer)
+        channel_roles = [r for r in ("gate", "up") if arch.templates.get(r)]
+        channels = _order("channel", [matches(r, layer, 1) for r in channel_roles], dims.intermediate, layer)
+        perm = LayerPermutation(heads, kv, channels)
+        perm.check(dims, layer)
+        if not perm.is_identity():
+            layers[layer] = perm
+    return Permutation(layers)
+
+
+def extract_s2ft_permuted(base, tuned, *, base_name: str, progress: Progress | None = None,
+                          **kwargs) -> tuple[S2FTAdapter, ExtractReport, Permutation]:
+    """Like :func:`extract_s2ft` for a TUNED checkpoint saved in a co-permuted layout (official S2FT).
+
+    The permutation is detected, undone, and the adapter holds original coordinates: merged into
+    BASE it gives a model with the same outputs as TUNED.
+    """
+    permutation = detect_permutation(base, tuned)
+    info = detect(base.config())
+    adapter, report = extract_s2ft(base, _Unpermuted(tuned, permutation.inverse(), info), base_name=base_name,
+                                   progress=progress, **kwargs)
+    adapter.params["detected_permutation"] = permutation.as_json()
+    return adapter, report, permutation

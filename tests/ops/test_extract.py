@@ -147,3 +147,45 @@ def test_cli_extract_json(base_dir, tmp_path):
     assert s2reg.load(out).num_params == sum(c["stored"] for c in data["changes"])
     again = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "-o", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_extract_undoes_an_official_s2ft_co_permutation(tmp_path):
+    """The official S2FT code trains in a co-permuted layout and saves the whole permuted model."""
+    from s2reg.ops.permute import permute_tensor, plan
+
+    base_dir = build_checkpoint(tmp_path / "base", "llama", dtype=torch.float32, num_attention_heads=8,
+                                num_key_value_heads=4, head_dim=8)
+    with CheckpointSource(base_dir) as source:
+        info = detect(source.config())
+        heads, channels = {0: [5], 1: [2, 3]}, {0: [10, 77, 100], 1: [4, 9]}
+        perm = plan(info.dims, heads, channels)
+        g = torch.Generator().manual_seed(0)
+
+        def official(name, t):
+            t = permute_tensor(name, t, perm, info.arch, info.dims)
+            found = info.arch.role_of(name)
+            if found and found[0] == "o":  # trained heads sit first after the permutation
+                t[:, : 8 * len(heads[found[1]])] += torch.randn(t.shape[0], 8 * len(heads[found[1]]), generator=g) * 0.05
+            if found and found[0] == "down":
+                t[:, : len(channels[found[1]])] += torch.randn(t.shape[0], len(channels[found[1]]), generator=g) * 0.05
+            return t
+
+        tensors = {n: official(n, source.get(n).clone()) for n in source.names()}
+    tuned_dir = save_state_dict(tmp_path / "tuned", tensors, extra_files={"config.json": (base_dir / "config.json").read_bytes()})
+    with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
+        with pytest.raises(ExtractRefused):
+            extract_s2ft(base, tuned, base_name="b")  # a naive diff is dense
+    result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "--detect-permutation", "-o",
+                                       str(tmp_path / "adapter")])
+    assert result.exit_code == 0, result.output
+    adapter = s2reg.load(tmp_path / "adapter")
+    down0 = adapter.targets[LLAMA.tensor("down", 0)]
+    assert down0.axis == "columns" and down0.indices.tolist() == [10, 77, 100]
+    assert adapter.targets[LLAMA.tensor("o", 1)].groups == [2, 3]
+    s2reg.merge(base_dir, [adapter], tmp_path / "merged")
+    import transformers
+
+    ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
+    ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tuned_dir)(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -123,7 +123,7 @@ def _handler(hub: HubDouble):
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client gave up (a timeout test); nothing to answer
 
-        do_GET = do_POST = do_HEAD = lambda self: self._dispatch()  # noqa: E731
+        do_GET = do_POST = do_HEAD = lambda self: self._dispatch()
 
         # -- routes -----------------------------------------------------------------------------
         def _route(self, path: str, query, *, truncate: bool):

@@ -13,8 +13,14 @@ from click.testing import CliRunner
 from s2reg.cli import main
 from s2reg.errors import CheckpointError, S2RegError
 from s2reg.surgery import inplace as inplace_module
-from s2reg.surgery import patching
-from s2reg.surgery import merge, merge_in_place, pending, recover, unmerge_in_place
+from s2reg.surgery import (
+    merge,
+    merge_in_place,
+    patching,
+    pending,
+    recover,
+    unmerge_in_place,
+)
 from s2reg.tensors import CheckpointSource
 
 from .helpers import file_digests, pisa, s2ft, tiny
