@@ -44,7 +44,8 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
             "identical" if report["identical"] else "adapters differ",
             ["tensor", "only in", "jaccard", "cosine", "rel L2"],
             ([r["tensor"], r.get("only_in", ""), f"{r['jaccard']:.3f}" if "jaccard" in r else "",
-              f"{r['cosine']:.4f}" if "cosine" in r else "", f"{r['relative_l2']:.3g}" if "relative_l2" in r else ""]
+              f"{r['cosine']:.4f}" if r.get("cosine") is not None else "—",
+              f"{r['relative_l2']:.3g}" if r.get("relative_l2") is not None else "—"]
              for r in report["tensors"]), right=["jaccard", "cosine", "rel L2"]))
     else:
         render.console.print(render.table(

@@ -44,12 +44,13 @@ def diff_adapters(a: Adapter, b: Adapter) -> dict[str, Any]:
         da, db = ta.to_dense().double(), tb.to_dense().double()
         x, y = da[common], db[common]
         norm = float(x.norm() * y.norm())
+        shared = bool(common.any())  # no common support: nothing to compare the deltas on
         rows.append({
             "tensor": name,
             "jaccard": float(common.sum()) / max(1, int((sa | sb).sum())),
             "common": int(common.sum()),
-            "cosine": float(x @ y) / norm if norm else (1.0 if torch.equal(x, y) else 0.0),
-            "relative_l2": float((x - y).norm() / x.norm()) if float(x.norm()) else float(y.norm()),
+            "cosine": (float(x @ y) / norm if norm else float(torch.equal(x, y))) if shared else None,
+            "relative_l2": (float((x - y).norm() / x.norm()) if float(x.norm()) else float(y.norm())) if shared else None,
             "equal": torch.equal(sa, sb) and torch.equal(da, db),
         })
     identical = a.kind == b.kind and all(r.get("equal") for r in rows)
