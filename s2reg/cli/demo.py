@@ -22,12 +22,13 @@ def default_workdir() -> Path:
               help="Where to build (replaced). Default: $S2REG_HOME/demo.")
 @json_option
 def demo_command(workdir: Path | None, as_json: bool) -> None:
-    """The tour on embedded defaults: fixture model, S2FT and PISA adapters, inspect, merge, unmerge."""
+    """The tour on embedded defaults: fixture model, S2FT and PISA adapters, inspect, merge/unmerge,
+    then train -> push (local registry) -> fuse -> merge."""
     workdir = workdir or default_workdir()
     reports = run_demo(workdir, step=lambda text: None if as_json else render.console.print(f"[cyan]>[/] {text}"))
-    surgery = reports.pop("surgery")
+    surgery, story = reports.pop("surgery"), reports.pop("story")
     if as_json:
-        render.emit_json({"workdir": str(workdir), "adapters": reports, "surgery": surgery})
+        render.emit_json({"workdir": str(workdir), "adapters": reports, "surgery": surgery, "story": story})
         return
     for report in reports.values():
         render.console.print()
@@ -35,6 +36,13 @@ def demo_command(workdir: Path | None, as_json: bool) -> None:
     render.console.print()
     render.console.print(render.table("surgery", ["check", "result"],
                                       ([k.replace("_", " "), "[green]yes[/]" if v else "[red]no[/]"] for k, v in surgery.items())))
+    render.console.print(render.table("train -> push -> fuse -> merge", ["", ""], [
+        ["trained parameters", f"{story['trainable_parameters']:,}"],
+        ["steps", story["steps"]],
+        ["eval loss", f"{story['eval_loss_before']:.3f} -> {story['eval_loss_after']:.3f}"],
+        ["registry", ", ".join(story["registry"])],
+        ["fused merge == merging both", "[green]yes[/]" if story["fused_merge_equals_merging_both"] else "[red]no[/]"],
+    ]))
     render.console.print(f"\n[green]done[/]: everything is in {workdir}")
 
 

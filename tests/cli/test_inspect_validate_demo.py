@@ -64,6 +64,10 @@ def test_demo_runs_end_to_end(tmp_path):
     report = json.loads(result.output)
     assert set(report["adapters"]) == {"s2ft", "pisa"}
     assert report["surgery"] == {"s2ft_tensors_bit_identical_after_unmerge": True, "in_place_round_trip_bit_identical": True}
+    story = report["story"]
+    assert story["fused_merge_equals_merging_both"] is True
+    assert story["registry"] == ["demo/fused:v1", "demo/known:v1", "demo/trained:v1"]
+    assert story["eval_loss_after"] < story["eval_loss_before"]
     s2ft = s2reg.load(tmp_path / "demo" / "s2ft-adapter")
     heads = {tuple(t.groups) for n, t in s2ft.targets.items() if "q_proj" in n}
     assert heads == {(0, 2)}
