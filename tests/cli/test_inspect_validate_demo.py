@@ -61,7 +61,7 @@ def test_inspect_of_a_missing_adapter_is_one_clean_line(tmp_path):
 def test_demo_runs_end_to_end(tmp_path):
     result = run("demo", "--workdir", tmp_path / "demo", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert set(report["adapters"]) == {"s2ft", "pisa"}
     assert report["surgery"] == {"s2ft_tensors_bit_identical_after_unmerge": True, "in_place_round_trip_bit_identical": True}
     story = report["story"]
