@@ -9,18 +9,15 @@ explicitly: regenerated once here, never again.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..errors import FormatError
 from ..format import PISAAdapter
 from ..format.pisa import half_width
-
-PREFIX = "base_model.model."
+from .peft_files import PREFIX, read_peft
 
 
 def fourierft_positions(out_features: int, in_features: int, n_frequency: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,13 +43,7 @@ def half_plane(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, sha
 def import_fourierft(directory: str | os.PathLike, base, *, base_name: str | None = None) -> PISAAdapter:
     """A PEFT FourierFT adapter directory as a PISA adapter (one block per matrix) against ``base``."""
     directory = Path(directory)
-    try:
-        config = json.loads((directory / "adapter_config.json").read_text())
-        weights = load_file(directory / "adapter_model.safetensors")
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{directory}: not a readable PEFT adapter ({exc})") from None
-    if config.get("peft_type") != "FOURIERFT":
-        raise FormatError(f"{directory}: peft_type is {config.get('peft_type')!r}, not FOURIERFT")
+    config, weights = read_peft(directory, "FOURIERFT")
     seed, scaling = config["random_loc_seed"], float(config["scaling"])
     coefficients = {}
     for key in sorted(k for k in weights if k.endswith("fourierft_spectrum")):

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import FormatError, S2RegError
 from ..format import Adapter, S2FTAdapter, S2FTTarget
 from ..fsatomic import building
-
-PREFIX = "base_model.model."
+from .peft_files import PREFIX, read_peft
 
 
 def _module(name: str) -> str:
@@ -96,13 +95,7 @@ def _one_hot(matrix: torch.Tensor) -> torch.Tensor | None:
 def import_lora(directory: str | os.PathLike, base, *, base_name: str | None = None) -> S2FTAdapter:
     """A PEFT LoRA whose factors are one-hot (an exported S2FT adapter) as an S2FT adapter; else an error."""
     directory = Path(directory)
-    try:
-        config = json.loads((directory / "adapter_config.json").read_text())
-        weights = load_file(directory / "adapter_model.safetensors")
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{directory}: not a readable PEFT adapter ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise FormatError(f"{directory}: peft_type is {config.get('peft_type')!r}, not LORA")
+    config, weights = read_peft(directory, "LORA")
     slices = {}
     for key in sorted(k for k in weights if k.endswith("lora_A.weight")):
         module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import S2RegError
-from ..format import Adapter, S2FTTarget
+from ..format import Adapter
+from ..ops.permute import selection_of
 from .targets import ModelMap
 
 Scores = dict[tuple[str, int], torch.Tensor]  # (unit kind "heads"|"channels", layer) -> score per unit
@@ -93,23 +94,12 @@ def _require(batches, strategy: str):
 
 def excluded_units(adapters: Iterable[Adapter], mapping: ModelMap) -> dict[tuple[str, int], set[int]]:
     """Heads and channels per layer that existing S2FT adapters already train."""
-    dims, arch = mapping.info.dims, mapping.info.arch
     taken: dict[tuple[str, int], set[int]] = {}
     for adapter in adapters:
-        for name, target in adapter.targets.items():
-            found = arch.role_of(name)
-            if found is None or not isinstance(target, S2FTTarget):
-                continue
-            role, layer, _ = found
-            idx = {int(i) for i in target.indices}
-            if role in ("q", "o"):
-                taken.setdefault(("heads", layer), set()).update(i // dims.head_dim for i in idx)
-            elif role in ("k", "v"):
-                kv = {i // dims.head_dim for i in idx}
-                taken.setdefault(("heads", layer), set()).update(
-                    h for k in kv for h in range(k * dims.group, (k + 1) * dims.group))
-            else:
-                taken.setdefault(("channels", layer), set()).update(idx)
+        heads, channels = selection_of(adapter, mapping.info.arch, mapping.info.dims)
+        for kind, found in (("heads", heads), ("channels", channels)):
+            for layer, units in found.items():
+                taken.setdefault((kind, layer), set()).update(units)
     return taken
 
 
