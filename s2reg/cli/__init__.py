@@ -46,7 +46,8 @@ def main() -> None:
     """s2reg: adapters for structured-sparse (S2FT) and spectral (PISA) fine-tuning.
 
     Adapters are directories holding a JSON manifest and a safetensors payload
-    (spec/FORMAT.md). Commands inspect, validate, extract, merge and share them.
+    (spec/FORMAT.md). Commands train, inspect, validate, extract, merge, fuse,
+    diff, export and share them; `s2reg demo` tours everything on a tiny model.
     """
 
 
