@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from ..errors import S2RegError
-from ..format import Adapter, PISAAdapter, S2FTAdapter, TensorReader
+from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
+from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
+from ..surgery.plan import read_permutation
+from ..tensors import CheckpointSource
 from .pisa import layer as pisa_layer
 from .s2ft import layer as s2ft_layer
 
@@ -16,6 +19,23 @@ from .s2ft import layer as s2ft_layer
 def _base_name(model: nn.Module, base_name: str | None) -> str:
     config = getattr(model, "config", None)
     return base_name or getattr(config, "_name_or_path", None) or "unknown-base"
+
+
+def _to_original_coordinates(originals, slices, permutation: Permutation, info):
+    """Slices trained on a co-permuted checkpoint (``s2reg permute``) mapped back to original order.
+
+    Adapters always hold original coordinates (FORMAT §4.1); merge maps them onto permuted
+    checkpoints again (spec/SURGERY.md §4).
+    """
+    inverse = permutation.inverse()
+    mapped_originals, mapped = {}, {}
+    for key, (axis, indices, tuned) in slices.items():
+        weight = originals[key]
+        target = S2FTTarget(tuple(weight.shape), weight.dtype, axis, indices, tuned)
+        back = permute_s2ft_target(key, target, inverse, info.arch, info.dims)
+        mapped_originals[key] = permute_tensor(key, weight, inverse, info.arch, info.dims)
+        mapped[key] = (axis, back.indices, back.delta)
+    return mapped_originals, mapped
 
 
 def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_name: str | None = None,
@@ -29,7 +49,9 @@ def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_n
 
     ``base`` (e.g. the ``CheckpointSource`` the model was loaded from) makes the adapter fit the
     checkpoint as stored: a model trained in float32 from a bf16 checkpoint gives an adapter for
-    the bf16 tensors, its trained slices rounded to bf16.
+    the bf16 tensors, its trained slices rounded to bf16. A checkpoint written by ``s2reg permute``
+    is recognised by its permutation record: the slices were trained in permuted coordinates and
+    are stored in original ones.
     """
     prepared = getattr(model, "s2reg_prepared", None)
     provenance = {"source": "s2reg train", "training": training or {}}
@@ -47,6 +69,10 @@ def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_n
             tuned = s2ft_layer.tuned_slice(m).to(originals[key].dtype)
             slices[key] = (m.s2ft_axis, m.s2ft_indices.cpu(), tuned.cpu())
         params = {"method": "s2ft"}
+        permuted = read_permutation(base) if isinstance(base, CheckpointSource) else None
+        if permuted is not None:
+            originals, slices = _to_original_coordinates(originals, slices, *permuted)
+            params["trained_in_permuted_coordinates"] = permuted[0].as_json()
         if prepared is not None:
             params.update(selection={str(k): v for k, v in prepared.selection.items()},
                           strategy=prepared.config.strategy, order=prepared.config.order, seed=prepared.config.seed,

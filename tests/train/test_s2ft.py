@@ -155,3 +155,34 @@ def test_unknown_architecture_names_the_targets_option(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(S2RegError, match="--targets"):
         prepare_s2ft(model)
+
+
+def test_training_on_a_permuted_checkpoint_exports_original_coordinates(tmp_path):
+    """Train where the selection is contiguous (s2reg permute), store the adapter in original order."""
+    import transformers
+
+    from s2reg.surgery import merge, permute_checkpoint, unpermute_checkpoint
+    from s2reg.synth import build_checkpoint
+    from s2reg.tensors import CheckpointSource
+
+    base = build_checkpoint(tmp_path / "base", "llama", dtype=torch.float32)
+    selection = {"heads": {"0": [3], "1": [1]}, "channels": {"0": [5, 60], "1": [7, 90]}}
+    permute_checkpoint(base, selection, tmp_path / "permuted")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "permuted")
+    prepare_s2ft(model, S2FTConfig(channels=2, heads=1, roles=("q", "o", "down"), seed=0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        model(**batch(model, seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = model(**batch(model, seed=7)).logits.detach()
+    with CheckpointSource(tmp_path / "permuted") as source:
+        adapter = export_adapter(model, base=source)
+    assert "trained_in_permuted_coordinates" in adapter.params
+    merge(base, [adapter], tmp_path / "merged")  # original coordinates, original fingerprints
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged(**batch(merged, seed=7)).logits, trained, rtol=1e-5, atol=1e-5)
+    merge(tmp_path / "permuted", [adapter], tmp_path / "merged-permuted")  # and back onto the permuted layout
+    unpermute_checkpoint(tmp_path / "merged-permuted", tmp_path / "merged-back")
+    with CheckpointSource(tmp_path / "merged") as a, CheckpointSource(tmp_path / "merged-back") as b:
+        assert all(a.sha256_of(n) == b.sha256_of(n) for n in a.names())
