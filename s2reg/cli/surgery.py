@@ -58,19 +58,23 @@ def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Pat
     )
 
 
-@click.command("merge")
-@checkpoint_argument
-@adapters_argument
-@output_option
-@in_place_option
-@force_option
-@json_option
-def merge_command(checkpoint, adapters, output, in_place, force, as_json) -> None:
-    """Merge ADAPTERS (in order) into the checkpoint BASE.
+def surgery_options(command):
+    """The arguments merge and unmerge share: CHECKPOINT ADAPTERS... (-o OUT | --in-place) [--force] [--json]."""
+    for decorate in reversed((checkpoint_argument, adapters_argument, output_option, in_place_option, force_option,
+                              json_option)):
+        command = decorate(command)
+    return command
 
-    With -o, a new checkpoint is written (config, tokenizer and other files copied; untouched shards
-    copied byte for byte), streaming one tensor at a time. With --in-place, only the touched bytes
-    of BASE's own shards are patched, behind an undo journal. Refused before any write: names,
+
+@click.command("merge")
+@surgery_options
+def merge_command(checkpoint, adapters, output, in_place, force, as_json) -> None:
+    """Merge ADAPTERS (in order) into CHECKPOINT (the base).
+
+    With -o, a new checkpoint is written: the shards are copied in-kernel, then only the touched
+    slices are patched (config, tokenizer and other files come along; memory stays at the size of
+    the slices). With --in-place, only the touched bytes
+    of CHECKPOINT's own shards are patched, behind an undo journal. Refused before any write: names,
     shapes or dtypes that do not fit, a base that is not the adapter's (unless --force), an adapter
     already merged, NaN/Inf in the result.
 
@@ -83,14 +87,9 @@ def merge_command(checkpoint, adapters, output, in_place, force, as_json) -> Non
 
 
 @click.command("unmerge")
-@checkpoint_argument
-@adapters_argument
-@output_option
-@in_place_option
-@force_option
-@json_option
+@surgery_options
 def unmerge_command(checkpoint, adapters, output, in_place, force, as_json) -> None:
-    """Take ADAPTERS out of the checkpoint MERGED again.
+    """Take ADAPTERS out of CHECKPOINT (a merged one) again.
 
     For S2FT the result is bit-identical to the base (every tensor's sha256 is checked against the
     ledger). PISA is undone in float32 and cast back: within one unit in the last place.
