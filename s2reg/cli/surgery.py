@@ -39,7 +39,7 @@ def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Pat
     if bool(output) == in_place:
         raise click.UsageError("give exactly one of -o/--output and --in-place")
     with render.progress() as bar:
-        task = bar.add_task(kind, total=_count(checkpoint) if output else None)
+        task = bar.add_task(kind, total=None)  # ticks per touched tensor; how many is known only after the checks
         step = lambda name: bar.update(task, advance=1, description=name)
         if in_place:
             fn = merge_in_place if kind == "merge" else unmerge_in_place
