@@ -33,6 +33,14 @@ from .names import Ref, parse_ref
 _HEX = frozenset("0123456789abcdef")
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no bytes copied) where the filesystem allows one, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def default_root() -> Path:
     return Path(os.environ.get("S2REG_HOME") or Path.home() / ".cache" / "s2reg")
 
@@ -87,8 +95,10 @@ class Store:
     def _put_blob(self, data: bytes) -> str:
         digest = sha256_bytes(data)
         path = self.blob_path(digest)
-        if path.is_file() and path.stat().st_size == len(data):
-            return digest  # stored once, however many refs point at it
+        if path.is_file():
+            if path.stat().st_size == len(data) and sha256_bytes(path.read_bytes()) == digest:
+                return digest  # stored once, however many refs point at it
+            shutil.rmtree(self.root / "views", ignore_errors=True)  # views may link the damaged copy
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=path.parent)
         try:
@@ -190,8 +200,8 @@ class Store:
             payload_entry = entry.manifest["payload"]
             self.read_blob(payload_entry["sha256"])
             with building(view, overwrite=True) as staging:
-                os.link(self.blob_path(entry.digest), staging / MANIFEST_NAME)
-                os.link(self.blob_path(payload_entry["sha256"]), staging / payload_entry["file"])
+                _link_or_copy(self.blob_path(entry.digest), staging / MANIFEST_NAME)
+                _link_or_copy(self.blob_path(payload_entry["sha256"]), staging / payload_entry["file"])
         elif sha256_bytes((view / MANIFEST_NAME).read_bytes()) != entry.digest:
             raise IntegrityError(f"{view}: manifest corrupted; run `s2reg verify`")
         return view

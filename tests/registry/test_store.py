@@ -172,3 +172,17 @@ def test_cli_session(store, bases, tmp_path):
 def test_parse_ref_defaults_to_latest():
     assert str(parse_ref("org/name")) == "org/name:latest"
     assert parse_ref("a.b-c_d:V1.0").tag == "V1.0"
+
+
+def test_pushing_again_repairs_a_damaged_blob(store, bases, tmp_path):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    store.push(source, "math:v1")
+    store.load("math:v1")  # a view now links the blob
+    blob = store.blob_path(store.entry("math:v1").manifest["payload"]["sha256"])
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[10] ^= 1
+    blob.write_bytes(bytes(data))
+    store.push(source, "math:v2")
+    assert store.verify()["corrupt"] == []
+    assert store.load("math:v1").num_params == s2reg.load(source).num_params
