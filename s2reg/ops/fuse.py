@@ -181,7 +181,10 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
     if exact:
         targets = {}
         for name, (axis, union, fused) in slices.items():
-            dtype = next(a.targets[name].delta.dtype for a in adapters if name in a.targets)
+            dtype = torch.float32  # the widest input delta dtype keeps every copied value exact
+            for a in adapters:
+                if name in a.targets:
+                    dtype = torch.promote_types(dtype, a.targets[name].delta.dtype)
             shape = next(a.targets[name].shape for a in adapters if name in a.targets)
             tdtype = next(a.targets[name].dtype for a in adapters if name in a.targets)
             targets[name] = S2FTTarget(shape, tdtype, axis, union, fused.to(dtype), group_sizes.get(name))
