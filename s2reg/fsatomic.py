@@ -81,12 +81,15 @@ def write_directory(path: Path, files: Mapping[str, bytes], *, overwrite: bool =
             _write_synced(staging / name, data)
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Replace the file at ``path`` with ``data`` atomically (temp file beside it, fsync, rename)."""
+def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Replace the file at ``path`` with ``data`` atomically (temp file beside it, fsync, rename).
+
+    The file gets ``mode``, or by default what a plain ``open()`` would give it (not mkstemp's 0600).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # as a plain open() would create it, not mkstemp's 0600
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

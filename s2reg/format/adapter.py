@@ -134,10 +134,11 @@ class Adapter:
     def verify_base(self, base: TensorReader | Mapping[str, torch.Tensor], *, hashes: bool = True) -> None:
         """Raise BaseMismatch unless every target's base tensor matches its fingerprint (FORMAT §3.2)."""
         lazy = all(hasattr(base, m) for m in ("shape", "dtype", "sha256_of", "names"))
+        present = set(base.names()) if lazy else set()
         get = _reader(base)
         for name, fp in sorted(self.base.fingerprints.items()):
             if lazy:  # a checkpoint: headers and streamed hashes, no tensor decoded
-                if name not in base.names():
+                if name not in present:
                     raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})")
                 shape, dtype, sha = tuple(base.shape(name)), base.dtype(name), lambda n=name: base.sha256_of(n)
             else:

@@ -91,6 +91,16 @@ def _changed_mask(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.view(bits) != b.view(bits) if bits else a != b
 
 
+def _changes(base, tuned, report: ExtractReport, progress: Progress | None):
+    """``(name, base tensor, tuned tensor, changed-bits mask)`` of the tensors that differ; counts the rest."""
+    for name, b, t in _pairs(base, tuned, progress):
+        mask = _changed_mask(b, t)
+        if bool(mask.any()):
+            yield name, b, t, mask
+        else:
+            report.unchanged += 1
+
+
 def _head_dim(base) -> int | None:
     config = base.config() if hasattr(base, "config") else None
     try:
@@ -135,12 +145,8 @@ def extract_s2ft(
     report = ExtractReport("s2ft")
     head_dim = _head_dim(base)
     slices, group_sizes = {}, {}
-    for name, b, t in _pairs(base, tuned, progress):
-        mask = _changed_mask(b, t)
+    for name, b, t, mask in _changes(base, tuned, report, progress):
         changed = int(mask.sum())
-        if not changed:
-            report.unchanged += 1
-            continue
         if not b.is_floating_point():
             raise S2RegError(f"{name}: a {b.dtype} tensor changed; only float tensors can hold deltas")
         found = find_role(name)
@@ -234,12 +240,8 @@ def extract_pisa(
     """
     report = ExtractReport("pisa")
     coefficients = {}
-    for name, b, t in _pairs(base, tuned, progress):
-        mask = _changed_mask(b, t)
+    for name, b, t, mask in _changes(base, tuned, report, progress):
         changed = int(mask.sum())
-        if not changed:
-            report.unchanged += 1
-            continue
         change = TensorChange(name, list(b.shape), changed, b.numel(), structured=b.dim() == 2)
         report.changes.append(change)
         if b.dim() != 2:

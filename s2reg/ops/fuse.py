@@ -105,6 +105,22 @@ def combine(tasks: torch.Tensor, method: str, options: FuseOptions, generator: t
     return METHODS[method](tasks, o, generator)
 
 
+def _fuse_on_union(stack: torch.Tensor, cover: torch.Tensor, dim: int, method: str, options: FuseOptions,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse task deltas laid out on a union of units (along ``dim`` of each delta).
+
+    ``cover[i, u]`` says whether task ``i`` has unit ``u``. A unit one task covers keeps its weighted
+    delta (an exact copy at weight 1); units several tasks cover go through ``method``. Returns the
+    fused deltas and the overlap mask.
+    """
+    overlap = cover.sum(0) > 1
+    fused = (stack * _weights_like(options.weights, stack)).sum(0)
+    if bool(overlap.any()):
+        region = overlap.nonzero().reshape(-1)
+        fused.index_copy_(dim, region, combine(stack.index_select(dim + 1, region), method, options, generator))
+    return fused, overlap
+
+
 def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None, method: str, density: float) -> torch.Tensor:
     if len(adapters) < 2:
         raise S2RegError("fuse needs at least two adapters")
@@ -165,11 +181,7 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
             where = torch.tensor([position[int(v)] for v in t.indices], dtype=torch.long)
             stack[i].index_copy_(dim, where, t.delta.double())
             cover[i, where] = True
-        overlap = cover.sum(0) > 1
-        fused = (stack * _weights_like(options.weights, stack)).sum(0)  # single-cover entries: w_i * d_i
-        if bool(overlap.any()):
-            region = overlap.nonzero().reshape(-1)
-            fused.index_copy_(dim, region, combine(stack.index_select(dim + 1, region), method, options, generator))
+        fused, overlap = _fuse_on_union(stack, cover, dim, method, options, generator)
         copied = not bool(overlap.any()) and all(float(options.weights[i]) == 1.0 for i, _ in present)
         exact = exact and copied
         slices[name] = (axis, union, fused)
@@ -222,11 +234,7 @@ def _fuse_pisa(adapters, names, method, options, generator, params, fingerprints
                 p = torch.tensor([where[int(v)] for v in t.indices[b]], dtype=torch.long)
                 stack[i, p] = t.coefficients[b].double() * (t.scale / scale)  # one common scale
                 cover[i, p] = True
-            overlap = cover.sum(0) > 1
-            fused = (stack * _weights_like(options.weights, stack)).sum(0)
-            if bool(overlap.any()):
-                region = overlap.nonzero().reshape(-1)
-                fused[region] = combine(stack[:, region], method, options, generator)
+            fused, overlap = _fuse_on_union(stack, cover, 0, method, options, generator)
             overlapping += int(overlap.sum())
             per_block.append((union, fused))
             kmax = max(kmax, union.numel())

@@ -2,9 +2,9 @@
 
 Layout under the root (``$S2REG_HOME``, default ``~/.cache/s2reg``), spec/REGISTRY.md §1:
 ``blobs/sha256/<ab>/<digest>`` holds every manifest and payload once, however many refs point at
-it; ``refs/<name>/<tag>`` holds the manifest digest of one stored adapter. Blobs are written
-first (temp file, fsync, rename), the ref last under an exclusive lock, so a crashed push leaves
-no half ref and concurrent pushes from several processes are safe. Every read re-hashes what it
+it; ``refs/<name>/<tag>`` holds the manifest digest of one stored adapter. Under an exclusive lock,
+blobs are written first (temp file, fsync, rename) and the ref last, so a crashed push leaves no
+half ref, and concurrent pushes and ``gc`` from several processes are safe. Every read re-hashes what it
 reads.
 """
 
@@ -27,7 +27,7 @@ from ..errors import IntegrityError, NotFound, RegistryError
 from ..format import Adapter, load, read_manifest
 from ..format.digest import sha256_bytes
 from ..format.manifest import MANIFEST_NAME
-from ..fsatomic import building, fsync_dir, write_file
+from ..fsatomic import building, write_file
 from .names import Ref, parse_ref
 
 _HEX = frozenset("0123456789abcdef")
@@ -100,18 +100,7 @@ class Store:
                 return digest  # stored once, however many refs point at it
             shutil.rmtree(self.root / "views", ignore_errors=True)  # views may link the damaged copy
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file(path, data, mode=0o444)
         return digest
 
     def read_blob(self, digest: str) -> bytes:
@@ -168,11 +157,11 @@ class Store:
         path = Path(source)
         load(path)  # every check of FORMAT §7 before anything enters the store
         manifest, text = read_manifest(path)
-        payload_digest = self._put_blob((path / manifest["payload"]["file"]).read_bytes())
-        if payload_digest != manifest["payload"]["sha256"]:
-            raise IntegrityError(f"{path}: payload changed while it was being pushed")
-        digest = self._put_blob(text)
-        with self._locked():
+        payload = (path / manifest["payload"]["file"]).read_bytes()
+        with self._locked():  # so that a concurrent gc never takes blobs whose ref is not written yet
+            if self._put_blob(payload) != manifest["payload"]["sha256"]:
+                raise IntegrityError(f"{path}: payload changed while it was being pushed")
+            digest = self._put_blob(text)
             self._set_ref(ref, digest)
         return digest
 
@@ -271,7 +260,7 @@ class Store:
         with self._locked():
             corrupt = []
             for path in self._blob_files():
-                if path.name.startswith(".incoming."):
+                if path.name.startswith("."):  # a temp file a crashed write left behind
                     path.unlink()
                     continue
                 h = hashlib.sha256()

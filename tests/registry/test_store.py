@@ -136,7 +136,7 @@ def test_concurrent_pushes_from_several_processes(store, bases, tmp_path):
     assert len(store.refs()) == 5 + 15
     report = store.verify()
     assert report["corrupt"] == [] and report["broken_refs"] == []
-    assert not list((store.root / "blobs").rglob(".incoming.*"))
+    assert not list((store.root / "blobs").rglob(".*"))  # no temp file left behind
 
 
 def test_ls_base_lists_only_adapters_made_for_that_checkpoint(store, bases, tmp_path):
