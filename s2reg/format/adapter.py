@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Union
 
 import torch
 
@@ -18,6 +18,9 @@ from . import codec, dtypes, manifest, payload
 from .digest import sha256_bytes, tensor_sha256
 from .pisa import PISATarget
 from .s2ft import S2FTTarget, exact_difference, take
+
+if TYPE_CHECKING:  # tensors imports format: the protocol is only named here, never imported at run time
+    from ..tensors.source import TensorSource
 
 Target = Union[S2FTTarget, PISATarget]
 
@@ -131,28 +134,22 @@ class Adapter:
                     f"says {list(fp.shape)} {fp.dtype}"
                 )
 
-    def verify_base(self, base: TensorReader | Mapping[str, torch.Tensor], *, hashes: bool = True) -> None:
-        """Raise BaseMismatch unless every target's base tensor matches its fingerprint (FORMAT §3.2)."""
-        lazy = all(hasattr(base, m) for m in ("shape", "dtype", "sha256_of", "names"))
-        present = set(base.names()) if lazy else set()
-        get = _reader(base)
+    def verify_base(self, base: TensorSource, *, hashes: bool = True) -> None:
+        """Raise BaseMismatch unless every target's base tensor matches its fingerprint (FORMAT §3.2).
+
+        Reads headers and streamed hashes only: no base tensor is decoded for a checkpoint source.
+        """
+        present = set(base.names())
         for name, fp in sorted(self.base.fingerprints.items()):
-            if lazy:  # a checkpoint: headers and streamed hashes, no tensor decoded
-                if name not in present:
-                    raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})")
-                shape, dtype, sha = tuple(base.shape(name)), base.dtype(name), lambda n=name: base.sha256_of(n)
-            else:
-                try:
-                    tensor = get(name)
-                except KeyError:
-                    raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})") from None
-                shape, dtype, sha = tuple(tensor.shape), tensor.dtype, lambda t=tensor: tensor_sha256(t)
+            if name not in present:
+                raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})")
+            shape, dtype = tuple(base.shape(name)), base.dtype(name)
             if shape != fp.shape or dtypes.name_of(dtype) != fp.dtype:
                 raise BaseMismatch(
                     f"{name}: base tensor is {list(shape)} {dtypes.name_of(dtype)}, adapter expects "
                     f"{list(fp.shape)} {fp.dtype} (made for {self.base.name!r})"
                 )
-            if hashes and sha() != fp.sha256:
+            if hashes and base.sha256_of(name) != fp.sha256:
                 raise BaseMismatch(
                     f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r}); "
                     "use --force to skip the fingerprint check"

@@ -48,8 +48,26 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
+def check_rows(name: str, shape: tuple[int, ...], start: int, stop: int) -> None:
+    """The one range check of ``get_rows``, shared by every tensor source."""
+    if not shape or not 0 <= start <= stop <= shape[0]:
+        raise CheckpointError(f"{name}: rows {start}:{stop} out of range for shape {list(shape)}")
+
+
+def read_config(directory: Path) -> dict[str, Any] | None:
+    """The parsed ``config.json`` in ``directory``, or None when there is none."""
+    file = directory / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError:
+        raise CheckpointError(f"{file}: not valid JSON") from None
+
+
 class CheckpointSource:
-    """A checkpoint opened for lazy reading. Use as a context manager or call :meth:`close`.
+    """A safetensors checkpoint opened for lazy reading (a :class:`~s2reg.tensors.source.TensorSource`).
+    Use as a context manager or call :meth:`close`.
 
     ``names()``, ``shape()``, ``dtype()`` come from the headers; ``get()`` reads one tensor,
     ``get_rows()`` a range of its rows; ``info()`` gives the absolute byte range in its file,
@@ -129,13 +147,7 @@ class CheckpointSource:
 
     def config(self) -> dict[str, Any] | None:
         """The parsed ``config.json`` beside the weights, or None."""
-        file = self.directory / "config.json"
-        if not file.is_file():
-            return None
-        try:
-            return json.loads(file.read_text())
-        except ValueError:
-            raise CheckpointError(f"{file}: not valid JSON") from None
+        return read_config(self.directory)
 
     # -- reading --------------------------------------------------------------------------------
     def _handle(self, file: Path):
@@ -160,8 +172,7 @@ class CheckpointSource:
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of ``name`` (a contiguous byte range; only those bytes are read)."""
         info = self.info(name)
-        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
-            raise CheckpointError(f"{name}: rows {start}:{stop} out of range for shape {list(info.shape)}")
+        check_rows(name, info.shape, start, stop)
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         data = self.read_bytes(info.file, info.start + start * row, (stop - start) * row)
         return data.view(info.dtype).reshape((stop - start, *info.shape[1:]))

@@ -1,0 +1,171 @@
+"""Tensor sources: one protocol for everything that hands out a model's tensors by name.
+
+A checkpoint on disk (:class:`~s2reg.tensors.reader.CheckpointSource` for safetensors,
+:class:`~s2reg.tensors.torch_bin.TorchBinSource` for ``pytorch_model.bin`` state dicts), a state
+dict in memory (:class:`MemorySource`) and a checkpoint seen through a co-permutation
+(:class:`PermutedView`) all satisfy :class:`TensorSource`, so extract, verify, merge and training
+export take any of them without probing for methods. :func:`open_source` picks the reader for a
+path on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import NotFound
+from ..format.digest import tensor_sha256
+from .reader import CheckpointSource, check_rows
+from .torch_bin import TorchBinSource, holds_torch_bin
+
+# name -> (stored dim, gather index) that puts a tensor into the view's order, or None to pass it through
+IndexOf = Callable[[str], "tuple[int, torch.Tensor] | None"]
+
+
+class TensorSource(Protocol):
+    """What s2reg reads from a model: names, header facts, tensors, digests and the config.
+
+    ``get`` and ``get_rows`` return tensors the caller owns (never a view into the source);
+    ``sha256_of`` is the digest of the tensor's bytes (FORMAT §2).
+    """
+
+    def names(self) -> list[str]: ...
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+
+    def sha256_of(self, name: str) -> str: ...
+
+    def config(self) -> dict[str, Any] | None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> TensorSource: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class _Closeable:
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MemorySource(_Closeable):
+    """A state dict (and optionally its config) as a tensor source; tensors are copied out."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
+                 *, label: str = "in-memory model"):
+        self._tensors = {name: tensor.detach() for name, tensor in tensors.items()}
+        self._config = dict(config) if config is not None else None
+        self.label = label
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise NotFound(f"{self.label}: no tensor named {name}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensor(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensor(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensor(name).clone()
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tensor = self._tensor(name)
+        check_rows(name, tuple(tensor.shape), start, stop)
+        return tensor[start:stop].clone()
+
+    def sha256_of(self, name: str) -> str:
+        return tensor_sha256(self._tensor(name))
+
+    def config(self) -> dict[str, Any] | None:
+        return dict(self._config) if self._config is not None else None
+
+    def __repr__(self) -> str:
+        return f"MemorySource({self.label!r}, {len(self._tensors)} tensors)"
+
+
+class PermutedView(_Closeable):
+    """``source`` with some tensors reordered along one dim: a co-permuted checkpoint seen in another order.
+
+    ``index_of(name)`` says how: ``(dim, index)`` gathers ``index`` along ``dim`` (what
+    ``ModelInfo.permute_index`` gives for a layer permutation), ``None`` leaves the tensor as stored.
+    Shapes and dtypes never change. The view does not own ``source``: closing it closes nothing.
+    """
+
+    def __init__(self, source: TensorSource, index_of: IndexOf):
+        self.source = source
+        self._index_of = index_of
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.source
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(name)
+
+    def config(self) -> dict[str, Any] | None:
+        return self.source.config()
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.source.get(name)
+        reorder = self._index_of(name)
+        if reorder is None:
+            return tensor
+        dim, index = reorder
+        return tensor.index_select(dim, index.to(torch.int64)).contiguous()
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if self._index_of(name) is None:
+            return self.source.get_rows(name, start, stop)
+        check_rows(name, self.shape(name), start, stop)
+        return self.get(name)[start:stop].clone()
+
+    def sha256_of(self, name: str) -> str:
+        if self._index_of(name) is None:
+            return self.source.sha256_of(name)
+        return tensor_sha256(self.get(name))
+
+    def __repr__(self) -> str:
+        return f"PermutedView({self.source!r})"
+
+
+def open_source(path: str | os.PathLike) -> CheckpointSource | TorchBinSource:
+    """Open a checkpoint on disk for reading: safetensors (file, or HF directory with optional shard
+    index), or a directory of PyTorch ``pytorch_model.bin`` state dicts (official S2FT output)."""
+    path = Path(path)
+    if path.is_dir() and holds_torch_bin(path) and not any(path.glob("*.safetensors")):
+        return TorchBinSource(path)
+    return CheckpointSource(path)
