@@ -4,7 +4,7 @@ Each :class:`Species` is one row of the families suite: a ``model_type`` handed 
 ``AutoConfig.for_model`` with small sizes (2 layers, 4+ heads, GQA kept where the family has
 it, a few experts for MoE), the transformers class that builds and saves it, and how to feed it.
 Builds are deterministic (seeded per species) and deliberately a little messy, as real
-checkpoints are: ``-0.0`` entries in the layer-0 projections, tied embeddings where the family
+checkpoints are: ``-0.0`` entries in the layer-0 projections (in the last head/channel/expert only), tied embeddings where the family
 ties them, BERT saved both by ``BertModel`` (no ``bert.`` prefix) and by ``BertForMaskedLM``.
 """
 
@@ -82,7 +82,8 @@ class Species:
         return getattr(transformers, self.model_class)
 
 
-def _decoder(name: str, model_type: str, notes: str = "", **overrides) -> Species:
+def decoder(name: str, model_type: str, notes: str = "", **overrides) -> Species:
+    """A causal-LM species with the shared small decoder sizes, ``overrides`` on top."""
     return Species(name, model_type, "AutoModelForCausalLM", {**_DECODER, **overrides}, notes=notes)
 
 
@@ -91,13 +92,13 @@ def _drop(config: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 
 _SPECIES = [
-    _decoder("llama", "llama", tie_word_embeddings=True, notes="tied embeddings (SmolLM2-like)"),
-    _decoder("mistral", "mistral", sliding_window=None),
-    _decoder("qwen2", "qwen2", notes="q/k/v biases"),
-    _decoder("qwen3", "qwen3", notes="per-head_dim q_norm/k_norm"),
-    _decoder("gemma", "gemma", hidden_act="gelu_pytorch_tanh"),
-    _decoder("gemma2", "gemma2", query_pre_attn_scalar=16, sliding_window=32),
-    _decoder("gemma3_text", "gemma3_text", query_pre_attn_scalar=16, sliding_window=32),
+    decoder("llama", "llama", tie_word_embeddings=True, notes="tied embeddings (SmolLM2-like)"),
+    decoder("mistral", "mistral", sliding_window=None),
+    decoder("qwen2", "qwen2", notes="q/k/v biases"),
+    decoder("qwen3", "qwen3", notes="per-head_dim q_norm/k_norm"),
+    decoder("gemma", "gemma", hidden_act="gelu_pytorch_tanh"),
+    decoder("gemma2", "gemma2", query_pre_attn_scalar=16, sliding_window=32),
+    decoder("gemma3_text", "gemma3_text", query_pre_attn_scalar=16, sliding_window=32),
     Species(
         "gemma3",
         "gemma3",
@@ -116,15 +117,15 @@ _SPECIES = [
         },
         notes="text tower of the multimodal model (SigLIP vision tower beside it)",
     ),
-    _decoder("olmo2", "olmo2", notes="q_norm/k_norm over all heads"),
-    _decoder("granite", "granite"),
-    _decoder("cohere", "cohere"),
-    _decoder("stablelm", "stablelm", use_qkv_bias=True, hidden_dropout=0.0),
-    _decoder("smollm3", "smollm3"),
-    _decoder("glm4", "glm4"),
-    _decoder("ministral", "ministral", sliding_window=32),
-    _decoder("phi3", "phi3", notes="fused qkv_proj and gate_up_proj", resid_pdrop=0.0, embd_pdrop=0.0),
-    _decoder("phi", "phi", num_key_value_heads=4, resid_pdrop=0.0, embd_pdrop=0.0, notes="fc1/fc2, dense"),
+    decoder("olmo2", "olmo2", notes="q_norm/k_norm over all heads"),
+    decoder("granite", "granite"),
+    decoder("cohere", "cohere"),
+    decoder("stablelm", "stablelm", use_qkv_bias=True, hidden_dropout=0.0),
+    decoder("smollm3", "smollm3"),
+    decoder("glm4", "glm4"),
+    decoder("ministral", "ministral", sliding_window=32),
+    decoder("phi3", "phi3", notes="fused qkv_proj and gate_up_proj", resid_pdrop=0.0, embd_pdrop=0.0),
+    decoder("phi", "phi", num_key_value_heads=4, resid_pdrop=0.0, embd_pdrop=0.0, notes="fc1/fc2, dense"),
     Species(
         "gpt2",
         "gpt2",
@@ -135,23 +136,23 @@ _SPECIES = [
         },
         notes="Conv1D [in, out], fused c_attn",
     ),
-    _decoder("gpt_neox", "gpt_neox", **{"hidden_dropout": 0.0}, notes="interleaved query_key_value"),
+    decoder("gpt_neox", "gpt_neox", **{"hidden_dropout": 0.0}, notes="interleaved query_key_value"),
     Species("falcon", "falcon", "AutoModelForCausalLM",
             {**_FALCON, "new_decoder_architecture": True, "num_kv_heads": 2},
             notes="new decoder: query_key_value grouped per kv head"),
     Species("falcon_mq", "falcon", "AutoModelForCausalLM",
             {**_FALCON, "new_decoder_architecture": False, "multi_query": True},
             notes="falcon-7b layout: multi-query attention"),
-    _decoder("starcoder2", "starcoder2", sliding_window=None, residual_dropout=0.0, embedding_dropout=0.0,
+    decoder("starcoder2", "starcoder2", sliding_window=None, residual_dropout=0.0, embedding_dropout=0.0,
              notes="c_fc/c_proj, biases"),
-    _decoder("mixtral", "mixtral", **_MOE, num_local_experts=4, intermediate_size=48, sliding_window=None,
+    decoder("mixtral", "mixtral", **_MOE, num_local_experts=4, intermediate_size=48, sliding_window=None,
              router_jitter_noise=0.0),
-    _decoder("qwen2_moe", "qwen2_moe", **_MOE, num_experts=4, moe_intermediate_size=32,
+    decoder("qwen2_moe", "qwen2_moe", **_MOE, num_experts=4, moe_intermediate_size=32,
              shared_expert_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[], notes="shared expert"),
-    _decoder("qwen3_moe", "qwen3_moe", **_MOE, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1,
+    decoder("qwen3_moe", "qwen3_moe", **_MOE, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1,
              mlp_only_layers=[]),
-    _decoder("gpt_oss", "gpt_oss", **_MOE, num_local_experts=4, intermediate_size=32, sliding_window=32),
-    _decoder("deepseek_v3", "deepseek_v3", **_MOE, head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
+    decoder("gpt_oss", "gpt_oss", **_MOE, num_local_experts=4, intermediate_size=32, sliding_window=32),
+    decoder("deepseek_v3", "deepseek_v3", **_MOE, head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
              kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
              first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,
              notes="MLA attention (no head-aligned o_proj); layer 0 dense FFN, layer 1 MoE"),
@@ -196,8 +197,10 @@ def build_model(species: Species) -> torch.nn.Module:
     model.eval()
     for name, param in model.named_parameters():
         if _is_projection(name, param) and param.reshape(-1, param.shape[-1]).shape[0] > 1:
-            # a few signed zeros in layer 0: byte-exact surgery must keep -0.0 apart from +0.0
-            param.reshape(-1, param.shape[-1])[1, :3] = -0.0
+            # signed zeros that byte-exact surgery must keep apart from +0.0; they sit in the last row's
+            # last entries, i.e. in the LAST head / channel / expert, which the suite never trains: a
+            # trained -0.0 cannot be unmerged bit-exactly (x - x is +0.0), so FORMAT §4.3 refuses it
+            param.reshape(-1, param.shape[-1])[-1, -3:] = -0.0
     return model
 
 
