@@ -19,20 +19,24 @@ from .common import adapter_argument, json_option
 @click.option("--to", "target", type=click.Choice(["peft-lora"]), default="peft-lora", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--rank", type=click.IntRange(min=1), help="PISA: rank of the truncated SVD.")
+@click.option("--base", "base", type=click.Path(exists=True, file_okay=False),
+              help="The checkpoint the adapter is for (task type, transposed layers); default: the adapter's base "
+                   "name when it is a directory.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @json_option
-def export_command(adapter, target, output, rank, force, as_json) -> None:
+def export_command(adapter, target, output, rank, base, force, as_json) -> None:
     """Write ADAPTER as a PEFT LoRA directory (loads with PeftModel.from_pretrained; serve it with vLLM).
 
     S2FT exports exactly (one-hot factors, rank = selected rows/columns). PISA exports through a
-    truncated SVD of rank --rank; the relative error is reported.
+    truncated SVD of rank --rank; the relative error is reported. The PEFT task type follows the base's
+    model class (FEATURE_EXTRACTION for a bare encoder); GPT-2's Conv1D layers get fan_in_fan_out.
     """
-    report = export_lora(adapter, output, rank=rank, overwrite=force)
+    report = export_lora(adapter, output, rank=rank, base=base, overwrite=force)
     if as_json:
         render.emit_json(report)
         return
-    render.console.print(f"[green]exported[/] {report['modules']} modules to {output} (max rank {report['max_rank']}, "
-                         f"max relative error {report['max_relative_error']:.2e})")
+    render.console.print(f"[green]exported[/] {report['modules']} modules to {output} (task type {report['task_type']}, "
+                         f"max rank {report['max_rank']}, max relative error {report['max_relative_error']:.2e})")
 
 
 @click.command("import")

@@ -37,7 +37,8 @@ def _distributed() -> tuple[int, int]:
 @click.command("train")
 @click.option("--base", "base", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint directory.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="JSONL: text, prompt/completion, messages, or input_ids.")
+              help="JSONL: text, prompt/completion, messages, or input_ids; encoders: text (masked-LM) or text + label "
+                   "(classification).")
 @click.option("--method", type=click.Choice(["s2ft", "pisa"]), required=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Adapter directory to write.")
 @click.option("--push", "push_ref", help="Also store the adapter in the local registry as NAME[:TAG].")
@@ -58,19 +59,23 @@ def _distributed() -> tuple[int, int]:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (state kept beside OUTPUT).")
 @click.option("--channels", default=32, show_default=True, type=click.IntRange(min=0), help="s2ft: FFN channels per layer.")
 @click.option("--heads", default=0, show_default=True, type=click.IntRange(min=0), help="s2ft: attention heads per layer.")
-@click.option("--roles", default="o,down", show_default=True, help="s2ft: projections to train (q,k,v,o,up,gate,down).")
+@click.option("--roles", help="s2ft: projections to train, among the family's q,k,v,o,up,gate,down "
+              "(default: o for heads, down for channels).")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="random", show_default=True, help="s2ft: selection.")
 @click.option("--order", type=click.Choice(["largest", "smallest"]), default="largest", show_default=True)
 @click.option("--exclude", "exclude", multiple=True, type=AdapterType(),
               help="s2ft: choose channels/heads disjoint from this adapter (repeatable).")
 @click.option("--block", default=64, show_default=True, type=click.IntRange(min=1), help="pisa: block size.")
 @click.option("--coefficients", default=32, show_default=True, type=click.IntRange(min=1), help="pisa: per block.")
-@click.option("--targets", help="pisa: comma-separated module names (any architecture); default q,v projections.")
+@click.option("--targets", help="pisa: comma-separated module names, full or short (q_proj,v_proj); default the q,v "
+              "projections.")
+@click.option("--arch", "arch_file", type=click.Path(exists=True, dir_okay=False),
+              help="A family description (JSON, docs/families.md) for a layout s2reg does not know.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @json_option
 def train_command(base, data, method, output, push_ref, epochs, max_steps, batch_size, grad_accum, lr, warmup_steps,
                   schedule, weight_decay, max_length, dtype, device, seed, eval_fraction, resume, channels, heads, roles,
-                  strategy, order, exclude, block, coefficients, targets, force, as_json) -> None:
+                  strategy, order, exclude, block, coefficients, targets, arch_file, force, as_json) -> None:
     """Fine-tune BASE on DATA with S2FT or PISA and write the adapter to OUTPUT.
 
     Multi-GPU / multi-node: launch with `torchrun --nproc-per-node N -m s2reg train ...`
@@ -88,8 +93,9 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
         raise click.UsageError(f"{output} already exists (pass --force to replace it)")
     rank, world = _distributed()
     if method == "s2ft":
-        method_config = S2FTConfig(channels=channels, heads=heads, roles=tuple(r.strip() for r in roles.split(",") if r.strip()),
-                                   strategy=strategy, order=order, seed=seed, exclude=list(exclude))
+        method_config = S2FTConfig(channels=channels, heads=heads, strategy=strategy, order=order, seed=seed,
+                                   exclude=list(exclude),
+                                   roles=tuple(r.strip() for r in roles.split(",") if r.strip()) if roles else None)
     else:
         method_config = PISAConfig(block=block, coefficients=coefficients, seed=seed,
                                    targets=tuple(t.strip() for t in targets.split(",")) if targets else ())
@@ -112,11 +118,12 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
 
         run = run_training(base, data, method, method_config=method_config, train_config=train_config,
                            max_length=max_length, dtype=dtype, device=device, eval_fraction=eval_fraction,
-                           state_dir=state_dir, resume=resume, on_step=on_step)
+                           state_dir=state_dir, resume=resume, on_step=on_step, arch_file=arch_file)
     if rank != 0:
         return
     stored = run.adapter.save(output, overwrite=True)
-    summary = {"output": str(output), "method": method, "trainable_parameters": run.trainable, "device": run.device,
+    summary = {"output": str(output), "method": method, "objective": run.objective.as_json(),
+               "trainable_parameters": run.trainable, "device": run.device,
                "digest": stored.digest, "bytes": stored.payload_bytes, **run.result.summary()}
     if push_ref:
         from ..registry import Store
@@ -126,7 +133,8 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
     if as_json:
         render.emit_json(summary)
         return
-    rows = [("method", method), ("trainable parameters", f"{run.trainable:,}"), ("steps", run.result.steps),
+    objective = run.objective.kind + (f" ({len(run.objective.labels)} labels)" if run.objective.labels else "")
+    rows = [("method", method), ("objective", objective), ("trainable parameters", f"{run.trainable:,}"), ("steps", run.result.steps),
             ("tokens", f"{run.result.tokens:,}"), ("time", f"{run.result.seconds:.1f} s"),
             ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")]
     if run.result.eval_loss_before is not None:

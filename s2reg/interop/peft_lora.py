@@ -2,13 +2,22 @@
 ``D`` are ``B = E_R`` (one-hot columns), ``A = D``; columns ``C`` are ``B = D``, ``A = E_C^T``; the
 rank is the number of selected rows or columns and ``lora_alpha = r`` (scaling 1). PISA exports
 through a truncated SVD of its dense delta, with the relative error reported.
+
+LoRA factors are in the ``nn.Linear`` convention (``B @ A`` is ``[out, in]``); a target on a weight
+stored transposed (GPT-2's ``Conv1D``, ``[in, out]``) is exported transposed, with
+``fan_in_fan_out`` set, as PEFT expects. ``task_type`` follows the model class the base checkpoint
+was saved from (``config.json`` ``architectures``): a bare encoder (``BertModel``) is
+``FEATURE_EXTRACTION``, a classifier ``SEQ_CLS``, a causal LM ``CAUSAL_LM``; PEFT has no masked-LM
+task, so a ``*ForMaskedLM`` base gets none (a plain ``PeftModel``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,19 +35,24 @@ def _module(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def _factors(name: str, target, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(A [r, in], B [out, r], relative error)`` for one target."""
+def _factors(name: str, target, rank: int | None, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A [r, in], B [out, r], relative error)`` for one target, in the ``nn.Linear`` convention."""
     if isinstance(target, S2FTTarget):
         if len(target.shape) != 2:
             raise S2RegError(f"{name}: only matrices export to LoRA")
         n = target.count
-        one_hot = torch.zeros(target.shape[0 if target.axis == "rows" else 1], n, dtype=torch.float32)
+        axis, delta = target.axis, target.delta.to(torch.float32)
+        length = target.shape[0 if axis == "rows" else 1]
+        if transposed:  # stored rows are the layer's inputs, stored columns its outputs
+            axis, delta = ("columns" if axis == "rows" else "rows"), delta.t()
+        one_hot = torch.zeros(length, n, dtype=torch.float32)
         one_hot[target.indices.long(), torch.arange(n)] = 1.0
-        delta = target.delta.to(torch.float32)
-        if target.axis == "rows":
-            return delta, one_hot, 0.0
-        return one_hot.t().contiguous(), delta, 0.0
+        if axis == "rows":
+            return delta.contiguous(), one_hot, 0.0
+        return one_hot.t().contiguous(), delta.contiguous(), 0.0
     dense = target.to_dense().double()
+    if transposed:
+        dense = dense.t()
     if rank is None:
         raise S2RegError("PISA adapters export to LoRA through a truncated SVD: pass --rank")
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
@@ -49,13 +63,96 @@ def _factors(name: str, target, rank: int | None) -> tuple[torch.Tensor, torch.T
     return a.float().contiguous(), b.float().contiguous(), error
 
 
+def _fused_on_load(model_type: str | None, name: str) -> bool:
+    """Whether transformers merges this checkpoint tensor into another parameter when loading (its
+    conversion mapping: MoE experts stored per expert become one 3-D parameter)."""
+    if not model_type:
+        return False
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    for transform in get_checkpoint_conversion_mapping(model_type) or []:
+        if isinstance(transform, WeightConverter):
+            for pattern in transform.source_patterns:
+                if re.search(re.escape(pattern).replace(r"\*", r"[^.]+"), name):
+                    return True
+    return False
+
+
+def task_type_of(config: dict[str, Any] | None) -> str | None:
+    """PEFT's ``task_type`` for a base saved as ``config["architectures"][0]`` (None: a plain PeftModel)."""
+    architectures = (config or {}).get("architectures") or []
+    name = architectures[0] if architectures else ""
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "CAUSAL_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForMaskedLM", None)):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION" if name.endswith("Model") else None
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """What LoRA export needs to know about the base beyond the adapter: its task and stored layouts."""
+
+    task_type: str | None
+    transposed: frozenset[str]        # targets whose weight is stored [in, out]
+    fused_experts: frozenset[str]     # targets transformers fuses into 3-D expert parameters
+
+
+def base_layout(adapter: Adapter, base: str | os.PathLike | None) -> BaseLayout:
+    """The layout of the adapter's base: from the checkpoint directory ``base`` (or the adapter's
+    recorded base name when that is a directory), else from the adapter's own tensor shapes."""
+    from ..arch import resolve
+    from ..tensors import CheckpointSource
+    from ..tensors.reader import read_config
+
+    directory = Path(base) if base is not None else Path(adapter.base.name)
+    if base is not None and not (directory / "config.json").is_file():
+        raise S2RegError(f"{directory}: not a checkpoint directory (no config.json)")
+    config, shapes = None, {n: tuple(f.shape) for n, f in adapter.base.fingerprints.items()}
+    if (directory / "config.json").is_file():
+        config = read_config(directory)
+        with CheckpointSource(directory) as source:
+            shapes = {n: tuple(source.shape(n)) for n in source.names()}
+    try:
+        info = resolve(config, shapes)
+    except S2RegError:
+        if base is not None:
+            raise
+        return BaseLayout("CAUSAL_LM" if config is None else task_type_of(config), frozenset(), frozenset())
+    transposed, fused = set(), set()
+    for name in adapter.targets:
+        coupled = info.coupled(name)
+        if coupled is not None and getattr(coupled, "transposed", False):
+            transposed.add(name)
+        if _fused_on_load((config or {}).get("model_type"), name) or (config is None and coupled is not None
+                                                                      and coupled.expert is not None):
+            fused.add(name)
+    task = task_type_of(config) if config is not None else "CAUSAL_LM"
+    return BaseLayout(task, frozenset(transposed), frozenset(fused))
+
+
 def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
-    """Write ``adapter`` as a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+                base: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``adapter`` as a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``base``: the checkpoint directory the adapter is for (its task type and stored layouts); by
+    default the adapter's recorded base name when that is a directory.
+    """
+    layout = base_layout(adapter, base)
+    if layout.fused_experts:
+        raise S2RegError(f"{sorted(layout.fused_experts)[0]}: transformers fuses MoE experts into 3-D parameters, which "
+                         "LoRA target_modules cannot address; merge the adapter with `s2reg merge` instead")
+    kinds = {name in layout.transposed for name in adapter.targets}
+    if len(kinds) > 1:
+        raise S2RegError("the adapter mixes transposed (Conv1D) and ordinary linear targets; PEFT's fan_in_fan_out is "
+                         "one setting per adapter: export them separately")
+    transposed = kinds == {True}
     tensors, ranks, errors = {}, {}, {}
     for name, target in adapter.targets.items():
         module = _module(name)
-        a, b, error = _factors(name, target, rank)
+        a, b, error = _factors(name, target, rank, transposed)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b
         ranks[module] = a.shape[0]
@@ -63,7 +160,7 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
     top = max(ranks.values())
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": layout.task_type,
         "base_model_name_or_path": adapter.base.name,
         "r": top,
         "lora_alpha": top,
@@ -72,7 +169,7 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
         "target_modules": sorted(ranks),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": transposed,
         "use_rslora": False,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -80,8 +177,8 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
     with building(Path(output), overwrite=overwrite) as staging:
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"output": str(output), "max_rank": top, "modules": len(ranks),
-            "max_relative_error": max(errors.values()), "relative_error": errors}
+    return {"output": str(output), "max_rank": top, "modules": len(ranks), "task_type": layout.task_type,
+            "fan_in_fan_out": transposed, "max_relative_error": max(errors.values()), "relative_error": errors}
 
 
 def _one_hot(matrix: torch.Tensor) -> torch.Tensor | None:

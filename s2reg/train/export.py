@@ -9,11 +9,11 @@ from torch import nn
 
 from ..errors import S2RegError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
-from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
-from ..surgery.plan import read_permutation
-from ..tensors import CheckpointSource
+from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation
+from .layout import stored_name
 from .pisa import layer as pisa_layer
 from .s2ft import layer as s2ft_layer
+from .s2ft.model import PreparedS2FT
 
 
 def _base_name(model: nn.Module, base_name: str | None) -> str:
@@ -32,10 +32,47 @@ def _to_original_coordinates(originals, slices, permutation: Permutation, info):
     for key, (axis, indices, tuned) in slices.items():
         weight = originals[key]
         target = S2FTTarget(tuple(weight.shape), weight.dtype, axis, indices, tuned)
-        back = permute_s2ft_target(key, target, inverse, info.arch, info.dims)
-        mapped_originals[key] = permute_tensor(key, weight, inverse, info.arch, info.dims)
+        back = permute_s2ft_target(key, target, inverse, info)
+        mapped_originals[key] = permute_tensor(key, weight, inverse, info)
         mapped[key] = (axis, back.indices, back.delta)
     return mapped_originals, mapped
+
+
+def _spelled(name: str, model: nn.Module, base) -> str:
+    """The checkpoint's spelling of ``name`` (the model in memory may carry a prefix the checkpoint lacks)."""
+    if base is None or not hasattr(base, "__contains__"):
+        return name
+    return stored_name(name, model, base)
+
+
+def _jsonable(chosen: dict) -> dict:
+    return {kind: ({str(e): v for e, v in units.items()} if isinstance(units, dict) else units)
+            for kind, units in chosen.items()}
+
+
+def _trained_slices(model: nn.Module, prepared: PreparedS2FT, base):
+    """``(originals, {name: (axis, indices, tuned slice)})`` in checkpoint names, coordinates and dtypes."""
+    originals, slices = {}, {}
+    modules = dict(model.named_modules())
+    for name, s in prepared.slices.items():
+        owner, _, attr = s.parameter.rpartition(".")
+        module = modules[owner]
+        key = _spelled(name, model, base)
+        if s.offset is None:
+            original, tuned = module.s2ft_original, s2ft_layer.tuned_slice(module)
+        else:
+            _, first, current = s2ft_layer.carried_slices(module)[attr.removeprefix("s2ft_")]
+            shape = list(s.shape)
+            count = int(torch.Size(shape).numel())
+            original = first[s.offset:s.offset + count].reshape(shape)
+            tuned = current[s.offset:s.offset + count].reshape(shape)
+        if base is not None:
+            originals[key] = base.get(key)
+        else:
+            originals[key] = s.stored_value(model).clone()
+            originals[key].index_copy_(0 if s.axis == "rows" else 1, s.indices.to(originals[key].device), original)
+        slices[key] = (s.axis, s.indices.cpu(), tuned.to(originals[key].dtype).cpu())
+    return originals, slices
 
 
 def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_name: str | None = None,
@@ -55,38 +92,27 @@ def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_n
     """
     prepared = getattr(model, "s2reg_prepared", None)
     provenance = {"source": "s2reg train", "training": training or {}}
-    s2ft = {n: m for n, m in model.named_modules() if s2ft_layer.is_attached(m)}
     pisa = {n: m for n, m in model.named_modules() if pisa_layer.is_attached(m)}
-    if s2ft:
-        originals, slices = {}, {}
-        for name, m in s2ft.items():
-            key = f"{name}.weight"
-            if base is not None:
-                originals[key] = base.get(key)
-            else:
-                originals[key] = m.weight.detach().clone()
-                originals[key].index_copy_(0 if m.s2ft_axis == "rows" else 1, m.s2ft_indices, m.s2ft_original)
-            tuned = s2ft_layer.tuned_slice(m).to(originals[key].dtype)
-            slices[key] = (m.s2ft_axis, m.s2ft_indices.cpu(), tuned.cpu())
-        params = {"method": "s2ft"}
-        permuted = read_permutation(base) if isinstance(base, CheckpointSource) else None
+    if isinstance(prepared, PreparedS2FT) and prepared.slices:
+        originals, slices = _trained_slices(model, prepared, base)
+        params = {"method": "s2ft", "selection": {str(k): _jsonable(v) for k, v in prepared.selection.items()},
+                  "strategy": prepared.config.strategy, "order": prepared.config.order, "seed": prepared.config.seed,
+                  "roles": sorted({r for s in prepared.slices.values() for r in s.roles})}
+        permuted = read_permutation(base) if getattr(base, "directory", None) is not None else None
         if permuted is not None:
             originals, slices = _to_original_coordinates(originals, slices, *permuted)
             params["trained_in_permuted_coordinates"] = permuted[0].as_json()
-        if prepared is not None:
-            params.update(selection={str(k): v for k, v in prepared.selection.items()},
-                          strategy=prepared.config.strategy, order=prepared.config.order, seed=prepared.config.seed,
-                          roles=list(prepared.config.roles))
+        group_sizes = {_spelled(n, model, base): g for n, g in prepared.group_sizes.items()}
         return S2FTAdapter.from_tuned({k: v.cpu() for k, v in originals.items()}, slices, base_name=_base_name(model, base_name),
-                                      group_sizes=getattr(prepared, "group_sizes", None), params=params,
-                                      provenance=provenance)
+                                      group_sizes=group_sizes, params=params, provenance=provenance)
     if pisa:
-        weights = base if base is not None else {f"{n}.weight": m.weight.detach().cpu() for n, m in pisa.items()}
+        keys = {n: _spelled(f"{n}.weight", model, base) for n in pisa}
+        weights = base if base is not None else {keys[n]: m.weight.detach().cpu() for n, m in pisa.items()}
         coefficients, scales = {}, {}
         for name, m in pisa.items():
             c = m.pisa_coefficients.detach().float().cpu()
-            coefficients[f"{name}.weight"] = (m.pisa_block, m.pisa_indices.cpu(), torch.complex(c[..., 0], c[..., 1]))
-            scales[f"{name}.weight"] = m.pisa_scale
+            coefficients[keys[name]] = (m.pisa_block, m.pisa_indices.cpu(), torch.complex(c[..., 0], c[..., 1]))
+            scales[keys[name]] = m.pisa_scale
         params = {"method": "pisa"}
         if prepared is not None:
             params.update(block=prepared.config.block, coefficients=prepared.config.coefficients, seed=prepared.config.seed)

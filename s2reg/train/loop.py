@@ -104,7 +104,7 @@ def _batches(examples: list[Example], config: TrainConfig, epoch: int) -> list[l
 
 
 def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
-    """Mean loss per target token over ``examples``."""
+    """Mean loss per target token (per example for classification) over ``examples``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -112,7 +112,8 @@ def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size:
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-            tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+            labels = batch["labels"]  # per-token losses (shifted for a causal LM), or one per example
+            tokens = len(labels) if labels.dim() == 1 else int((labels[:, 1:] != IGNORE).sum())
             if tokens:
                 total += float(model(**batch).loss) * tokens
                 count += tokens

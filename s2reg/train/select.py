@@ -1,10 +1,12 @@
 """Choosing heads and FFN channels: the S2FT paper's strategies R, W, A, S and G.
 
-Scores are per unit (a head is a block of ``head_dim`` input columns of the output projection, a
-channel one input column of the down projection): ``weight`` is the unit's weight norm, ``activation``
-the norm of its input activations over a calibration set, ``weight_activation`` their product, and
-``gradient`` the norm of the loss gradient of its weights, reduced as each layer's gradient arrives
-and then dropped (never kept for the whole model). ``random`` is a seeded permutation.
+A head is scored on the output projection (``o``), an FFN channel on the down projection of its
+expert (``down``): the stored indices a unit owns come from the family description, and a unit's
+score is the L2 norm over them of a per-index quantity: the weight itself (``weight``), the input
+activations over a calibration set (``activation``), their product (``weight_activation``), or the
+loss gradient of the weight (``gradient``, reduced as each layer's gradient arrives and then
+dropped). ``random`` is a seeded permutation. Activation and gradient scores need the projection to
+be a matmul layer the model calls directly (not the fused 3-D experts of an MoE layer).
 """
 
 from __future__ import annotations
@@ -15,41 +17,86 @@ import torch
 from torch import nn
 
 from ..errors import S2RegError
-from ..format import Adapter
-from ..ops.permute import selection_of
-from .targets import ModelMap
+from ..format import Adapter, S2FTTarget
+from .matmul import matmul_kind
+from .s2ft.config import HEAD_ROLES
+from .targets import Coupled, ModelMap, kv_to_heads
 
-Scores = dict[tuple[str, int], torch.Tensor]  # (unit kind "heads"|"channels", layer) -> score per unit
-
-
-def _unit_norms(columns_sq: torch.Tensor, kind: str, head_dim: int) -> torch.Tensor:
-    """Per-unit L2 norms from per-input-column sums of squares."""
-    if kind == "heads":
-        columns_sq = columns_sq.reshape(-1, head_dim).sum(1)
-    return columns_sq.sqrt()
+SCORED_ROLE = {"heads": "o", "channels": "down"}
+Unit = tuple[str, int, object]  # (kind "heads"|"channels", layer, expert or None)
+Scores = dict[Unit, torch.Tensor]  # per unit id
 
 
-def _modules(mapping: ModelMap, layers: Iterable[int], kinds: Iterable[str]) -> dict[tuple[str, int], nn.Linear]:
-    role = {"heads": "o", "channels": "down"}
-    return {(kind, layer): mapping.linear(role[kind], layer)[1] for layer in layers for kind in kinds}
+def units(mapping: ModelMap, layers: Iterable[int], kinds: Iterable[str]) -> list[Unit]:
+    found = []
+    for layer in layers:
+        for kind in kinds:
+            experts = [None] if kind == "heads" else mapping.info.experts(layer)
+            found += [(kind, layer, expert) for expert in experts]
+    return found
 
 
-def weight_scores(mapping: ModelMap, layers, kinds) -> Scores:
-    hd = mapping.info.dims.head_dim
-    return {key: _unit_norms(m.weight.detach().double().pow(2).sum(0), key[0], hd)
-            for key, m in _modules(mapping, layers, kinds).items()}
+def total(mapping: ModelMap, unit: Unit) -> int:
+    kind, layer, expert = unit
+    return mapping.info.dims.heads if kind == "heads" else mapping.info.channel_count(layer, expert)
 
 
-def activation_scores(model: nn.Module, mapping: ModelMap, layers, kinds, batches) -> Scores:
-    modules = _modules(mapping, layers, kinds)
-    sums = {key: torch.zeros(m.in_features, dtype=torch.float64) for key, m in modules.items()}
-    def record(key):
+def _scored_tensor(mapping: ModelMap, unit: Unit) -> Coupled:
+    kind, layer, expert = unit
+    role = SCORED_ROLE[kind]
+    candidates = mapping.tensors(role, layer, expert)
+    if not candidates:
+        raise S2RegError(f"layer {layer} has no {role} projection to score {kind} by; use --strategy random")
+    return candidates[0]
+
+
+def _per_unit(mapping: ModelMap, unit: Unit, per_index: torch.Tensor) -> torch.Tensor:
+    """Unit norms from per-stored-index sums of squares along the scored tensor's unit axis."""
+    c = _scored_tensor(mapping, unit)
+    role = SCORED_ROLE[unit[0]]
+    count = mapping.info.unit_count(c.name, role)
+    table = mapping.info.unit_indices(c.name, role, range(count)).reshape(count, -1)  # unit by unit
+    return per_index[table].sum(1).sqrt()
+
+
+def _other_axis(c: Coupled) -> int:
+    return 1 if c.axis == "rows" else 0
+
+
+def weight_scores(mapping: ModelMap, chosen: list[Unit]) -> Scores:
+    scores = {}
+    for unit in chosen:
+        c = _scored_tensor(mapping, unit)
+        per_index = c.placement.stored_value(mapping.model).double().pow(2).sum(_other_axis(c)).cpu()
+        scores[unit] = _per_unit(mapping, unit, per_index)
+    return scores
+
+
+def _matmul_modules(mapping: ModelMap, chosen: list[Unit], strategy: str) -> dict[Unit, nn.Module]:
+    modules = {}
+    for unit in chosen:
+        c = _scored_tensor(mapping, unit)
+        module, attr = mapping.owner(c.placement.parameter)
+        if c.placement.positions is not None or attr != "weight" or matmul_kind(module) is None:
+            raise S2RegError(f"the {strategy} strategy needs {c.name} to be a linear layer of its own (it is part of "
+                             f"{c.placement.parameter}); use --strategy random or weight")
+        modules[unit] = module
+    return modules
+
+
+def activation_scores(model: nn.Module, mapping: ModelMap, chosen: list[Unit], batches) -> Scores:
+    # o and down read their units on their input features, whatever the storage
+    modules = _matmul_modules(mapping, chosen, "activation")
+    sums = {unit: None for unit in modules}
+
+    def record(unit):
         def hook(module, args, output) -> None:  # must return None: a value would replace the output
             x = args[0].detach().double()
-            sums[key].add_(x.reshape(-1, x.shape[-1]).pow(2).sum(0).cpu())
+            s = x.reshape(-1, x.shape[-1]).pow(2).sum(0).cpu()
+            sums[unit] = s if sums[unit] is None else sums[unit] + s
         return hook
 
-    hooks = [m.register_forward_hook(record(key)) for key, m in modules.items()]
+    hooks = [m.register_forward_hook(record(unit)) for unit, m in modules.items()]
     try:
         with torch.no_grad():
             for batch in _require(batches, "activation"):
@@ -57,20 +104,21 @@ def activation_scores(model: nn.Module, mapping: ModelMap, layers, kinds, batche
     finally:
         for h in hooks:
             h.remove()
-    hd = mapping.info.dims.head_dim
-    return {key: _unit_norms(s, key[0], hd) for key, s in sums.items()}
+    return {unit: _per_unit(mapping, unit, s) for unit, s in sums.items()}
 
 
-def gradient_scores(model: nn.Module, mapping: ModelMap, layers, kinds, batches) -> Scores:
-    modules = _modules(mapping, layers, kinds)
-    sums = {key: torch.zeros(m.in_features, dtype=torch.float64) for key, m in modules.items()}
-    flags = {key: m.weight.requires_grad for key, m in modules.items()}
+def gradient_scores(model: nn.Module, mapping: ModelMap, chosen: list[Unit], batches) -> Scores:
+    modules = _matmul_modules(mapping, chosen, "gradient")
+    axes = {unit: _other_axis(_scored_tensor(mapping, unit)) for unit in modules}
+    sums: dict[Unit, torch.Tensor] = {}
+    flags = {unit: m.weight.requires_grad for unit, m in modules.items()}
     hooks = []
-    for key, m in modules.items():
+    for unit, m in modules.items():
         m.weight.requires_grad_(True)
 
-        def reduce(param, key=key):  # reduce each gradient as it arrives, then drop it
-            sums[key].add_(param.grad.detach().double().pow(2).sum(0).cpu())
+        def reduce(param, unit=unit):  # reduce each gradient as it arrives, then drop it
+            s = param.grad.detach().double().pow(2).sum(axes[unit]).cpu()
+            sums[unit] = s if unit not in sums else sums[unit] + s
             param.grad = None
 
         hooks.append(m.weight.register_post_accumulate_grad_hook(reduce))
@@ -80,10 +128,9 @@ def gradient_scores(model: nn.Module, mapping: ModelMap, layers, kinds, batches)
     finally:
         for h in hooks:
             h.remove()
-        for key, m in modules.items():
-            m.weight.requires_grad_(flags[key])
-    hd = mapping.info.dims.head_dim
-    return {key: _unit_norms(s, key[0], hd) for key, s in sums.items()}
+        for unit, m in modules.items():
+            m.weight.requires_grad_(flags[unit])
+    return {unit: _per_unit(mapping, unit, s) for unit, s in sums.items()}
 
 
 def _require(batches, strategy: str):
@@ -92,14 +139,19 @@ def _require(batches, strategy: str):
     return batches
 
 
-def excluded_units(adapters: Iterable[Adapter], mapping: ModelMap) -> dict[tuple[str, int], set[int]]:
-    """Heads and channels per layer that existing S2FT adapters already train."""
-    taken: dict[tuple[str, int], set[int]] = {}
+def excluded_units(adapters: Iterable[Adapter], mapping: ModelMap) -> dict[Unit, set[int]]:
+    """Heads and channels (per layer and expert) that existing S2FT adapters already train."""
+    taken: dict[Unit, set[int]] = {}
     for adapter in adapters:
-        heads, channels = selection_of(adapter, mapping.info.arch, mapping.info.dims)
-        for kind, found in (("heads", heads), ("channels", channels)):
-            for layer, units in found.items():
-                taken.setdefault((kind, layer), set()).update(units)
+        for name, target in adapter.targets.items():
+            c = mapping.coupled.get(mapping.stored(name))
+            if c is None or not isinstance(target, S2FTTarget):
+                continue
+            for role, ids in mapping.info.units_of(c.name, target.indices.long()).items():
+                if role in ("k", "v"):  # a key/value head serves its whole query group
+                    ids = kv_to_heads(ids, mapping)
+                kind = "heads" if role in HEAD_ROLES else "channels"
+                taken.setdefault((kind, c.layer, None if kind == "heads" else c.expert), set()).update(ids)
     return taken
 
 
@@ -118,25 +170,32 @@ def choose(count: int, total: int, *, scores: torch.Tensor | None, order: str, e
 
 
 def select(model: nn.Module, mapping: ModelMap, *, layers: list[int], counts: Mapping[str, int], strategy: str,
-           order: str, seed: int, exclude: Iterable[Adapter] = (), calibration=None) -> dict[int, dict[str, list[int]]]:
-    """``{layer: {"heads": [...], "channels": [...]}}`` chosen by ``strategy``."""
+           order: str, seed: int, exclude: Iterable[Adapter] = (), calibration=None) -> dict[int, dict]:
+    """``{layer: {"heads": [...], "channels": [...]}}``; in an MoE layer ``"channels"`` is ``{expert: [...]}``."""
     kinds = [k for k in ("heads", "channels") if counts.get(k)]
+    chosen = units(mapping, layers, kinds)
     if strategy == "random":
         scores: Scores = {}
     elif strategy == "weight":
-        scores = weight_scores(mapping, layers, kinds)
+        scores = weight_scores(mapping, chosen)
     elif strategy == "activation":
-        scores = activation_scores(model, mapping, layers, kinds, calibration)
+        scores = activation_scores(model, mapping, chosen, calibration)
     elif strategy == "weight_activation":
-        w, a = weight_scores(mapping, layers, kinds), activation_scores(model, mapping, layers, kinds, calibration)
+        w, a = weight_scores(mapping, chosen), activation_scores(model, mapping, chosen, calibration)
         scores = {key: w[key] * a[key] for key in w}
     elif strategy == "gradient":
-        scores = gradient_scores(model, mapping, layers, kinds, calibration)
+        scores = gradient_scores(model, mapping, chosen, calibration)
     else:
         raise S2RegError(f"unknown selection strategy {strategy!r}")
     taken = excluded_units(exclude, mapping)
-    totals = {"heads": mapping.info.dims.heads, "channels": mapping.info.dims.intermediate}
     generator = torch.Generator().manual_seed(seed)
-    return {layer: {kind: choose(counts[kind], totals[kind], scores=scores.get((kind, layer)), order=order,
-                                 excluded=taken.get((kind, layer), set()), generator=generator) for kind in kinds}
-            for layer in layers}
+    selection: dict[int, dict] = {layer: {} for layer in layers}
+    for unit in chosen:
+        kind, layer, expert = unit
+        picked = choose(counts[kind], total(mapping, unit), scores=scores.get(unit), order=order,
+                        excluded=taken.get(unit, set()), generator=generator)
+        if kind == "heads" or mapping.info.experts(layer) == [None]:
+            selection[layer][kind] = picked
+        else:
+            selection[layer].setdefault(kind, {})[expert] = picked
+    return selection

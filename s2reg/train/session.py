@@ -14,7 +14,10 @@ import torch
 from ..errors import S2RegError
 from ..format import Adapter
 from ..tensors import CheckpointSource
+from ..tensors.reader import read_config
 from .data import read_jsonl, tokenize
+from .objective import CAUSAL, CLASSIFY, Objective
+from .objective import choose as choose_objective
 from .export import export_adapter
 from .loop import Progress, TrainConfig, TrainResult, train
 from .pisa.config import PISAConfig
@@ -31,25 +34,39 @@ class Run:
     result: TrainResult
     trainable: int
     device: str
+    objective: Objective
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base(base: str | os.PathLike, dtype: str, device: str):
-    """The model (causal LM) and tokenizer (None when the checkpoint has none) of a checkpoint directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_base(base: str | os.PathLike, dtype: str, device: str, objective: Objective = Objective(CAUSAL), *,
+              seed: int = 0):
+    """The model (for ``objective``) and tokenizer (None when the checkpoint has none) of a checkpoint directory.
+
+    A head the checkpoint lacks (a classifier; the masked-LM head of a bare ``BertModel`` checkpoint) is
+    created from ``seed``, so the same head can be built again beside the adapter.
+    """
+    import transformers
 
     base = Path(base)
     if not (base / "config.json").is_file():
         raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
     if dtype not in DTYPES:
         raise S2RegError(f"unknown dtype {dtype!r} (fp32 or bf16)")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype]).to(device)
+    auto = getattr(transformers, objective.auto_class)
+    extra = {"num_labels": len(objective.labels)} if objective.kind == CLASSIFY else {}
+    torch.manual_seed(seed)
+    model = auto.from_pretrained(base, dtype=DTYPES[dtype], **extra).to(device)
+    return model, read_tokenizer(base)
+
+
+def read_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
     has_tokenizer = any((base / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    tokenizer = AutoTokenizer.from_pretrained(base) if has_tokenizer else None
-    return model, tokenizer
+    return AutoTokenizer.from_pretrained(base) if has_tokenizer else None
 
 
 def run_training(
@@ -67,15 +84,24 @@ def run_training(
     state_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_step: Callable[[Progress], None] = lambda _: None,
+    arch_file: str | os.PathLike | None = None,
 ) -> Run:
-    """Load ``base``, tokenise ``data``, prepare ``method`` ("s2ft" | "pisa"), train, export the adapter."""
+    """Load ``base``, tokenise ``data``, prepare ``method`` ("s2ft" | "pisa"), train, export the adapter.
+
+    The objective follows the model and the data (``train/objective.py``); ``arch_file`` is a family
+    description for a layout s2reg does not know (FORMAT: docs/families.md).
+    """
     train_config = train_config or TrainConfig()
     device = device or default_device()
     if not 0 <= eval_fraction < 1:
         raise S2RegError("--eval-fraction must be in [0, 1)")
     records = read_jsonl(data)
-    model, tokenizer = load_base(base, dtype, device)
-    examples = tokenize(records, tokenizer, max_length)
+    checkpoint_config = read_config(Path(base))
+    if checkpoint_config is None:
+        raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
+    objective = choose_objective(checkpoint_config, records)
+    model, tokenizer = load_base(base, dtype, device, objective, seed=train_config.seed)
+    examples = tokenize(records, tokenizer, max_length, objective, seed=train_config.seed)
     random.Random(train_config.seed).shuffle(examples)
     held = int(len(examples) * eval_fraction)
     eval_examples, train_examples = examples[:held], examples[held:]
@@ -88,9 +114,9 @@ def run_training(
             pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
             calibration = [{k: v.to(device) for k, v in collate(train_examples[i:i + 4], pad).items()}
                            for i in range(0, min(len(train_examples), 32), 4)]
-        prepared = prepare_s2ft(model, config, calibration=calibration)
+        prepared = prepare_s2ft(model, config, calibration=calibration, arch_file=arch_file)
     elif method == "pisa":
-        prepared = prepare_pisa(model, method_config or PISAConfig())
+        prepared = prepare_pisa(model, method_config or PISAConfig(), arch_file=arch_file)
     else:
         raise S2RegError(f"unknown method {method!r} (s2ft or pisa)")
     pad_id = 0
@@ -99,9 +125,10 @@ def run_training(
     result = train(model, train_examples, train_config, pad_id=pad_id, eval_examples=eval_examples or None,
                    state_dir=state_dir, resume=resume, on_step=on_step)
     training: dict[str, Any] = {
-        "method": method, "data": str(data), "examples": len(train_examples), "eval_examples": len(eval_examples),
+        "method": method, "objective": objective.as_json(), "data": str(data), "examples": len(train_examples),
+        "eval_examples": len(eval_examples),
         "dtype": dtype, "device": device, "max_length": max_length, **vars(train_config), **result.summary(),
     }
     with CheckpointSource(base) as stored:  # the adapter fits the checkpoint as stored (its dtypes)
         adapter = export_adapter(model, base=stored, base_name=base_name or str(Path(base).resolve()), training=training)
-    return Run(adapter, result, prepared.num_trainable, device)
+    return Run(adapter, result, prepared.num_trainable, device, objective)

@@ -1,46 +1,98 @@
-"""Which linear layers of a live model play which role (heads, kv groups, FFN channels).
+"""A live model seen through its family description: which checkpoint tensors hold which roles, and
+where each of them lives in memory.
 
-Names come from ``s2reg.arch`` (Llama, Mistral, Qwen2, Gemma; the BERT encoder family), matched
-against the model's own module names, so a model loaded with transformers is used as it is.
+The family description (``s2reg.arch``) speaks about CHECKPOINT tensors; ``layout.placements`` says
+where transformers keeps each of them in memory. Together they give, for every trainable coupled
+tensor, its layer, expert, roles and stored axis, and the parameter that computes with it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
-from ..arch import ModelInfo, detect
+from ..arch import ModelInfo, resolve
+from ..arch.model import Coupling
 from ..errors import S2RegError
+from .layout import Placement, placements, stored_name
 
 
 @dataclass(frozen=True)
+class Coupled:
+    """One trainable checkpoint tensor that holds heads or channels, and its home in memory."""
+
+    coupling: Coupling
+    placement: Placement
+
+    @property
+    def name(self) -> str:  # checkpoint name, with the in-memory model's prefix
+        return self.coupling.name
+
+    @property
+    def layer(self) -> int:
+        return self.coupling.layer
+
+    @property
+    def expert(self) -> str | None:
+        return self.coupling.expert
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self.coupling.roles
+
+    @property
+    def axis(self) -> str:
+        return self.coupling.axis
+
+
+@dataclass
 class ModelMap:
+    model: nn.Module
     info: ModelInfo
-    modules: dict[tuple[str, int], tuple[str, nn.Linear]]  # (role, layer) -> (module name, module)
+    coupled: dict[str, Coupled]
+    placements: dict[str, Placement]
 
-    def linear(self, role: str, layer: int) -> tuple[str, nn.Linear]:
-        try:
-            return self.modules[(role, layer)]
-        except KeyError:
-            raise S2RegError(f"the model has no {role} projection in layer {layer} ({self.info.arch.family})") from None
+    def tensors(self, role: str, layer: int, expert: str | None = None) -> list[Coupled]:
+        return [self.coupled[n] for n in self.info.tensors(role, layer, expert) if n in self.coupled]
+
+    def owner(self, parameter: str) -> tuple[nn.Module, str]:
+        """The module holding an in-memory parameter, and the parameter's attribute name."""
+        module_name, _, attr = parameter.rpartition(".")
+        return self.model.get_submodule(module_name), attr
+
+    def stored(self, name: str) -> str:
+        """A name from an adapter or the checkpoint, as this model's map spells it (prefix or not)."""
+        return stored_name(name, self.model, self.placements)
 
 
-def map_model(model: nn.Module) -> ModelMap:
-    """The role of every coupled linear layer; a clear error for an architecture s2reg does not know."""
+def _config(model: nn.Module) -> dict | None:
     config = getattr(model, "config", None)
-    config = config.to_dict() if hasattr(config, "to_dict") else config
-    try:
-        info = detect(config)
-    except S2RegError as exc:
-        raise S2RegError(f"{exc}; s2reg trains llama, mistral, qwen2, gemma and bert models out of the box, other "
-                         "architectures with PISA on modules named by --targets") from None
-    modules = {}
-    for name, module in model.named_modules():
-        found = info.arch.role_of(f"{name}.weight")
-        if found and isinstance(module, nn.Linear):
-            role, layer, _ = found
-            modules[(role, layer)] = (name, module)
-    if not modules:
-        raise S2RegError(f"no {info.arch.family} projections found by name in the model; name modules with --targets")
-    return ModelMap(info, modules)
+    return config.to_dict() if hasattr(config, "to_dict") else config
+
+
+def map_model(model: nn.Module, arch_file: str | Path | None = None) -> ModelMap:
+    """The coupled tensors of ``model``; a clear error for a layout no description covers."""
+    found = placements(model)
+    info = resolve(_config(model), {name: p.shape for name, p in found.items()}, arch_file=arch_file)
+    coupled = {}
+    for name, placement in found.items():
+        c = info.coupled(name)
+        if c is not None and not c.follower and c.part != "bias":
+            coupled[name] = Coupled(c, placement)
+    if not coupled:
+        raise S2RegError(f"no {info.family.name} projections found in the model; name modules with --targets (PISA)")
+    return ModelMap(model, info, coupled, found)
+
+
+def heads_to_kv(heads: Iterable[int], mapping: ModelMap) -> list[int]:
+    """The key/value heads that serve query heads ``heads`` (GQA: ``group`` query heads per kv head)."""
+    return sorted({h // mapping.info.dims.group for h in heads})
+
+
+def kv_to_heads(kv_heads: Iterable[int], mapping: ModelMap) -> list[int]:
+    """The query heads a key/value head serves."""
+    group = mapping.info.dims.group
+    return [h for kv in kv_heads for h in range(kv * group, (kv + 1) * group)]

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 class PISAConfig:
     """PISA hyper-parameters (spec/FORMAT.md §5; the PISA paper leaves these open).
 
-    ``roles`` (default q and v, like FourierFT) or explicit module ``targets`` (any model: module
-    names such as ``encoder.layer.0.attn.proj``) get ``coefficients`` trainable rfft2 coefficients
+    ``roles`` (default q and v, like FourierFT) or explicit module ``targets`` (any model: full module
+    names such as ``encoder.layer.0.attn.proj``, or short ones such as ``q_proj`` meaning every module
+    whose name ends with it) get ``coefficients`` trainable rfft2 coefficients
     per ``block x block`` tile at ``seed``-drawn positions. ``scale`` multiplies the inverse
     transform; by default ``block**2 / 100``, so a unit coefficient moves weights by about 0.02
     whatever the block size (irfft2 divides by the block area).

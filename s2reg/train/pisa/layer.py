@@ -11,10 +11,10 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...format.pisa import grid_of, half_width, reconstruct
+from ..matmul import matmul, matmul_kind
 
 
 def canonical_positions(block: tuple[int, int]) -> torch.Tensor:
@@ -34,8 +34,15 @@ def canonical_positions(block: tuple[int, int]) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
-def attach(linear: nn.Linear, block: tuple[int, int], k: int, scale: float, generator: torch.Generator) -> nn.Parameter:
-    """Give ``linear`` a trainable PISA delta of ``k`` coefficients per block; return the parameter."""
+def attach(linear: nn.Module, block: tuple[int, int], k: int, scale: float, generator: torch.Generator) -> nn.Parameter:
+    """Give the matmul layer ``linear`` a trainable PISA delta of ``k`` coefficients per block; return the parameter.
+
+    The delta lives on the STORED weight (``[in, out]`` for GPT-2's Conv1D), as the adapter does.
+    """
+    kind = matmul_kind(linear)
+    if kind is None:
+        raise ValueError(f"{type(linear).__name__} is not a matmul layer (nn.Linear or Conv1D)")
+    linear.pisa_transposed = kind == "conv1d"
     linear.weight.requires_grad_(False)
     shape = tuple(linear.weight.shape)
     blocks = grid_of(shape, block)[0] * grid_of(shape, block)[1]
@@ -54,7 +61,7 @@ def attach(linear: nn.Linear, block: tuple[int, int], k: int, scale: float, gene
 
 
 def is_attached(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and hasattr(module, "pisa_coefficients")
+    return hasattr(module, "pisa_coefficients")
 
 
 def block_delta(shape: tuple[int, int], block: tuple[int, int], indices: torch.Tensor, coefficients: torch.Tensor,
@@ -67,11 +74,12 @@ def block_delta(shape: tuple[int, int], block: tuple[int, int], indices: torch.T
 
 
 def pisa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coefficients: torch.Tensor,
-                indices: torch.Tensor, block: tuple[int, int], scale: float) -> torch.Tensor:
-    """``x @ (W + delta)^T + b`` in one matmul (a weight-sized temporary, instead of a second matmul)."""
+                indices: torch.Tensor, block: tuple[int, int], scale: float, transposed: bool = False) -> torch.Tensor:
+    """``x @ (W + delta)^T + b`` (``x @ (W + delta) + b`` for a transposed ``W``) in one matmul (a
+    weight-sized temporary, instead of a second matmul)."""
     precision = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
     d = block_delta(tuple(weight.shape), block, indices, coefficients, scale, precision)
-    return F.linear(x, weight + d.to(weight.dtype), bias)
+    return matmul(x, weight + d.to(weight.dtype), bias, transposed)
 
 
 def delta(linear: nn.Linear) -> torch.Tensor:
@@ -82,4 +90,4 @@ def delta(linear: nn.Linear) -> torch.Tensor:
 
 def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return pisa_linear(x, linear.weight, linear.bias, linear.pisa_coefficients, linear.pisa_indices, linear.pisa_block,
-                       linear.pisa_scale)
+                       linear.pisa_scale, linear.pisa_transposed)

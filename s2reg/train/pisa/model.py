@@ -1,13 +1,15 @@
-"""``prepare_pisa``: attach trainable block-FFT deltas to the chosen linear layers."""
+"""``prepare_pisa``: attach trainable block-FFT deltas to the chosen matmul layers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ...errors import S2RegError
+from ..matmul import matmul_kind
 from ..targets import map_model
 from .config import PISAConfig
 from .layer import attach
@@ -23,32 +25,53 @@ class PreparedPISA:
         return sum(p.numel() for p in self.parameters.values())
 
 
-def _chosen(model: nn.Module, config: PISAConfig) -> list[tuple[str, nn.Linear]]:
+def _matching(modules: dict[str, nn.Module], target: str) -> list[str]:
+    """Modules named ``target`` in full, or whose name ends with it (``q_proj``, ``self_attn.q_proj``)."""
+    if target in modules:
+        return [target]
+    return [name for name in modules if name.endswith(f".{target}")]
+
+
+def _chosen(model: nn.Module, config: PISAConfig, arch_file: str | Path | None) -> list[tuple[str, nn.Module]]:
+    matmuls = {n: m for n, m in model.named_modules() if matmul_kind(m) is not None}
+    layers = set(config.layers) if config.layers is not None else None
     if config.targets:
-        modules = dict(model.named_modules())
-        missing = [t for t in config.targets if not isinstance(modules.get(t), nn.Linear)]
-        if missing:
-            raise S2RegError(f"--targets: no linear module named {missing[0]!r} in the model")
-        return [(t, modules[t]) for t in config.targets]
-    mapping = map_model(model)
-    layers = config.layers if config.layers is not None else range(mapping.info.dims.layers)
-    return [mapping.linear(role, layer) for layer in layers for role in config.roles if (role, layer) in mapping.modules]
+        chosen: dict[str, nn.Module] = {}
+        for target in config.targets:
+            names = _matching(matmuls, target)
+            if not names:
+                raise S2RegError(f"--targets: no linear module named {target!r} (or ending in .{target}) in the model")
+            chosen.update((n, matmuls[n]) for n in names)
+        return sorted(chosen.items())
+    mapping = map_model(model, arch_file)
+    mapping.info.require_roles(config.roles)
+    chosen = {}
+    for c in mapping.coupled.values():
+        if not set(c.roles) & set(config.roles) or (layers is not None and c.layer not in layers):
+            continue
+        module_name, _, attr = c.placement.parameter.rpartition(".")
+        if c.placement.positions is not None or attr != "weight" or module_name not in matmuls:
+            raise S2RegError(f"{c.name} is part of {c.placement.parameter}, not a matmul layer of its own: "
+                             "PISA trains 2-D projections; name them with --targets")
+        chosen[module_name] = matmuls[module_name]
+    return sorted(chosen.items())
 
 
-def prepare_pisa(model: nn.Module, config: PISAConfig | None = None) -> PreparedPISA:
+def prepare_pisa(model: nn.Module, config: PISAConfig | None = None, *, arch_file: str | Path | None = None) -> PreparedPISA:
     """Freeze ``model`` and add trainable PISA coefficients (zero: the model is unchanged at first)."""
     config = config or PISAConfig()
     config.check()
-    chosen = _chosen(model, config)
+    chosen = _chosen(model, config, arch_file)
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     prepared = PreparedPISA(config)
-    for name, linear in chosen:
-        block = (min(config.block, linear.out_features), min(config.block, linear.in_features))
+    for name, module in chosen:
+        shape = tuple(module.weight.shape)
+        block = (min(config.block, shape[0]), min(config.block, shape[1]))
         try:
             prepared.parameters[f"{name}.pisa_coefficients"] = attach(
-                linear, block, config.coefficients, config.effective_scale, generator)
+                module, block, config.coefficients, config.effective_scale, generator)
         except ValueError as exc:
             raise S2RegError(f"{name}: {exc}") from None
     if not prepared.parameters:

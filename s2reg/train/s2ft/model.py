@@ -1,78 +1,159 @@
-"""``prepare_s2ft``: select heads and channels, and attach partial back-propagation to their slices."""
+"""``prepare_s2ft``: select heads and channels, and make exactly their slices trainable.
+
+Which stored indices a head or channel owns in which checkpoint tensor is the family description's
+business (``s2reg.arch``: fused, interleaved, transposed, per-expert layouts); where that tensor lives
+in memory is ``train/layout.py``'s. A checkpoint tensor that a matmul layer computes with directly gets
+partial back-propagation on its row or column slice; any other (an expert inside a fused 3-D
+parameter) gets a slice at flat positions of its parameter.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ...errors import S2RegError
+from ..layout import Placement
+from ..matmul import matmul_kind
 from ..select import select
-from ..targets import ModelMap, map_model
+from ..targets import Coupled, ModelMap, heads_to_kv, map_model
 from .config import CHANNEL_ROLES, HEAD_ROLES, S2FTConfig
-from .layer import attach
+from .layer import attach, attach_positions
 
-AXIS = {"q": "rows", "k": "rows", "v": "rows", "o": "columns", "up": "rows", "gate": "rows", "down": "columns"}
+
+@dataclass(frozen=True)
+class TrainedSlice:
+    """One checkpoint tensor's trained slice: what export turns into an adapter target."""
+
+    name: str          # checkpoint name as the model in memory spells it
+    roles: tuple[str, ...]
+    axis: str
+    indices: torch.Tensor
+    group_size: int | None
+    placement: Placement
+    parameter: str     # the trainable parameter's name in the model
+    offset: int | None  # flat-position slices: where this tensor's values start in ``parameter``
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The slice's shape on the stored tensor."""
+        shape = list(self.placement.shape)
+        shape[0 if self.axis == "rows" else 1] = self.indices.numel()
+        return tuple(shape)
+
+    def stored_value(self, model: nn.Module) -> torch.Tensor:
+        return self.placement.stored_value(model)
 
 
 @dataclass
 class PreparedS2FT:
-    """What ``prepare_s2ft`` did: the selection, and the trainable parameters by module name."""
+    """What ``prepare_s2ft`` did: the selection, the trainable parameters by name, the trained slices."""
 
     config: S2FTConfig
-    selection: dict[int, dict[str, list[int]]]
+    selection: dict[int, dict]
     parameters: dict[str, nn.Parameter] = field(default_factory=dict)
-    group_sizes: dict[str, int] = field(default_factory=dict)
+    slices: dict[str, TrainedSlice] = field(default_factory=dict)
 
     @property
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters.values())
 
+    @property
+    def group_sizes(self) -> dict[str, int]:
+        return {name: s.group_size for name, s in self.slices.items() if s.group_size}
 
-def _indices(role: str, units: dict[str, list[int]], mapping: ModelMap) -> torch.Tensor | None:
-    dims = mapping.info.dims
-    if role in CHANNEL_ROLES:
-        chosen = units.get("channels") or []
-        return torch.tensor(chosen, dtype=torch.long) if chosen else None
-    heads = units.get("heads") or []
-    if not heads:
+
+def _roles(config: S2FTConfig, mapping: ModelMap) -> tuple[str, ...]:
+    has = set(mapping.info.roles)
+    if config.heads:
+        mapping.info.require_roles([r for r in (config.roles or ("o",)) if r in HEAD_ROLES] or ["o"])
+    if config.roles is None:  # the paper's output side of what was asked for
+        return (("o",) if config.heads else ()) + (("down",) if config.channels and "down" in has else ())
+    mapping.info.require_roles(config.roles)
+    return tuple(config.roles)
+
+
+def _units(role: str, c: Coupled, chosen: dict, mapping: ModelMap) -> list[int]:
+    if role in HEAD_ROLES:
+        heads = chosen.get("heads") or []
+        return heads_to_kv(heads, mapping) if role in ("k", "v") else list(heads)
+    channels = chosen.get("channels") or []
+    return list(channels.get(c.expert, [])) if isinstance(channels, dict) else list(channels)
+
+
+def _group_size(c: Coupled, roles: set[str], indices: torch.Tensor, mapping: ModelMap) -> int | None:
+    """``head_dim`` when the slice reads as whole heads (FORMAT §4.1 group_size), else None."""
+    hd = mapping.info.dims.head_dim
+    if not roles or not roles <= set(HEAD_ROLES) or not hd:
         return None
-    blocks = sorted({h // dims.group for h in heads}) if role in ("k", "v") else heads
-    rows = torch.tensor(blocks, dtype=torch.long)[:, None] * dims.head_dim + torch.arange(dims.head_dim)
-    return rows.reshape(-1)
+    length = c.placement.shape[0 if c.axis == "rows" else 1]
+    ids = set(indices.tolist())
+    whole = length % hd == 0 and all(g * hd + j in ids for g in {i // hd for i in ids} for j in range(hd))
+    return hd if whole else None
 
 
-def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibration=None) -> PreparedS2FT:
+def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibration=None,
+                 arch_file: str | Path | None = None) -> PreparedS2FT:
     """Freeze ``model`` except the S2FT slices chosen by ``config``; return the selection and parameters.
 
-    Every other parameter gets ``requires_grad=False``; the slices become parameters named
-    ``<module>.s2ft_slice``, so ``[p for p in model.parameters() if p.requires_grad]`` is exactly
-    what to give an optimizer.
+    Every other parameter gets ``requires_grad=False``; the slices become new parameters (named
+    ``<module>.s2ft_slice`` on matmul layers, ``<module>.s2ft_<param>`` on fused experts), so
+    ``[p for p in model.parameters() if p.requires_grad]`` is exactly what to give an optimizer.
     """
     config = config or S2FTConfig()
     config.check()
-    mapping = map_model(model)
-    dims = mapping.info.dims
-    layers = config.layers if config.layers is not None else list(range(dims.layers))
-    if any(not 0 <= i < dims.layers for i in layers):
-        raise S2RegError(f"layers {layers} out of range 0..{dims.layers - 1}")
+    mapping = map_model(model, arch_file)
+    roles = _roles(config, mapping)
+    layers_total = mapping.info.dims.layers
+    layers = config.layers if config.layers is not None else list(range(layers_total))
+    if any(not 0 <= i < layers_total for i in layers):
+        raise S2RegError(f"layers {layers} out of range 0..{layers_total - 1}")
     for p in model.parameters():
         p.requires_grad_(False)
-    counts = {"heads": config.heads, "channels": config.channels}
+    counts = {"heads": config.heads if set(roles) & set(HEAD_ROLES) else 0,
+              "channels": config.channels if set(roles) & set(CHANNEL_ROLES) else 0}
+    if not any(counts.values()):
+        raise S2RegError(f"nothing to train: roles {list(roles)} need {'heads' if not config.heads else 'channels'}")
     selection = select(model, mapping, layers=layers, counts=counts, strategy=config.strategy, order=config.order,
                        seed=config.seed, exclude=config.exclude, calibration=calibration)
     prepared = PreparedS2FT(config, selection)
+    wanted: dict[str, tuple[Coupled, set[str], torch.Tensor]] = {}
     for layer in layers:
-        for role in config.roles:
-            indices = _indices(role, selection[layer], mapping)
-            if indices is None or (role, layer) not in mapping.modules:
-                continue
-            name, linear = mapping.linear(role, layer)
-            prepared.parameters[f"{name}.s2ft_slice"] = attach(linear, AXIS[role], indices)
-            if role in HEAD_ROLES:
-                prepared.group_sizes[f"{name}.weight"] = dims.head_dim
-    if not prepared.parameters:
-        raise S2RegError(f"nothing to train: roles {list(config.roles)} have no selected heads/channels")
+        for role in roles:
+            for c in (c for e in dict.fromkeys([None, *mapping.info.experts(layer)]) for c in mapping.tensors(role, layer, e)):
+                units = _units(role, c, selection[layer], mapping)
+                if not units:
+                    continue
+                indices = mapping.info.unit_indices(c.name, role, units).long()
+                _, had_roles, had = wanted.get(c.name, (c, set(), torch.empty(0, dtype=torch.long)))
+                wanted[c.name] = (c, had_roles | {role}, torch.cat([had, indices]).unique(sorted=True))
+    if not wanted:
+        raise S2RegError(f"nothing to train: roles {list(roles)} have no selected heads/channels")
+    carried: dict[str, list[tuple[Coupled, set[str], torch.Tensor]]] = {}
+    for name, (c, trained_roles, indices) in wanted.items():
+        module, attr = mapping.owner(c.placement.parameter)
+        group = _group_size(c, trained_roles, indices, mapping)
+        if c.placement.positions is None and attr == "weight" and matmul_kind(module) is not None:
+            parameter = f"{c.placement.parameter.rpartition('.')[0]}.s2ft_slice"
+            prepared.parameters[parameter] = attach(module, c.axis, indices)
+            prepared.slices[name] = TrainedSlice(name, tuple(sorted(trained_roles)), c.axis, indices, group, c.placement,
+                                                 parameter, None)
+        else:
+            carried.setdefault(c.placement.parameter, []).append((c, trained_roles, indices))
+    for parameter, tensors in carried.items():  # one trainable vector per parameter, all its tensors' slices
+        module, attr = mapping.owner(parameter)
+        positions, offset = [], 0
+        trainable = f"{parameter.rpartition('.')[0]}.s2ft_{attr}"
+        for c, trained_roles, indices in tensors:
+            flat = c.placement.slice_positions(c.axis, indices).reshape(-1)
+            prepared.slices[c.name] = TrainedSlice(c.name, tuple(sorted(trained_roles)), c.axis, indices,
+                                                   _group_size(c, trained_roles, indices, mapping), c.placement,
+                                                   trainable, offset)
+            positions.append(flat)
+            offset += flat.numel()
+        prepared.parameters[trainable] = attach_positions(module, attr, torch.cat(positions))
     model.s2reg_prepared = prepared
     return prepared

@@ -1,0 +1,160 @@
+"""S2FT on every kind of stored layout: separate projections with GQA and biases (qwen2), fused
+``qkv_proj``/``gate_up_proj`` (phi3), per-head interleaved ``query_key_value`` (gpt_neox), GPT-2's
+transposed ``Conv1D``, MoE experts that transformers fuses into 3-D parameters (mixtral, qwen2_moe),
+and encoders saved with and without the ``bert.`` prefix.
+
+References are independent of the code under test: float64 full autograd of an untouched copy of the
+model (restricted to the trained slices through transformers' own reverse conversion, i.e. the
+coordinates ``save_pretrained`` writes), and transformers loading the merged checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import s2reg
+from s2reg.errors import S2RegError
+from s2reg.tensors import CheckpointSource
+from s2reg.train import PISAConfig, S2FTConfig, export_adapter, prepare_pisa, prepare_s2ft
+from s2reg.train.layout import placements
+from s2reg.train.targets import map_model
+
+from ..families import zoo
+
+LAYOUTS = ["qwen2", "phi3", "gpt_neox", "gpt2", "mixtral", "qwen2_moe", "bert", "bert_model"]
+
+
+def _loss(model, inputs) -> torch.Tensor:
+    out = zoo.outputs(model, inputs)
+    return (out.double() * torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)).sin().sum()
+
+
+def _slice_of_full_gradient(reference: torch.nn.Module, trained) -> torch.Tensor:
+    """The reference model's full gradient at a trained slice, in checkpoint coordinates."""
+    full = dict(reference.named_parameters())[trained.placement.parameter].grad
+    positions = trained.placement.slice_positions(trained.axis, trained.indices).reshape(-1)
+    return full.reshape(-1)[positions].reshape(trained.shape)
+
+
+def _trained_gradient(model: torch.nn.Module, trained) -> torch.Tensor:
+    grad = model.get_parameter(trained.parameter).grad
+    if trained.offset is None:
+        return grad
+    count = int(torch.Size(trained.shape).numel())
+    return grad[trained.offset:trained.offset + count].reshape(trained.shape)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_slice_gradients_equal_float64_autograd_restricted_to_the_slices(name):
+    species = zoo.SPECIES[name]
+    model = zoo.build_model(species).double()
+    if any(n.endswith(".experts") for n, _ in model.named_modules()):
+        model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    reference = copy.deepcopy(model)
+    roles = map_model(model).info.roles
+    prepared = prepare_s2ft(model, S2FTConfig(heads=2, channels=3, roles=roles, seed=1))
+    assert {r for s in prepared.slices.values() for r in s.roles} == set(roles)  # every role of the family trains
+    for p in reference.parameters():
+        p.requires_grad_(True)
+    inputs = zoo.example_inputs(species)
+    _loss(reference, inputs).backward()
+    _loss(model, inputs).backward()
+    assert len(prepared.slices) >= len(roles) * model.config.num_hidden_layers // 3
+    for trained in prepared.slices.values():
+        expected = _slice_of_full_gradient(reference, trained)
+        assert float(expected.abs().max()) > 0, trained.name
+        torch.testing.assert_close(_trained_gradient(model, trained), expected, rtol=1e-10, atol=1e-13)
+    frozen = [n for n, p in model.named_parameters() if p.grad is not None and n not in prepared.parameters]
+    assert frozen == []
+
+
+def _checkpoint_names(directory) -> set[str]:
+    names = set()
+    for file in directory.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_export_names_checkpoint_tensors_and_the_merge_reproduces_the_trained_model(tmp_path, name):
+    species = zoo.SPECIES[name]
+    base = zoo.build(species, tmp_path / "base")
+    model = zoo.load(species, base)
+    roles = map_model(model).info.roles
+    prepare_s2ft(model, S2FTConfig(heads=1, channels=4, roles=roles, seed=2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for step in range(2):
+        _loss(model, zoo.example_inputs(species, seed=step)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    inputs = zoo.example_inputs(species, seed=9)
+    with torch.no_grad():
+        trained = zoo.outputs(model, inputs)
+    with CheckpointSource(base) as source:
+        adapter = export_adapter(model, base=source)
+    assert set(adapter.targets) <= _checkpoint_names(base)  # per-expert names, the checkpoint's own prefix
+    assert all(float(t.delta.abs().max()) > 0 for t in adapter.targets.values())
+    s2reg.merge(base, [adapter], tmp_path / "merged")
+    merged = zoo.load(species, tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.outputs(merged, inputs), trained, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(zoo.outputs(zoo.load(species, base), inputs), trained)
+
+
+def test_moe_placements_match_what_save_pretrained_writes(tmp_path):
+    species = zoo.SPECIES["mixtral"]
+    base = zoo.build(species, tmp_path / "base")
+    model = zoo.load(species, base)
+    found = placements(model)
+    with CheckpointSource(base) as source:
+        assert set(found) == set(source.names())
+        for name, placement in found.items():
+            assert torch.equal(placement.stored_value(model), source.get(name)), name
+    fused = {p.parameter for n, p in found.items() if ".experts." in n}
+    assert fused == {f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")}
+
+
+def test_roles_a_family_lacks_are_refused_in_one_line():
+    bert = zoo.build_model(zoo.SPECIES["bert"])
+    with pytest.raises(S2RegError, match="no 'gate' projection") as info:
+        prepare_s2ft(bert, S2FTConfig(channels=2, roles=("up", "gate")))
+    assert "\n" not in str(info.value)
+    deepseek = zoo.build_model(zoo.SPECIES["deepseek_v3"])
+    with pytest.raises(S2RegError, match="no 'o' projection") as info:
+        prepare_s2ft(deepseek, S2FTConfig(heads=1, channels=2))
+    assert "\n" not in str(info.value)
+    prepared = prepare_s2ft(deepseek, S2FTConfig(heads=0, channels=2, roles=("up", "gate", "down")))
+    assert {r for s in prepared.slices.values() for r in s.roles} == {"up", "gate", "down"}
+    assert any(".experts." in n for n in prepared.slices) and any(".shared_experts." in n for n in prepared.slices)
+
+
+@pytest.mark.parametrize(("name", "targets", "modules"), [
+    ("llama", ("q_proj", "v_proj"), 4),
+    ("llama", ("model.layers.1.self_attn.q_proj", "mlp.down_proj"), 3),
+    ("gpt2", ("c_attn",), 2),
+])
+def test_pisa_targets_take_short_or_full_module_names_and_merge_exactly(tmp_path, name, targets, modules):
+    species = zoo.SPECIES[name]
+    base = zoo.build(species, tmp_path / "base")
+    model = zoo.load(species, base)
+    prepared = prepare_pisa(model, PISAConfig(block=16, coefficients=3, targets=targets))
+    assert len(prepared.parameters) == modules
+    with torch.no_grad():
+        for p in prepared.parameters.values():
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+    inputs = zoo.example_inputs(species)
+    with torch.no_grad():
+        trained = zoo.outputs(model, inputs)
+    with CheckpointSource(base) as source:
+        adapter = export_adapter(model, base=source)
+    s2reg.merge(base, [adapter], tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.outputs(zoo.load(species, tmp_path / "merged"), inputs), trained,
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(S2RegError, match="no linear module named 'nope_proj'"):
+        prepare_pisa(zoo.load(species, base), PISAConfig(targets=("nope_proj",)))
