@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .arch import LLAMA, detect
+from .arch import resolve_source
 from .format import Adapter, PISAAdapter, S2FTAdapter, load
 from .ops.describe import describe
 from .ops.fuse import fuse
@@ -32,31 +32,33 @@ Step = Callable[[str], None]
 
 def known_s2ft(source: CheckpointSource, seed: int = 0) -> S2FTAdapter:
     """Heads 0 and 2 of every layer (q rows, o columns) and FFN channels 8..15 (down columns)."""
-    dims = detect(source.config()).dims
+    info = resolve_source(source)
+    dims = info.dims
     g = torch.Generator().manual_seed(seed)
-    heads = torch.tensor([0, 2])
-    head_rows = (heads[:, None] * dims.head_dim + torch.arange(dims.head_dim)).reshape(-1)
-    channels = torch.arange(8, 16)
+    heads, channels = [0, 2], list(range(8, 16))
     slices, groups = {}, {}
     for layer in range(dims.layers):
-        q, o, down = (LLAMA.tensor(role, layer) for role in ("q", "o", "down"))
-        slices[q] = ("rows", head_rows, torch.randn(len(head_rows), dims.hidden, generator=g) * 0.02)
-        slices[o] = ("columns", head_rows, torch.randn(dims.hidden, len(head_rows), generator=g) * 0.02)
-        slices[down] = ("columns", channels, torch.randn(dims.hidden, len(channels), generator=g) * 0.02)
-        groups[q] = groups[o] = dims.head_dim
+        for role, units in (("q", heads), ("o", heads), ("down", channels)):
+            (name,) = info.tensors(role, layer)
+            axis = info.coupled(name).axis
+            indices = info.unit_indices(name, role, units)
+            shape = (len(indices), dims.hidden) if axis == "rows" else (dims.hidden, len(indices))
+            slices[name] = (axis, indices, torch.randn(*shape, generator=g) * 0.02)
+            if role != "down":
+                groups[name] = dims.head_dim
     return S2FTAdapter.from_slices(source, slices, base_name="s2reg-demo/tiny-llama", group_sizes=groups,
-                                   params={"heads": heads.tolist(), "channels": channels.tolist()})
+                                   params={"heads": heads, "channels": channels})
 
 
 def known_pisa(source: CheckpointSource, seed: int = 1, block: int = 16, k: int = 8) -> PISAAdapter:
     """``k`` random half-plane coefficients per ``block x block`` block of every q and v projection."""
-    dims = detect(source.config()).dims
+    info = resolve_source(source)
     g = torch.Generator().manual_seed(seed)
     positions = block * (block // 2 + 1)
     coefficients = {}
-    for layer in range(dims.layers):
+    for layer in range(info.dims.layers):
         for role in ("q", "v"):
-            name = LLAMA.tensor(role, layer)
+            (name,) = info.tensors(role, layer)
             rows, cols = source.shape(name)
             blocks = -(-rows // block) * -(-cols // block)
             idx = torch.stack([torch.randperm(positions, generator=g)[:k] for _ in range(blocks)])

@@ -35,3 +35,9 @@ class AdapterType(click.ParamType):
 
 def adapter_argument(name: str, **kwargs):
     return click.argument(name, type=AdapterType(), **kwargs)
+
+
+arch_option = click.option(
+    "--arch", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Family description (JSON; docs/families.md) for a layout s2reg does not know; default: "
+         "s2reg-arch.json beside the checkpoint, else the built-in families.")

@@ -19,7 +19,7 @@ from ..surgery import (
 )
 from ..tensors import CheckpointSource
 from . import render
-from .common import AdapterType, json_option
+from .common import AdapterType, arch_option, json_option
 
 checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 adapters_argument = click.argument("adapters", type=AdapterType(), nargs=-1, required=True)
@@ -130,39 +130,51 @@ def _selection(value: str):
 @click.option("--plan", "plan_from", required=True, help="Adapter (its heads/channels) or selection JSON file.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@arch_option
 @json_option
-def permute_command(checkpoint, plan_from, output, force, as_json) -> None:
+def permute_command(checkpoint, plan_from, output, force, arch, as_json) -> None:
     """Co-permute heads and FFN channels so the planned selection is contiguous.
 
-    q/k/v rows move with o columns per head (GQA-aware: a query head stays with its key/value
-    group), up/gate rows with down columns per channel. The model's outputs do not change;
-    the permutation is recorded in the output, and `s2reg unpermute` restores the original bit for bit.
+    Every tensor holding a head moves with it (q/k/v output units, o input units, their biases,
+    per-head norms; fused, interleaved and transposed layouts as the family description says;
+    GQA-aware: a query head stays with its key/value group); FFN channels move in up/gate and
+    down (per expert in MoE layers). The model's outputs do not change; the permutation is
+    recorded in the output, and `s2reg unpermute` restores the original bit for bit.
+
+    \b
+    A selection file: {"heads": {"0": [1, 3]}, "channels": {"0": [5, 9], "1": {"2": [4]}}}
+    (an MoE layer's channels per expert id, e.g. "2" or "shared").
     """
     with render.progress() as bar:
         task = bar.add_task("permute", total=_count(checkpoint))
-        report = permute_checkpoint(checkpoint, _selection(plan_from), output, overwrite=force,
+        report = permute_checkpoint(checkpoint, _selection(plan_from), output, arch_file=arch, overwrite=force,
                                     progress=lambda name: bar.update(task, advance=1, description=name))
     if as_json:
         render.emit_json(report)
-    else:
-        render.console.print(f"[green]permuted[/] {report['layers_permuted']} layer(s) -> {output}")
+        return
+    if report["note"]:
+        render.console.print(f"[yellow]note[/]: {report['note']}")
+    render.console.print(f"[green]permuted[/] {report['layers_permuted']} layer(s), {report['tensors_changed']} tensor(s) "
+                         f"changed ({report['family']} layout) -> {output}")
 
 
 @click.command("unpermute")
 @checkpoint_argument
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@arch_option
 @json_option
-def unpermute_command(checkpoint, output, force, as_json) -> None:
+def unpermute_command(checkpoint, output, force, arch, as_json) -> None:
     """Write a permuted checkpoint back in its original order (bit-identical to the original)."""
     with render.progress() as bar:
         task = bar.add_task("unpermute", total=_count(checkpoint))
-        report = unpermute_checkpoint(checkpoint, output, overwrite=force,
+        report = unpermute_checkpoint(checkpoint, output, arch_file=arch, overwrite=force,
                                       progress=lambda name: bar.update(task, advance=1, description=name))
     if as_json:
         render.emit_json(report)
     else:
-        render.console.print(f"[green]restored[/] {report['layers_restored']} layer(s) -> {output}")
+        render.console.print(f"[green]restored[/] {report['layers_restored']} layer(s), {report['tensors_changed']} "
+                             f"tensor(s) changed -> {output}")
 
 
 COMMANDS = [merge_command, unmerge_command, recover_command, permute_command, unpermute_command]

@@ -193,3 +193,46 @@ class PISATarget:
             scale=float(scale),
             extra={k_: v for k_, v in entry.items() if k_ not in known},
         )
+
+
+# -- the inverse of reconstruct: the best coefficients for a given dense delta --------------------
+
+def _keep_masks(block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per half-plane position: energy weight of one stored coefficient, and its value multiplier.
+
+    Interior positions stand for a conjugate pair (weight 2). In the self-conjugate columns
+    (v = 0 and the Nyquist column) positions u and -u are one pair: the canonical one
+    (u <= bh/2) is stored with twice the value so that FORMAT §5.3's Hermitian part restores
+    both; its mirror gets weight 0; the self-paired points (u = -u) have weight 1.
+    """
+    bh, bw = block
+    hw = half_width(block)
+    weight = torch.full((bh, hw), 2.0)
+    multiplier = torch.ones(bh, hw)
+    for v in [0] + ([bw // 2] if bw % 2 == 0 and bw > 1 else []):
+        for u in range(bh):
+            mirror = (-u) % bh
+            if u == mirror:
+                weight[u, v] = 1.0
+            elif u < mirror:
+                multiplier[u, v] = 2.0
+            else:
+                weight[u, v] = 0.0
+    return weight.reshape(-1), multiplier.reshape(-1)
+
+
+def pisa_top_k(delta: torch.Tensor, block: tuple[int, int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k`` coefficients per block (in Frobenius norm): ``(indices, complex values)``."""
+    bh, bw = block
+    gr, gc = grid_of(tuple(delta.shape), block)
+    padded = torch.zeros(gr * bh, gc * bw, dtype=torch.float64)
+    padded[: delta.shape[0], : delta.shape[1]] = delta.to(torch.float64)
+    blocks = padded.reshape(gr, bh, gc, bw).permute(0, 2, 1, 3).reshape(gr * gc, bh, bw)
+    spectrum = torch.fft.rfft2(blocks).reshape(gr * gc, -1)
+    weight, multiplier = _keep_masks(block)
+    available = int((weight > 0).sum())
+    if not 1 <= k <= available:
+        raise ShapeError(f"budget {k} is out of range: a {bh}x{bw} block has {available} independent coefficients")
+    indices = (spectrum.abs() ** 2 * weight).topk(k, dim=1).indices
+    values = spectrum.gather(1, indices) * multiplier[indices]
+    return indices, values.to(torch.complex64)

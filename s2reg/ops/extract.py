@@ -1,27 +1,34 @@
 """``extract``: recover a compact adapter from a base checkpoint and a fine-tuned one.
 
 Both checkpoints are read one tensor at a time (never two whole models in memory). S2FT
-extraction is exact: the adapter merged into BASE reproduces TUNED bit for bit. PISA extraction
-keeps the largest rfft2 coefficients per block and reports the relative error it leaves.
+extraction is exact: the adapter merged into BASE reproduces TUNED bit for bit (after undoing a
+detected co-permutation, the model's function). Which rows or columns make a head or channel is the
+family description's business (``s2reg.arch``). PISA extraction keeps the largest rfft2 coefficients
+per block (``format.pisa.pisa_top_k``) and reports the relative error it leaves.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from ..arch import ROLES, detect, find_role
+from ..arch import ArchError, ModelInfo, resolve_source
 from ..errors import BaseMismatch, S2RegError, ShapeError
-from ..format import PISAAdapter, S2FTAdapter
-from ..format.pisa import grid_of, half_width, reconstruct
+from ..format import Adapter, PISAAdapter, S2FTAdapter, dtypes
+from ..format.pisa import pisa_top_k, reconstruct
 from ..format.s2ft import take
-from .permute import LayerPermutation, Permutation, permute_tensor
+from ..tensors import PermutedView
+from .detect_permutation import detect_permutation, relocated_units
+from .permute import Permutation
 
 Progress = Callable[[str], None]
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+NOISE_ULPS = 2          # a change of at most this many units in the last place is rounding noise
+NOISE_REFUSE_RATIO = 10  # refuse an adapter this many times larger than its real (non-noise) changes
 
 
 @dataclass
@@ -37,6 +44,9 @@ class TensorChange:
     count: int = 0
     stored: int = 0
     rel_error: float | None = None
+    noise: int = 0            # stored rows/columns whose change is only rounding noise (<= NOISE_ULPS)
+    needs_fraction: float | None = None  # the --max-fraction that would admit this coupled slice
+    relocated: int = 0        # changed units whose tuned bytes equal another unit of the base
 
     @property
     def changed_fraction(self) -> float:
@@ -48,6 +58,9 @@ class ExtractReport:
     kind: str
     changes: list[TensorChange] = field(default_factory=list)
     unchanged: int = 0
+    family: str | None = None
+    note: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def unstructured(self) -> list[TensorChange]:
@@ -56,9 +69,21 @@ class ExtractReport:
     def as_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "family": self.family,
+            "note": self.note,
             "unchanged": self.unchanged,
+            "warnings": self.warnings,
             "changes": [{**asdict(c), "changed_fraction": c.changed_fraction} for c in self.changes],
         }
+
+
+@dataclass
+class ExtractResult:
+    """What an extraction made: the adapter, the per-tensor report, and the co-permutation undone (if any)."""
+
+    adapter: Adapter
+    report: ExtractReport
+    permutation: Permutation | None = None
 
 
 class ExtractRefused(S2RegError):
@@ -76,11 +101,13 @@ def _pairs(base, tuned, progress: Progress | None):
         only_base, only_tuned = sorted(names - other)[:5], sorted(other - names)[:5]
         raise BaseMismatch(f"the checkpoints hold different tensors (only in base: {only_base}, only in tuned: {only_tuned})")
     for name in sorted(names):
-        if tuple(base.shape(name)) != tuple(tuned.shape(name)) or base.dtype(name) != tuned.dtype(name):
-            raise ShapeError(
-                f"{name}: base is {list(base.shape(name))} {base.dtype(name)}, tuned is "
-                f"{list(tuned.shape(name))} {tuned.dtype(name)}; extract needs checkpoints of the same shapes"
-            )
+        if tuple(base.shape(name)) != tuple(tuned.shape(name)):
+            raise ShapeError(f"{name}: base is {list(base.shape(name))}, tuned is {list(tuned.shape(name))}; "
+                             "extract needs checkpoints of the same shapes")
+        if base.dtype(name) != tuned.dtype(name):
+            raise ShapeError(f"the tuned checkpoint has a different dtype than the base ({name}: "
+                             f"{dtypes.name_of(tuned.dtype(name))} vs {dtypes.name_of(base.dtype(name))}); save it in "
+                             f"{dtypes.name_of(base.dtype(name))} before extracting")
         if progress:
             progress(name)
         yield name, base.get(name), tuned.get(name)
@@ -101,137 +128,188 @@ def _changes(base, tuned, report: ExtractReport, progress: Progress | None):
             report.unchanged += 1
 
 
-def _head_dim(base) -> int | None:
-    config = base.config() if hasattr(base, "config") else None
-    try:
-        return detect(config).dims.head_dim
-    except (S2RegError, KeyError):
-        return None
+def _noise_mask(b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Elements whose change is at most NOISE_ULPS units in the last place, sign kept (a rounding round trip)."""
+    bits = _BITS[b.dtype]
+    ib, it = b.view(bits).to(torch.int64), t.view(bits).to(torch.int64)
+    return ((ib < 0) == (it < 0)) & ((ib - it).abs() <= NOISE_ULPS)
 
 
-def _slice_of(mask: torch.Tensor, natural_axis: str | None) -> tuple[str, torch.Tensor]:
+def _slices_along(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Indices along ``dim`` where ``mask`` has any True."""
+    if mask.dim() == 1:
+        return mask.nonzero().reshape(-1)
+    return mask.movedim(dim, 0).reshape(mask.shape[dim], -1).any(1).nonzero().reshape(-1)
+
+
+def _cheapest_slice(mask: torch.Tensor, prefer: str | None) -> tuple[str, torch.Tensor]:
     """The axis and indices of the smallest row or column slice that covers every change."""
     if mask.dim() != 2:
-        flat = mask.reshape(mask.shape[0], -1).any(1) if mask.dim() > 1 else mask
-        return "rows", flat.nonzero().reshape(-1)
-    rows, cols = mask.any(1).nonzero().reshape(-1), mask.any(0).nonzero().reshape(-1)
+        return "rows", _slices_along(mask, 0)
+    rows, cols = _slices_along(mask, 0), _slices_along(mask, 1)
     row_cost, col_cost = rows.numel() * mask.shape[1], cols.numel() * mask.shape[0]
-    if row_cost < col_cost or (row_cost == col_cost and natural_axis != "columns"):
+    if row_cost < col_cost or (row_cost == col_cost and prefer != "columns"):
         return "rows", rows
     return "columns", cols
 
 
-def _whole_groups(indices: torch.Tensor, size: int) -> torch.Tensor:
-    groups = torch.unique(indices // size)
-    return (groups[:, None] * size + torch.arange(size)).reshape(-1)
+def _unit_share(info: ModelInfo, name: str, indices: torch.Tensor) -> tuple[int, int]:
+    """``(selected, total)`` units of a coupled slice; attention is counted in key/value groups (GQA)."""
+    worst = (0, 1)
+    for role, units in info.units_of(name, indices).items():
+        total = info.unit_count(name, role)
+        if role in ("q", "o"):
+            units, total = sorted({u // info.dims.group for u in units}), info.dims.kv_heads
+        if len(units) / total > worst[0] / worst[1]:
+            worst = (len(units), total)
+    return worst
 
 
-def extract_s2ft(
-    base,
-    tuned,
-    *,
-    base_name: str,
-    allow_dense: bool = False,
-    max_fraction: float = 0.5,
-    progress: Progress | None = None,
-) -> tuple[S2FTAdapter, ExtractReport]:
+def _allowed(selected: int, total: int, max_fraction: float) -> bool:
+    # Units are whole: a share is admitted when it is within max_fraction rounded up to a whole unit.
+    return selected <= max(1, math.ceil(max_fraction * total - 1e-9))
+
+
+def _resolve(base, arch_file) -> tuple[ModelInfo | None, str | None]:
+    try:
+        return resolve_source(base, arch_file), None
+    except ArchError as e:
+        return None, str(e)
+
+
+def _analyse(name: str, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, info: ModelInfo | None,
+             max_fraction: float) -> tuple[TensorChange, str, torch.Tensor, int | None]:
+    """The slice that stores a change, and whether it is a selection of heads or channels."""
+    c = info.coupled(name) if info else None
+    group = None
+    if c is not None and c.dim < mask.dim():
+        indices = info.whole_units(name, _slices_along(mask, c.dim))
+        selected, total = _unit_share(info, name, indices)
+        axis, fits = c.axis, _allowed(selected, total, max_fraction)
+        cheaper_axis, cheaper = _cheapest_slice(mask, c.axis)
+        if not fits and cheaper.numel() * _slice_size(b, cheaper_axis) <= max_fraction * b.numel():
+            axis, indices, fits = cheaper_axis, cheaper, True  # a few rows across units: a plain slice
+        elif set(c.roles) <= {"q", "k", "v", "o"} and not c.follower and _aligned(info, name, indices):
+            group = info.dims.head_dim
+        change = TensorChange(name, list(b.shape), int(mask.sum()), b.numel(), fits, axis, indices.numel(),
+                              indices.numel() * _slice_size(b, axis))
+        if not fits:
+            change.needs_fraction = math.ceil(100 * selected / total) / 100
+    else:
+        axis, indices = _cheapest_slice(mask, None)
+        change = TensorChange(name, list(b.shape), int(mask.sum()), b.numel(), False, axis, indices.numel(),
+                              indices.numel() * _slice_size(b, axis))
+    if b.dtype in _BITS:
+        dim = ("rows", "columns").index(axis)
+        real = mask & ~_noise_mask(b, t)
+        change.noise = int(indices.numel() - _slices_along(real, dim).numel()) if b.dim() > dim else 0
+    return change, axis, indices, group
+
+
+def _slice_size(tensor: torch.Tensor, axis: str) -> int:
+    """Elements in one row (or column) of ``tensor``."""
+    return tensor.numel() // max(1, tensor.shape[("rows", "columns").index(axis)])
+
+
+def _aligned(info: ModelInfo, name: str, indices: torch.Tensor) -> bool:
+    """Whether whole-head slices are whole groups of head_dim in the stored order (FORMAT §4.1 group_size)."""
+    hd = info.dims.head_dim
+    groups = torch.unique(indices // hd)
+    return torch.equal((groups[:, None] * hd + torch.arange(hd)).reshape(-1), indices)
+
+
+def _refusal(report: ExtractReport, flag: str, why: str | None) -> ExtractRefused:
+    bad = report.unstructured
+    listed = ", ".join(f"{c.name} ({100 * c.changed_fraction:.1f}% changed)" for c in bad[:4])
+    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+    wide = [c.needs_fraction for c in bad if c.needs_fraction is not None]
+    other = [c for c in bad if c.needs_fraction is None]
+    fixes = []
+    if wide:
+        fixes.append(f"--max-fraction {max(wide):.2f} admits the head/channel selections")
+    if other:
+        fixes.append(f"{flag} stores the rest anyway" + (f" (no family description: {why})" if why else ""))
+    hint = "".join(f"; {w}" for w in report.warnings if "--detect-permutation" in w)
+    return ExtractRefused(f"{len(bad)} tensor(s) changed outside a few slices of coupled projections: {listed}{more}; "
+                          f"{' and '.join(fixes)}{hint}", report)
+
+
+def _permutation_hint(base, tuned, info: ModelInfo, report: ExtractReport) -> None:
+    """Say so when changed units of TUNED are units of BASE at other positions (a co-permuted save)."""
+    moved = 0
+    for change in report.changes:
+        c = info.coupled(change.name)
+        if c is None or c.follower or c.spec.side != "out":
+            continue
+        change.relocated = relocated_units(base.get(change.name), tuned.get(change.name), info, change.name)
+        moved += change.relocated
+    if moved:
+        report.warnings.append(f"the changes look like a co-permuted checkpoint ({moved} changed units of q/k/v/up/gate "
+                               "equal other units of the base); pass --detect-permutation")
+
+
+def extract_s2ft(base, tuned, *, base_name: str, allow_dense: bool = False, max_fraction: float = 0.5,
+                 allow_noise: bool = False, detect: bool = False, arch_file=None,
+                 progress: Progress | None = None) -> ExtractResult:
     """An S2FT adapter that turns ``base`` into ``tuned`` exactly, and a report of what changed.
 
-    A change is *structured* when it lies in a coupled projection (attention q/k/v/o, FFN
-    up/gate/down) and its covering slice holds at most ``max_fraction`` of the tensor. Anything
-    else raises :class:`ExtractRefused` unless ``allow_dense``, in which case it is stored as a
-    (large) slice too. Attention slices are widened to whole heads so they read as heads.
+    A change is *structured* when it lies in a tensor that holds heads or channels and its whole-unit
+    slice covers at most ``max_fraction`` of the units (attention counted in key/value groups, rounded
+    up to a whole unit). Anything else raises :class:`ExtractRefused` unless ``allow_dense``. With
+    ``detect``, TUNED was saved co-permuted (official S2FT code): the order is found and undone, and
+    the adapter holds original coordinates.
     """
-    report = ExtractReport("s2ft")
-    head_dim = _head_dim(base)
+    info, why = _resolve(base, arch_file)
+    if detect and info is None:
+        raise S2RegError(f"--detect-permutation needs the model's family: {why}")
+    report = ExtractReport("s2ft", family=info.family.name if info else None, note=info.note if info else None)
+    permutation = None
+    source = tuned
+    if detect:
+        permutation = detect_permutation(base, tuned, info)
+        source = PermutedView(tuned, permutation.inverse().index_of(info))
     slices, group_sizes = {}, {}
-    for name, b, t, mask in _changes(base, tuned, report, progress):
-        changed = int(mask.sum())
+    for name, b, t, mask in _changes(base, source, report, progress):
         if not b.is_floating_point():
             raise S2RegError(f"{name}: a {b.dtype} tensor changed; only float tensors can hold deltas")
-        found = find_role(name)
-        natural = ROLES[found[1]] if found else None
-        axis, indices = _slice_of(mask, natural[0] if natural else None)
-        if natural and natural[1] != "channel" and axis == natural[0] and head_dim and b.shape[0 if axis == "rows" else 1] % head_dim == 0:
-            indices = _whole_groups(indices, head_dim)
-            group_sizes[name] = head_dim
-        stored = indices.numel() * (b.numel() // b.shape[0 if axis == "rows" else 1])
-        structured = found is not None and stored <= max_fraction * b.numel()
-        report.changes.append(TensorChange(name, list(b.shape), changed, b.numel(), structured, axis, indices.numel(), stored))
+        change, axis, indices, group = _analyse(name, b, t, mask, info, max_fraction)
+        report.changes.append(change)
         slices[name] = (axis, indices, take(t, axis, indices))
-    _refuse_unstructured(report, allow_dense, "--allow-dense")
+        if group:
+            group_sizes[name] = group
     if not slices:
         raise S2RegError("the checkpoints are identical: there is nothing to extract")
-    adapter = S2FTAdapter.from_tuned(
-        base, slices, base_name=base_name, group_sizes=group_sizes,
-        params={"method": "extract", "max_fraction": max_fraction}, provenance={"source": "extract"},
-    )
-    return adapter, report
+    if info is not None and not detect:
+        _permutation_hint(base, tuned, info, report)
+    _noise_warnings(report, allow_noise)
+    if report.unstructured and not allow_dense:
+        raise _refusal(report, "--allow-dense", why)
+    params: dict[str, Any] = {"method": "extract", "max_fraction": max_fraction}
+    if permutation is not None:
+        params["detected_permutation"] = permutation.as_json()
+    adapter = S2FTAdapter.from_tuned(base, slices, base_name=base_name, group_sizes=group_sizes, params=params,
+                                     provenance={"source": "extract"})
+    return ExtractResult(adapter, report, permutation)
 
 
-def _refuse_unstructured(report: ExtractReport, allowed: bool, flag: str) -> None:
-    bad = report.unstructured
-    if bad and not allowed:
-        listed = ", ".join(f"{c.name} ({100 * c.changed_fraction:.1f}% changed)" for c in bad[:4])
-        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-        raise ExtractRefused(
-            f"{len(bad)} tensor(s) changed outside a few slices of coupled projections: {listed}{more}; "
-            f"pass {flag} to store them anyway",
-            report,
-        )
+def _noise_warnings(report: ExtractReport, allowed: bool) -> None:
+    noisy = [c for c in report.changes if c.noise]
+    if not noisy:
+        return
+    slices = sum(c.noise for c in noisy)
+    stored = sum(c.stored for c in report.changes)
+    real = sum(c.stored * (c.count - c.noise) // max(1, c.count) for c in report.changes)
+    ratio = stored / max(1, real)
+    message = (f"{slices} rows/columns in {len(noisy)} tensor(s) changed only by rounding noise (<= {NOISE_ULPS} ulp; "
+               f"e.g. {noisy[0].name}: {noisy[0].noise}); they make the adapter {ratio:.1f}x the size of the real changes")
+    report.warnings.append(message)
+    if ratio >= NOISE_REFUSE_RATIO and not allowed:
+        raise ExtractRefused(f"{message}: save TUNED in the base's dtype from the training run, or pass --allow-noise "
+                             "to store the noise too (exact)", report)
 
 
-def _keep_masks(block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per half-plane position: energy weight of one stored coefficient, and its value multiplier.
-
-    Interior positions stand for a conjugate pair (weight 2). In the self-conjugate columns
-    (v = 0 and the Nyquist column) positions u and -u are one pair: the canonical one
-    (u <= bh/2) is stored with twice the value so that FORMAT §5.3's Hermitian part restores
-    both; its mirror gets weight 0; the self-paired points (u = -u) have weight 1.
-    """
-    bh, bw = block
-    hw = half_width(block)
-    weight = torch.full((bh, hw), 2.0)
-    multiplier = torch.ones(bh, hw)
-    for v in [0] + ([bw // 2] if bw % 2 == 0 and bw > 1 else []):
-        for u in range(bh):
-            mirror = (-u) % bh
-            if u == mirror:
-                weight[u, v] = 1.0
-            elif u < mirror:
-                multiplier[u, v] = 2.0
-            else:
-                weight[u, v] = 0.0
-    return weight.reshape(-1), multiplier.reshape(-1)
-
-
-def pisa_top_k(delta: torch.Tensor, block: tuple[int, int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best ``k`` coefficients per block (in Frobenius norm): ``(indices, complex values)``."""
-    bh, bw = block
-    gr, gc = grid_of(tuple(delta.shape), block)
-    padded = torch.zeros(gr * bh, gc * bw, dtype=torch.float64)
-    padded[: delta.shape[0], : delta.shape[1]] = delta.to(torch.float64)
-    blocks = padded.reshape(gr, bh, gc, bw).permute(0, 2, 1, 3).reshape(gr * gc, bh, bw)
-    spectrum = torch.fft.rfft2(blocks).reshape(gr * gc, -1)
-    weight, multiplier = _keep_masks(block)
-    available = int((weight > 0).sum())
-    if not 1 <= k <= available:
-        raise S2RegError(f"budget {k} is out of range: a {bh}x{bw} block has {available} independent coefficients")
-    indices = (spectrum.abs() ** 2 * weight).topk(k, dim=1).indices
-    values = spectrum.gather(1, indices) * multiplier[indices]
-    return indices, values.to(torch.complex64)
-
-
-def extract_pisa(
-    base,
-    tuned,
-    *,
-    base_name: str,
-    budget: int,
-    block: tuple[int, int] = (16, 16),
-    allow_partial: bool = False,
-    progress: Progress | None = None,
-) -> tuple[PISAAdapter, ExtractReport]:
+def extract_pisa(base, tuned, *, base_name: str, budget: int, block: tuple[int, int] = (16, 16),
+                 allow_partial: bool = False, progress: Progress | None = None) -> ExtractResult:
     """A PISA adapter keeping ``budget`` coefficients per block of every changed matrix.
 
     ``rel_error`` in the report is ``|delta - reconstruction| / |delta|`` per tensor (Frobenius).
@@ -241,8 +319,7 @@ def extract_pisa(
     report = ExtractReport("pisa")
     coefficients = {}
     for name, b, t, mask in _changes(base, tuned, report, progress):
-        changed = int(mask.sum())
-        change = TensorChange(name, list(b.shape), changed, b.numel(), structured=b.dim() == 2)
+        change = TensorChange(name, list(b.shape), int(mask.sum()), b.numel(), structured=b.dim() == 2)
         report.changes.append(change)
         if b.dim() != 2:
             continue
@@ -254,105 +331,14 @@ def extract_pisa(
         change.stored = values.numel() * 2
         change.count = budget
         coefficients[name] = (block, indices, values)
-    _refuse_unstructured(report, allow_partial, "--allow-partial")
+    if report.unstructured and not allow_partial:
+        bad = report.unstructured
+        raise ExtractRefused(f"{len(bad)} changed tensor(s) are not matrices ({bad[0].name}, ...); pass --allow-partial "
+                             "to leave them out", report)
     if not coefficients:
         raise S2RegError("no matrix changed between the checkpoints: there is nothing to extract")
     adapter = PISAAdapter.from_coefficients(
         base, coefficients, base_name=base_name,
         params={"method": "extract", "budget": budget, "block": list(block)}, provenance={"source": "extract"},
     )
-    return adapter, report
-
-
-
-class _Unpermuted:
-    """A checkpoint reader that hands out tensors with a co-permutation undone (for extraction)."""
-
-    def __init__(self, source, permutation, info):
-        self.source, self.permutation, self.info = source, permutation, info
-
-    def names(self):
-        return self.source.names()
-
-    def shape(self, name):
-        return self.source.shape(name)
-
-    def dtype(self, name):
-        return self.source.dtype(name)
-
-    def config(self):
-        return self.source.config()
-
-    def get(self, name):
-        return permute_tensor(name, self.source.get(name), self.permutation, self.info.arch, self.info.dims)
-
-
-def _row_keys(tensor: torch.Tensor, block: int) -> list[bytes]:
-    """The bytes of each group of ``block`` rows (a head's rows, or one channel's row)."""
-    grouped = tensor.reshape(tensor.shape[0] // block, -1).contiguous()
-    return [bytes(row.view(torch.uint8).numpy()) for row in grouped]
-
-
-def _match(base: torch.Tensor, tuned: torch.Tensor, block: int) -> dict[int, int]:
-    """Tuned position -> original unit, for units whose rows are byte-identical and unique in base."""
-    index: dict[bytes, list[int]] = {}
-    for unit, key in enumerate(_row_keys(base, block)):
-        index.setdefault(key, []).append(unit)
-    return {pos: index[key][0] for pos, key in enumerate(_row_keys(tuned, block)) if len(index.get(key, [])) == 1}
-
-
-def _order(name: str, sources: list[dict[int, int]], total: int, layer: int) -> list[int]:
-    """Combine matches from untouched coupled tensors into a full order (new position -> original)."""
-    order: dict[int, int] = {}
-    for found in sources:
-        for pos, unit in found.items():
-            order.setdefault(pos, unit)
-    missing_pos = [p for p in range(total) if p not in order]
-    missing_units = sorted(set(range(total)) - set(order.values()))
-    if len(set(order.values())) != len(order) or len(missing_pos) > 1 or len(missing_pos) != len(missing_units):
-        raise S2RegError(f"layer {layer}: cannot identify the {name} order from untouched rows (too many were trained)")
-    order.update(zip(missing_pos, missing_units))
-    return [order[p] for p in range(total)]
-
-
-def detect_permutation(base, tuned) -> Permutation:
-    """The co-permutation the official S2FT code applied when it saved ``tuned`` (identity layers omitted).
-
-    Untouched coupled rows identify the order: query/key/value row blocks for heads (GQA-aware),
-    gate/up rows for FFN channels, matched by their exact bytes.
-    """
-    info = detect(base.config())
-    dims, arch = info.dims, info.arch
-    layers = {}
-    names = set(base.names())
-
-    def matches(role: str, layer: int, block: int) -> dict[int, int]:
-        name = arch.tensor(role, layer)
-        return _match(base.get(name), tuned.get(name), block) if name in names else {}
-
-    for layer in range(dims.layers):
-        heads = _order("head", [matches("q", layer, dims.head_dim)], dims.heads, layer)
-        kv = _order("key/value head", [matches("k", layer, dims.head_dim), matches("v", layer, dims.head_dim)],
-                    dims.kv_heads, layer)
-        channel_roles = [r for r in ("gate", "up") if arch.templates.get(r)]
-        channels = _order("channel", [matches(r, layer, 1) for r in channel_roles], dims.intermediate, layer)
-        perm = LayerPermutation(heads, kv, channels)
-        perm.check(dims, layer)
-        if not perm.is_identity():
-            layers[layer] = perm
-    return Permutation(layers)
-
-
-def extract_s2ft_permuted(base, tuned, *, base_name: str, progress: Progress | None = None,
-                          **kwargs) -> tuple[S2FTAdapter, ExtractReport, Permutation]:
-    """Like :func:`extract_s2ft` for a TUNED checkpoint saved in a co-permuted layout (official S2FT).
-
-    The permutation is detected, undone, and the adapter holds original coordinates: merged into
-    BASE it gives a model with the same outputs as TUNED.
-    """
-    permutation = detect_permutation(base, tuned)
-    info = detect(base.config())
-    adapter, report = extract_s2ft(base, _Unpermuted(tuned, permutation.inverse(), info), base_name=base_name,
-                                   progress=progress, **kwargs)
-    adapter.params["detected_permutation"] = permutation.as_json()
-    return adapter, report, permutation
+    return ExtractResult(adapter, report)

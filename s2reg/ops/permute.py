@@ -1,26 +1,35 @@
 """Co-permutations of coupled projections: function-preserving reorderings of heads and channels.
 
-Reordering attention heads consistently in the q/k/v rows and the o columns, or FFN channels in
-the up/gate rows and the down columns, leaves the model's function unchanged (up to float
-reassociation) while making a selection contiguous, which is what S2FT's dense-slice training
-wants. With grouped-query attention a query head must stay with its key/value group, so a plan
-reorders whole kv groups and, inside each group, its query heads.
+Reordering attention heads consistently in every tensor that holds them (q/k/v output units, o input
+units, their biases, per-head norms and sinks), or FFN channels in up/gate and down, leaves the model's
+function unchanged (up to float reassociation) while making a selection contiguous, which is what
+S2FT's dense-slice training wants. With grouped-query attention a query head must stay with its
+key/value group, so a plan reorders whole kv groups and, inside each group, its query heads. MoE
+channels are reordered per expert. Where a head or channel sits in a stored tensor (fused, grouped,
+transposed) is the family description's business: ``ModelInfo.permute_index``.
 
-A permutation is stored as "new position -> original index" lists; applying one is a gather,
-hence exact, and applying the inverse restores the original bits.
+A permutation is stored as "new position -> original index" lists; applying one is a gather, hence
+exact, and applying the inverse restores the original bits. Checkpoints record theirs in
+``s2reg-permutation.json`` (spec/SURGERY.md §4).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..arch import Architecture, Dims
+from ..arch import CHANNEL_ROLES, ModelInfo, resolve_source
 from ..errors import S2RegError, ShapeError
 from ..format import Adapter, S2FTTarget
+
+PERMUTATION_NAME = "s2reg-permutation.json"
+PERMUTATION_FORMAT = "s2reg.permutation"
+
+Selection = tuple[dict[int, set[int]], dict[int, dict[str | None, set[int]]]]
 
 
 def _inverse(order: list[int]) -> list[int]:
@@ -30,25 +39,47 @@ def _inverse(order: list[int]) -> list[int]:
     return inverse
 
 
-def _selected_first(selected: Iterable[int], total: int) -> list[int]:
+def _selected_first(selected: Iterable[int], total: int, what: str) -> list[int]:
     chosen = sorted(set(selected))
     if chosen and not 0 <= chosen[0] <= chosen[-1] < total:
-        raise ShapeError(f"selection {chosen} out of range 0..{total - 1}")
+        raise ShapeError(f"{what} selection {chosen} out of range 0..{total - 1}")
     rest = [i for i in range(total) if i not in set(chosen)]
     return chosen + rest
 
 
+def _identity(order: list[int]) -> bool:
+    return order == list(range(len(order)))
+
+
 @dataclass(frozen=True)
 class LayerPermutation:
-    """One layer's reordering: query heads, kv heads and FFN channels (new position -> original)."""
+    """One layer's reordering (new position -> original): query heads, kv heads, dense FFN channels, experts' channels."""
 
     heads: list[int]
     kv_heads: list[int]
     channels: list[int]
+    experts: dict[str, list[int]] = field(default_factory=dict)
 
-    def check(self, dims: Dims, layer: int) -> None:
-        for what, order, total in (("heads", self.heads, dims.heads), ("kv_heads", self.kv_heads, dims.kv_heads),
-                                   ("channels", self.channels, dims.intermediate)):
+    def order_for(self, role: str, expert: str | None) -> list[int] | None:
+        """The order of ``role``'s units (what ``ModelInfo.permute_index`` asks)."""
+        if role in ("q", "o"):
+            return self.heads
+        if role in ("k", "v"):
+            return self.kv_heads
+        return self.channels if expert is None else self.experts.get(expert)
+
+    def check(self, info: ModelInfo, layer: int) -> None:
+        dims = info.dims
+        expected = [("heads", self.heads, dims.heads), ("kv_heads", self.kv_heads, dims.kv_heads)]
+        for expert in info.experts(layer):
+            order = self.channels if expert is None else self.experts.get(expert)
+            if order is not None or expert is None:
+                expected.append((f"expert {expert} channels" if expert else "channels", order or [],
+                                 info.channel_count(layer, expert)))
+        unknown = set(self.experts) - {e for e in info.experts(layer) if e is not None}
+        if unknown:
+            raise ShapeError(f"layer {layer}: no expert {sorted(unknown)[0]!r} in this model")
+        for what, order, total in expected:
             if sorted(order) != list(range(total)):
                 raise ShapeError(f"layer {layer}: {what} is not a permutation of 0..{total - 1}")
         position_of_kv = _inverse(self.kv_heads)
@@ -57,10 +88,17 @@ class LayerPermutation:
                 raise ShapeError(f"layer {layer}: query head {old} would leave its key/value group (GQA)")
 
     def inverse(self) -> LayerPermutation:
-        return LayerPermutation(_inverse(self.heads), _inverse(self.kv_heads), _inverse(self.channels))
+        return LayerPermutation(_inverse(self.heads), _inverse(self.kv_heads), _inverse(self.channels),
+                                {e: _inverse(o) for e, o in self.experts.items()})
 
     def is_identity(self) -> bool:
-        return all(order == sorted(order) for order in (self.heads, self.kv_heads, self.channels))
+        return all(_identity(o) for o in (self.heads, self.kv_heads, self.channels, *self.experts.values()))
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"heads": self.heads, "kv_heads": self.kv_heads, "channels": self.channels}
+        if self.experts:
+            out["experts"] = self.experts
+        return out
 
 
 @dataclass(frozen=True)
@@ -73,108 +111,112 @@ class Permutation:
         return Permutation({i: p.inverse() for i, p in self.layers.items()})
 
     def as_json(self) -> dict[str, Any]:
-        return {"layers": {str(i): {"heads": p.heads, "kv_heads": p.kv_heads, "channels": p.channels}
-                           for i, p in sorted(self.layers.items())}}
+        return {"layers": {str(i): p.as_json() for i, p in sorted(self.layers.items())}}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], dims: Dims) -> Permutation:
+    def from_json(cls, data: Mapping[str, Any], info: ModelInfo) -> Permutation:
         try:
-            layers = {int(i): LayerPermutation(list(p["heads"]), list(p["kv_heads"]), list(p["channels"]))
+            layers = {int(i): LayerPermutation(list(p["heads"]), list(p["kv_heads"]), list(p["channels"]),
+                                               {str(e): list(o) for e, o in p.get("experts", {}).items()})
                       for i, p in data["layers"].items()}
         except (KeyError, TypeError, ValueError, AttributeError):
             raise S2RegError("malformed permutation record (expected layers -> heads, kv_heads, channels)") from None
         for i, p in layers.items():
-            if not 0 <= i < dims.layers:
-                raise ShapeError(f"permutation names layer {i}, the model has {dims.layers}")
-            p.check(dims, i)
+            if not 0 <= i < info.dims.layers:
+                raise ShapeError(f"permutation names layer {i}, the model has {info.dims.layers}")
+            p.check(info, i)
         return cls(layers)
 
+    def index_of(self, info: ModelInfo):
+        """``name -> (dim, gather index) | None``: this permutation for a permuted view of a tensor source."""
+        def index(name: str) -> tuple[int, torch.Tensor] | None:
+            c = info.coupled(name)
+            return info.permute_index(name, self.layers.get(c.layer)) if c else None
+        return index
 
-def plan(dims: Dims, heads: Mapping[int, Iterable[int]], channels: Mapping[int, Iterable[int]]) -> Permutation:
+
+def plan(info: ModelInfo, heads: Mapping[int, Iterable[int]],
+         channels: Mapping[int, Iterable[int] | Mapping[str | None, Iterable[int]]]) -> Permutation:
     """The permutation that moves the selected heads and channels of each layer to the front.
 
-    Channels become contiguous. Heads are contiguous within each kv group: groups holding selected
-    heads come first, and within a group its selected heads come first (GQA allows no more).
+    Channels become contiguous (per expert in MoE layers: ``channels[layer]`` is then
+    ``{expert: [...]}``). Heads are contiguous within each kv group: groups holding selected heads
+    come first, and within a group its selected heads come first (GQA allows no more).
     """
+    dims = info.dims
     layers = {}
     for layer in sorted(set(heads) | set(channels)):
+        if not 0 <= layer < dims.layers:
+            raise ShapeError(f"layer {layer} out of range 0..{dims.layers - 1}")
         chosen = set(heads.get(layer, ()))
+        if chosen:
+            info.require_roles(["q"])
         if chosen and not 0 <= min(chosen) <= max(chosen) < dims.heads:
             raise ShapeError(f"layer {layer}: head selection {sorted(chosen)} out of range 0..{dims.heads - 1}")
-        kv_order = _selected_first({h // dims.group for h in chosen}, dims.kv_heads)
+        kv_order = _selected_first({h // dims.group for h in chosen}, dims.kv_heads, f"layer {layer} kv head")
         head_order = []
         for kv in kv_order:
             members = range(kv * dims.group, (kv + 1) * dims.group)
             head_order += sorted(h for h in members if h in chosen) + [h for h in members if h not in chosen]
-        p = LayerPermutation(head_order, kv_order, _selected_first(channels.get(layer, ()), dims.intermediate))
-        p.check(dims, layer)
+        wanted = channels.get(layer, ())
+        per_expert = dict(wanted) if isinstance(wanted, Mapping) else {None: wanted}
+        orders: dict[str | None, list[int]] = {}
+        for expert, selected in per_expert.items():
+            expert = None if expert in (None, "", "dense") else str(expert)
+            if expert not in info.experts(layer):
+                raise ShapeError(f"layer {layer} has no {'dense FFN' if expert is None else f'expert {expert!r}'}"
+                                 f" (its FFN: {', '.join(str(e) for e in info.experts(layer))})")
+            orders[expert] = _selected_first(selected, info.channel_count(layer, expert), f"layer {layer} channel")
+        dense = orders.pop(None, None)
+        if dense is None:
+            dense = list(range(info.channel_count(layer))) if None in info.experts(layer) else []
+        p = LayerPermutation(head_order, kv_order, dense, {e: o for e, o in orders.items() if not _identity(o)})
+        p.check(info, layer)
         if not p.is_identity():
             layers[layer] = p
     return Permutation(layers)
 
 
-def selection_of(adapter: Adapter, arch: Architecture, dims: Dims) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
-    """Heads and channels per layer that an S2FT adapter touches (the plan that makes them contiguous)."""
+def selection_of(adapter: Adapter, info: ModelInfo) -> Selection:
+    """Heads and channels per layer that an S2FT adapter touches (the plan that makes them contiguous).
+
+    Channels are ``{layer: {expert: channels}}`` with expert None for a dense FFN.
+    """
     heads: dict[int, set[int]] = {}
-    channels: dict[int, set[int]] = {}
+    channels: dict[int, dict[str | None, set[int]]] = {}
     for name, target in adapter.targets.items():
-        found = arch.role_of(name)
-        if found is None or not isinstance(target, S2FTTarget):
+        c = info.coupled(name)
+        if c is None or c.follower or not isinstance(target, S2FTTarget):
             continue
-        role, layer, _ = found
-        idx = {int(i) for i in target.indices}
-        if role in ("q", "o"):
-            heads.setdefault(layer, set()).update(i // dims.head_dim for i in idx)
-        elif role in ("k", "v"):
-            heads.setdefault(layer, set()).update(
-                h for kv in {i // dims.head_dim for i in idx} for h in range(kv * dims.group, (kv + 1) * dims.group))
-        else:
-            channels.setdefault(layer, set()).update(idx)
+        for role, units in info.units_of(name, target.indices).items():
+            if role in ("q", "o"):
+                heads.setdefault(c.layer, set()).update(units)
+            elif role in ("k", "v"):
+                g = info.dims.group
+                heads.setdefault(c.layer, set()).update(h for kv in units for h in range(kv * g, (kv + 1) * g))
+            elif role in CHANNEL_ROLES:
+                channels.setdefault(c.layer, {}).setdefault(c.expert, set()).update(units)
     return heads, channels
 
 
-def index_map(role: str, perm: LayerPermutation, dims: Dims) -> tuple[int, torch.Tensor] | None:
-    """``(dim, gather index)`` that permutes a tensor of ``role``; None when the role does not move."""
-    def blocks(order: list[int]) -> torch.Tensor:
-        order_t = torch.tensor(order, dtype=torch.long)
-        return (order_t[:, None] * dims.head_dim + torch.arange(dims.head_dim)).reshape(-1)
-
-    if role == "q":
-        return 0, blocks(perm.heads)
-    if role in ("k", "v"):
-        return 0, blocks(perm.kv_heads)
-    if role == "o":
-        return 1, blocks(perm.heads)
-    if role in ("up", "gate"):
-        return 0, torch.tensor(perm.channels, dtype=torch.long)
-    if role == "down":
-        return 1, torch.tensor(perm.channels, dtype=torch.long)
-    raise S2RegError(f"unknown role {role!r}")
-
-
-def permute_tensor(name: str, tensor: torch.Tensor, permutation: Permutation, arch: Architecture, dims: Dims) -> torch.Tensor:
+def permute_tensor(name: str, tensor: torch.Tensor, permutation: Permutation, info: ModelInfo) -> torch.Tensor:
     """``tensor`` reordered by ``permutation`` (itself when the tensor is not coupled or not moved)."""
-    found = arch.role_of(name)
+    found = permutation.index_of(info)(name)
     if found is None:
         return tensor
-    role, layer, part = found
-    perm = permutation.layers.get(layer)
-    if perm is None or (part == "bias" and role in ("o", "down")):
-        return tensor  # output-side biases live in the residual stream, which does not move
-    dim, index = index_map(role, perm, dims)
+    dim, index = found
     if tensor.shape[dim] != index.numel():
         raise ShapeError(f"{name}: dimension {dim} is {tensor.shape[dim]}, the permutation covers {index.numel()}")
     return tensor.index_select(dim, index)
 
 
-def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation, arch: Architecture, dims: Dims) -> S2FTTarget:
+def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation, info: ModelInfo) -> S2FTTarget:
     """The same delta expressed in the permuted coordinates (indices mapped, slices reordered)."""
-    found = arch.role_of(name)
-    perm = permutation.layers.get(found[1]) if found else None
-    if perm is None or (found[2] == "bias" and found[0] in ("o", "down")):
+    found = permutation.index_of(info)(name)
+    if found is None:
         return target
-    dim, index = index_map(found[0], perm, dims)
-    if (dim == 0) != (target.axis == "rows"):
+    dim, index = found
+    if target.indices.numel() and dim != ("rows", "columns").index(target.axis):
         raise S2RegError(f"{name}: a {target.axis} slice cannot be permuted along dimension {dim}")
     position = torch.empty_like(index)
     position[index] = torch.arange(index.numel())
@@ -182,3 +224,18 @@ def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation,
     order = moved.argsort()
     return S2FTTarget(target.shape, target.dtype, target.axis, moved[order], target.delta.index_select(dim, order),
                       target.group_size, dict(target.extra))
+
+
+def read_permutation(source: Any, arch_file: Any = None) -> tuple[Permutation, ModelInfo] | None:
+    """The co-permutation a checkpoint was written with (spec/SURGERY.md §4), if any."""
+    file = source.directory / PERMUTATION_NAME
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+        if data.get("format") != PERMUTATION_FORMAT:
+            raise ValueError
+    except (ValueError, AttributeError):
+        raise S2RegError(f"{file}: unreadable permutation record (spec/SURGERY.md §4)") from None
+    info = resolve_source(source, arch_file)
+    return Permutation.from_json(data["permutation"], info), info

@@ -13,57 +13,74 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..arch import ModelInfo, detect
+from ..arch import ARCH_FILE, ModelInfo, resolve_source
 from ..errors import S2RegError
 from ..format import Adapter
-from ..ops.permute import Permutation, permute_tensor, plan, selection_of
+from ..ops.permute import PERMUTATION_FORMAT, PERMUTATION_NAME, Permutation, permute_tensor, plan, read_permutation, selection_of
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
-from .plan import PERMUTATION_FORMAT, PERMUTATION_NAME, read_permutation
 
 Progress = Callable[[str], None]
 
 
-def plan_for(source: CheckpointSource, selection: Adapter | Mapping[str, Any]) -> tuple[Permutation, ModelInfo]:
+def _channels(raw: Mapping[str, Any]) -> dict[int, Any]:
+    """``{layer: [channels]}`` or, for MoE layers, ``{layer: {expert: [channels]}}`` (keys from JSON)."""
+    return {int(k): ({str(e): v for e, v in sel.items()} if isinstance(sel, Mapping) else sel) for k, sel in raw.items()}
+
+
+def plan_for(source: CheckpointSource, selection: Adapter | Mapping[str, Any], arch_file: str | os.PathLike | None = None
+             ) -> tuple[Permutation, ModelInfo]:
     """The permutation making an adapter's (or a ``{"heads": {layer: [...]}, "channels": {...}}``) selection contiguous."""
-    info = detect(source.config())
+    info = resolve_source(source, arch_file)
     if isinstance(selection, Adapter):
-        heads, channels = selection_of(selection, info.arch, info.dims)
+        heads, channels = selection_of(selection, info)
     else:
+        unknown = set(selection) - {"heads", "channels"}
+        if unknown:
+            raise S2RegError(f"a selection has 'heads' and 'channels', not {sorted(unknown)[0]!r}")
         heads = {int(k): v for k, v in selection.get("heads", {}).items()}
-        channels = {int(k): v for k, v in selection.get("channels", {}).items()}
-    return plan(info.dims, heads, channels), info
+        channels = _channels(selection.get("channels", {}))
+    return plan(info, heads, channels), info
 
 
-def _rewrite(source: CheckpointSource, output: Path, perm: Permutation, info: ModelInfo, record: bytes | None,
-             overwrite: bool, progress: Progress) -> None:
+def _rewrite(source: CheckpointSource, output: Path, perm: Permutation, info: ModelInfo, extra: dict[str, bytes],
+             overwrite: bool, progress: Progress) -> int:
+    """Write the permuted checkpoint; returns how many tensors actually changed."""
     shards = {f: [TensorSpec(n, source.shape(n), source.dtype(n)) for n in names] for f, names in source.shard_names().items()}
+    index_of = perm.index_of(info)
     write_checkpoint(
-        output, shards, lambda spec: permute_tensor(spec.name, source.get(spec.name), perm, info.arch, info.dims),
+        output, shards, lambda spec: permute_tensor(spec.name, source.get(spec.name), perm, info),
         metadata={f: source.metadata(f) for f in shards}, side_files_from=source.directory,
-        side_files_exclude=[PERMUTATION_NAME], extra_files={PERMUTATION_NAME: record} if record else {},
+        side_files_exclude=[PERMUTATION_NAME, *extra], extra_files=extra,
         overwrite=overwrite, progress=progress,
     )
+    return sum(1 for n in source.names() if index_of(n) is not None)
 
 
 def permute_checkpoint(base: str | os.PathLike, selection: Adapter | Mapping[str, Any], output: str | os.PathLike, *,
-                       overwrite: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
+                       arch_file: str | os.PathLike | None = None, overwrite: bool = False,
+                       progress: Progress = lambda _: None) -> dict[str, Any]:
     """Write ``base`` co-permuted so that ``selection`` is contiguous; the model's function is unchanged."""
     with CheckpointSource(base) as source:
-        if read_permutation(source) is not None:
+        if read_permutation(source, arch_file) is not None:
             raise S2RegError(f"{source.directory} is already permuted; unpermute it first")
-        perm, info = plan_for(source, selection)
+        perm, info = plan_for(source, selection, arch_file)
         record = {"format": PERMUTATION_FORMAT, "version": 1, "permutation": perm.as_json()}
-        _rewrite(source, Path(output), perm, info, (json.dumps(record, indent=2) + "\n").encode(), overwrite, progress)
-    return {"output": str(output), "layers_permuted": len(perm.layers), "permutation": perm.as_json()}
+        extra = {PERMUTATION_NAME: (json.dumps(record, indent=2) + "\n").encode()}
+        if arch_file is not None:  # merge/unmerge/unpermute of the output find the description beside it
+            extra[ARCH_FILE] = Path(arch_file).read_bytes()
+        changed = _rewrite(source, Path(output), perm, info, extra, overwrite, progress)
+    return {"output": str(output), "family": info.family.name, "note": info.note, "layers_permuted": len(perm.layers),
+            "tensors_changed": changed, "permutation": perm.as_json()}
 
 
-def unpermute_checkpoint(permuted: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False,
+def unpermute_checkpoint(permuted: str | os.PathLike, output: str | os.PathLike, *,
+                         arch_file: str | os.PathLike | None = None, overwrite: bool = False,
                          progress: Progress = lambda _: None) -> dict[str, Any]:
     """Write the permuted checkpoint back in original order: bit-identical to the original."""
     with CheckpointSource(permuted) as source:
-        found = read_permutation(source)
+        found = read_permutation(source, arch_file)
         if found is None:
             raise S2RegError(f"{source.directory} has no {PERMUTATION_NAME}: it is not a permuted checkpoint")
         perm, info = found
-        _rewrite(source, Path(output), perm.inverse(), info, None, overwrite, progress)
-    return {"output": str(output), "layers_restored": len(perm.layers)}
+        changed = _rewrite(source, Path(output), perm.inverse(), info, {}, overwrite, progress)
+    return {"output": str(output), "layers_restored": len(perm.layers), "tensors_changed": changed}

@@ -7,14 +7,13 @@ per-tensor math, which is exact for S2FT (FORMAT §4.3) and permutation-aware.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..arch import ModelInfo, detect
+from ..arch import ModelInfo
 from ..errors import (
     BaseMismatch,
     IntegrityError,
@@ -25,28 +24,9 @@ from ..errors import (
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.digest import tensor_sha256
 from ..format.s2ft import add_exact, reversible, take
-from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
+from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation
 from ..tensors import CheckpointSource
 from .ledger import Ledger, adapter_identity
-
-PERMUTATION_NAME = "s2reg-permutation.json"
-PERMUTATION_FORMAT = "s2reg.permutation"
-
-
-def read_permutation(source: CheckpointSource) -> tuple[Permutation, ModelInfo] | None:
-    """The co-permutation a checkpoint was written with (spec/SURGERY.md §4), if any."""
-    file = source.directory / PERMUTATION_NAME
-    if not file.is_file():
-        return None
-    try:
-        data = json.loads(file.read_text())
-        if data.get("format") != PERMUTATION_FORMAT:
-            raise ValueError
-    except (ValueError, AttributeError):
-        raise S2RegError(f"{file}: unreadable permutation record (spec/SURGERY.md §4)") from None
-    info = detect(source.config())
-    return Permutation.from_json(data["permutation"], info.dims), info
-
 
 @dataclass
 class Plan:
@@ -102,7 +82,7 @@ class Plan:
             return None
         if self.permutation:
             perm, info = self.permutation
-            targets = [permute_s2ft_target(name, t, perm, info.arch, info.dims) for t in targets]
+            targets = [permute_s2ft_target(name, t, perm, info) for t in targets]
         indices = torch.unique(torch.cat([t.indices.long() for t in targets]))
         return targets[0].axis, indices
 
@@ -110,13 +90,13 @@ class Plan:
         if not self.permutation:
             return tensor
         perm, info = self.permutation
-        return permute_tensor(name, tensor, perm.inverse(), info.arch, info.dims)
+        return permute_tensor(name, tensor, perm.inverse(), info)
 
     def _from_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not self.permutation:
             return tensor
         perm, info = self.permutation
-        return permute_tensor(name, tensor, perm, info.arch, info.dims)
+        return permute_tensor(name, tensor, perm, info)
 
     def original_sha(self, name: str) -> str:
         """sha256 of the tensor in original coordinates, as it is now (streamed when unpermuted)."""

@@ -1,0 +1,286 @@
+"""A checkpoint seen through its family description: the ONE head/channel -> stored-index expansion.
+
+Every verb that understands heads and channels (train, export, permute, extract, merge into permuted
+checkpoints, inspect, demo) asks :class:`ModelInfo` which stored rows or columns a unit owns; nothing
+else in s2reg computes ``head * head_dim + ...``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+
+import torch
+
+from .dims import Dims
+from .schema import CHANNEL_ROLES, FORMAT_HELP, HEAD_ROLES, ArchError, Family, Segment, TensorSpec
+
+
+class LayerOrder(Protocol):
+    """What :meth:`ModelInfo.permute_index` needs of a layer's permutation (``ops.permute.LayerPermutation``)."""
+
+    def order_for(self, role: str, expert: str | None) -> Sequence[int] | None: ...
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """How one checkpoint tensor holds heads or channels.
+
+    ``axis`` is the FORMAT §4 axis ("rows"/"columns") of the STORED tensor on which a unit is a slice
+    (a transposed GPT-2 ``c_attn`` holds heads in its columns); ``dim`` is the same as 0/1.
+    ``part`` is "weight", "bias" or "parameter" (a bare parameter such as gpt-oss ``sinks``);
+    ``follower`` tensors move with heads under a permutation but are never trained.
+    """
+
+    name: str
+    layer: int
+    expert: str | None
+    roles: tuple[str, ...]
+    part: str
+    dim: int
+    transposed: bool
+    follower: bool
+    spec: TensorSpec
+
+    @property
+    def axis(self) -> str:
+        return ("rows", "columns")[self.dim]
+
+    @property
+    def role(self) -> str:
+        return self.roles[0]
+
+
+def _pattern(family: Family, spec: TensorSpec) -> re.Pattern[str]:
+    layer = re.escape(family.layers).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+    key = re.escape(spec.key).replace(re.escape("{expert}"), r"(?P<expert>\d+)")
+    part = "" if spec.parameter else r"\.(?P<part>weight|bias)"
+    return re.compile(rf"(?P<prefix>(?:[^.]+\.)*?){layer}\.{key}{part}")
+
+
+@lru_cache(maxsize=None)
+def _patterns(family: Family) -> tuple[tuple[TensorSpec, re.Pattern[str]], ...]:
+    return tuple((spec, _pattern(family, spec)) for spec in family.tensors)
+
+
+def match_name(family: Family, name: str) -> tuple[TensorSpec, re.Match[str]] | None:
+    """The tensor entry of ``family`` that ``name`` is an instance of (any prefix), with the match."""
+    for spec, pattern in _patterns(family):
+        m = pattern.fullmatch(name)
+        if m:
+            return spec, m
+    return None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Per role of a stored axis: a [units, width] table of stored indices."""
+
+    tables: dict[str, torch.Tensor]
+    length: int
+
+
+def _layout(segment: Segment, length: int, dims: Dims, follower: bool, where: str) -> _Layout:
+    heads = {"q": dims.heads, "o": dims.heads, "k": dims.kv_heads, "v": dims.kv_heads}
+    head_parts = [r for r in segment.parts if r in HEAD_ROLES]
+    channel_parts = [r for r in segment.parts if r in CHANNEL_ROLES]
+    counts, widths = {}, {}
+    for role in head_parts:
+        counts[role] = heads[role]
+        widths[role] = dims.head_dim
+    if len(segment.parts) == 1 and head_parts and follower and length == heads[head_parts[0]]:
+        widths[head_parts[0]] = 1  # one value per head (gpt-oss sinks, a [heads, head_dim] norm)
+    rest = length - sum(counts[r] * widths[r] for r in head_parts)
+    if channel_parts:
+        if rest <= 0 or rest % len(channel_parts):
+            raise ArchError(f"{where}: length {length} does not split into {'|'.join(segment.parts)} ({FORMAT_HELP})")
+        for role in channel_parts:
+            counts[role], widths[role] = rest // len(channel_parts), 1
+    elif rest:
+        expected = sum(counts[r] * widths[r] for r in head_parts)
+        raise ArchError(f"{where}: length {length}, but {'|'.join(segment.parts)} of {dims.heads} heads / "
+                        f"{dims.kv_heads} kv heads x {dims.head_dim} needs {expected} ({FORMAT_HELP})")
+    tables = {}
+    if segment.layout == "concat":
+        offset = 0
+        for role in segment.parts:
+            n, w = counts[role], widths[role]
+            tables[role] = offset + torch.arange(n * w, dtype=torch.long).reshape(n, w)
+            offset += n * w
+    else:
+        groups = dims.kv_heads if segment.groups == "kv_heads" else counts[channel_parts[0]] if channel_parts else 0
+        if not groups or any(counts[r] % groups for r in segment.parts):
+            raise ArchError(f"{where}: {'|'.join(segment.parts)} does not split into {groups} groups ({FORMAT_HELP})")
+        per = {r: counts[r] // groups for r in segment.parts}
+        block = sum(per[r] * widths[r] for r in segment.parts)
+        offset = 0
+        for role in segment.parts:
+            n, w = counts[role], widths[role]
+            unit = torch.arange(n, dtype=torch.long)
+            start = (unit // per[role]) * block + offset + (unit % per[role]) * w
+            tables[role] = start[:, None] + torch.arange(w, dtype=torch.long)
+            offset += per[role] * w
+    return _Layout(tables, length)
+
+
+def _expected_length(spec: TensorSpec, dims: Dims) -> int:
+    """The axis length a description implies when the checkpoint's shapes are not at hand."""
+    sizes = {"q": dims.heads * dims.head_dim, "o": dims.heads * dims.head_dim, "k": dims.kv_heads * dims.head_dim,
+             "v": dims.kv_heads * dims.head_dim, "up": dims.intermediate, "gate": dims.intermediate,
+             "down": dims.intermediate}
+    return sum(sizes[r] for r in spec.segment.parts)
+
+
+@dataclass
+class ModelInfo:
+    """A family description applied to one checkpoint (names, prefix, dims, shapes)."""
+
+    family: Family
+    dims: Dims
+    prefix: str
+    note: str | None = None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    config: Mapping[str, Any] | None = None
+    _layouts: dict[str, _Layout] = field(default_factory=dict, repr=False)
+    _coupled: dict[str, Coupling | None] = field(default_factory=dict, repr=False)
+
+    # -- what a name is ---------------------------------------------------------------------------
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self.family.roles
+
+    def require_roles(self, roles: Iterable[str]) -> None:
+        """Refuse roles this family does not have (``gate`` on BERT, heads on DeepSeek MLA)."""
+        for role in roles:
+            if role not in self.roles:
+                why = f": {self.family.no_roles_reason}" if self.family.no_roles_reason else ""
+                raise ArchError(f"{self.family.name} has no {role!r} projection (its roles: {', '.join(self.roles)}){why}")
+
+    def coupled(self, name: str) -> Coupling | None:
+        """How ``name`` holds heads or channels; None for a tensor that no unit owns (norms, embeddings, o biases)."""
+        if name not in self._coupled:
+            self._coupled[name] = self._match(name)
+        return self._coupled[name]
+
+    def _match(self, name: str) -> Coupling | None:
+        found = match_name(self.family, name)
+        if found is not None and found[1]["prefix"] in (self.prefix, self.family.prefix, ""):
+            spec, m = found
+            part = "parameter" if spec.parameter else m["part"]
+            if part == "bias" and spec.side == "in":
+                return None  # an output-side bias lives in the residual stream: no unit owns it
+            follower = spec.side == "follows" or part == "bias"
+            dim = 0 if follower or (spec.side == "out") != spec.transposed else 1
+            expert = m.groupdict().get("expert") or spec.expert
+            return Coupling(name, int(m["layer"]), expert, spec.segment.parts, part, dim, spec.transposed,
+                            follower, spec)
+        return None
+
+    def _layout_of(self, name: str) -> tuple[Coupling, _Layout]:
+        c = self.coupled(name)
+        if c is None:
+            raise ArchError(f"{name} holds no heads or channels in the {self.family.name} layout")
+        if name not in self._layouts:
+            if self.shapes is not None and name in self.shapes:
+                shape = tuple(self.shapes[name])
+                if c.dim >= len(shape):
+                    raise ArchError(f"{name}: shape {list(shape)} has no {c.axis} ({FORMAT_HELP})")
+                length = shape[c.dim]
+            else:
+                length = _expected_length(c.spec, self.dims)
+            self._layouts[name] = _layout(c.spec.segment, length, self.dims, c.follower, name)
+        return c, self._layouts[name]
+
+    # -- units <-> stored indices ----------------------------------------------------------------
+    def unit_count(self, name: str, role: str) -> int:
+        """How many units (heads, kv heads, channels) of ``role`` tensor ``name`` holds."""
+        return int(self._table(name, role).shape[0])
+
+    def _table(self, name: str, role: str) -> torch.Tensor:
+        c, layout = self._layout_of(name)
+        if role not in layout.tables:
+            raise ArchError(f"{name} holds {', '.join(c.roles)}, not {role!r}")
+        return layout.tables[role]
+
+    def unit_indices(self, name: str, role: str, units: Iterable[int]) -> torch.Tensor:
+        """Stored indices (on ``coupled(name).axis``) of ``units`` of ``role``, unit by unit in the given order."""
+        table = self._table(name, role)
+        chosen = torch.as_tensor(list(units), dtype=torch.long)
+        if chosen.numel() and not (0 <= int(chosen.min()) and int(chosen.max()) < table.shape[0]):
+            raise ArchError(f"{name}: {role} unit {int(chosen.max()) if int(chosen.max()) >= table.shape[0] else int(chosen.min())} "
+                            f"out of range 0..{table.shape[0] - 1}")
+        return table[chosen].reshape(-1)
+
+    def units_of(self, name: str, indices: Iterable[int] | torch.Tensor) -> dict[str, list[int]]:
+        """The inverse: per role, the sorted units that own any of ``indices``."""
+        c, layout = self._layout_of(name)
+        wanted = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        found = {}
+        for role, table in layout.tables.items():
+            hit = torch.isin(table, wanted).any(1).nonzero().reshape(-1).tolist()
+            if hit:
+                found[role] = hit
+        return found
+
+    def whole_units(self, name: str, indices: Iterable[int] | torch.Tensor) -> torch.Tensor:
+        """``indices`` widened to every stored index of the units they touch, sorted."""
+        touched = self.units_of(name, indices)
+        parts = [self.unit_indices(name, role, units) for role, units in touched.items()]
+        return torch.unique(torch.cat(parts)) if parts else torch.empty(0, dtype=torch.long)
+
+    def permute_index(self, name: str, layer_order: LayerOrder | None) -> tuple[int, torch.Tensor] | None:
+        """``(stored dim, gather index)`` that applies a layer's permutation to ``name``; None if it does not move."""
+        if layer_order is None:
+            return None
+        c = self.coupled(name)
+        if c is None:
+            return None
+        _, layout = self._layout_of(name)
+        index = torch.arange(layout.length, dtype=torch.long)
+        moved = False
+        for role, table in layout.tables.items():
+            order = layer_order.order_for(role, c.expert)
+            if order is None or list(order) == list(range(table.shape[0])):
+                continue
+            if len(order) != table.shape[0]:
+                raise ArchError(f"{name}: the permutation orders {len(order)} {role} units, the tensor has {table.shape[0]}")
+            index[table.reshape(-1)] = table[torch.as_tensor(list(order), dtype=torch.long)].reshape(-1)
+            moved = True
+        return (c.dim, index) if moved else None
+
+    # -- names by role -----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Every coupled checkpoint tensor (from the shapes given to ``resolve``, else from the description)."""
+        if self.shapes is not None:
+            return [n for n in self.shapes if self.coupled(n) is not None]
+        names = []
+        for layer in range(self.dims.layers):
+            for spec in self.family.tensors:
+                experts = range(self.dims.experts) if spec.numbered_expert else [None]
+                for e in experts:
+                    base = self.family.prefix + self.family.layers.format(layer=layer) + "." + spec.key.replace(
+                        "{expert}", str(e))
+                    names.append(base if spec.parameter else base + ".weight")
+        return names
+
+    def tensors(self, role: str, layer: int, expert: str | None = None) -> list[str]:
+        """Trainable checkpoint tensors (weights) of ``role`` in ``layer`` (and ``expert``)."""
+        return [n for n in self.names()
+                if (c := self.coupled(n)) and not c.follower and c.layer == layer and role in c.roles and c.expert == expert]
+
+    def experts(self, layer: int) -> list[str | None]:
+        """The FFN experts of a layer: ``[None]`` for a dense FFN; numbered ids, then fixed ones (``shared``)."""
+        found = {c.expert for n in self.names() if (c := self.coupled(n)) and c.layer == layer
+                 and not c.follower and set(c.roles) & set(CHANNEL_ROLES)}
+        return sorted(found, key=lambda e: (e is not None, not (e or "").isdigit(), int(e) if (e or "").isdigit() else 0, e or ""))
+
+    def channel_count(self, layer: int, expert: str | None = None) -> int:
+        """FFN channels of a layer (of one expert)."""
+        for role in ("down", "up", "gate"):
+            names = self.tensors(role, layer, expert)
+            if names:
+                return self.unit_count(names[0], role)
+        raise ArchError(f"layer {layer} has no FFN channels" + (f" in expert {expert}" if expert is not None else ""))
