@@ -1,0 +1,291 @@
+"""Every model family x the same invariants (issue 10), one table row per family of ``zoo.SPECIES``.
+
+1. ``prepare_s2ft`` with heads and channels in every role the family has: one SGD step moves exactly
+   the trained slices, by the learning rate times the float64 autograd gradient of the full model
+   (saved through transformers' own ``save_pretrained``, so in checkpoint names and coordinates);
+2. a few training steps lower the loss; export -> ``s2reg merge`` -> transformers load gives the
+   trained model's logits; ``unmerge`` restores every tensor's sha256;
+3. ``s2reg permute --plan`` keeps logits, ``unpermute`` restores every bit, and the adapter merged into
+   the permuted checkpoint gives the logits of the adapter merged into the base;
+4. ``extract --detect-permutation`` on a co-permuted fine-tuned checkpoint (the permuted merge without
+   its permutation record, as the official S2FT code leaves it) returns the adapter in original
+   coordinates: merged into the base it reproduces the merged base bit for bit;
+5. ``export --to peft-lora`` loads in PEFT and ``merge_and_unload`` equals s2reg's merge;
+6. PISA trains on the family's projections and merges to the trained model's logits.
+
+Export/merge invariants train layer 1 only: the zoo's ``-0.0`` entries sit in layer 0 and must come
+through every rewrite bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import s2reg
+from s2reg.arch import CHANNEL_ROLES, HEAD_ROLES, resolve_source
+from s2reg.cli import main
+from s2reg.format.s2ft import take
+from s2reg.tensors import open_source
+from s2reg.train import PISAConfig, S2FTConfig, export_adapter, prepare_pisa, prepare_s2ft
+
+from . import zoo
+
+ROWS = zoo.NAMES
+ROLE_ORDER = ("q", "k", "v", "o", "up", "gate", "down")
+TRAINED_LAYER = 1
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, f"s2reg {' '.join(map(str, args))}: {result.output}{result.exception!r}"
+    return result.output
+
+
+def info_of(directory: Path):
+    with open_source(directory) as source:
+        return resolve_source(source)
+
+
+def shas(directory: Path) -> dict[str, str]:
+    with open_source(directory) as source:
+        return {name: source.sha256_of(name) for name in source.names()}
+
+
+def loss_of(species: zoo.Species, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    if species.objective in ("causal", "masked"):
+        return model(**inputs, labels=inputs["input_ids"]).loss
+    if species.objective == "classify":
+        return model(**inputs, labels=torch.arange(zoo.BATCH) % model.config.num_labels).loss
+    return zoo.outputs(model, inputs).pow(2).mean()  # a bare encoder: any differentiable function of its output
+
+
+def logits_of(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return zoo.outputs(model, inputs).detach().clone()
+
+
+def assert_same_logits(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def s2ft_config(info, layers: list[int] | None) -> S2FTConfig:
+    roles = tuple(r for r in ROLE_ORDER if r in info.roles)
+    heads = 1 if set(roles) & set(HEAD_ROLES) else 0
+    channels = 2 if set(roles) & set(CHANNEL_ROLES) else 0
+    return S2FTConfig(heads=heads, channels=channels, roles=roles, layers=layers, seed=7)
+
+
+def pisa_roles(info) -> tuple[str, ...]:
+    attention = tuple(r for r in ("q", "v") if r in info.roles)
+    return attention or tuple(r for r in ("up", "down") if r in info.roles)
+
+
+def train(species, model, parameters, inputs, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(species, model, inputs)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    losses.append(float(loss_of(species, model, inputs)))
+    return losses
+
+
+def copy_without_record(directory: Path, out: Path) -> Path:
+    shutil.copytree(directory, out)
+    (out / "s2reg-permutation.json").unlink()
+    return out
+
+
+# -- the trained adapter of a row, shared by invariants 2-5 ------------------------------------------------
+@dataclass
+class Trained:
+    base: Path
+    adapter: Path
+    merged: Path
+    losses: list[float]
+    logits: torch.Tensor  # of the trained model in memory
+    inputs: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="session")
+def trained_row(zoo_checkpoint, tmp_path_factory):
+    cache: dict[str, Trained] = {}
+
+    def get(name: str) -> Trained:
+        if name not in cache:
+            species = zoo.SPECIES[name]
+            base = zoo_checkpoint(name)
+            work = tmp_path_factory.mktemp(f"{name}-s2ft")
+            inputs = zoo.example_inputs(species)
+            model = zoo.load(species, base)
+            prepared = prepare_s2ft(model, s2ft_config(info_of(base), [TRAINED_LAYER]))
+            losses = train(species, model, list(prepared.parameters.values()), inputs)
+            logits = logits_of(model, inputs)
+            with open_source(base) as source:
+                export_adapter(model, base=source, base_name=str(base)).save(work / "adapter")
+            cli("merge", base, work / "adapter", "-o", work / "merged")
+            cache[name] = Trained(base, work / "adapter", work / "merged", losses, logits, inputs)
+        return cache[name]
+
+    return get
+
+
+# -- invariant 1 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ROWS)
+def test_1_slice_gradients_equal_float64_autograd(name, zoo_checkpoint, tmp_path):
+    species = zoo.SPECIES[name]
+    base32 = zoo_checkpoint(name)
+    zoo.load(species, base32).double().save_pretrained(tmp_path / "base64")
+    inputs = zoo.example_inputs(species)
+
+    reference = species.cls.from_pretrained(tmp_path / "base64", dtype=torch.float64).eval()
+    loss_of(species, reference, inputs).backward()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.data = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+    reference.save_pretrained(tmp_path / "grads")  # transformers' own layout conversion, checkpoint coordinates
+
+    model = species.cls.from_pretrained(tmp_path / "base64", dtype=torch.float64).eval()
+    info = info_of(tmp_path / "base64")
+    config = s2ft_config(info, None)
+    prepared = prepare_s2ft(model, config)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(prepared.parameters)
+    lr = 1e-2
+    optimizer = torch.optim.SGD(list(prepared.parameters.values()), lr=lr)
+    loss_of(species, model, inputs).backward()
+    optimizer.step()
+    with open_source(tmp_path / "base64") as source:
+        adapter = export_adapter(model, base=source, base_name="f64")
+    roles_seen = set()
+    with open_source(tmp_path / "grads") as grads:
+        for target_name, target in adapter.targets.items():
+            coupled = info.coupled(target_name)
+            assert coupled is not None, f"{target_name} is not a coupled projection"
+            roles_seen |= set(coupled.roles)
+            expected = -lr * take(grads.get(target_name), target.axis, target.indices)
+            torch.testing.assert_close(target.delta.to(torch.float64), expected, rtol=1e-7, atol=1e-13,
+                                       msg=lambda m, n=target_name: f"{n}: {m}")
+    assert roles_seen >= set(config.roles), f"trained roles {sorted(roles_seen)} miss some of {config.roles}"
+    assert {l for l in range(info.dims.layers)} == {info.coupled(n).layer for n in adapter.targets}
+
+
+# -- invariant 2 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ROWS)
+def test_2_export_merge_load_unmerge(name, trained_row, tmp_path):
+    row = trained_row(name)
+    assert row.losses[-1] < row.losses[0], f"loss did not go down: {row.losses}"
+    merged = zoo.load(name, row.merged)
+    assert_same_logits(logits_of(merged, row.inputs), row.logits, rtol=1e-6)
+    base_shas, merged_shas = shas(row.base), shas(row.merged)
+    targets = set(s2reg.load(row.adapter).targets)
+    assert {n for n in base_shas if base_shas[n] != merged_shas[n]} <= targets and targets
+    assert {n for n in base_shas if base_shas[n] == merged_shas[n]} >= set(base_shas) - targets
+    cli("unmerge", row.merged, row.adapter, "-o", tmp_path / "restored")
+    assert shas(tmp_path / "restored") == base_shas
+
+
+# -- invariant 3 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ROWS)
+def test_3_permute_keeps_logits_and_unpermute_every_bit(name, trained_row, tmp_path):
+    row = trained_row(name)
+    species = zoo.SPECIES[name]
+    cli("permute", row.base, "--plan", row.adapter, "-o", tmp_path / "permuted")
+    base_shas = shas(row.base)
+    assert shas(tmp_path / "permuted") != base_shas, "permute changed no tensor"
+    assert_same_logits(logits_of(zoo.load(species, tmp_path / "permuted"), row.inputs),
+                       logits_of(zoo.load(species, row.base), row.inputs))
+    cli("unpermute", tmp_path / "permuted", "-o", tmp_path / "unpermuted")
+    assert shas(tmp_path / "unpermuted") == base_shas
+    cli("merge", tmp_path / "permuted", row.adapter, "-o", tmp_path / "permuted-merged")
+    assert_same_logits(logits_of(zoo.load(species, tmp_path / "permuted-merged"), row.inputs),
+                       logits_of(zoo.load(species, row.merged), row.inputs))
+
+
+# -- invariant 4 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ROWS)
+def test_4_extract_detects_the_co_permutation(name, trained_row, tmp_path):
+    row = trained_row(name)
+    cli("permute", row.base, "--plan", row.adapter, "-o", tmp_path / "permuted")
+    cli("merge", tmp_path / "permuted", row.adapter, "-o", tmp_path / "permuted-merged")
+    tuned = copy_without_record(tmp_path / "permuted-merged", tmp_path / "co-permuted-tuned")
+    cli("extract", row.base, tuned, "--detect-permutation", "-o", tmp_path / "extracted")
+    cli("merge", row.base, tmp_path / "extracted", "-o", tmp_path / "remerged")
+    assert shas(tmp_path / "remerged") == shas(row.merged)
+
+
+# -- invariant 5 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ROWS)
+def test_5_peft_lora_export_merges_like_s2reg(name, trained_row, tmp_path):
+    from peft import PeftModel
+
+    row = trained_row(name)
+    species = zoo.SPECIES[name]
+    cli("export", row.adapter, "--to", "peft-lora", "--base", row.base, "-o", tmp_path / "lora")
+    peft_model = PeftModel.from_pretrained(zoo.load(species, row.base), tmp_path / "lora")
+    by_peft = peft_model.merge_and_unload().state_dict()
+    by_s2reg = zoo.load(species, row.merged).state_dict()
+    assert by_peft.keys() == by_s2reg.keys()
+    for key, value in by_s2reg.items():
+        torch.testing.assert_close(by_peft[key], value, rtol=1e-6, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+
+
+# -- invariant 6 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ROWS)
+def test_6_pisa_trains_and_merges(name, zoo_checkpoint, tmp_path):
+    species = zoo.SPECIES[name]
+    base = zoo_checkpoint(name)
+    inputs = zoo.example_inputs(species)
+    model = zoo.load(species, base)
+    prepared = prepare_pisa(model, PISAConfig(block=16, coefficients=4, roles=pisa_roles(info_of(base)),
+                                              layers=[TRAINED_LAYER], seed=3))
+    losses = train(species, model, list(prepared.parameters.values()), inputs, lr=5e-2)
+    assert losses[-1] < losses[0], f"loss did not go down: {losses}"
+    with open_source(base) as source:
+        export_adapter(model, base=source, base_name=str(base)).save(tmp_path / "pisa")
+    cli("merge", base, tmp_path / "pisa", "-o", tmp_path / "merged")
+    assert_same_logits(logits_of(zoo.load(species, tmp_path / "merged"), inputs), logits_of(model, inputs), rtol=1e-4)
+
+
+# -- beyond the table ---------------------------------------------------------------------------------------------
+def test_pisa_targets_accept_short_and_full_module_names(zoo_checkpoint, tmp_path):
+    base = zoo_checkpoint("gemma3_text")
+    data = tmp_path / "data.jsonl"
+    ids = zoo.example_inputs("gemma3_text")["input_ids"].tolist()
+    data.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids))
+    common = ["train", "--base", base, "--data", data, "--method", "pisa", "--block", "16", "--coefficients", "4",
+              "--max-steps", "2", "--batch-size", "2", "--device", "cpu"]
+    cli(*common, "--targets", "q_proj,v_proj", "-o", tmp_path / "short")
+    short = set(s2reg.load(tmp_path / "short").targets)
+    assert short == {f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")}
+    cli(*common, "--targets", "model.layers.1.self_attn.q_proj", "-o", tmp_path / "full")
+    full = s2reg.load(tmp_path / "full").targets
+    assert set(full) == {"model.layers.1.self_attn.q_proj.weight"}
+
+
+def test_unknown_model_type_with_llama_names_is_read_as_llama(zoo_checkpoint, trained_row, tmp_path):
+    row = trained_row("llama")
+    strange = tmp_path / "strange"
+    shutil.copytree(row.base, strange)
+    config = json.loads((strange / "config.json").read_text())
+    config["model_type"] = "mystery_lm"
+    config["architectures"] = ["MysteryForCausalLM"]
+    (strange / "config.json").write_text(json.dumps(config))
+    info = info_of(strange)
+    assert info.note and "mystery_lm" in info.note and "llama" in info.note
+    assert info.roles == info_of(row.base).roles and info.dims == info_of(row.base).dims
+    cli("permute", strange, "--plan", row.adapter, "-o", tmp_path / "permuted")
+    assert shas(tmp_path / "permuted") != shas(strange)
+    cli("unpermute", tmp_path / "permuted", "-o", tmp_path / "unpermuted")
+    assert shas(tmp_path / "unpermuted") == shas(strange)
