@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fixtures import smollm2
-from s2reg.arch import LLAMA, detect
+from s2reg.arch import resolve
 from s2reg.format.digest import sha256_file
 from s2reg.tensors import CheckpointSource, save_state_dict
 
@@ -63,8 +63,8 @@ def test_config_has_the_gguf_dims_and_gqa(smollm2_dir, gguf):
     fields, _ = gguf
     with CheckpointSource(smollm2_dir) as source:
         config = source.config()
-        info = detect(config)
-        assert info.arch is LLAMA and config["model_type"] == "llama"
+        info = resolve(config, {n: source.shape(n) for n in source.names()})
+        assert info.family.name == "llama" and config["model_type"] == "llama" and info.note is None
         dims = info.dims
         assert dims.layers == fields["llama.block_count"]
         assert dims.heads == fields["llama.attention.head_count"]
@@ -75,10 +75,10 @@ def test_config_has_the_gguf_dims_and_gqa(smollm2_dir, gguf):
         assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == fields["llama.rope.freq_base"]
         assert config["vocab_size"] == fields["llama.vocab_size"]
         for layer in range(dims.layers):
-            assert source.shape(LLAMA.tensor("q", layer)) == (dims.heads * dims.head_dim, dims.hidden)
-            assert source.shape(LLAMA.tensor("k", layer)) == (dims.kv_heads * dims.head_dim, dims.hidden)
-            assert source.shape(LLAMA.tensor("v", layer)) == (dims.kv_heads * dims.head_dim, dims.hidden)
-            assert source.shape(LLAMA.tensor("down", layer)) == (dims.hidden, dims.intermediate)
+            assert source.shape(info.tensors("q", layer)[0]) == (dims.heads * dims.head_dim, dims.hidden)
+            assert source.shape(info.tensors("k", layer)[0]) == (dims.kv_heads * dims.head_dim, dims.hidden)
+            assert source.shape(info.tensors("v", layer)[0]) == (dims.kv_heads * dims.head_dim, dims.hidden)
+            assert source.shape(info.tensors("down", layer)[0]) == (dims.hidden, dims.intermediate)
 
 
 def test_every_tensor_is_bf16_and_embeddings_are_tied(smollm2_dir, gguf):

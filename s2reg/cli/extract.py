@@ -6,16 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..ops.extract import (
-    ExtractRefused,
-    ExtractReport,
-    extract_pisa,
-    extract_s2ft,
-    extract_s2ft_permuted,
-)
-from ..tensors import CheckpointSource
+from ..ops.extract import ExtractRefused, ExtractReport, extract_pisa, extract_s2ft
+from ..tensors import open_source
 from . import render
-from .common import json_option
+from .common import arch_option, json_option
 
 
 def parse_block(value: str) -> tuple[int, int]:
@@ -32,17 +26,24 @@ def parse_block(value: str) -> tuple[int, int]:
 
 def show_report(report: ExtractReport) -> None:
     pisa = report.kind == "pisa"
-    columns = ["tensor", "changed", "slice" if not pisa else "kept/block", "stored", "status"] + (["rel. error"] if pisa else [])
+    columns = ["tensor", "changed", "slice" if not pisa else "kept/block", "stored", "status"] + (
+        ["rel. error"] if pisa else ["noise"])
     rows = []
     for c in report.changes:
         where = f"{c.count} {c.axis}" if c.axis else (str(c.count) if c.count else "-")
         status = "ok" if c.structured else ("not a matrix" if pisa else "dense")
         row = [c.name, f"{100 * c.changed_fraction:.2f}%", where, f"{c.stored:,}", status]
+        if not pisa:
+            row.append(str(c.noise) if c.noise else "")
         if pisa:
             row.append("-" if c.rel_error is None else f"{c.rel_error:.3e}")
         rows.append(row)
     render.console.print(render.table(f"{len(report.changes)} changed, {report.unchanged} unchanged", columns, rows,
-                                      right=["changed", "stored", "rel. error"]))
+                                      right=["changed", "stored", "rel. error", "noise"]))
+    if report.note:
+        render.console.print(f"[yellow]note[/]: {report.note}")
+    for warning in report.warnings:
+        render.console.print(f"[yellow]warning[/]: {warning}")
 
 
 @click.command("extract")
@@ -52,24 +53,29 @@ def show_report(report: ExtractReport) -> None:
 @click.option("-o", "--output", type=click.Path(), required=True, help="Adapter directory to write.")
 @click.option("--allow-dense", is_flag=True, help="s2ft: also store changes outside slices of coupled projections.")
 @click.option("--max-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="s2ft: largest share of a tensor a slice may cover and still count as sparse.")
+              help="s2ft: largest share of a tensor's heads (counted in key/value groups) or channels a slice may "
+                   "cover, rounded up to a whole unit, and still count as sparse.")
+@click.option("--allow-noise", is_flag=True,
+              help="s2ft: store rows that changed only by rounding noise even when they make the adapter 10x larger.")
 @click.option("--budget", type=click.IntRange(min=1), help="pisa: coefficients kept per block.")
 @click.option("--block", "block", default="16", show_default=True, help="pisa: block shape, e.g. 16 or 16x32.")
 @click.option("--allow-partial", is_flag=True, help="pisa: leave out changed tensors that are not matrices.")
 @click.option("--detect-permutation", is_flag=True,
               help="s2ft: TUNED was saved co-permuted (official S2FT code); find the order and undo it.")
+@arch_option
 @click.option("--base-name", help="Name recorded for the base model (default: the BASE path).")
 @click.option("--raw", is_flag=True, help="Write the payload uncompressed.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @json_option
-def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget, block, allow_partial,
-                    detect_permutation, base_name, raw, force, as_json) -> None:
+def extract_command(base, tuned, kind, output, allow_dense, max_fraction, allow_noise, budget, block, allow_partial,
+                    detect_permutation, arch, base_name, raw, force, as_json) -> None:
     """Compare BASE and TUNED tensor by tensor and store what changed as an adapter.
 
-    s2ft finds the rows or columns that changed and stores them exactly: merging the adapter
-    into BASE reproduces TUNED bit for bit. pisa keeps the --budget largest rfft2 coefficients
-    per block and reports the relative error per tensor. Checkpoints are streamed, one tensor
-    at a time.
+    s2ft finds the heads and channels that changed (as the model family's description lays them
+    out: fused, transposed, per expert) and stores them exactly: merging the adapter into BASE
+    reproduces TUNED bit for bit. pisa keeps the --budget largest rfft2 coefficients per block
+    and reports the relative error per tensor. Checkpoints are streamed, one tensor at a time;
+    TUNED may also be a directory of pytorch_model.bin files (official S2FT output).
 
     \b
     Example:
@@ -78,31 +84,33 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget
     """
     if kind == "pisa" and budget is None:
         raise click.UsageError("--kind pisa needs --budget")
-    with CheckpointSource(base) as b, CheckpointSource(tuned) as t, render.progress() as bar:
+    if kind == "pisa" and detect_permutation:
+        raise click.UsageError("--detect-permutation works with --kind s2ft only (PISA coefficients have no heads to reorder)")
+    with open_source(base) as b, open_source(tuned) as t, render.progress() as bar:
         task = bar.add_task("comparing", total=len(b.names()))
         step = lambda name: bar.update(task, advance=1, description=name)
         name = base_name or str(Path(base).resolve())
         try:
-            if kind == "s2ft" and detect_permutation:
-                adapter, report, permutation = extract_s2ft_permuted(
-                    b, t, base_name=name, allow_dense=allow_dense, max_fraction=max_fraction, progress=step)
-                if not as_json:
-                    render.console.print(f"detected a co-permutation of {len(permutation.layers)} layer(s); undone")
-            elif kind == "s2ft":
-                adapter, report = extract_s2ft(b, t, base_name=name, allow_dense=allow_dense, max_fraction=max_fraction,
-                                               progress=step)
+            if kind == "s2ft":
+                result = extract_s2ft(b, t, base_name=name, allow_dense=allow_dense, max_fraction=max_fraction,
+                                      allow_noise=allow_noise, detect=detect_permutation, arch_file=arch, progress=step)
             else:
-                adapter, report = extract_pisa(b, t, base_name=name, budget=budget, block=parse_block(block),
-                                               allow_partial=allow_partial, progress=step)
+                result = extract_pisa(b, t, base_name=name, budget=budget, block=parse_block(block),
+                                      allow_partial=allow_partial, progress=step)
         except ExtractRefused as refused:
             if not as_json:
                 show_report(refused.report)
             raise
+    adapter, report = result.adapter, result.report
     stored = adapter.save(output, compress=not raw, overwrite=force)
     if as_json:
-        render.emit_json({"output": output, "digest": stored.digest, "bytes": stored.payload_bytes, **report.as_json()})
+        permutation = result.permutation.as_json() if result.permutation else None
+        render.emit_json({"output": output, "digest": stored.digest, "bytes": stored.payload_bytes,
+                          "detected_permutation": permutation, **report.as_json()})
         return
     show_report(report)
+    if result.permutation is not None:
+        render.console.print(f"detected a co-permutation of {len(result.permutation.layers)} layer(s); undone")
     render.console.print(
         f"[green]wrote[/] {output}: {adapter.kind}, {len(adapter.targets)} targets, {adapter.num_params:,} parameters, "
         f"{render.human_bytes(stored.payload_bytes)} on disk, digest {stored.digest[:16]}"

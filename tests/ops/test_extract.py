@@ -10,10 +10,11 @@ import torch
 from click.testing import CliRunner
 
 import s2reg
-from s2reg.arch import LLAMA, detect
+from s2reg.arch import resolve_source
 from s2reg.cli import main
 from s2reg.errors import ShapeError
-from s2reg.ops.extract import ExtractRefused, extract_pisa, extract_s2ft, pisa_top_k
+from s2reg.format.pisa import pisa_top_k
+from s2reg.ops.extract import ExtractRefused, extract_pisa, extract_s2ft
 from s2reg.synth import build_checkpoint
 from s2reg.tensors import CheckpointSource, save_state_dict
 
@@ -22,6 +23,12 @@ from s2reg.tensors import CheckpointSource, save_state_dict
 def base_dir(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("base") / "llama", "llama", dtype=torch.bfloat16,
                             max_shard_bytes=40_000)
+
+
+def llama_name(role, layer):
+    return {"q": "model.layers.{}.self_attn.q_proj.weight", "v": "model.layers.{}.self_attn.v_proj.weight",
+            "o": "model.layers.{}.self_attn.o_proj.weight", "up": "model.layers.{}.mlp.up_proj.weight",
+            "down": "model.layers.{}.mlp.down_proj.weight"}[role].format(layer)
 
 
 def tuned_copy(base_dir, out, edit):
@@ -33,9 +40,9 @@ def tuned_copy(base_dir, out, edit):
 
 def s2ft_edit(name, t):
     g = torch.Generator().manual_seed(hash(name) % 1000)
-    if name == LLAMA.tensor("q", 1):
+    if name == llama_name("q", 1):
         t[20:23] += torch.randn(3, t.shape[1], generator=g).to(t.dtype) * 0.05  # part of head 1
-    if name == LLAMA.tensor("down", 0):
+    if name == llama_name("down", 0):
         t[:, [3, 70]] += torch.randn(t.shape[0], 2, generator=g).to(t.dtype) * 0.05
     return t
 
@@ -43,12 +50,13 @@ def s2ft_edit(name, t):
 def test_s2ft_extract_reproduces_tuned_bit_for_bit(base_dir, tmp_path):
     tuned_dir = tuned_copy(base_dir, tmp_path / "tuned", s2ft_edit)
     with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
-        adapter, report = extract_s2ft(base, tuned, base_name="tiny")
-        assert set(adapter.targets) == {LLAMA.tensor("q", 1), LLAMA.tensor("down", 0)}
-        head_dim = detect(base.config()).dims.head_dim
-        q = adapter.targets[LLAMA.tensor("q", 1)]
+        result = extract_s2ft(base, tuned, base_name="tiny")
+        adapter, report = result.adapter, result.report
+        assert set(adapter.targets) == {llama_name("q", 1), llama_name("down", 0)}
+        head_dim = resolve_source(base).dims.head_dim
+        q = adapter.targets[llama_name("q", 1)]
         assert q.axis == "rows" and q.indices.tolist() == list(range(head_dim, 2 * head_dim))  # widened to head 1
-        assert adapter.targets[LLAMA.tensor("down", 0)].indices.tolist() == [3, 70]
+        assert adapter.targets[llama_name("down", 0)].indices.tolist() == [3, 70]
         assert report.unchanged == len(base.names()) - 2
         adapter.save(tmp_path / "adapter")
         loaded = s2reg.load(tmp_path / "adapter")
@@ -59,7 +67,7 @@ def test_s2ft_extract_reproduces_tuned_bit_for_bit(base_dir, tmp_path):
 
 def test_dense_changes_are_refused_with_a_report(base_dir, tmp_path):
     def edit(name, t):
-        if name == "model.norm.weight" or name == LLAMA.tensor("up", 0):
+        if name == "model.norm.weight" or name == llama_name("up", 0):
             t += 0.25
         return t
 
@@ -67,8 +75,8 @@ def test_dense_changes_are_refused_with_a_report(base_dir, tmp_path):
     with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
         with pytest.raises(ExtractRefused, match="--allow-dense") as info:
             extract_s2ft(base, tuned, base_name="tiny")
-        assert {c.name for c in info.value.report.unstructured} == {"model.norm.weight", LLAMA.tensor("up", 0)}
-        adapter, _ = extract_s2ft(base, tuned, base_name="tiny", allow_dense=True)
+        assert {c.name for c in info.value.report.unstructured} == {"model.norm.weight", llama_name("up", 0)}
+        adapter = extract_s2ft(base, tuned, base_name="tiny", allow_dense=True).adapter
         assert torch.equal(adapter.targets["model.norm.weight"].merged(base.get("model.norm.weight")),
                            tuned.get("model.norm.weight"))
     result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "-o", str(tmp_path / "out")])
@@ -120,7 +128,7 @@ def test_pisa_top_k_matches_a_float64_reference(k):
 
 def test_pisa_extract_recovers_a_sparse_spectrum(base_dir, tmp_path):
     f32 = build_checkpoint(tmp_path / "f32", "llama", dtype=torch.float32)
-    name = LLAMA.tensor("v", 0)
+    name = llama_name("v", 0)
     with CheckpointSource(f32) as source:
         shape = source.shape(name)
         blocks = -(-shape[0] // 16) * -(-shape[1] // 16)
@@ -130,7 +138,8 @@ def test_pisa_extract_recovers_a_sparse_spectrum(base_dir, tmp_path):
         truth = s2reg.PISAAdapter.from_coefficients(source, {name: ((16, 16), idx, values)}, base_name="t", scale=0.05)
     tuned_dir = tuned_copy(f32, tmp_path / "tuned", lambda n, t: truth.targets[n].merged(t) if n in truth.targets else t)
     with CheckpointSource(f32) as base, CheckpointSource(tuned_dir) as tuned:
-        adapter, report = extract_pisa(base, tuned, base_name="t", budget=8, block=(16, 16))
+        result = extract_pisa(base, tuned, base_name="t", budget=8, block=(16, 16))
+        adapter, report = result.adapter, result.report
     assert [c.name for c in report.changes] == [name]
     assert report.changes[0].rel_error < 1e-5
     dense, expected = adapter.to_dense(name).double(), truth.to_dense(name).double()
@@ -156,18 +165,18 @@ def test_extract_undoes_an_official_s2ft_co_permutation(tmp_path):
     base_dir = build_checkpoint(tmp_path / "base", "llama", dtype=torch.float32, num_attention_heads=8,
                                 num_key_value_heads=4, head_dim=8)
     with CheckpointSource(base_dir) as source:
-        info = detect(source.config())
+        info = resolve_source(source)
         heads, channels = {0: [5], 1: [2, 3]}, {0: [10, 77, 100], 1: [4, 9]}
-        perm = plan(info.dims, heads, channels)
+        perm = plan(info, heads, channels)
         g = torch.Generator().manual_seed(0)
 
         def official(name, t):
-            t = permute_tensor(name, t, perm, info.arch, info.dims)
-            found = info.arch.role_of(name)
-            if found and found[0] == "o":  # trained heads sit first after the permutation
-                t[:, : 8 * len(heads[found[1]])] += torch.randn(t.shape[0], 8 * len(heads[found[1]]), generator=g) * 0.05
-            if found and found[0] == "down":
-                t[:, : len(channels[found[1]])] += torch.randn(t.shape[0], len(channels[found[1]]), generator=g) * 0.05
+            t = permute_tensor(name, t, perm, info)
+            c = info.coupled(name)
+            if c and c.part == "weight" and c.role == "o":  # trained heads sit first after the permutation
+                t[:, : 8 * len(heads[c.layer])] += torch.randn(t.shape[0], 8 * len(heads[c.layer]), generator=g) * 0.05
+            if c and c.part == "weight" and c.role == "down":
+                t[:, : len(channels[c.layer])] += torch.randn(t.shape[0], len(channels[c.layer]), generator=g) * 0.05
             return t
 
         tensors = {n: official(n, source.get(n).clone()) for n in source.names()}
@@ -179,9 +188,9 @@ def test_extract_undoes_an_official_s2ft_co_permutation(tmp_path):
                                        str(tmp_path / "adapter")])
     assert result.exit_code == 0, result.output
     adapter = s2reg.load(tmp_path / "adapter")
-    down0 = adapter.targets[LLAMA.tensor("down", 0)]
+    down0 = adapter.targets[llama_name("down", 0)]
     assert down0.axis == "columns" and down0.indices.tolist() == [10, 77, 100]
-    assert adapter.targets[LLAMA.tensor("o", 1)].groups == [2, 3]
+    assert adapter.targets[llama_name("o", 1)].groups == [2, 3]
     s2reg.merge(base_dir, [adapter], tmp_path / "merged")
     import transformers
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from s2reg import PISAAdapter, S2FTAdapter
-from s2reg.arch import detect
+from s2reg.arch import resolve_source
 from s2reg.synth import build_checkpoint
 from s2reg.tensors import CheckpointSource
 
@@ -30,14 +30,14 @@ def tensor_digests(directory: Path) -> dict[str, str]:
 def s2ft(base: Path, seed: int = 0, heads=(1,), channels=(3, 4, 40), layers=None, scale=0.05) -> S2FTAdapter:
     """Heads (q rows + o columns) and FFN channels (up rows + down columns) in every layer."""
     with CheckpointSource(base) as source:
-        info = detect(source.config())
-        dims, arch = info.dims, info.arch
+        info = resolve_source(source)
+        dims = info.dims
         g = torch.Generator().manual_seed(seed)
-        rows = torch.tensor([h * dims.head_dim + i for h in heads for i in range(dims.head_dim)])
         ch = torch.tensor(sorted(channels))
         slices, groups = {}, {}
         for layer in layers if layers is not None else range(dims.layers):
-            q, o, up, down = (arch.tensor(r, layer) for r in ("q", "o", "up", "down"))
+            q, o, up, down = (info.tensors(r, layer)[0] for r in ("q", "o", "up", "down"))
+            rows = info.unit_indices(q, "q", heads)
             slices[q] = ("rows", rows, torch.randn(len(rows), dims.hidden, generator=g) * scale)
             slices[o] = ("columns", rows, torch.randn(dims.hidden, len(rows), generator=g) * scale)
             slices[up] = ("rows", ch, torch.randn(len(ch), dims.hidden, generator=g) * scale)
@@ -48,12 +48,12 @@ def s2ft(base: Path, seed: int = 0, heads=(1,), channels=(3, 4, 40), layers=None
 
 def pisa(base: Path, seed: int = 1, block=(16, 16), k: int = 6, roles=("v", "down")) -> PISAAdapter:
     with CheckpointSource(base) as source:
-        info = detect(source.config())
+        info = resolve_source(source)
         g = torch.Generator().manual_seed(seed)
         coefficients = {}
         for layer in range(info.dims.layers):
             for role in roles:
-                name = info.arch.tensor(role, layer)
+                (name,) = info.tensors(role, layer)
                 rows, cols = source.shape(name)
                 blocks = -(-rows // block[0]) * -(-cols // block[1])
                 positions = block[0] * (block[1] // 2 + 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from s2reg.arch import detect
+from s2reg.arch import resolve_source
 from s2reg.cli import main
 from s2reg.errors import ShapeError
 from s2reg.ops.permute import LayerPermutation, plan
@@ -34,15 +34,16 @@ def test_permute_keeps_outputs_and_unpermute_is_bit_exact(tmp_path, family):
 def test_selection_becomes_contiguous_and_heads_stay_in_their_groups(tmp_path):
     base = tiny(tmp_path / "base", num_attention_heads=8, num_key_value_heads=2, head_dim=8)
     with CheckpointSource(base) as source:
-        dims = detect(source.config()).dims
-    perm = plan(dims, {0: [1, 6]}, {0: [9, 3]}).layers[0]
+        info = resolve_source(source)
+    dims = info.dims
+    perm = plan(info, {0: [1, 6]}, {0: [9, 3]}).layers[0]
     assert perm.channels[:2] == [3, 9]
     assert perm.kv_heads == [0, 1]
     assert perm.heads[0] == 1 and perm.heads[4] == 6  # first in their kv group
     for new, old in enumerate(perm.heads):
         assert perm.kv_heads[new // dims.group] == old // dims.group
     with pytest.raises(ShapeError, match="leave its key/value group"):
-        LayerPermutation([4, 1, 2, 3, 0, 5, 6, 7], [0, 1], list(range(dims.intermediate))).check(dims, 0)
+        LayerPermutation([4, 1, 2, 3, 0, 5, 6, 7], [0, 1], list(range(dims.intermediate))).check(info, 0)
 
 
 def test_merge_into_a_permuted_checkpoint_maps_original_coordinates(tmp_path):
@@ -64,7 +65,10 @@ def test_cli_permute_from_a_selection_file(tmp_path):
     run = CliRunner().invoke
     out = run(main, ["permute", str(base), "--plan", str(selection), "-o", str(tmp_path / "p"), "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["layers_permuted"] == 2
+    report = json.loads(out.output)
+    assert report["layers_permuted"] == 2
+    # layer 1: heads -> q, k, v rows and o columns; layer 0: channels -> gate, up rows and down columns
+    assert report["tensors_changed"] == 7
     again = run(main, ["permute", str(tmp_path / "p"), "--plan", str(selection), "-o", str(tmp_path / "pp")])
     assert again.exit_code == 1 and "already permuted" in again.output
     assert run(main, ["unpermute", str(tmp_path / "p"), "-o", str(tmp_path / "b")]).exit_code == 0

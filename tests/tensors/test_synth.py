@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from s2reg.arch import BERT, LLAMA, detect
+from s2reg.arch import resolve_source
 from s2reg.format.digest import sha256_file
 from s2reg.synth import build_checkpoint
 from s2reg.tensors import CheckpointSource
@@ -26,24 +26,25 @@ def test_same_arguments_same_bytes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("family", "model_class", "arch"),
-    [("llama", transformers.LlamaForCausalLM, LLAMA), ("bert", transformers.BertForMaskedLM, BERT)],
+    ("family", "model_class"),
+    [("llama", transformers.LlamaForCausalLM), ("bert", transformers.BertForMaskedLM)],
 )
-def test_transformers_loads_every_tensor(tmp_path, family, model_class, arch):
+def test_transformers_loads_every_tensor(tmp_path, family, model_class):
     path = build_checkpoint(tmp_path / family, family, dtype=torch.float32, num_hidden_layers=3)
     model, info = model_class.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     state = model.state_dict()
     with CheckpointSource(path) as source:
-        detected = detect(source.config())
-        assert detected.arch is arch and detected.dims.layers == 3
+        detected = resolve_source(source)
+        assert detected.family.name == family and detected.dims.layers == 3
         for name in source.names():
             assert torch.equal(state[name], source.get(name)), name
-        assert source.shape(arch.tensor("q", 2)) == (detected.dims.heads * detected.dims.head_dim, detected.dims.hidden)
+        assert source.shape(detected.tensors("q", 2)[0]) == (detected.dims.heads * detected.dims.head_dim, detected.dims.hidden)
 
 
 def test_llama_fixture_has_grouped_query_attention(tmp_path):
     with CheckpointSource(build_checkpoint(tmp_path / "m", "llama")) as source:
-        dims = detect(source.config()).dims
+        info = resolve_source(source)
+        dims = info.dims
         assert dims.kv_heads < dims.heads
-        assert source.shape(LLAMA.tensor("k", 0))[0] == dims.kv_heads * dims.head_dim
+        assert source.shape(info.tensors("k", 0)[0])[0] == dims.kv_heads * dims.head_dim
