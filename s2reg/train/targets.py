@@ -76,7 +76,10 @@ def _config(model: nn.Module) -> dict | None:
 def map_model(model: nn.Module, arch_file: str | Path | None = None) -> ModelMap:
     """The coupled tensors of ``model``; a clear error for a layout no description covers."""
     found = placements(model)
-    info = resolve(_config(model), {name: p.shape for name, p in found.items()}, arch_file=arch_file)
+    try:
+        info = resolve(_config(model), {name: p.shape for name, p in found.items()}, arch_file=arch_file)
+    except S2RegError as exc:
+        raise S2RegError(f"{exc} (PISA also trains any linear modules named with --targets)") from None
     coupled = {}
     for name, placement in found.items():
         c = info.coupled(name)
