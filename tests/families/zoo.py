@@ -68,6 +68,7 @@ class Species:
     config: dict[str, Any] = field(default_factory=dict)
     inputs: str = "tokens"  # "tokens" (input_ids) or "pixels" (pixel_values)
     objective: str = "causal"  # "causal", "masked", "classify" (ViT) or "none" (a bare encoder, no head)
+    pisa_targets: tuple[str, ...] = ()  # PISA modules when the family has no q/v roles (short names)
     notes: str = ""
 
     def make_config(self):
@@ -82,9 +83,10 @@ class Species:
         return getattr(transformers, self.model_class)
 
 
-def decoder(name: str, model_type: str, notes: str = "", **overrides) -> Species:
+def decoder(name: str, model_type: str, notes: str = "", pisa_targets: tuple[str, ...] = (), **overrides) -> Species:
     """A causal-LM species with the shared small decoder sizes, ``overrides`` on top."""
-    return Species(name, model_type, "AutoModelForCausalLM", {**_DECODER, **overrides}, notes=notes)
+    return Species(name, model_type, "AutoModelForCausalLM", {**_DECODER, **overrides}, notes=notes,
+                   pisa_targets=pisa_targets)
 
 
 def _drop(config: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -154,7 +156,7 @@ _SPECIES = [
     decoder("gpt_oss", "gpt_oss", **_MOE, num_local_experts=4, intermediate_size=32, sliding_window=32),
     decoder("deepseek_v3", "deepseek_v3", **_MOE, head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
              kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-             first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,
+             first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4, pisa_targets=("q_b_proj", "o_proj"),
              notes="MLA attention (no head-aligned o_proj); layer 0 dense FFN, layer 1 MoE"),
     Species("bert", "bert", "BertForMaskedLM", dict(_ENCODER), objective="masked", notes="saved with the bert. prefix"),
     Species("bert_model", "bert", "BertModel", dict(_ENCODER), objective="none",
