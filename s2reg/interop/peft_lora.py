@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from ..errors import FormatError, S2RegError
 from ..format import Adapter, S2FTAdapter, S2FTTarget
 from ..fsatomic import building
+from .peft_experts import expert_factors, expert_layout, lora_keys
 from .peft_files import PREFIX, read_peft
 
 
@@ -80,15 +81,23 @@ def _fused_on_load(model_type: str | None, name: str) -> bool:
 
 
 def task_type_of(config: dict[str, Any] | None) -> str | None:
-    """PEFT's ``task_type`` for a base saved as ``config["architectures"][0]`` (None: a plain PeftModel)."""
+    """PEFT's ``task_type`` for a base saved as ``config["architectures"][0]``, by transformers' own class
+    mappings; None (a plain PeftModel) for masked-LM heads, which PEFT has no task for, and unknown classes."""
     architectures = (config or {}).get("architectures") or []
-    name = architectures[0] if architectures else ""
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "CAUSAL_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForMaskedLM", None)):
-        if name.endswith(suffix):
+    if not architectures:
+        return None
+    from transformers.models.auto import modeling_auto as auto
+
+    for mapping, task in ((auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "CAUSAL_LM"),
+                          (auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, "CAUSAL_LM"),
+                          (auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "SEQ_CLS"),
+                          (auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, "TOKEN_CLS"),
+                          (auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, "QUESTION_ANS"),
+                          (auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "SEQ_2_SEQ_LM"),
+                          (auto.MODEL_MAPPING_NAMES, "FEATURE_EXTRACTION")):
+        if architectures[0] in {c for v in mapping.values() for c in ((v,) if isinstance(v, str) else v)}:
             return task
-    return "FEATURE_EXTRACTION" if name.endswith("Model") else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -96,8 +105,9 @@ class BaseLayout:
     """What LoRA export needs to know about the base beyond the adapter: its task and stored layouts."""
 
     task_type: str | None
-    transposed: frozenset[str]        # targets whose weight is stored [in, out]
-    fused_experts: frozenset[str]     # targets transformers fuses into 3-D expert parameters
+    transposed: frozenset[str]          # targets whose weight is stored [in, out]
+    fused_experts: frozenset[str]       # targets transformers fuses into 3-D expert parameters
+    directory: Path | None = None       # the base checkpoint, when known
 
 
 def base_layout(adapter: Adapter, base: str | os.PathLike | None) -> BaseLayout:
@@ -115,22 +125,24 @@ def base_layout(adapter: Adapter, base: str | os.PathLike | None) -> BaseLayout:
         config = read_config(directory)
         with CheckpointSource(directory) as source:
             shapes = {n: tuple(source.shape(n)) for n in source.names()}
+    else:
+        directory = None
     try:
         info = resolve(config, shapes)
     except S2RegError:
         if base is not None:
             raise
-        return BaseLayout("CAUSAL_LM" if config is None else task_type_of(config), frozenset(), frozenset())
+        info = None
     transposed, fused = set(), set()
     for name in adapter.targets:
-        coupled = info.coupled(name)
-        if coupled is not None and getattr(coupled, "transposed", False):
+        coupled = info.coupled(name) if info is not None else None
+        if coupled is not None and coupled.transposed:
             transposed.add(name)
         if _fused_on_load((config or {}).get("model_type"), name) or (config is None and coupled is not None
                                                                       and coupled.expert is not None):
             fused.add(name)
     task = task_type_of(config) if config is not None else "CAUSAL_LM"
-    return BaseLayout(task, frozenset(transposed), frozenset(fused))
+    return BaseLayout(task, frozenset(transposed), frozenset(fused), directory)
 
 
 def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None = None,
@@ -138,25 +150,26 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
     """Write ``adapter`` as a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     ``base``: the checkpoint directory the adapter is for (its task type and stored layouts); by
-    default the adapter's recorded base name when that is a directory.
+    default the adapter's recorded base name when that is a directory. MoE expert targets become LoRA on
+    the fused 3-D expert parameters (``target_parameters``; peft_experts.py).
     """
     layout = base_layout(adapter, base)
-    if layout.fused_experts:
-        raise S2RegError(f"{sorted(layout.fused_experts)[0]}: transformers fuses MoE experts into 3-D parameters, which "
-                         "LoRA target_modules cannot address; merge the adapter with `s2reg merge` instead")
-    kinds = {name in layout.transposed for name in adapter.targets}
+    dense = {n: t for n, t in adapter.targets.items() if n not in layout.fused_experts}
+    kinds = {name in layout.transposed for name in dense}
     if len(kinds) > 1:
         raise S2RegError("the adapter mixes transposed (Conv1D) and ordinary linear targets; PEFT's fan_in_fan_out is "
                          "one setting per adapter: export them separately")
     transposed = kinds == {True}
     tensors, ranks, errors = {}, {}, {}
-    for name, target in adapter.targets.items():
+    for name, target in dense.items():
         module = _module(name)
         a, b, error = _factors(name, target, rank, transposed)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b
         ranks[module] = a.shape[0]
         errors[name] = error
+    parameters = _expert_tensors(adapter, layout, tensors, errors)
+    ranks.update(parameters)
     top = max(ranks.values())
     config = {
         "peft_type": "LORA",
@@ -166,7 +179,8 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
         "lora_alpha": top,
         "rank_pattern": {m: r for m, r in ranks.items() if r != top},
         "alpha_pattern": {m: r for m, r in ranks.items() if r != top},
-        "target_modules": sorted(ranks),
+        "target_modules": sorted(set(ranks) - set(parameters)),
+        "target_parameters": sorted(parameters) or None,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": transposed,
@@ -179,6 +193,27 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"output": str(output), "max_rank": top, "modules": len(ranks), "task_type": layout.task_type,
             "fan_in_fan_out": transposed, "max_relative_error": max(errors.values()), "relative_error": errors}
+
+
+def _expert_tensors(adapter: Adapter, layout: BaseLayout, tensors: dict, errors: dict) -> dict[str, int]:
+    """LoRA factors of the MoE expert targets on their fused parameters; ``{parameter: rank}``."""
+    experts = {n: t for n, t in adapter.targets.items() if n in layout.fused_experts}
+    if not experts:
+        return {}
+    if layout.directory is None:
+        raise S2RegError("MoE expert targets export onto transformers' fused expert parameters: pass --base "
+                         "(the checkpoint directory, for its config)")
+    if any(not isinstance(t, S2FTTarget) for t in experts.values()):
+        raise S2RegError("PISA targets on MoE experts do not export to LoRA (only S2FT slices do)")
+    fused = expert_layout(layout.directory)
+    factors = expert_factors(experts, fused)
+    ranks = {}
+    for parameter, (a, b) in factors.items():
+        key_a, key_b = lora_keys(parameter, fused, set(factors))
+        tensors[f"{PREFIX}{key_a}"], tensors[f"{PREFIX}{key_b}"] = a, b
+        ranks[parameter] = a.shape[0] // fused.shapes[parameter][0]
+    errors.update({n: 0.0 for n in experts})
+    return ranks
 
 
 def _one_hot(matrix: torch.Tensor) -> torch.Tensor | None:

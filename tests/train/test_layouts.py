@@ -24,13 +24,9 @@ from s2reg.train.layout import placements
 from s2reg.train.targets import map_model
 
 from ..families import zoo
+from .helpers import trained_zoo_adapter, zoo_base, zoo_loss
 
 LAYOUTS = ["qwen2", "phi3", "gpt_neox", "gpt2", "mixtral", "qwen2_moe", "bert", "bert_model"]
-
-
-def _loss(model, inputs) -> torch.Tensor:
-    out = zoo.outputs(model, inputs)
-    return (out.double() * torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)).sin().sum()
 
 
 def _slice_of_full_gradient(reference: torch.nn.Module, trained) -> torch.Tensor:
@@ -61,8 +57,8 @@ def test_slice_gradients_equal_float64_autograd_restricted_to_the_slices(name):
     for p in reference.parameters():
         p.requires_grad_(True)
     inputs = zoo.example_inputs(species)
-    _loss(reference, inputs).backward()
-    _loss(model, inputs).backward()
+    zoo_loss(reference, inputs).backward()
+    zoo_loss(model, inputs).backward()
     assert len(prepared.slices) >= len(roles) * model.config.num_hidden_layers // 3
     for trained in prepared.slices.values():
         expected = _slice_of_full_gradient(reference, trained)
@@ -80,33 +76,14 @@ def _checkpoint_names(directory) -> set[str]:
     return names
 
 
-def _without_signed_zeros(species, directory):
-    """The species' checkpoint with its seeded -0.0 entries made +0.0: a trained -0.0 that becomes +0.0 is a
-    real change FORMAT §4.3 cannot store, and random selections here may train those units."""
-    model = zoo.build_model(species)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.0)  # -0.0 + 0.0 == +0.0
-    return zoo.save_model(species, model, directory)
-
-
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_export_names_checkpoint_tensors_and_the_merge_reproduces_the_trained_model(tmp_path, name):
     species = zoo.SPECIES[name]
-    base = _without_signed_zeros(species, tmp_path / "base")
-    model = zoo.load(species, base)
-    roles = map_model(model).info.roles
-    prepare_s2ft(model, S2FTConfig(heads=1, channels=4, roles=roles, seed=2))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for step in range(2):
-        _loss(model, zoo.example_inputs(species, seed=step)).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    base = zoo_base(name, tmp_path / "base")
+    adapter, model = trained_zoo_adapter(name, base)
     inputs = zoo.example_inputs(species, seed=9)
     with torch.no_grad():
         trained = zoo.outputs(model, inputs)
-    with CheckpointSource(base) as source:
-        adapter = export_adapter(model, base=source)
     assert set(adapter.targets) <= _checkpoint_names(base)  # per-expert names, the checkpoint's own prefix
     assert all(float(t.delta.abs().max()) > 0 for t in adapter.targets.values())
     s2reg.merge(base, [adapter], tmp_path / "merged")

@@ -1,0 +1,121 @@
+"""S2FT targets on MoE experts as PEFT LoRA on the fused 3-D expert parameters.
+
+Checkpoints store experts one tensor each (``block_sparse_moe.experts.3.w1``, ``mlp.experts.3.gate_proj``);
+transformers 5 fuses them on load into ``mlp.experts.gate_up_proj`` ``[experts, out, in]`` and
+``mlp.experts.down_proj``, which PEFT reaches with ``target_parameters``: per expert ``e`` the delta is
+``B[:, :, e] @ A[e]`` with ``A`` stored ``[r * experts, in]`` and ``B`` ``[out, r * experts]``. Where each
+checkpoint tensor's elements sit in the fused parameter comes from transformers' own reverse conversion
+(``train.layout``), on a model built on the meta device (no weights are read). A trained expert slice is
+whole rows (or whole columns) of its expert's matrix, so the factors are exact one-hot ones, as for
+``nn.Linear`` targets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import S2RegError
+from ..format import S2FTTarget
+from ..train.layout import Placement, placements
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """The fused parameters of a base model, read from its config on the meta device."""
+
+    placements: dict[str, Placement]          # checkpoint name -> where it sits in memory
+    shapes: dict[str, tuple[int, ...]]        # in-memory parameter -> shape
+    nesting: dict[str, list[str]]             # module -> its parameters, in the order PEFT wraps them
+    transposed: dict[str, bool]               # module -> experts stored [experts, in, out]
+
+
+def expert_layout(directory: str | os.PathLike) -> ExpertLayout:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(Path(directory))
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise S2RegError(f"{directory}: config.json names no transformers model class (architectures)")
+    with torch.device("meta"):
+        model = cls(config)
+    modules = dict(model.named_modules())
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    nesting = {name: list(module._parameters) for name, module in modules.items() if module._parameters}
+    transposed = {name: bool(getattr(module, "is_transposed", False)) for name, module in modules.items()}
+    return ExpertLayout(placements(model), shapes, nesting, transposed)
+
+
+def _expert_block(name: str, target: S2FTTarget, placement: Placement, shape: tuple[int, ...]):
+    """``(expert, "rows"|"columns", indices, values)`` of one checkpoint target inside its fused parameter."""
+    if len(shape) != 3:
+        raise S2RegError(f"{name}: lives in {placement.parameter} of shape {list(shape)}, not [experts, out, in]")
+    _, rows, columns = shape
+    positions = placement.slice_positions(target.axis, target.indices).reshape(-1)
+    values = target.delta.reshape(-1).to(torch.float32)
+    expert, rest = positions // (rows * columns), positions % (rows * columns)
+    row, column = rest // columns, rest % columns
+    if int(expert.min()) != int(expert.max()):
+        raise S2RegError(f"{name}: one checkpoint tensor spans several experts of {placement.parameter}")
+    for kind, index, other, length in (("rows", row, column, columns), ("columns", column, row, rows)):
+        units = index.unique()
+        if units.numel() * length == positions.numel():  # whole rows (columns) of the expert's matrix
+            block = torch.zeros(units.numel(), length, dtype=torch.float32)
+            block[torch.searchsorted(units, index), other] = values
+            return int(expert[0]), kind, units, block
+    raise S2RegError(f"{name}: the slice is not whole rows or columns of {placement.parameter}")
+
+
+def expert_factors(targets: Mapping[str, S2FTTarget], layout: ExpertLayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{fused parameter: (lora_A [r * experts, in], lora_B [out, r * experts])}`` reproducing every target exactly."""
+    blocks: dict[str, dict[int, list]] = {}
+    for name, target in targets.items():
+        placement = layout.placements[name]
+        shape = layout.shapes[placement.parameter]
+        if layout.transposed.get(placement.parameter.rpartition(".")[0]):
+            raise S2RegError(f"{name}: its experts are stored [experts, in, out]; s2reg exports only [experts, out, in]")
+        expert, kind, units, block = _expert_block(name, target, placement, shape)
+        blocks.setdefault(placement.parameter, {}).setdefault(expert, []).append((kind, units, block))
+    factors = {}
+    for parameter, by_expert in blocks.items():
+        experts, out_features, in_features = layout.shapes[parameter]
+        merged = {e: _merge(parameter, e, parts, out_features, in_features) for e, parts in by_expert.items()}
+        r = max(a.shape[0] for a, _ in merged.values())
+        lora_a = torch.zeros(experts, r, in_features)
+        lora_b = torch.zeros(out_features, r, experts)
+        for e, (a, b) in merged.items():
+            lora_a[e, :a.shape[0]] = a
+            lora_b[:, :b.shape[1], e] = b
+        factors[parameter] = (lora_a.reshape(experts * r, in_features), lora_b.reshape(out_features, r * experts))
+    return factors
+
+
+def _merge(parameter: str, expert: int, parts: list, out_features: int, in_features: int):
+    """One expert's ``(A [n, in], B [out, n])`` from its row (or column) blocks."""
+    kinds = {kind for kind, _, _ in parts}
+    if len(kinds) > 1:
+        raise S2RegError(f"{parameter}: expert {expert} has both row and column slices; LoRA needs one or the other")
+    units = torch.cat([u for _, u, _ in parts])
+    if units.unique().numel() != units.numel():
+        raise S2RegError(f"{parameter}: expert {expert} has overlapping slices")
+    block = torch.cat([b for _, _, b in parts])
+    one_hot = torch.zeros(out_features if kinds == {"rows"} else in_features, units.numel())
+    one_hot[units, torch.arange(units.numel())] = 1.0
+    if kinds == {"rows"}:
+        return block, one_hot
+    return one_hot.t().contiguous(), block.t().contiguous()
+
+
+def lora_keys(parameter: str, layout: ExpertLayout, targeted: set[str]) -> tuple[str, str]:
+    """PEFT's state-dict keys (without its prefix) of a targeted parameter: PEFT wraps a module's targeted
+    parameters in their definition order, each wrapper around the previous one (``base_layer``)."""
+    module, _, attr = parameter.rpartition(".")
+    order = [p for p in layout.nesting[module] if f"{module}.{p}" in targeted]
+    depth = len(order) - 1 - order.index(attr)
+    path = module + ".base_layer" * depth
+    return f"{path}.lora_A.weight", f"{path}.lora_B.weight"
