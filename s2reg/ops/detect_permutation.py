@@ -6,7 +6,7 @@ the q/k/v/up/gate rows when o/down were trained), so each tuned position is matc
 with identical bytes there. Matching intersects the candidates of every tensor holding the unit, so a
 tie is left only between units that are byte-identical everywhere they were compared; such a tie is
 resolved in index order and is harmless: swapping identical units is itself a function-preserving
-co-permutation.
+co-permutation. Units trained in every tensor that holds them are placed in ascending order.
 """
 
 from __future__ import annotations
@@ -74,12 +74,11 @@ def _order(evidence: list[list[set[int]]], total: int, what: str) -> list[int]:
         for pos, unit in zip(positions, free):
             order[pos] = unit
             taken.add(unit)
+    # Units trained in every tensor that holds them left no untouched bytes; they fill the remaining
+    # positions in ascending order, as S2FT plans list a selection. Any other assignment would differ
+    # only by a co-permutation of whole trained units, which computes the same function.
     missing_pos = [p for p in range(total) if p not in order]
-    missing_units = sorted(set(range(total)) - taken)
-    if len(missing_pos) > 1:
-        raise S2RegError(f"{what}: {len(missing_pos)} units were trained in every tensor that holds them, so their "
-                         "order cannot be read from untouched bytes")
-    order.update(zip(missing_pos, missing_units))
+    order.update(zip(missing_pos, sorted(set(range(total)) - taken)))
     return [order[p] for p in range(total)]
 
 

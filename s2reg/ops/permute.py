@@ -162,6 +162,8 @@ def plan(info: ModelInfo, heads: Mapping[int, Iterable[int]],
         per_expert = dict(wanted) if isinstance(wanted, Mapping) else {None: wanted}
         orders: dict[str | None, list[int]] = {}
         for expert, selected in per_expert.items():
+            if not selected:
+                continue
             expert = None if expert in (None, "", "dense") else str(expert)
             if expert not in info.experts(layer):
                 raise ShapeError(f"layer {layer} has no {'dense FFN' if expert is None else f'expert {expert!r}'}"
