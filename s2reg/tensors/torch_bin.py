@@ -4,8 +4,8 @@ The official training script ends with ``torch.save(model.state_dict(), "pytorch
 and ``config.to_json_file``; Hugging Face's older ``save_pretrained(..., safe_serialization=False)``
 writes the same, sharded as ``pytorch_model-0000i-of-0000n.bin`` with
 ``pytorch_model.bin.index.json``. Such files are pickles: they are opened only with
-``torch.load(weights_only=True, mmap=True)``, which refuses anything but tensors and plain
-containers, and maps the data instead of reading it.
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers, with
+``mmap=True`` (the data is mapped, not read) for every file in torch.save's zip format.
 
 A state dict holds tied parameters twice (``lm_head.weight`` beside ``model.embed_tokens.weight``
 under ``tie_word_embeddings``) where a safetensors checkpoint holds them once; the later name of
@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +56,16 @@ def _bin_files(directory: Path) -> list[Path]:
 
 
 def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    # torch.save's zip format is memory-mapped; the legacy format (before torch 1.6) cannot be, so it is read
+    mmap = zipfile.is_zipfile(file)
     try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as refused:
-        first = str(refused).strip().splitlines()[0] if str(refused).strip() else type(refused).__name__
-        raise CheckpointError(f"{file}: refused, it holds more than tensors ({first}); s2reg never unpickles objects") from None
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\.?\n|$)", str(refused))
+        reason = found.group(1).strip() if found else "not a weights-only pickle"
+        if reason.startswith("Unsupported global"):
+            raise CheckpointError(f"{file}: refused, it holds more than tensors ({reason}); s2reg never unpickles objects") from None
+        raise CheckpointError(f"{file}: not a readable PyTorch state dict ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as broken:
         raise CheckpointError(f"{file}: not a readable PyTorch state dict ({type(broken).__name__})") from None
     if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
