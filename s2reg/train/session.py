@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..arch import ARCH_FILE
 from ..errors import S2RegError
 from ..format import Adapter
 from ..tensors import CheckpointSource
@@ -89,7 +90,8 @@ def run_training(
     """Load ``base``, tokenise ``data``, prepare ``method`` ("s2ft" | "pisa"), train, export the adapter.
 
     The objective follows the model and the data (``train/objective.py``); ``arch_file`` is a family
-    description for a layout s2reg does not know (FORMAT: docs/families.md).
+    description for a layout s2reg does not know (docs/families.md; default: ``s2reg-arch.json`` beside
+    the checkpoint, when there is one).
     """
     train_config = train_config or TrainConfig()
     device = device or default_device()
@@ -100,6 +102,8 @@ def run_training(
     if checkpoint_config is None:
         raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
     objective = choose_objective(checkpoint_config, records)
+    if arch_file is None and (Path(base) / ARCH_FILE).is_file():  # a description saved beside the checkpoint
+        arch_file = Path(base) / ARCH_FILE
     model, tokenizer = load_base(base, dtype, device, objective, seed=train_config.seed)
     examples = tokenize(records, tokenizer, max_length, objective, seed=train_config.seed)
     random.Random(train_config.seed).shuffle(examples)

@@ -26,7 +26,7 @@ from s2reg.train.targets import map_model
 from ..families import zoo
 from .helpers import trained_zoo_adapter, zoo_base, zoo_loss
 
-LAYOUTS = ["qwen2", "phi3", "gpt_neox", "gpt2", "mixtral", "qwen2_moe", "bert", "bert_model"]
+LAYOUTS = ["qwen2", "phi3", "gpt_neox", "gpt2", "mixtral", "qwen2_moe", "bert", "bert_model", "vit"]
 
 
 def _slice_of_full_gradient(reference: torch.nn.Module, trained) -> torch.Tensor:
@@ -115,6 +115,10 @@ def test_roles_a_family_lacks_are_refused_in_one_line():
     with pytest.raises(S2RegError, match="no 'o' projection") as info:
         prepare_s2ft(deepseek, S2FTConfig(heads=1, channels=2))
     assert "\n" not in str(info.value)
+    gpt_oss = zoo.build_model(zoo.SPECIES["gpt_oss"])
+    with pytest.raises(S2RegError, match="no 'down' projection.*fused in 3-D"):
+        prepare_s2ft(gpt_oss, S2FTConfig(heads=1, channels=2))
+    assert {r for s in prepare_s2ft(gpt_oss, S2FTConfig(heads=1, channels=0)).slices.values() for r in s.roles} == {"o"}
     prepared = prepare_s2ft(deepseek, S2FTConfig(heads=0, channels=2, roles=("up", "gate", "down")))
     assert {r for s in prepared.slices.values() for r in s.roles} == {"up", "gate", "down"}
     assert any(".experts." in n for n in prepared.slices) and any(".shared_experts." in n for n in prepared.slices)
@@ -145,3 +149,30 @@ def test_pisa_targets_take_short_or_full_module_names_and_merge_exactly(tmp_path
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(S2RegError, match="no linear module named 'nope_proj'"):
         prepare_pisa(zoo.load(species, base), PISAConfig(targets=("nope_proj",)))
+
+
+def test_weight_strategy_scores_units_on_the_stored_tensors(tmp_path):
+    """S2FT-W on a transposed layout (GPT-2: a head is ``head_dim`` stored ROWS of ``attn.c_proj``) and on
+    per-expert MoE channels (Mixtral: channel c of expert e is column c of ``experts.{e}.w2``), against norms
+    read straight from the saved checkpoint."""
+    for name, heads in (("gpt2", 2), ("mixtral", 0)):
+        base = zoo.build(name, tmp_path / name)
+        model = zoo.load(name, base)
+        prepared = prepare_s2ft(model, S2FTConfig(heads=heads, channels=3, strategy="weight", layers=[1]))
+        with CheckpointSource(base) as source:
+            if name == "gpt2":
+                hd = model.config.n_embd // model.config.n_head
+                c_proj = source.get("transformer.h.1.attn.c_proj.weight")
+                norms = c_proj.reshape(model.config.n_head, hd, -1).double().pow(2).sum((1, 2))
+                assert prepared.selection[1]["heads"] == sorted(norms.argsort(descending=True)[:heads].tolist())
+                c_proj = source.get("transformer.h.1.mlp.c_proj.weight").double()
+                expected = sorted(c_proj.pow(2).sum(1).argsort(descending=True)[:3].tolist())
+                assert prepared.selection[1]["channels"] == expected
+            else:
+                for expert, chosen in prepared.selection[1]["channels"].items():
+                    w2 = source.get(f"model.layers.1.block_sparse_moe.experts.{expert}.w2.weight").double()
+                    assert chosen == sorted(w2.pow(2).sum(0).argsort(descending=True)[:3].tolist())
+                assert sorted(prepared.selection[1]["channels"]) == [str(e) for e in range(model.config.num_local_experts)]
+        if name == "mixtral":
+            with pytest.raises(S2RegError, match="activation strategy needs .* linear layer of its own"):
+                prepare_s2ft(zoo.load(name, base), S2FTConfig(channels=3, strategy="activation"), calibration=[])

@@ -67,11 +67,12 @@ class PreparedS2FT:
 
 
 def _roles(config: S2FTConfig, mapping: ModelMap) -> tuple[str, ...]:
-    has = set(mapping.info.roles)
     if config.heads:
         mapping.info.require_roles([r for r in (config.roles or ("o",)) if r in HEAD_ROLES] or ["o"])
     if config.roles is None:  # the paper's output side of what was asked for
-        return (("o",) if config.heads else ()) + (("down",) if config.channels and "down" in has else ())
+        if config.channels:
+            mapping.info.require_roles(["down"])  # e.g. gpt-oss: experts not sliceable; ask for --channels 0
+        return (("o",) if config.heads else ()) + (("down",) if config.channels else ())
     mapping.info.require_roles(config.roles)
     return tuple(config.roles)
 
