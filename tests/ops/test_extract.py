@@ -198,3 +198,144 @@ def test_extract_undoes_an_official_s2ft_co_permutation(tmp_path):
     ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
     theirs = transformers.LlamaForCausalLM.from_pretrained(tuned_dir)(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# -- issue 11: extract's diagnostics ------------------------------------------------------------------
+def co_permuted_tuned(base_dir, out, heads, channels, *, seed=0, edit=None):
+    """What the official S2FT code saves: the base co-permuted, the selected o/down slices trained."""
+    from s2reg.ops.permute import permute_tensor, plan
+
+    with CheckpointSource(base_dir) as source:
+        info = resolve_source(source)
+        perm = plan(info, heads, channels)
+        g = torch.Generator().manual_seed(seed)
+        hd = info.dims.head_dim
+
+        def official(name, t):
+            t = permute_tensor(name, t, perm, info)
+            c = info.coupled(name)
+            if c and c.part == "weight" and c.role == "o" and heads.get(c.layer):
+                n = hd * len(heads[c.layer])
+                t[:, :n] += (torch.randn(t.shape[0], n, generator=g) * 0.05).to(t.dtype)
+            if c and c.part == "weight" and c.role == "down" and channels.get(c.layer):
+                n = len(channels[c.layer])
+                t[:, :n] += (torch.randn(t.shape[0], n, generator=g) * 0.05).to(t.dtype)
+            return edit(name, t) if edit else t
+
+        tensors = {n: official(n, source.get(n).clone()) for n in source.names()}
+    return save_state_dict(out, tensors, extra_files={"config.json": (base_dir / "config.json").read_bytes()}), perm
+
+
+def test_a_co_permuted_checkpoint_is_recognised_and_detect_permutation_suggested(tmp_path):
+    base_dir = build_checkpoint(tmp_path / "base", "llama", dtype=torch.float32)
+    tuned_dir, _ = co_permuted_tuned(base_dir, tmp_path / "tuned", {0: [3]}, {0: [10, 40], 1: [7]})
+    result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1
+    assert "look like a co-permuted checkpoint" in result.output and "--detect-permutation" in result.output
+    with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
+        with pytest.raises(ExtractRefused) as refused:
+            extract_s2ft(base, tuned, base_name="b")
+        assert sum(c.relocated for c in refused.value.report.changes) > 0
+
+
+def test_detect_permutation_with_pisa_is_refused(base_dir, tmp_path):
+    result = CliRunner().invoke(main, ["extract", str(base_dir), str(base_dir), "--kind", "pisa", "--budget", "4",
+                                       "--detect-permutation", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "--detect-permutation works with --kind s2ft only" in result.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_gqa_selection_of_two_of_three_kv_groups_needs_no_max_fraction(tmp_path):
+    base_dir = build_checkpoint(tmp_path / "base", "llama", dtype=torch.bfloat16, num_attention_heads=6,
+                                num_key_value_heads=3, head_dim=8, hidden_size=48)
+    g = torch.Generator().manual_seed(0)
+
+    def edit(name, t):
+        if name == "model.layers.0.self_attn.v_proj.weight":  # kv groups 0 and 2
+            t[list(range(0, 8)) + list(range(16, 24))] += (torch.randn(16, t.shape[1], generator=g) * 0.05).to(t.dtype)
+        if name == "model.layers.0.self_attn.o_proj.weight":  # their query heads 0, 1, 4, 5
+            cols = [c for h in (0, 1, 4, 5) for c in range(8 * h, 8 * h + 8)]
+            t[:, cols] += (torch.randn(t.shape[0], len(cols), generator=g) * 0.05).to(t.dtype)
+        return t
+
+    tuned_dir = tuned_copy(base_dir, tmp_path / "tuned", edit)
+    with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
+        adapter = extract_s2ft(base, tuned, base_name="b").adapter
+        assert adapter.targets["model.layers.0.self_attn.v_proj.weight"].groups == [0, 2]
+        assert adapter.targets["model.layers.0.self_attn.o_proj.weight"].groups == [0, 1, 4, 5]
+        with pytest.raises(ExtractRefused, match=r"--max-fraction 0\.67 admits the head/channel selections"):
+            extract_s2ft(base, tuned, base_name="b", max_fraction=0.3)
+
+
+def test_a_different_dtype_is_named_as_the_cause(tmp_path):
+    base_dir = build_checkpoint(tmp_path / "base", "llama", dtype=torch.bfloat16)
+    tuned_dir, _ = co_permuted_tuned(base_dir, tmp_path / "tuned", {0: [3]}, {0: [10]},
+                                     edit=lambda n, t: t.to(torch.float32))
+    for flags in ([], ["--detect-permutation"]):
+        result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), *flags, "-o", str(tmp_path / "a")])
+        assert result.exit_code == 1
+        assert "the tuned checkpoint has a different dtype than the base" in result.output
+        assert "too many" not in result.output
+
+
+def test_identical_dead_channels_are_a_harmless_tie(tmp_path):
+    base_dir = build_checkpoint(tmp_path / "base0", "llama", dtype=torch.float32)
+    with CheckpointSource(base_dir) as source:
+        tensors = {n: source.get(n).clone() for n in source.names()}
+    for layer in range(2):  # channels 20 and 21 are dead (all zero) in gate, up and down
+        for kind in ("gate_proj", "up_proj"):
+            tensors[f"model.layers.{layer}.mlp.{kind}.weight"][[20, 21]] = 0
+        tensors[f"model.layers.{layer}.mlp.down_proj.weight"][:, [20, 21]] = 0
+    base_dir = save_state_dict(tmp_path / "base", tensors, extra_files={"config.json": (base_dir / "config.json").read_bytes()})
+    # the selection moves both dead channels (they end up at other positions than 20, 21)
+    tuned_dir, _ = co_permuted_tuned(base_dir, tmp_path / "tuned", {}, {0: [3, 20, 21, 50], 1: [0, 21]})
+    result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "--detect-permutation", "-o",
+                                       str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    adapter = s2reg.load(tmp_path / "a")
+    assert all("down_proj" in name for name in adapter.targets)  # the tie moved no gate/up row
+    s2reg.merge(base_dir, [adapter], tmp_path / "merged")
+    import transformers
+
+    ids = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(1))
+    ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tuned_dir)(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_in_untouched_rows_is_counted_and_a_bloated_adapter_refused(tmp_path):
+    base_dir = build_checkpoint(tmp_path / "base", "llama", dtype=torch.bfloat16)
+
+    def edit(name, t):
+        if name == "model.layers.0.mlp.down_proj.weight":
+            t[:, [5]] += 0.25  # the trained selection: one channel
+        if ("self_attn" in name or "mlp" in name) and "down" not in name:  # one ulp in every other row: a round trip
+            bits = t.view(torch.int16)
+            bits[::2] += 1
+        return t
+
+    tuned_dir = tuned_copy(base_dir, tmp_path / "tuned", edit)
+    result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "--allow-dense", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "--allow-noise" in result.output and "rounding noise" in result.output
+    assert not (tmp_path / "a").exists()
+    with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
+        result = extract_s2ft(base, tuned, base_name="b", allow_dense=True, allow_noise=True)
+        down = next(c for c in result.report.changes if c.name == "model.layers.0.mlp.down_proj.weight")
+        q = next(c for c in result.report.changes if c.name == "model.layers.0.self_attn.q_proj.weight")
+        rows = base.shape("model.layers.0.self_attn.q_proj.weight")[0]
+        assert q.noise == q.count == rows // 2 and down.noise == down.count - 1
+        assert any("rounding noise" in w for w in result.report.warnings)
+    written = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "--allow-dense", "--allow-noise",
+                                        "-o", str(tmp_path / "b")])
+    assert written.exit_code == 0 and "warning" in written.output and "rounding noise" in written.output
+
+
+def test_without_a_config_extract_names_a_flag_it_has(base_dir, tmp_path):
+    with CheckpointSource(base_dir) as source:
+        tensors = {n: source.get(n).clone() for n in source.names()}
+    bare = save_state_dict(tmp_path / "bare", tensors)
+    tensors["model.layers.0.self_attn.q_proj.weight"][3] += 1
+    tuned = save_state_dict(tmp_path / "tuned", tensors)
+    result = CliRunner().invoke(main, ["extract", str(bare), str(tuned), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "--allow-dense" in result.output and "--targets" not in result.output
+    assert "no config.json" in result.output
