@@ -6,14 +6,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from .errors import S2RegError
 from .format import Adapter
 from .ops.describe import describe
 
 
-def plot_adapter(adapter: Adapter, output: str | os.PathLike) -> Path:
-    """Write a PNG (or any format matplotlib knows from the suffix) describing ``adapter``."""
+def _points(row: dict[str, Any]) -> list[float]:
+    """Where a target's selected units sit in its layer, 0..1 (heads and channels when the family is known)."""
+    if row.get("units"):
+        return [u / max(1, row["unit_totals"][role] - 1) for role, units in row["units"].items() for u in units]
+    units = row["groups"] if row["groups"] is not None else row["indices"]
+    return [u / max(1, (row["of"] // (row["group_size"] or 1)) - 1) for u in units]
+
+
+def plot_adapter(adapter: Adapter, output: str | os.PathLike, info: Any = None) -> Path:
+    """Write a PNG (or any format matplotlib knows from the suffix) describing ``adapter``.
+
+    With ``info`` (the base's ``s2reg.arch.ModelInfo``) the selection panel places heads and channels.
+    """
     try:
         import matplotlib
 
@@ -21,7 +33,7 @@ def plot_adapter(adapter: Adapter, output: str | os.PathLike) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise S2RegError("--plot needs matplotlib: pip install 's2reg[plot]'") from None
-    rows = describe(adapter)["targets"]
+    rows = describe(adapter, info)["targets"]
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None}) or [0]
     modules = sorted({r["module"].removesuffix(".weight") for r in rows})
     grid = [[0.0] * len(modules) for _ in layers]
@@ -40,8 +52,7 @@ def plot_adapter(adapter: Adapter, output: str | os.PathLike) -> Path:
         for r in rows:
             if r["layer"] is None:
                 continue
-            units = r["groups"] if r["groups"] is not None else r["indices"]
-            share = [u / max(1, (r["of"] // (r["group_size"] or 1)) - 1) for u in units]
+            share = _points(r)
             module = r["module"].removesuffix(".weight")
             ax.scatter(share, [r["layer"]] * len(share), s=6, label=module, color=f"C{modules.index(module) % 10}")
         handles, labels = ax.get_legend_handles_labels()

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import click
 
+from ..arch import resolve_source
 from ..format.stats import ranges
 from ..ops.describe import describe
+from ..tensors import open_source
 from . import render
-from .common import adapter_argument, json_option
+from .common import adapter_argument, arch_option, json_option
+
+UNIT_NAMES = {"q": "heads", "o": "heads", "k": "kv heads", "v": "kv heads", "up": "channels", "gate": "channels",
+              "down": "channels"}
+
+
+def _units(row: dict) -> str:
+    """``q heads 1,3 + k kv heads 0`` (``expert 3:`` in front for an MoE expert's tensor)."""
+    parts = [f"{role} {UNIT_NAMES[role]} {ranges(units)} of {row['unit_totals'][role]}" for role, units in row["units"].items()]
+    return (f"expert {row['expert']}: " if row["expert"] is not None else "") + " + ".join(parts)
 
 
 def _selection(row: dict) -> str:
     if row["kind"] == "pisa":
         return f"{row['coefficients']}/block of {row['block'][0]}x{row['block'][1]}, grid {row['grid'][0]}x{row['grid'][1]}"
+    if row.get("units"):
+        return f"{_units(row)} ({row['count']} {row['axis']})"
     what = "rows" if row["axis"] == "rows" else "cols"
     if row["groups"] is not None:
         return f"groups {ranges(row['groups'])} ({row['count']} {what})"
@@ -22,21 +35,32 @@ def _selection(row: dict) -> str:
 @click.command("inspect")
 @adapter_argument("adapter")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw a layers x modules heatmap and the selection (PNG).")
+@click.option("--base", "base", type=click.Path(exists=True, file_okay=False),
+              help="The base checkpoint: show S2FT selections as heads and channels of its model family.")
+@arch_option
 @json_option
-def inspect_command(adapter, plot: str | None, as_json: bool) -> None:
+def inspect_command(adapter, plot: str | None, base: str | None, arch, as_json: bool) -> None:
     """Show an adapter's targets, selections, sizes and norms.
+
+    With --base, S2FT selections are shown as heads, kv heads and channels (per expert) as the
+    base's family lays them out (fused, interleaved, transposed tensors included).
 
     \b
     Example:
       s2reg inspect ./my-adapter
+      s2reg inspect ./my-adapter --base ./base-model
       s2reg inspect ./my-adapter --json | jq '.targets[].indices'
       s2reg inspect ./my-adapter --plot adapter.png
     """
-    report = describe(adapter)
+    info = None
+    if base is not None:
+        with open_source(base) as source:
+            info = resolve_source(source, arch)
+    report = describe(adapter, info)
     if plot:
         from ..plot import plot_adapter
 
-        plot_adapter(adapter, plot)
+        plot_adapter(adapter, plot, info)
     if as_json:
         render.emit_json(report)
     else:

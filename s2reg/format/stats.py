@@ -35,6 +35,25 @@ def ranges(values: list[int]) -> str:
     return ",".join(parts)
 
 
+def with_units(rows: list[dict[str, Any]], info: Any) -> list[dict[str, Any]]:
+    """``rows`` with the heads and channels each S2FT target holds, read through a family description.
+
+    ``info`` is an ``s2reg.arch.ModelInfo`` of the base: a fused, interleaved or transposed tensor's
+    indices become units per role (``{"q": [1], "k": [0]}``), and a layer and expert come from the
+    description instead of the name. Targets that hold no unit keep ``units`` None.
+    """
+    out = []
+    for row in rows:
+        c = info.coupled(row["name"]) if row["kind"] == "s2ft" else None
+        if c is None or c.axis != row["axis"]:
+            out.append({**row, "units": None, "unit_totals": None, "expert": None})
+            continue
+        units = info.units_of(row["name"], row["indices"])
+        totals = {role: info.unit_count(row["name"], role) for role in units}
+        out.append({**row, "layer": c.layer, "expert": c.expert, "units": units, "unit_totals": totals})
+    return out
+
+
 def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
     rows = []
     for name, t in adapter.targets.items():
