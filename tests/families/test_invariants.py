@@ -38,7 +38,8 @@ from s2reg.train import PISAConfig, S2FTConfig, export_adapter, prepare_pisa, pr
 
 from . import zoo
 
-ROWS = zoo.NAMES
+# one xdist group per family: with ``-n 2 --dist loadgroup`` a row's tests share its trained adapter
+ROWS = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in zoo.NAMES]
 ROLE_ORDER = ("q", "k", "v", "o", "up", "gate", "down")
 TRAINED_LAYER = 1
 
@@ -319,3 +320,5 @@ def test_unknown_model_type_with_llama_names_is_read_as_llama(zoo_checkpoint, tr
     assert shas(tmp_path / "permuted") != shas(strange)
     cli("unpermute", tmp_path / "permuted", "-o", tmp_path / "unpermuted")
     assert shas(tmp_path / "unpermuted") == shas(strange)
+    cli("merge", strange, row.adapter, "--force", "-o", tmp_path / "merged")  # --force: the base name differs
+    assert shas(tmp_path / "merged") == shas(row.merged)
