@@ -30,6 +30,12 @@ def put(weight: torch.Tensor, axis: str, indices: torch.Tensor, values: torch.Te
     weight.index_copy_(axis_dim(axis), indices.to(torch.long), values)
 
 
+def whole_groups(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """Every index of the aligned groups of ``size`` that ``indices`` touch, sorted (FORMAT §4.1 group_size)."""
+    groups = torch.unique(indices.to(torch.long) // size)
+    return (groups[:, None] * size + torch.arange(size)).reshape(-1)
+
+
 def add_exact(base: torch.Tensor, delta: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
     """FORMAT §4.3 merge (or, with ``subtract``, unmerge) of a slice: cast_D(cast_P(base) +/- delta).
 
@@ -130,9 +136,7 @@ class S2FTTarget:
             gs = self.group_size
             if gs < 1 or length % gs:
                 raise ShapeError(f"{name}: group_size {gs} does not divide the {self.axis} length {length}")
-            groups = torch.unique(idx // gs)
-            whole = (groups[:, None] * gs + torch.arange(gs)).reshape(-1)
-            if not torch.equal(whole.to(idx.dtype), idx):
+            if not torch.equal(whole_groups(idx, gs).to(idx.dtype), idx):
                 raise FormatError(f"{name}: indices are not whole groups of {gs} (FORMAT §4.1 group_size)")
         if not allow_nonfinite and not bool(torch.isfinite(self.delta).all()):
             raise NonFiniteError(f"{name}: delta contains NaN or Inf (refused; FORMAT §4.2)")

@@ -20,7 +20,7 @@ from ..arch import ArchError, ModelInfo, resolve_source
 from ..errors import BaseMismatch, S2RegError, ShapeError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, dtypes
 from ..format.pisa import pisa_top_k, reconstruct
-from ..format.s2ft import take
+from ..format.s2ft import take, whole_groups
 from ..tensors import PermutedView
 from .detect_permutation import detect_permutation, relocated_units
 from .permute import Permutation
@@ -213,9 +213,7 @@ def _slice_size(tensor: torch.Tensor, axis: str) -> int:
 
 def _aligned(info: ModelInfo, name: str, indices: torch.Tensor) -> bool:
     """Whether whole-head slices are whole groups of head_dim in the stored order (FORMAT §4.1 group_size)."""
-    hd = info.dims.head_dim
-    groups = torch.unique(indices // hd)
-    return torch.equal((groups[:, None] * hd + torch.arange(hd)).reshape(-1), indices)
+    return torch.equal(whole_groups(indices, info.dims.head_dim), indices)
 
 
 def _refusal(report: ExtractReport, flag: str, why: str | None) -> ExtractRefused:

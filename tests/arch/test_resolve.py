@@ -174,3 +174,19 @@ def test_not_json_is_a_clear_error(tmp_path):
     (tmp_path / "x.json").write_text("{nope")
     with pytest.raises(ArchError, match="not valid JSON"):
         load_description(tmp_path / "x.json")
+
+
+def test_every_json_example_in_docs_families_md_is_a_valid_description(tmp_path):
+    from pathlib import Path
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "families.md").read_text()
+    examples = re.findall(r"```json\n(.+?)\n```", text, flags=re.S)
+    full = [e for e in examples if '"format"' in e]
+    assert len(full) == 4  # Phi-3, GPT-2, Mixtral, a user's family
+    builtin = {f.name: f for f in builtin_families()}
+    for i, example in enumerate(full):
+        (tmp_path / f"{i}.json").write_text(example)
+        family = load_description(tmp_path / f"{i}.json")
+        if family.name in builtin:  # the documented built-ins are the real ones
+            assert set(family.tensors) == set(builtin[family.name].tensors) and family.dims == builtin[family.name].dims
