@@ -4,8 +4,9 @@ Each :class:`Species` is one row of the families suite: a ``model_type`` handed 
 ``AutoConfig.for_model`` with small sizes (2 layers, 4+ heads, GQA kept where the family has
 it, a few experts for MoE), the transformers class that builds and saves it, and how to feed it.
 Builds are deterministic (seeded per species) and deliberately a little messy, as real
-checkpoints are: ``-0.0`` entries in the layer-0 projections (in the last head/channel/expert only), tied embeddings where the family
-ties them, BERT saved both by ``BertModel`` (no ``bert.`` prefix) and by ``BertForMaskedLM``.
+checkpoints are: ``-0.0`` entries in the layer-0 projections (in the last head/channel/expert
+only), tied embeddings where the family ties them, BERT saved both by ``BertModel`` (no ``bert.``
+prefix) and by ``BertForMaskedLM``.
 """
 
 from __future__ import annotations
