@@ -5,7 +5,8 @@ transformers 5 fuses them on load into ``mlp.experts.gate_up_proj`` ``[experts, 
 ``mlp.experts.down_proj``, which PEFT reaches with ``target_parameters``: per expert ``e`` the delta is
 ``B[:, :, e] @ A[e]`` with ``A`` stored ``[r * experts, in]`` and ``B`` ``[out, r * experts]``. Where each
 checkpoint tensor's elements sit in the fused parameter comes from transformers' own reverse conversion
-(``train.layout``), on a model built on the meta device (no weights are read). A trained expert slice is
+(``train.layout``), on a model built on the meta device (no weights are read); the same map names the
+module of every other target as transformers builds it. A trained expert slice is
 whole rows (or whole columns) of its expert's matrix, so the factors are exact one-hot ones, as for
 ``nn.Linear`` targets.
 """
@@ -25,8 +26,8 @@ from ..train.layout import Placement, placements
 
 
 @dataclass(frozen=True)
-class ExpertLayout:
-    """The fused parameters of a base model, read from its config on the meta device."""
+class MemoryLayout:
+    """Where a base model's checkpoint tensors live in memory, read from its config on the meta device."""
 
     placements: dict[str, Placement]          # checkpoint name -> where it sits in memory
     shapes: dict[str, tuple[int, ...]]        # in-memory parameter -> shape
@@ -34,7 +35,7 @@ class ExpertLayout:
     transposed: dict[str, bool]               # module -> experts stored [experts, in, out]
 
 
-def expert_layout(directory: str | os.PathLike) -> ExpertLayout:
+def memory_layout(directory: str | os.PathLike) -> MemoryLayout:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(Path(directory))
@@ -48,7 +49,16 @@ def expert_layout(directory: str | os.PathLike) -> ExpertLayout:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     nesting = {name: list(module._parameters) for name, module in modules.items() if module._parameters}
     transposed = {name: bool(getattr(module, "is_transposed", False)) for name, module in modules.items()}
-    return ExpertLayout(placements(model), shapes, nesting, transposed)
+    return MemoryLayout(placements(model), shapes, nesting, transposed)
+
+
+def module_of(name: str, layout: MemoryLayout) -> str:
+    """The in-memory module that computes with checkpoint tensor ``name`` (transformers may rename on load,
+    e.g. Gemma 3's ``language_model.model.layers`` -> ``model.language_model.layers``)."""
+    placement = layout.placements.get(name)
+    if placement is None or placement.positions is not None or not placement.parameter.endswith(".weight"):
+        raise S2RegError(f"{name}: not the weight of a module of its own in the model transformers builds")
+    return placement.parameter.removesuffix(".weight")
 
 
 def _expert_block(name: str, target: S2FTTarget, placement: Placement, shape: tuple[int, ...]):
@@ -71,7 +81,7 @@ def _expert_block(name: str, target: S2FTTarget, placement: Placement, shape: tu
     raise S2RegError(f"{name}: the slice is not whole rows or columns of {placement.parameter}")
 
 
-def expert_factors(targets: Mapping[str, S2FTTarget], layout: ExpertLayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def expert_factors(targets: Mapping[str, S2FTTarget], layout: MemoryLayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{fused parameter: (lora_A [r * experts, in], lora_B [out, r * experts])}`` reproducing every target exactly."""
     blocks: dict[str, dict[int, list]] = {}
     for name, target in targets.items():
@@ -111,7 +121,7 @@ def _merge(parameter: str, expert: int, parts: list, out_features: int, in_featu
     return one_hot.t().contiguous(), block.t().contiguous()
 
 
-def lora_keys(parameter: str, layout: ExpertLayout, targeted: set[str]) -> tuple[str, str]:
+def lora_keys(parameter: str, layout: MemoryLayout, targeted: set[str]) -> tuple[str, str]:
     """PEFT's state-dict keys (without its prefix) of a targeted parameter: PEFT wraps a module's targeted
     parameters in their definition order, each wrapper around the previous one (``base_layer``)."""
     module, _, attr = parameter.rpartition(".")

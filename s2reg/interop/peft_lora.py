@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from ..errors import FormatError, S2RegError
 from ..format import Adapter, S2FTAdapter, S2FTTarget
 from ..fsatomic import building
-from .peft_experts import expert_factors, expert_layout, lora_keys
+from .peft_experts import MemoryLayout, expert_factors, lora_keys, memory_layout, module_of
 from .peft_files import PREFIX, read_peft
 
 
@@ -160,15 +160,21 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
         raise S2RegError("the adapter mixes transposed (Conv1D) and ordinary linear targets; PEFT's fan_in_fan_out is "
                          "one setting per adapter: export them separately")
     transposed = kinds == {True}
+    memory = memory_layout(layout.directory) if layout.directory is not None else None
     tensors, ranks, errors = {}, {}, {}
     for name, target in dense.items():
-        module = _module(name)
+        module = _module(name) if memory is None else module_of(_module(name) + ".weight", memory)
         a, b, error = _factors(name, target, rank, transposed)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b
         ranks[module] = a.shape[0]
         errors[name] = error
-    parameters = _expert_tensors(adapter, layout, tensors, errors)
+    parameters = _expert_tensors(adapter, layout, memory, tensors, errors)
+    if parameters:
+        # PEFT translates target_modules of MoE models onto expert parameters by name (a
+        # shared_experts.down_proj entry also wraps the routed experts' down_proj): name every weight as
+        # a parameter instead, which PEFT matches exactly (a 2-D one is an ordinary LoRA).
+        ranks = {f"{module}.weight": r for module, r in ranks.items()}
     ranks.update(parameters)
     top = max(ranks.values())
     config = {
@@ -179,8 +185,8 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
         "lora_alpha": top,
         "rank_pattern": {m: r for m, r in ranks.items() if r != top},
         "alpha_pattern": {m: r for m, r in ranks.items() if r != top},
-        "target_modules": sorted(set(ranks) - set(parameters)),
-        "target_parameters": sorted(parameters) or None,
+        "target_modules": [] if parameters else sorted(ranks),
+        "target_parameters": sorted(ranks) if parameters else None,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": transposed,
@@ -195,23 +201,23 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
             "fan_in_fan_out": transposed, "max_relative_error": max(errors.values()), "relative_error": errors}
 
 
-def _expert_tensors(adapter: Adapter, layout: BaseLayout, tensors: dict, errors: dict) -> dict[str, int]:
+def _expert_tensors(adapter: Adapter, layout: BaseLayout, memory: MemoryLayout | None, tensors: dict,
+                    errors: dict) -> dict[str, int]:
     """LoRA factors of the MoE expert targets on their fused parameters; ``{parameter: rank}``."""
     experts = {n: t for n, t in adapter.targets.items() if n in layout.fused_experts}
     if not experts:
         return {}
-    if layout.directory is None:
+    if memory is None:
         raise S2RegError("MoE expert targets export onto transformers' fused expert parameters: pass --base "
                          "(the checkpoint directory, for its config)")
     if any(not isinstance(t, S2FTTarget) for t in experts.values()):
         raise S2RegError("PISA targets on MoE experts do not export to LoRA (only S2FT slices do)")
-    fused = expert_layout(layout.directory)
-    factors = expert_factors(experts, fused)
+    factors = expert_factors(experts, memory)
     ranks = {}
     for parameter, (a, b) in factors.items():
-        key_a, key_b = lora_keys(parameter, fused, set(factors))
+        key_a, key_b = lora_keys(parameter, memory, set(factors))
         tensors[f"{PREFIX}{key_a}"], tensors[f"{PREFIX}{key_b}"] = a, b
-        ranks[parameter] = a.shape[0] // fused.shapes[parameter][0]
+        ranks[parameter] = a.shape[0] // memory.shapes[parameter][0]
     errors.update({n: 0.0 for n in experts})
     return ranks
 
