@@ -202,7 +202,8 @@ def _analyse(name: str, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, in
     if b.dtype in _BITS:
         dim = ("rows", "columns").index(axis)
         real = mask & ~_noise_mask(b, t)
-        change.noise = int(indices.numel() - _slices_along(real, dim).numel()) if b.dim() > dim else 0
+        if b.dim() > dim:  # slices that changed, but only by noise
+            change.noise = int(_slices_along(mask, dim).numel() - _slices_along(real, dim).numel())
     return change, axis, indices, group
 
 

@@ -339,3 +339,10 @@ def test_without_a_config_extract_names_a_flag_it_has(base_dir, tmp_path):
     result = CliRunner().invoke(main, ["extract", str(bare), str(tuned), "-o", str(tmp_path / "a")])
     assert result.exit_code == 1 and "--allow-dense" in result.output and "--targets" not in result.output
     assert "no config.json" in result.output
+
+
+def test_widened_heads_are_not_counted_as_noise(base_dir, tmp_path):
+    tuned_dir = tuned_copy(base_dir, tmp_path / "tuned", s2ft_edit)
+    with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
+        result = extract_s2ft(base, tuned, base_name="tiny")
+    assert all(c.noise == 0 for c in result.report.changes) and not result.report.warnings
