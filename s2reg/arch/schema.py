@@ -102,7 +102,6 @@ class TensorSpec:
     transposed: bool = False
     parameter: bool = False
     expert: str | None = None
-    optional: bool = False
 
     @property
     def segment(self) -> Segment:
@@ -120,7 +119,7 @@ class TensorSpec:
     def from_json(cls, key: str, data: Any, where: str) -> TensorSpec:
         where = f"{where}: tensors[{key!r}]"
         _expect(data, dict, where, "a tensor entry")
-        _only(data, {"out", "in", "follows", "transposed", "parameter", "expert", "optional"}, where)
+        _only(data, {"out", "in", "follows", "transposed", "parameter", "expert"}, where)
         sides = [s for s in ("out", "in", "follows") if s in data]
         if len(sides) != 1:
             raise _fail(where, "give exactly one of 'out', 'in' or 'follows'")
@@ -148,7 +147,6 @@ class TensorSpec:
             transposed=_expect(data.get("transposed", False), bool, where, "'transposed'"),
             parameter=_expect(data.get("parameter", False), bool, where, "'parameter'"),
             expert=expert,
-            optional=_expect(data.get("optional", False), bool, where, "'optional'"),
         )
 
 
