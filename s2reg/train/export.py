@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import S2RegError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
 from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation
-from .layout import stored_name
+from .layout import placements, stored_name
 from .pisa import layer as pisa_layer
 from .s2ft import layer as s2ft_layer
 from .s2ft.model import PreparedS2FT
@@ -106,7 +106,8 @@ def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_n
         return S2FTAdapter.from_tuned({k: v.cpu() for k, v in originals.items()}, slices, base_name=_base_name(model, base_name),
                                       group_sizes=group_sizes, params=params, provenance=provenance)
     if pisa:
-        keys = {n: _spelled(f"{n}.weight", model, base) for n in pisa}
+        stored = {p.parameter: name for name, p in placements(model, {f"{n}.weight" for n in pisa}).items()}
+        keys = {n: _spelled(stored.get(f"{n}.weight", f"{n}.weight"), model, base) for n in pisa}
         weights = base if base is not None else {keys[n]: m.weight.detach().cpu() for n, m in pisa.items()}
         coefficients, scales = {}, {}
         for name, m in pisa.items():
