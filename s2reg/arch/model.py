@@ -134,6 +134,13 @@ def _expected_length(spec: TensorSpec, dims: Dims) -> int:
     return sum(sizes[r] for r in spec.segment.parts)
 
 
+def _expert_order(expert: str | None) -> tuple[int, int, str]:
+    """The dense FFN first, then numbered experts by number, then named ones (``shared``)."""
+    if expert is None:
+        return (0, 0, "")
+    return (1, int(expert), "") if expert.isdigit() else (2, 0, expert)
+
+
 @dataclass
 class ModelInfo:
     """A family description applied to one checkpoint (names, prefix, dims, shapes)."""
@@ -275,7 +282,7 @@ class ModelInfo:
         """The FFN experts of a layer: ``[None]`` for a dense FFN; numbered ids, then fixed ones (``shared``)."""
         found = {c.expert for n in self.names() if (c := self.coupled(n)) and c.layer == layer
                  and not c.follower and set(c.roles) & set(CHANNEL_ROLES)}
-        return sorted(found, key=lambda e: (e is not None, not (e or "").isdigit(), int(e) if (e or "").isdigit() else 0, e or ""))
+        return sorted(found, key=_expert_order)
 
     def channel_count(self, layer: int, expert: str | None = None) -> int:
         """FFN channels of a layer (of one expert)."""
