@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..arch import ARCH_FILE, ModelInfo, resolve_source
 from ..errors import S2RegError
 from ..format import Adapter
@@ -44,16 +46,24 @@ def plan_for(source: CheckpointSource, selection: Adapter | Mapping[str, Any], a
 
 def _rewrite(source: CheckpointSource, output: Path, perm: Permutation, info: ModelInfo, extra: dict[str, bytes],
              overwrite: bool, progress: Progress) -> int:
-    """Write the permuted checkpoint; returns how many tensors actually changed."""
+    """Write the permuted checkpoint; returns how many tensors' bytes actually changed."""
     shards = {f: [TensorSpec(n, source.shape(n), source.dtype(n)) for n in names] for f, names in source.shard_names().items()}
-    index_of = perm.index_of(info)
+    changed = set()
+
+    def produce(spec: TensorSpec):
+        before = source.get(spec.name)
+        after = permute_tensor(spec.name, before, perm, info)
+        if after is not before and not torch.equal(after.view(torch.uint8), before.view(torch.uint8)):
+            changed.add(spec.name)
+        return after
+
     write_checkpoint(
-        output, shards, lambda spec: permute_tensor(spec.name, source.get(spec.name), perm, info),
+        output, shards, produce,
         metadata={f: source.metadata(f) for f in shards}, side_files_from=source.directory,
         side_files_exclude=[PERMUTATION_NAME, *extra], extra_files=extra,
         overwrite=overwrite, progress=progress,
     )
-    return sum(1 for n in source.names() if index_of(n) is not None)
+    return len(changed)
 
 
 def permute_checkpoint(base: str | os.PathLike, selection: Adapter | Mapping[str, Any], output: str | os.PathLike, *,

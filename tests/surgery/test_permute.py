@@ -75,3 +75,39 @@ def test_cli_permute_from_a_selection_file(tmp_path):
     assert file_digests(tmp_path / "b") == file_digests(base)
     plain = run(main, ["unpermute", str(base), "-o", str(tmp_path / "x")])
     assert plain.exit_code == 1 and "not a permuted checkpoint" in plain.output
+
+
+# -- families (issue 10): MoE experts, encoders without their prefix -------------------------------
+from tests.families.conftest import zoo_checkpoint  # noqa: E402,F401  (a fixture, registered by import)
+
+
+def test_moe_channels_are_permuted_per_expert_from_a_selection_file(zoo_checkpoint, tmp_path):
+    base = zoo_checkpoint("qwen2_moe")
+    selection = tmp_path / "sel.json"
+    selection.write_text(json.dumps({"channels": {"1": {"2": [30, 4], "shared": [40]}}}))
+    out = CliRunner().invoke(main, ["permute", str(base), "--plan", str(selection), "-o", str(tmp_path / "p"), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    layer = report["permutation"]["layers"]["1"]
+    assert layer["experts"]["2"][:2] == [4, 30] and layer["experts"]["shared"][0] == 40 and layer["channels"] == []
+    # expert 2's gate, up, down and the shared expert's three tensors; nothing else
+    assert report["tensors_changed"] == 6
+    with CheckpointSource(base) as before, CheckpointSource(tmp_path / "p") as after:
+        w = "model.layers.1.mlp.experts.2.down_proj.weight"
+        assert torch.equal(after.get(w)[:, 0], before.get(w)[:, 4])
+        other = "model.layers.1.mlp.experts.1.down_proj.weight"
+        assert torch.equal(after.get(other), before.get(other))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"channels": {"1": {"9": [1]}}}))
+    refused = CliRunner().invoke(main, ["permute", str(base), "--plan", str(bad), "-o", str(tmp_path / "q")])
+    assert refused.exit_code == 1 and "no expert '9'" in refused.output
+
+
+def test_an_encoder_saved_without_its_prefix_is_really_permuted(zoo_checkpoint, tmp_path):
+    base = zoo_checkpoint("bert_model")  # encoder.layer.{i}... as BertModel saves it (no "bert.")
+    selection = tmp_path / "sel.json"
+    selection.write_text(json.dumps({"heads": {"0": [3]}, "channels": {"1": [7]}}))
+    out = CliRunner().invoke(main, ["permute", str(base), "--plan", str(selection), "-o", str(tmp_path / "p")])
+    assert out.exit_code == 0, out.output
+    # layer 0: q, k, v + o weights; layer 1: up + down weights (the zoo's biases are zeros: moving them changes no byte)
+    assert "permuted 2 layer(s), 6 tensor(s) changed (bert layout)" in " ".join(out.output.split())
