@@ -77,6 +77,8 @@ class LayerPermutation:
                 expected.append((f"expert {expert} channels" if expert else "channels", order or [],
                                  info.channel_count(layer, expert)))
         unknown = set(self.experts) - {e for e in info.experts(layer) if e is not None}
+        if self.channels and None not in info.experts(layer):
+            raise ShapeError(f"layer {layer} has no dense FFN to reorder; MoE channels are ordered per expert")
         if unknown:
             raise ShapeError(f"layer {layer}: no expert {sorted(unknown)[0]!r} in this model")
         for what, order, total in expected:
