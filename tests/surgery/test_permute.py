@@ -111,3 +111,17 @@ def test_an_encoder_saved_without_its_prefix_is_really_permuted(zoo_checkpoint, 
     assert out.exit_code == 0, out.output
     # layer 0: q, k, v + o weights; layer 1: up + down weights (the zoo's biases are zeros: moving them changes no byte)
     assert "permuted 2 layer(s), 6 tensor(s) changed (bert layout)" in " ".join(out.output.split())
+
+
+def test_a_permutation_record_with_dense_channels_for_an_moe_layer_is_refused(zoo_checkpoint):
+    from s2reg.ops.permute import Permutation
+
+    with CheckpointSource(zoo_checkpoint("mixtral")) as source:
+        info = resolve_source(source)
+    heads, kv = list(range(info.dims.heads)), list(range(info.dims.kv_heads))
+    record = {"layers": {"1": {"heads": heads, "kv_heads": kv, "channels": [1, 0]}}}
+    with pytest.raises(ShapeError, match="no dense FFN to reorder"):
+        Permutation.from_json(record, info)
+    expert = list(range(info.channel_count(1, "2")))[::-1]
+    ok = {"layers": {"1": {"heads": heads, "kv_heads": kv, "channels": [], "experts": {"2": expert}}}}
+    assert Permutation.from_json(ok, info).layers[1].order_for("down", "2") == expert
