@@ -21,6 +21,7 @@ API (train, zoo, ops, surgery, cli code against this)::
                            # .part ("weight" | "bias" | "parameter"), .axis ("rows"/"columns" of the STORED
                            # tensor), .dim (0/1), .transposed, .follower (biases of output units, per-head
                            # norms, sinks: move under permutation, never trained)
+    info.names()           # every coupled checkpoint tensor (followers included)
     info.tensors(role, layer, expert=None) -> list[str]   # trainable weights holding the role
     info.experts(layer)    # [None] for a dense FFN, else ["0", "1", ..., "shared"] (numbered first)
     info.unit_count(name, role); info.channel_count(layer, expert=None)
