@@ -96,6 +96,25 @@ def _group_size(c: Coupled, roles: set[str], indices: torch.Tensor, mapping: Mod
     return hd if whole else None
 
 
+Wanted = dict[str, tuple[Coupled, set[str], torch.Tensor]]  # checkpoint name -> (tensor, roles, stored indices)
+
+
+def _wanted(mapping: ModelMap, layers: list[int], roles: tuple[str, ...], selection: dict[int, dict]) -> Wanted:
+    """The stored indices to train per checkpoint tensor: the union over the roles it holds (fused tensors)."""
+    wanted: Wanted = {}
+    for layer in layers:
+        experts = dict.fromkeys([None, *mapping.info.experts(layer)])  # attention (None) and every FFN expert
+        for role in roles:
+            for c in (c for e in experts for c in mapping.tensors(role, layer, e)):
+                units = _units(role, c, selection[layer], mapping)
+                if not units:
+                    continue
+                indices = mapping.info.unit_indices(c.name, role, units).long()
+                _, had_roles, had = wanted.get(c.name, (c, set(), torch.empty(0, dtype=torch.long)))
+                wanted[c.name] = (c, had_roles | {role}, torch.cat([had, indices]).unique(sorted=True))
+    return wanted
+
+
 def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibration=None,
                  arch_file: str | Path | None = None) -> PreparedS2FT:
     """Freeze ``model`` except the S2FT slices chosen by ``config``; return the selection and parameters.
@@ -121,19 +140,10 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibrat
     selection = select(model, mapping, layers=layers, counts=counts, strategy=config.strategy, order=config.order,
                        seed=config.seed, exclude=config.exclude, calibration=calibration)
     prepared = PreparedS2FT(config, selection)
-    wanted: dict[str, tuple[Coupled, set[str], torch.Tensor]] = {}
-    for layer in layers:
-        for role in roles:
-            for c in (c for e in dict.fromkeys([None, *mapping.info.experts(layer)]) for c in mapping.tensors(role, layer, e)):
-                units = _units(role, c, selection[layer], mapping)
-                if not units:
-                    continue
-                indices = mapping.info.unit_indices(c.name, role, units).long()
-                _, had_roles, had = wanted.get(c.name, (c, set(), torch.empty(0, dtype=torch.long)))
-                wanted[c.name] = (c, had_roles | {role}, torch.cat([had, indices]).unique(sorted=True))
+    wanted = _wanted(mapping, layers, roles, selection)
     if not wanted:
         raise S2RegError(f"nothing to train: roles {list(roles)} have no selected heads/channels")
-    carried: dict[str, list[tuple[Coupled, set[str], torch.Tensor]]] = {}
+    carried: dict[str, list[tuple[Coupled, set[str], torch.Tensor]]] = {}  # in-memory parameter -> its tensors
     for name, (c, trained_roles, indices) in wanted.items():
         module, attr = mapping.owner(c.placement.parameter)
         group = _group_size(c, trained_roles, indices, mapping)
