@@ -56,7 +56,7 @@ def module_of(name: str, layout: MemoryLayout) -> str:
     """The in-memory module that computes with checkpoint tensor ``name`` (transformers may rename on load,
     e.g. Gemma 3's ``language_model.model.layers`` -> ``model.language_model.layers``)."""
     placement = layout.placements.get(name)
-    if placement is None or placement.positions is not None or not placement.parameter.endswith(".weight"):
+    if placement is None or placement.converted or not placement.parameter.endswith(".weight"):
         raise S2RegError(f"{name}: not the weight of a module of its own in the model transformers builds")
     return placement.parameter.removesuffix(".weight")
 

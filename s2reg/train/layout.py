@@ -15,7 +15,7 @@ checkpoint on disk may lack it (``BertModel``): ``stored_name`` reconciles the t
 from __future__ import annotations
 
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,27 +23,55 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Placement:
-    """A checkpoint tensor's home: in-memory parameter ``parameter`` and, when a conversion moved its
-    elements, ``positions`` (the checkpoint tensor's shape): each element's flat position in it."""
+    """A checkpoint tensor's home: in-memory parameter ``parameter``; when a conversion moved its elements
+    (``converted``), ``positions`` (the checkpoint tensor's shape) holds each element's flat position in it."""
 
     parameter: str
     shape: tuple[int, ...]
-    positions: torch.Tensor | None = None
+    converted: bool = False
+    _markers: _Markers | None = field(default=None, repr=False, compare=False)
+    _name: str = field(default="", repr=False, compare=False)
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return self._markers()[self._name] if self.converted else None
 
     def slice_positions(self, axis: str, indices: torch.Tensor) -> torch.Tensor:
         """Flat positions in the parameter of the checkpoint slice ``axis`` / ``indices``."""
-        if self.positions is None:
-            whole = torch.arange(int(torch.Size(self.shape).numel())).reshape(self.shape)
-        else:
-            whole = self.positions
-        return whole.index_select(0 if axis == "rows" else 1, indices.long())
+        dim = 0 if axis == "rows" else 1
+        if self.converted:
+            return self.positions.index_select(dim, indices.long()).long()
+        strides = torch.tensor(torch.empty(self.shape, device="meta").stride())
+        grid = [torch.arange(n) for n in self.shape]
+        grid[dim] = indices.long()
+        mesh = torch.meshgrid(*grid, indexing="ij")
+        return sum(m * s for m, s in zip(mesh, strides.tolist(), strict=True))
 
     def stored_value(self, model: nn.Module) -> torch.Tensor:
         """The checkpoint tensor's current values, read from the model in memory."""
         param = model.get_parameter(self.parameter).detach()
-        if self.positions is None:
+        if not self.converted:
             return param
-        return param.reshape(-1)[self.positions.reshape(-1).to(param.device)].reshape(self.shape)
+        return param.reshape(-1)[self.positions.reshape(-1).long().to(param.device)].reshape(self.shape)
+
+
+class _Markers:
+    """One parameter's elements followed through transformers' reverse conversion: integer position
+    markers, computed when first asked for and kept for the last parameter asked for only (a fused MoE
+    parameter's markers are as large as the parameter itself)."""
+
+    _last: tuple[_Markers, dict[str, torch.Tensor]] | None = None
+
+    def __init__(self, model: nn.Module, parameter: str, shape: tuple[int, ...]):
+        self.model, self.parameter, self.shape = model, parameter, shape
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        if _Markers._last is None or _Markers._last[0] is not self:
+            count = int(torch.Size(self.shape).numel())
+            dtype = torch.int32 if count < 2**31 else torch.int64
+            markers = torch.arange(count, dtype=dtype).reshape(self.shape)
+            _Markers._last = (self, {k: v.contiguous() for k, v in _revert(self.model, {self.parameter: markers}).items()})
+        return _Markers._last[1]
 
 
 def _revert(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,19 +86,22 @@ def _revert(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def placements(model: nn.Module, parameters: Container[str] | None = None) -> dict[str, Placement]:
-    """``{checkpoint tensor name: Placement}`` for the model's parameters (all, or those named)."""
+    """``{checkpoint tensor name: Placement}`` for the model's parameters (all, or those named).
+
+    Names and shapes come from meta tensors; element positions, for converted parameters only, when asked for.
+    """
     found: dict[str, Placement] = {}
     for name, param in model.named_parameters(remove_duplicate=True):
         if parameters is not None and name not in parameters:
             continue
-        shapes = _revert(model, {name: torch.empty(param.shape, device="meta")})
-        if len(shapes) == 1 and tuple(next(iter(shapes.values())).shape) == tuple(param.shape):
-            stored = next(iter(shapes))
-            found[stored] = Placement(name, tuple(param.shape))
+        shape = tuple(param.shape)
+        stored = _revert(model, {name: torch.empty(shape, device="meta")})
+        if len(stored) == 1 and tuple(next(iter(stored.values())).shape) == shape:
+            found[next(iter(stored))] = Placement(name, shape)
             continue
-        markers = torch.arange(param.numel(), dtype=torch.int64).reshape(param.shape)
-        for stored, positions in _revert(model, {name: markers}).items():
-            found[stored] = Placement(name, tuple(positions.shape), positions.contiguous())
+        markers = _Markers(model, name, shape)
+        for key, tensor in stored.items():
+            found[key] = Placement(name, tuple(tensor.shape), True, markers, key)
     return found
 
 

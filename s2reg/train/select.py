@@ -77,7 +77,7 @@ def _matmul_modules(mapping: ModelMap, chosen: list[Unit], strategy: str) -> dic
     for unit in chosen:
         c = _scored_tensor(mapping, unit)
         module, attr = mapping.owner(c.placement.parameter)
-        if c.placement.positions is not None or attr != "weight" or matmul_kind(module) is None:
+        if c.placement.converted or attr != "weight" or matmul_kind(module) is None:
             raise S2RegError(f"the {strategy} strategy needs {c.name} to be a linear layer of its own (it is part of "
                              f"{c.placement.parameter}); use --strategy random or weight")
         modules[unit] = module

@@ -50,7 +50,7 @@ def _chosen(model: nn.Module, config: PISAConfig, arch_file: str | Path | None) 
         if not set(c.roles) & set(config.roles) or (layers is not None and c.layer not in layers):
             continue
         module_name, _, attr = c.placement.parameter.rpartition(".")
-        if c.placement.positions is not None or attr != "weight" or module_name not in matmuls:
+        if c.placement.converted or attr != "weight" or module_name not in matmuls:
             raise S2RegError(f"{c.name} is part of {c.placement.parameter}, not a matmul layer of its own: "
                              "PISA trains 2-D projections; name them with --targets")
         chosen[module_name] = matmuls[module_name]

@@ -147,7 +147,7 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibrat
     for name, (c, trained_roles, indices) in wanted.items():
         module, attr = mapping.owner(c.placement.parameter)
         group = _group_size(c, trained_roles, indices, mapping)
-        if c.placement.positions is None and attr == "weight" and matmul_kind(module) is not None:
+        if not c.placement.converted and attr == "weight" and matmul_kind(module) is not None:
             parameter = f"{c.placement.parameter.rpartition('.')[0]}.s2ft_slice"
             prepared.parameters[parameter] = attach(module, c.axis, indices)
             prepared.slices[name] = TrainedSlice(name, tuple(sorted(trained_roles)), c.axis, indices, group, c.placement,
