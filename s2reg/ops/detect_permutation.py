@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelInfo, resolve_source
-from ..errors import S2RegError
+from ..errors import BaseMismatch, S2RegError
 from ..format import dtypes
 from .permute import LayerPermutation, Permutation
 
@@ -84,6 +84,8 @@ def _order(evidence: list[list[set[int]]], total: int, what: str) -> list[int]:
 
 def _check_dtypes(base, tuned, names: list[str]) -> None:
     for name in names:
+        if name not in tuned:
+            raise BaseMismatch(f"the tuned checkpoint has no tensor {name!r}; is it a fine-tune of this base?")
         if base.dtype(name) != tuned.dtype(name):
             raise S2RegError(
                 f"the tuned checkpoint has a different dtype than the base ({name}: "

@@ -346,3 +346,11 @@ def test_widened_heads_are_not_counted_as_noise(base_dir, tmp_path):
     with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
         result = extract_s2ft(base, tuned, base_name="tiny")
     assert all(c.noise == 0 for c in result.report.changes) and not result.report.warnings
+
+
+def test_detect_permutation_against_a_different_model_names_the_missing_tensor(base_dir, tmp_path):
+    with CheckpointSource(base_dir) as source:
+        tensors = {n: source.get(n) for n in source.names() if "layers.1.mlp.up_proj" not in n}
+    other = save_state_dict(tmp_path / "other", tensors, extra_files={"config.json": (base_dir / "config.json").read_bytes()})
+    result = CliRunner().invoke(main, ["extract", str(base_dir), str(other), "--detect-permutation", "-o", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "the tuned checkpoint has no tensor 'model.layers.1.mlp.up_proj.weight'" in result.output
