@@ -11,6 +11,7 @@ coordinates ``save_pretrained`` writes), and transformers loading the merged che
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -177,3 +178,27 @@ def test_weight_strategy_scores_units_on_the_stored_tensors(tmp_path):
         if name == "mixtral":
             with pytest.raises(S2RegError, match="activation strategy needs .* linear layer of its own"):
                 prepare_s2ft(zoo.load(name, base), S2FTConfig(channels=3, strategy="activation"), calibration=[])
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt2"])
+def test_train_cli_on_moe_and_conv1d_checkpoints_writes_checkpoint_names(tmp_path, name):
+    from click.testing import CliRunner
+
+    from s2reg.cli import main
+
+    base = zoo_base(name, tmp_path / "base")
+    rows = torch.randint(3, zoo.VOCAB - 3, (16, zoo.SEQ), generator=torch.Generator().manual_seed(0)).tolist()
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in rows))
+    result = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(tmp_path / "data.jsonl"), "--method",
+                                       "s2ft", "--heads", "1", "--channels", "2", "--roles", "q,v,o,up,down",
+                                       "--max-steps", "2", "--lr", "0.05", "-o", str(tmp_path / "adapter"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["objective"] == {"kind": "causal-lm"}
+    adapter = s2reg.load(tmp_path / "adapter")
+    assert set(adapter.targets) <= _checkpoint_names(base)
+    if name == "mixtral":  # every expert of every layer trains its own channels, in per-expert tensors
+        experts = {n.split(".experts.")[1].split(".")[0] for n in adapter.targets if ".experts." in n}
+        assert experts == {str(e) for e in range(zoo.SPECIES[name].make_config().num_local_experts)}
+    s2reg.merge(base, [adapter], tmp_path / "merged")
+    assert not torch.equal(zoo.outputs(zoo.load(name, tmp_path / "merged"), zoo.example_inputs(name)),
+                           zoo.outputs(zoo.load(name, base), zoo.example_inputs(name)))
