@@ -122,3 +122,26 @@ def test_permute_merge_and_detect_permutation_on_every_family(name, zoo_checkpoi
     cli("merge", base, tmp_path / "extracted", "-o", tmp_path / "remerged")
     assert shas(tmp_path / "remerged") == shas(tmp_path / "merged")
     assert set(s2reg.load(tmp_path / "extracted").targets) == set(adapter.targets)
+
+
+def test_cohere_qk_norms_of_shape_heads_by_head_dim_move_with_their_heads():
+    """Cohere with use_qk_norm keeps a [heads, head_dim] norm per projection: row h belongs to head h."""
+    import transformers
+
+    from s2reg.arch import resolve
+
+    config = transformers.AutoConfig.for_model("cohere", **{**zoo.SPECIES["cohere"].config, "use_qk_norm": True})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    g = torch.Generator().manual_seed(1)
+    state = {k: (v + 0.1 * torch.randn(v.shape, generator=g) if "norm" in k else v.clone())
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    info = resolve(config.to_dict(), {k: tuple(v.shape) for k, v in state.items()})
+    assert info.coupled("model.layers.0.self_attn.q_norm.weight").follower
+    perm = random_permutation(info, seed=3)
+    ids = zoo.example_inputs("cohere")["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.load_state_dict({k: permute_tensor(k, v, perm, info) for k, v in state.items()})
+        same_logits(model(input_ids=ids).logits, before)
