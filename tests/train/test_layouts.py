@@ -202,3 +202,21 @@ def test_train_cli_on_moe_and_conv1d_checkpoints_writes_checkpoint_names(tmp_pat
     s2reg.merge(base, [adapter], tmp_path / "merged")
     assert not torch.equal(zoo.outputs(zoo.load(name, tmp_path / "merged"), zoo.example_inputs(name)),
                            zoo.outputs(zoo.load(name, base), zoo.example_inputs(name)))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "phi3", "gpt2"])
+def test_exclude_keeps_heads_and_per_expert_channels_disjoint(tmp_path, name):
+    base = zoo_base(name, tmp_path / "base")
+    # no k/v: a trained key/value head takes its whole GQA group of query heads
+    first, _ = trained_zoo_adapter(name, base, heads=2, channels=3, seed=5, roles=("q", "o", "up", "down"))
+    taken = first.params["selection"]
+    prepared = prepare_s2ft(zoo.load(name, base), S2FTConfig(heads=2, channels=3, seed=5, exclude=[first]))
+    for layer, chosen in prepared.selection.items():
+        before = taken[str(layer)]
+        assert not set(chosen["heads"]) & set(before["heads"])
+        if isinstance(chosen["channels"], dict):
+            assert chosen["channels"].keys() == before["channels"].keys()
+            for expert, channels in chosen["channels"].items():
+                assert not set(channels) & set(before["channels"][expert]), (layer, expert)
+        else:
+            assert not set(chosen["channels"]) & set(before["channels"])
