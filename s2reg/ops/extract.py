@@ -221,16 +221,15 @@ def _refusal(report: ExtractReport, flag: str, why: str | None) -> ExtractRefuse
     bad = report.unstructured
     listed = ", ".join(f"{c.name} ({100 * c.changed_fraction:.1f}% changed)" for c in bad[:4])
     more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+    permuted = [w for w in report.warnings if "--detect-permutation" in w]
     wide = [c.needs_fraction for c in bad if c.needs_fraction is not None]
-    other = [c for c in bad if c.needs_fraction is None]
-    fixes = []
-    if wide:
+    fixes = permuted[:1]  # a co-permuted save is the cause: widening the slices would only store it densely
+    if not permuted and wide:
         fixes.append(f"--max-fraction {max(wide):.2f} admits the head/channel selections")
-    if other:
+    if not permuted and any(c.needs_fraction is None for c in bad):
         fixes.append(f"{flag} stores the rest anyway" + (f" (no family description: {why})" if why else ""))
-    hint = "".join(f"; {w}" for w in report.warnings if "--detect-permutation" in w)
     return ExtractRefused(f"{len(bad)} tensor(s) changed outside a few slices of coupled projections: {listed}{more}; "
-                          f"{' and '.join(fixes)}{hint}", report)
+                          f"{' and '.join(fixes)}", report)
 
 
 def _permutation_hint(base, tuned, info: ModelInfo, report: ExtractReport) -> None:

@@ -232,6 +232,8 @@ def test_a_co_permuted_checkpoint_is_recognised_and_detect_permutation_suggested
     result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "-o", str(tmp_path / "a")])
     assert result.exit_code == 1
     assert "look like a co-permuted checkpoint" in result.output and "--detect-permutation" in result.output
+    error = result.output[result.output.index("Error: "):]
+    assert "--max-fraction" not in error and "--allow-dense" not in error  # they would only store it densely
     with CheckpointSource(base_dir) as base, CheckpointSource(tuned_dir) as tuned:
         with pytest.raises(ExtractRefused) as refused:
             extract_s2ft(base, tuned, base_name="b")
