@@ -17,7 +17,7 @@ from ..fsatomic import write_directory
 from . import codec, dtypes, manifest, payload
 from .digest import sha256_bytes, tensor_sha256
 from .pisa import PISATarget
-from .s2ft import S2FTTarget, exact_difference, take
+from .s2ft import S2FTTarget, add_exact, exact_difference, take
 
 Target = Union[S2FTTarget, PISATarget]
 
@@ -167,6 +167,12 @@ class Adapter:
             raise FormatError(f"adapter has no target {name!r}") from None
 
     @property
+    def format_version(self) -> int:
+        """The lowest format version that holds every target (FORMAT §3.6), so older readers refuse only what they
+        cannot read."""
+        return max(getattr(t, "format_version", 1) for t in self.targets.values())
+
+    @property
     def num_params(self) -> int:
         return sum(t.num_params for t in self.targets.values())
 
@@ -181,7 +187,7 @@ class Adapter:
         tensors: dict[str, torch.Tensor] = {}
         for name, target in self.targets.items():
             tensors.update(target.payload_tensors(name))
-        meta = {"s2reg.format_version": str(manifest.FORMAT_VERSION), "s2reg.kind": self.kind}
+        meta = {"s2reg.format_version": str(self.format_version), "s2reg.kind": self.kind}
         return payload.dump(tensors, meta)
 
     def manifest_for(self, raw: bytes, blob: bytes, encoding: str, level: int | None) -> dict[str, Any]:
@@ -198,7 +204,7 @@ class Adapter:
         return {
             **self.extra,
             "format": manifest.FORMAT,
-            "format_version": manifest.FORMAT_VERSION,
+            "format_version": self.format_version,
             "kind": self.kind,
             "base": {
                 **self.base.extra,
@@ -273,12 +279,12 @@ class S2FTAdapter(Adapter):
             idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
             target = S2FTTarget(tuple(weight.shape), weight.dtype, axis, idx, values.detach().to(torch.float64),
                                 (group_sizes or {}).get(name))
-            target.check(name)  # shapes and ranges before any arithmetic
+            target.check(name, allow_nonfinite=True)  # shapes and ranges before any arithmetic (values: below)
             base_slice = take(weight, axis, idx)
-            tuned = (base_slice.to(torch.float64) + target.delta).to(weight.dtype) if snap else values.detach()
+            tuned = add_exact(base_slice, target.delta) if snap else values.detach()  # a zero delta keeps a -0.0
             if tuned.dtype != weight.dtype:
                 raise ShapeError(f"{name}: tuned slice is {tuned.dtype} but the base tensor is {weight.dtype}")
-            target.delta = exact_difference(base_slice, tuned, name=name)
+            target.delta, target.restore = exact_difference(base_slice, tuned, name=name)
             targets[name] = target
             fingerprints[name] = Fingerprint.of(weight)
         return cls(targets, BaseModel(base_name, base_revision, fingerprints), **kwargs)
@@ -366,7 +372,7 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     data, text = read_manifest(path)
     tensors, _ = payload.load(read_payload(path, data["payload"]))
     cls = ADAPTER_TYPES[data["kind"]]
-    expected = {n for name in data["targets"] for n in cls.target_type.payload_names(name)}
+    expected = {n for name, entry in data["targets"].items() for n in cls.target_type.payload_names(name, entry)}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
         raise FormatError(f"{path}: payload tensors do not match the manifest (missing {missing}, unexpected {extra})")
@@ -383,6 +389,9 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     adapter.provenance = data["provenance"]
     adapter.extra = {k: v for k, v in data.items() if k not in manifest.TOP_KEYS}
     adapter.check(allow_nonfinite=allow_nonfinite)
+    if adapter.format_version > data["format_version"]:
+        raise FormatError(f"{path}: restore lists need format_version {adapter.format_version}, the manifest says "
+                          f"{data['format_version']} (FORMAT §3.6, §4.3)")
     adapter.stored = Stored(path, sha256_bytes(text), data["payload"]["encoding"], data["payload"]["bytes"],
                             data["payload"]["raw_bytes"])
     return adapter

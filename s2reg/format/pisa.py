@@ -158,7 +158,7 @@ class PISATarget:
         return {f"{name}.indices": self.indices.to(torch.int32), f"{name}.coefficients": self.coefficients.contiguous()}
 
     @staticmethod
-    def payload_names(name: str) -> tuple[str, ...]:
+    def payload_names(name: str, entry: dict[str, Any]) -> tuple[str, ...]:
         return f"{name}.indices", f"{name}.coefficients"
 
     @classmethod
@@ -177,7 +177,7 @@ class PISATarget:
             raise ShapeError(f"{name}: block must be [bh, bw], got {list(block)}")
         if len(shape) != 2 or tuple(grid) != grid_of(shape, block):
             raise ShapeError(f"{name}: grid {list(grid)} does not match shape {list(shape)} and block {list(block)}")
-        indices, coefficients = (tensors[n] for n in cls.payload_names(name))
+        indices, coefficients = (tensors[n] for n in cls.payload_names(name, entry))
         if indices.dtype != torch.int32:
             raise FormatError(f"{name}: payload indices must be I32, got {dtypes.name_of(indices.dtype)}")
         if dtypes.name_of(coefficients.dtype) != payload_dtype:

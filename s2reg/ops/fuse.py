@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import BaseMismatch, FormatError, S2RegError
+from ..format.s2ft import Restore
 from ..format import (
     Adapter,
     BaseModel,
@@ -199,7 +200,8 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
                     dtype = torch.promote_types(dtype, a.targets[name].delta.dtype)
             shape = next(a.targets[name].shape for a in adapters if name in a.targets)
             tdtype = next(a.targets[name].dtype for a in adapters if name in a.targets)
-            targets[name] = S2FTTarget(shape, tdtype, axis, union, fused.to(dtype), group_sizes.get(name))
+            targets[name] = _copied_target(adapters, name, S2FTTarget(shape, tdtype, axis, union, fused.to(dtype),
+                                                                      group_sizes.get(name)))
         adapter = S2FTAdapter(targets, BaseModel(adapters[0].base.name, adapters[0].base.revision, fingerprints),
                               params=params, provenance={"source": "fuse"})
         return adapter, report
@@ -210,6 +212,23 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
                                       base_revision=adapters[0].base.revision, group_sizes=group_sizes, params=params,
                                       provenance={"source": "fuse"})
     return adapter, report
+
+
+def _copied_target(adapters, name: str, fused: S2FTTarget) -> S2FTTarget:
+    """``fused`` with the restore lists (FORMAT §4.3) of the inputs it copies, moved onto its union of indices."""
+    position = {int(v): p for p, v in enumerate(fused.indices.tolist())}
+    lists = []
+    for a in adapters:
+        t = a.targets.get(name)
+        if t is not None and t.restore is not None:
+            positions = torch.tensor([position[int(v)] for v in t.indices], dtype=torch.long)
+            lists.append(t.reordered(fused.indices, positions, fused.delta).restore)
+    if not lists:
+        return fused
+    index = torch.cat([r.index for r in lists])
+    order = index.argsort()
+    fused.restore = Restore(index[order], torch.cat([r.base for r in lists])[order], torch.cat([r.tuned for r in lists])[order])
+    return fused
 
 
 def _fuse_pisa(adapters, names, method, options, generator, params, fingerprints):

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter, S2FTTarget
-from ..format.s2ft import add_exact, axis_dim, reversible
+from ..format.s2ft import axis_dim
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, list[int]] = weakref.WeakKeyDictionary()
 
@@ -50,12 +50,8 @@ def _update(name: str, tensor: torch.Tensor, target, *, subtract: bool, stacked:
         if isinstance(target, S2FTTarget):
             dim = axis_dim(target.axis)
             index = target.indices.to(device=tensor.device, dtype=torch.long)
-            current = tensor.index_select(dim, index)
-            delta = target.delta.to(tensor.device)
-            if stacked and not subtract and not reversible(current, delta):
-                raise S2RegError(f"{name}: this adapter overlaps one already applied and could not be removed exactly; "
-                                 "remove that one first or fuse them")
-            tensor.index_copy_(dim, index, add_exact(current, delta, subtract=subtract))
+            tensor.index_copy_(dim, index, target.shifted(tensor.index_select(dim, index), name=name, subtract=subtract,
+                                                          check_reversible=stacked))
         else:
             delta = target.to_dense().to(tensor.device)
             wide = tensor.to(torch.float32)

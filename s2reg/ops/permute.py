@@ -180,5 +180,6 @@ def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation,
     position[index] = torch.arange(index.numel())
     moved = position[target.indices.long()]
     order = moved.argsort()
-    return S2FTTarget(target.shape, target.dtype, target.axis, moved[order], target.delta.index_select(dim, order),
-                      target.group_size, dict(target.extra))
+    positions = torch.empty_like(order)
+    positions[order] = torch.arange(order.numel())
+    return target.reordered(moved[order], positions, target.delta.index_select(dim, order))

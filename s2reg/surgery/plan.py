@@ -24,7 +24,7 @@ from ..errors import (
 )
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.digest import tensor_sha256
-from ..format.s2ft import add_exact, reversible, take
+from ..format.s2ft import put, take
 from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
 from ..tensors import CheckpointSource
 from .ledger import Ledger, adapter_identity
@@ -61,15 +61,23 @@ class Plan:
     expect_sha: dict[str, str] = field(default_factory=dict)  # tensor -> sha256 the result must have
     permutation: tuple[Permutation, ModelInfo] | None = None
     stacked: set[str] = field(default_factory=set)  # tensors an earlier merge already changed
+    unverified: set[str] = field(default_factory=set)  # tensors --force merged without checking their fingerprint
+
+    def _check_reversible(self, name: str, i: int) -> bool:
+        """Whether a merge step must prove it can be undone: the values may not be the delta's base (SURGERY §2.3)."""
+        return not self.subtract and bool(i or name in self.stacked or name in self.unverified)
 
     def transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor after the operation: exact, finite-checked, in the checkpoint's coordinates."""
         before = work = self._to_original(name, tensor)
         for i, target in enumerate(self.touched[name]):
-            stacked = not self.subtract and (i or name in self.stacked) and isinstance(target, S2FTTarget)
-            if stacked and not reversible(take(work, target.axis, target.indices), target.delta):
-                raise _irreversible(name)
-            work = target.merged(work, subtract=self.subtract)
+            if isinstance(target, S2FTTarget):
+                work = work.clone()
+                put(work, target.axis, target.indices, target.shifted(take(work, target.axis, target.indices), name=name,
+                                                                      subtract=self.subtract,
+                                                                      check_reversible=self._check_reversible(name, i)))
+            else:
+                work = target.merged(work, subtract=self.subtract)
         for target in self.touched[name]:  # only where something changed: S2FT leaves the rest alone
             if isinstance(target, S2FTTarget):
                 _check_finite(name, take(work, target.axis, target.indices), take(before, target.axis, target.indices))
@@ -88,10 +96,9 @@ class Plan:
         work = before
         for i, target in enumerate(self.touched[name]):
             where = torch.tensor([position[int(j)] for j in target.indices], dtype=torch.long)
-            current = work.index_select(dim, where)
-            if not self.subtract and (i or name in self.stacked) and not reversible(current, target.delta):
-                raise _irreversible(name)
-            work = work.index_copy(dim, where, add_exact(current, target.delta, subtract=self.subtract))
+            shifted = target.shifted(work.index_select(dim, where), name=name, subtract=self.subtract,
+                                     check_reversible=self._check_reversible(name, i))
+            work = work.index_copy(dim, where, shifted)
         _check_finite(name, work, before)
         return work
 
@@ -133,15 +140,6 @@ def _check_finite(name: str, after: torch.Tensor, before: torch.Tensor) -> None:
         raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
 
 
-def _irreversible(name: str) -> S2RegError:
-    # The delta's exact difference (FORMAT §4.3) was taken against the original base; stacked on
-    # another adapter's values, its round trip can round differently.
-    return S2RegError(
-        f"{name}: this adapter overlaps one merged before it and could not be unmerged exactly; "
-        "combine them with `s2reg fuse` instead"
-    )
-
-
 def _check_shapes(source: CheckpointSource, adapter: Adapter) -> None:
     for name, target in adapter.targets.items():
         if name not in source:
@@ -171,7 +169,8 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: 
         for name in adapter.targets:
             known = ledger.original.get(name) or plan.ledger_after.original.get(name)
             if force and known is None:
-                continue  # --force: no hashing at all; the ledger then cannot vouch for this tensor
+                plan.unverified.add(name)  # --force: no hashing at all; the merge must prove it can be undone
+                continue
             originals[name] = known or plan.original_sha(name)
             if not force and originals[name] != adapter.base.fingerprints[name].sha256:
                 raise BaseMismatch(
