@@ -96,16 +96,6 @@ def apply_slice(current: torch.Tensor, delta: torch.Tensor, restore: Restore | N
     return out
 
 
-def reversible(current: torch.Tensor, delta: torch.Tensor, restore: Restore | None = None) -> bool:
-    """Whether merging onto ``current`` and unmerging again gives ``current`` back bit for bit.
-
-    Always true on the base the delta was taken against (§4.3); on other values (another adapter
-    merged first, or a forced merge onto a different tensor) it may not be.
-    """
-    merged = apply_slice(current, delta, restore)
-    return _same_bits(apply_slice(merged, delta, restore, subtract=True), current)
-
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_BITS[t.dtype])
 
@@ -233,14 +223,25 @@ class S2FTTarget:
         With ``check_reversible`` (for values that may not be the delta's base: another adapter merged
         first, or a forced merge), a merge that unmerging could not undo bit for bit is refused.
         """
-        delta = self.delta.to(current.device)
-        out = apply_slice(current, delta, self.restore, subtract=subtract)
-        if check_reversible and not subtract and not _same_bits(apply_slice(out, delta, self.restore, subtract=True), current):
+        out = apply_slice(current, self.delta.to(current.device), self.restore, subtract=subtract)
+        if check_reversible and not subtract and not self.undoes(current, out):
             raise S2RegError(
                 f"{name}: this adapter could not be unmerged exactly from these values (it overlaps one merged before "
                 "it, or they are not the values it was made for); combine overlapping adapters with `s2reg fuse`"
             )
         return out
+
+    def undoes(self, current: torch.Tensor, merged: torch.Tensor) -> bool:
+        """Whether unmerging from ``merged`` (this delta merged onto ``current``) gives ``current`` back bit for bit."""
+        return _same_bits(apply_slice(merged, self.delta.to(merged.device), self.restore, subtract=True), current)
+
+    def reversible(self, current: torch.Tensor) -> bool:
+        """Whether merging onto the slice values ``current`` and unmerging again gives them back bit for bit.
+
+        Always true on the base the delta was taken against (§4.3); on other values (another adapter
+        merged first, or a forced merge onto a different tensor) it may not be.
+        """
+        return self.undoes(current, self.shifted(current))
 
     def merged_slice(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
         """Only the selected slice of ``weight``, merged (or unmerged); exact per FORMAT §4.3."""

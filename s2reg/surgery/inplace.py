@@ -40,7 +40,7 @@ def _apply(directory: Path, journal: dict[str, Any], blobs: dict[str, torch.Tens
         infos = {p["tensor"]: source.info(p["tensor"]) for p in journal["patches"]}
     patching.write(directory, infos, journal["patches"], blobs, which)
     ledger = journal[f"ledger_{which}"]
-    Ledger(ledger["merged"], ledger["original"]).write(directory)
+    Ledger.from_json(ledger).write(directory)
 
 
 def _drop_journal(directory: Path) -> None:

@@ -44,10 +44,18 @@ def overlaps(a: Any, b: Any) -> bool:
 
 @dataclass
 class Ledger:
-    """Merged adapters, oldest first, and the sha256 of every touched tensor before the first merge."""
+    """Merged adapters, oldest first, the sha256 of every touched tensor before the first merge, and the
+    tensors a forced merge changed in a way unmerge cannot undo bit for bit."""
 
     merged: list[dict[str, Any]] = field(default_factory=list)
     original: dict[str, str] = field(default_factory=dict)
+    inexact: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ledger:
+        if data.get("format") != LEDGER_FORMAT:
+            raise ValueError(data.get("format"))
+        return cls(list(data["merged"]), dict(data["original"]), frozenset(data.get("inexact", ())))
 
     @classmethod
     def read(cls, directory: Path) -> Ledger:
@@ -55,15 +63,14 @@ class Ledger:
         if not file.is_file():
             return cls()
         try:
-            data = json.loads(file.read_text())
-            if data.get("format") != LEDGER_FORMAT:
-                raise ValueError
-            return cls(list(data["merged"]), dict(data["original"]))
+            return cls.from_json(json.loads(file.read_text()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{file}: unreadable merge ledger (spec/SURGERY.md §2)") from None
 
     def as_json(self) -> dict[str, Any]:
-        return {"format": LEDGER_FORMAT, "version": 1, "merged": self.merged, "original": dict(sorted(self.original.items()))}
+        inexact = {"inexact": sorted(self.inexact)} if self.inexact else {}
+        return {"format": LEDGER_FORMAT, "version": 1, "merged": self.merged, "original": dict(sorted(self.original.items())),
+                **inexact}
 
     def to_bytes(self) -> bytes:
         return (json.dumps(self.as_json(), indent=2) + "\n").encode()
@@ -86,7 +93,11 @@ class Ledger:
         original = dict(self.original)
         for name, sha in originals.items():
             original.setdefault(name, sha)
-        return Ledger([*self.merged, entry], original)
+        return Ledger([*self.merged, entry], original, self.inexact)
+
+    def with_inexact(self, name: str) -> Ledger:
+        """The ledger noting that unmerging cannot restore ``name`` bit for bit (a forced merge, spec/SURGERY.md §2)."""
+        return Ledger(self.merged, self.original, self.inexact | {name})
 
     def without(self, identity: str) -> Ledger:
         """The ledger after unmerging ``identity``.
@@ -98,7 +109,8 @@ class Ledger:
         merged = [e for e in self.merged if e["digest"] != identity]
         touched = {name for e in merged for name in e["support"]}
         inexact = {name for e in removed for name, support in e["support"].items() if support == "dense"}
-        return Ledger(merged, {n: s for n, s in self.original.items() if n in touched and n not in inexact})
+        return Ledger(merged, {n: s for n, s in self.original.items() if n in touched and n not in inexact},
+                      frozenset(n for n in self.inexact if n in touched))
 
     def later_overlap(self, identity: str) -> str | None:
         """A tensor where an adapter merged after ``identity`` overlaps it (so unmerging it first is inexact)."""

@@ -63,9 +63,17 @@ class Plan:
     stacked: set[str] = field(default_factory=set)  # tensors an earlier merge already changed
     unverified: set[str] = field(default_factory=set)  # tensors --force merged without checking their fingerprint
 
-    def _check_reversible(self, name: str, i: int) -> bool:
-        """Whether a merge step must prove it can be undone: the values may not be the delta's base (SURGERY §2.3)."""
-        return not self.subtract and bool(i or name in self.stacked or name in self.unverified)
+    def _step(self, name: str, i: int, target: S2FTTarget, current: torch.Tensor) -> torch.Tensor:
+        """One S2FT delta on the slice values ``current``, with the checks of spec/SURGERY.md §2 rule 3.
+
+        Stacked on another merged adapter, a step unmerge could not undo is refused. Forced onto values
+        whose fingerprint nobody checked, it is done, and the ledger notes that unmerge cannot restore the tensor.
+        """
+        stacked = not self.subtract and bool(i or name in self.stacked)
+        shifted = target.shifted(current, name=name, subtract=self.subtract, check_reversible=stacked)
+        if not self.subtract and not stacked and name in self.unverified and not target.undoes(current, shifted):
+            self.ledger_after = self.ledger_after.with_inexact(name)
+        return shifted
 
     def transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor after the operation: exact, finite-checked, in the checkpoint's coordinates."""
@@ -73,9 +81,7 @@ class Plan:
         for i, target in enumerate(self.touched[name]):
             if isinstance(target, S2FTTarget):
                 work = work.clone()
-                put(work, target.axis, target.indices, target.shifted(take(work, target.axis, target.indices), name=name,
-                                                                      subtract=self.subtract,
-                                                                      check_reversible=self._check_reversible(name, i)))
+                put(work, target.axis, target.indices, self._step(name, i, target, take(work, target.axis, target.indices)))
             else:
                 work = target.merged(work, subtract=self.subtract)
         for target in self.touched[name]:  # only where something changed: S2FT leaves the rest alone
@@ -96,9 +102,7 @@ class Plan:
         work = before
         for i, target in enumerate(self.touched[name]):
             where = torch.tensor([position[int(j)] for j in target.indices], dtype=torch.long)
-            shifted = target.shifted(work.index_select(dim, where), name=name, subtract=self.subtract,
-                                     check_reversible=self._check_reversible(name, i))
-            work = work.index_copy(dim, where, shifted)
+            work = work.index_copy(dim, where, self._step(name, i, target, work.index_select(dim, where)))
         _check_finite(name, work, before)
         return work
 
@@ -169,7 +173,7 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: 
         for name in adapter.targets:
             known = ledger.original.get(name) or plan.ledger_after.original.get(name)
             if force and known is None:
-                plan.unverified.add(name)  # --force: no hashing at all; the merge must prove it can be undone
+                plan.unverified.add(name)  # --force: no hashing at all; the merge checks whether it can be undone
                 continue
             originals[name] = known or plan.original_sha(name)
             if not force and originals[name] != adapter.base.fingerprints[name].sha256:
@@ -210,6 +214,12 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, force
         if clash is not None:
             raise S2RegError(
                 f"{clash}: an adapter merged later overlaps this one; unmerge that one first (or both in one call)"
+            )
+        inexact = sorted(set(adapter.targets) & ledger.inexact)
+        if inexact and not force:
+            raise S2RegError(
+                f"{inexact[0]}: an adapter was merged here with --force onto values it was not made for, so unmerging "
+                "cannot restore them bit for bit (spec/SURGERY.md §2); pass --force to subtract it anyway"
             )
         plan.ledger_after = plan.ledger_after.without(identity)
         for name, target in adapter.targets.items():
