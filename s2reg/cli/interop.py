@@ -24,8 +24,10 @@ from .common import adapter_argument, json_option
 def export_command(adapter, target, output, rank, force, as_json) -> None:
     """Write ADAPTER as a PEFT LoRA directory (loads with PeftModel.from_pretrained; serve it with vLLM).
 
-    S2FT exports exactly (one-hot factors, rank = selected rows/columns). PISA exports through a
-    truncated SVD of rank --rank; the relative error is reported.
+    S2FT exports as one-hot factors (rank = selected rows/columns): exactly when its deltas are F32
+    (the usual case); F64 deltas (some fp32 bases) are rounded to the LoRA's F32 factors. PISA
+    exports through a truncated SVD of rank --rank. The relative error of each exported delta
+    against the adapter's change is reported.
     """
     report = export_lora(adapter, output, rank=rank, overwrite=force)
     if as_json:

@@ -1,7 +1,8 @@
 """S2FT <-> PEFT LoRA. An S2FT delta is exactly a LoRA with a one-hot factor: rows ``R`` with delta
 ``D`` are ``B = E_R`` (one-hot columns), ``A = D``; columns ``C`` are ``B = D``, ``A = E_C^T``; the
-rank is the number of selected rows or columns and ``lora_alpha = r`` (scaling 1). PISA exports
-through a truncated SVD of its dense delta, with the relative error reported.
+rank is the number of selected rows or columns and ``lora_alpha = r`` (scaling 1); LoRA factors are
+F32, so an F64 delta is rounded. PISA exports through a truncated SVD of its dense delta. Either way the
+relative error of the exported delta is reported.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ def _module(name: str) -> str:
     return name.removesuffix(".weight")
 
 
+def _lora_error(target: S2FTTarget, stored: torch.Tensor) -> float:
+    """Relative (Frobenius) error of the LoRA's delta against the true change of the slice.
+
+    LoRA factors are F32 (PEFT loads them into parameters of the base's dtype, or F32 for 16-bit
+    bases, and merges in that precision), so an F64 delta (FORMAT §4.3) is rounded; elements with a
+    restore list change by ``tuned - base``, which the delta holds only up to rounding.
+    """
+    true = target.delta.double().clone()
+    if target.restore is not None:
+        true.view(-1)[target.restore.index] = target.restore.tuned.double() - target.restore.base.double()
+    norm = float(true.norm())
+    return float((stored.double() - true).norm()) / norm if norm else float((stored.double() - true).norm())
+
+
 def _factors(name: str, target, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A [r, in], B [out, r], relative error)`` for one target."""
     if isinstance(target, S2FTTarget):
@@ -35,9 +50,10 @@ def _factors(name: str, target, rank: int | None) -> tuple[torch.Tensor, torch.T
         one_hot = torch.zeros(target.shape[0 if target.axis == "rows" else 1], n, dtype=torch.float32)
         one_hot[target.indices.long(), torch.arange(n)] = 1.0
         delta = target.delta.to(torch.float32)
+        error = _lora_error(target, delta)
         if target.axis == "rows":
-            return delta, one_hot, 0.0
-        return one_hot.t().contiguous(), delta, 0.0
+            return delta, one_hot, error
+        return one_hot.t().contiguous(), delta, error
     dense = target.to_dense().double()
     if rank is None:
         raise S2RegError("PISA adapters export to LoRA through a truncated SVD: pass --rank")

@@ -15,47 +15,15 @@ from s2reg.cli import main
 from s2reg.surgery.ledger import LEDGER_NAME
 from s2reg.tensors import CheckpointSource, save_state_dict
 
-from .helpers import tensor_digests, tiny
-
-NEGATIVE_ZERO = -32768  # the int16 bits of bf16 -0.0
-
+from .helpers import negative_zeros, signed_zero_changes, tensor_digests, tiny
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def negative_zeros(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) == NEGATIVE_ZERO
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return tiny(tmp_path_factory.mktemp("zeros") / "base", negative_zeros=0.05)
-
-
-def _tuned_slices(source, layers=(0, 1)):
-    """Row slices of q and up, and column slices of down, changed so that every kind of signed-zero change
-    occurs: -0.0 -> nonzero, nonzero -> -0.0, -0.0 -> +0.0, +0.0 -> -0.0, and ordinary changes."""
-    info = detect(source.config())
-    g = torch.Generator().manual_seed(3)
-    slices, expected = {}, {}
-    for layer in layers:
-        for role, axis, indices in (("q", "rows", [4, 5, 17]), ("up", "rows", [0, 9]), ("down", "columns", [2, 30, 31])):
-            name = info.arch.tensor(role, layer)
-            weight = source.get(name)
-            part = weight.index_select(0 if axis == "rows" else 1, torch.tensor(indices))
-            moved = (part.double() + torch.randn(part.shape, generator=g, dtype=torch.float64) * 0.01).to(part.dtype)
-            zeros = negative_zeros(part).reshape(-1).nonzero().reshape(-1)
-            assert zeros.numel() >= 2, "the fixture must put -0.0 into every trained slice"
-            flat = moved.reshape(-1)
-            flat[zeros[0]] = 0.0  # -0.0 -> +0.0
-            flat[zeros[1:]] = torch.randn(zeros.numel() - 1, generator=g).to(part.dtype)  # -0.0 -> nonzero
-            flat[3] = -0.0  # nonzero -> -0.0
-            slices[name] = (axis, indices, moved)
-            full = weight.clone()
-            full.index_copy_(0 if axis == "rows" else 1, torch.tensor(indices), moved)
-            expected[name] = full
-    return slices, expected
 
 
 def test_fixture_projections_hold_negative_zeros(base):
@@ -70,7 +38,7 @@ def test_fixture_projections_hold_negative_zeros(base):
 def test_cli_merge_then_unmerge_restores_every_tensor(base, tmp_path, force, in_place):
     """The issue's case: -0.0 in the trained slices; merge (also --force) then unmerge gives back every sha256."""
     with CheckpointSource(base) as source:
-        slices, expected = _tuned_slices(source)
+        slices, expected = signed_zero_changes(source)
         adapter = s2reg.S2FTAdapter.from_tuned(source, slices, base_name="tiny")
     assert all(t.restore is not None for t in adapter.targets.values())
     adapter.save(tmp_path / "a")
@@ -141,7 +109,7 @@ def test_live_apply_and_remove_restore_negative_zeros(base):
     from .helpers import model_of
 
     with CheckpointSource(base) as source:
-        slices, expected = _tuned_slices(source, layers=(1,))
+        slices, expected = signed_zero_changes(source, layers=(1,))
         adapter = s2reg.S2FTAdapter.from_tuned(source, slices, base_name="tiny")
     model = model_of(base)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
