@@ -16,7 +16,7 @@ from s2reg.errors import FormatError, IntegrityError, NonFiniteError, ShapeError
 from s2reg.format import codec, payload
 from s2reg.format.digest import sha256_bytes
 
-from .helpers import DOWN, Q, forge, parts, pisa_adapter, s2ft_adapter
+from .helpers import DOWN, Q, forge, parts, pisa_adapter, s2ft_adapter, signed_zero_adapter
 
 
 def refused(path, error, match):
@@ -149,6 +149,26 @@ def test_s2ft_incomplete_group(tmp_path):
     data, tensors = parts(s2ft_adapter())
     tensors[f"{Q}.indices"] = torch.arange(8, 16, dtype=torch.int32) - 1  # 7..14 straddles two heads
     refused(forge(tmp_path / "a", data, tensors), FormatError, "whole groups of 8")
+
+
+@pytest.mark.parametrize(
+    "tamper, error, match",
+    [
+        (lambda d, t: t.__setitem__(f"{DOWN}.restore", torch.tensor([0, 5, 64])), ShapeError, "restore position out of range"),
+        (lambda d, t: t.__setitem__(f"{DOWN}.restore", torch.tensor([5, 0, 21])), FormatError, "strictly increasing"),
+        (lambda d, t: t.__setitem__(f"{DOWN}.restore", torch.tensor([0, 5, 21], dtype=torch.int32)), FormatError, "must be I64"),
+        (lambda d, t: t.__setitem__(f"{DOWN}.restore_values", t[f"{DOWN}.restore_values"].float()), FormatError,
+         r"restore_values must be \[3, 2\] BF16"),
+        (lambda d, t: d["targets"][DOWN].__setitem__("restore", 2), ShapeError, "manifest restore 2"),
+        (lambda d, t: d["targets"][DOWN].__setitem__("restore", "3"), FormatError, "'restore' must be int"),
+        (lambda d, t: t.pop(f"{DOWN}.restore_values"), FormatError, "missing .*restore_values"),
+    ],
+)
+def test_s2ft_bad_restore_list(tmp_path, tamper, error, match):
+    """FORMAT §4.2, §7 step 4: restore lists are checked like indices."""
+    data, tensors = parts(signed_zero_adapter())
+    tamper(data, tensors)
+    refused(forge(tmp_path / "a", data, tensors), error, match)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -30,7 +30,11 @@ def test_s2ft_exports_to_a_lora_that_peft_merges_to_the_same_weights(base, tmp_p
     adapter.save(tmp_path / "a")
     result = CliRunner().invoke(main, ["export", str(tmp_path / "a"), "--to", "peft-lora", "-o", str(tmp_path / "lora"), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["max_relative_error"] == 0.0
+    error = json.loads(result.stdout)["max_relative_error"]
+    # Snapped fp32 changes larger than the weights need F64 deltas, rounded to the LoRA's F32 factors (the
+    # reported error); here PEFT's float32 merge rounds them back to s2reg's weights all the same.
+    assert {t.delta.dtype for t in adapter.targets.values()} == {torch.float64}
+    assert 0 < error < 1e-7
     peft_model = PeftModel.from_pretrained(model_of(base, torch.float32), tmp_path / "lora")
     merged = peft_model.merge_and_unload()
     s2reg.merge(base, [adapter], tmp_path / "merged")
