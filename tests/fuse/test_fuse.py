@@ -138,3 +138,23 @@ def test_bad_fuse_inputs_are_clear_errors_and_write_nothing(base, tmp_path):
         fuse([s2reg.load(tmp_path / "a"), s2reg.load(tmp_path / "p")])
     with pytest.raises(BaseMismatch):
         fuse([s2reg.load(tmp_path / "a"), s2reg.load(tmp_path / "x")])
+
+
+def test_disjoint_fuse_carries_restore_lists_onto_the_union(tmp_path):
+    """FORMAT §4.3: copied deltas keep their restore lists, moved to their places in the fused slice."""
+    from ..surgery.helpers import negative_zeros
+
+    zeros = tiny(tmp_path / "base", negative_zeros=0.1)
+    a = s2ft(zeros, seed=1, heads=(0,), channels=(1, 9))
+    b = s2ft(zeros, seed=2, heads=(1,), channels=(2, 7))
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert a.targets[down].restore is not None and b.targets[down].restore is not None
+    fused, _ = fuse([a, b])
+    assert fused.targets[down].restore.count == a.targets[down].restore.count + b.targets[down].restore.count
+    s2reg.merge(zeros, [fused], tmp_path / "fused")
+    s2reg.merge(zeros, [a, b], tmp_path / "both")
+    assert tensor_digests(tmp_path / "fused") == tensor_digests(tmp_path / "both")
+    s2reg.unmerge(tmp_path / "fused", [fused], tmp_path / "back")
+    assert tensor_digests(tmp_path / "back") == tensor_digests(zeros)
+    with CheckpointSource(zeros) as source:
+        assert int(negative_zeros(source.get(down)).sum()) > int(negative_zeros(fused.targets[down].merged(source.get(down))).sum())

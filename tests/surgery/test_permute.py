@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import s2reg
 from s2reg.arch import detect
 from s2reg.cli import main
 from s2reg.errors import ShapeError
@@ -71,3 +72,29 @@ def test_cli_permute_from_a_selection_file(tmp_path):
     assert file_digests(tmp_path / "b") == file_digests(base)
     plain = run(main, ["unpermute", str(base), "-o", str(tmp_path / "x")])
     assert plain.exit_code == 1 and "not a permuted checkpoint" in plain.output
+
+
+def test_restore_lists_follow_a_permutation(tmp_path):
+    """FORMAT §4.3 restore entries move with their slice elements: merging the permuted target into the permuted
+    weight equals permuting the merged weight, bit for bit, also for a permutation that reverses the selection."""
+    from s2reg.ops.permute import Permutation, permute_s2ft_target, permute_tensor
+
+    from .helpers import negative_zeros, signed_zero_changes
+
+    base = tiny(tmp_path / "base", negative_zeros=0.05)
+    with CheckpointSource(base) as source:
+        info = detect(source.config())
+        dims = info.dims
+        slices, _ = signed_zero_changes(source, layers=(0,))
+        adapter = s2reg.S2FTAdapter.from_tuned(source, slices, base_name="tiny")
+        reverse = Permutation({0: LayerPermutation(list(range(dims.heads))[::-1], list(range(dims.kv_heads))[::-1],
+                                                   list(range(dims.intermediate))[::-1])})
+        for name, target in adapter.targets.items():
+            assert target.restore is not None
+            moved = permute_s2ft_target(name, target, reverse, info.arch, dims)
+            weight = source.get(name)
+            ours = moved.merged(permute_tensor(name, weight, reverse, info.arch, dims))
+            expected = permute_tensor(name, target.merged(weight), reverse, info.arch, dims)
+            assert torch.equal(ours.view(torch.int16), expected.view(torch.int16)), name
+            back = moved.merged(ours, subtract=True)
+            assert torch.equal(back.view(torch.int16), permute_tensor(name, weight, reverse, info.arch, dims).view(torch.int16))
