@@ -55,7 +55,7 @@ def building(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(17, "output already exists (pass overwrite / --force to replace it)", str(path))
+        raise FileExistsError(17, "output already exists (--overwrite replaces it)", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_directory(path)
     try:
