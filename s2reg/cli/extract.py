@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..fsatomic import check_free
 from ..ops.extract import (
     ExtractRefused,
     ExtractReport,
@@ -78,6 +79,7 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget
     """
     if kind == "pisa" and budget is None:
         raise click.UsageError("--kind pisa needs --budget")
+    check_free(Path(output), overwrite=overwrite)
     with CheckpointSource(base) as b, CheckpointSource(tuned) as t, render.progress() as bar:
         task = bar.add_task("comparing", total=len(b.names()))
         step = lambda name: bar.update(task, advance=1, description=name)

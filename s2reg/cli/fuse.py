@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..fsatomic import check_free
 from ..ops.fuse import METHODS, fuse
 from ..tensors import CheckpointSource
 from . import render
@@ -45,8 +46,7 @@ def fuse_command(adapters, method, weights, density, seed, majority_sign, base, 
       s2reg fuse math:v1 code:v1 -o fused
       s2reg fuse math:v1 code:v1 --method ties --density 0.5 --weights 0.6,0.4 --base ./SmolLM2 -o fused
     """
-    if output.exists() and not overwrite:
-        raise click.UsageError(f"{output} already exists (--overwrite replaces it)")
+    check_free(output, overwrite=overwrite)
     if base:
         with CheckpointSource(base) as source:
             fused, report = fuse(list(adapters), method=method, weights=_weights(weights), density=density, seed=seed,

@@ -14,6 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..fsatomic import check_free
 from ..train.loop import TrainConfig
 from ..train.pisa.config import PISAConfig
 from ..train.s2ft.config import STRATEGIES, S2FTConfig
@@ -86,8 +87,7 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
 
     if device:
         check_device(device)
-    if output.exists() and not overwrite and not resume:
-        raise click.UsageError(f"{output} already exists (--overwrite replaces it)")
+    check_free(output, overwrite=overwrite or resume)
     rank, world = _distributed()
     if method == "s2ft":
         method_config = S2FTConfig(channels=channels, heads=heads, roles=tuple(r.strip() for r in roles.split(",") if r.strip()),

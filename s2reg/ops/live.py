@@ -69,9 +69,7 @@ def _update(name: str, tensor: torch.Tensor, target, *, subtract: bool, stacked:
                                  "remove that one first or fuse them")
             tensor.index_copy_(dim, index, add_exact(current, delta, subtract=subtract))
         else:
-            delta = target.to_dense().to(tensor.device)
-            wide = tensor.to(torch.float32)
-            tensor.copy_((wide - delta if subtract else wide + delta).to(tensor.dtype))
+            tensor.copy_(target.merged(tensor, subtract=subtract))
 
 
 def apply(model: nn.Module, adapter: Adapter) -> None:

@@ -37,7 +37,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-DEVICE_TYPES = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+DEVICE_TYPES = {  # device type -> whether this machine has one (asked when needed, not at import)
+    "cpu": lambda: True,
+    "cuda": lambda: torch.cuda.is_available(),
+    "mps": lambda: torch.backends.mps.is_available(),
+}
 
 
 def check_device(device: str) -> str:

@@ -80,3 +80,26 @@ def test_short_real_fine_tune_beats_the_base_model(smollm2_dir, tmp_path, method
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["eval_loss_after"] < 0.5 * summary["eval_loss_before"]
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cuda", "device 'cuda': CUDA is not available on this machine"),
+    ("cuda:1", "device 'cuda:1': CUDA is not available on this machine"),
+    ("gpu", "'gpu' is not a device s2reg trains on"),
+    ("cuda:x", "'cuda:x' is not a device s2reg trains on"),
+])
+def test_an_unusable_device_is_a_one_line_error_before_any_work(tiny, tmp_path, monkeypatch, device, message):
+    base, data = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on machines with a GPU
+    result = run("train", "--base", base, "--data", data, "--method", "s2ft", "-o", tmp_path / "a", "--device", device)
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {message}"), result.output
+    assert len(result.output.strip().splitlines()) == 1 and isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_cuda_index_the_machine_lacks_is_refused(tiny, tmp_path, monkeypatch):
+    base, data = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = run("train", "--base", base, "--data", data, "--method", "s2ft", "-o", tmp_path / "a", "--device", "cuda:3")
+    assert result.exit_code == 1 and result.output == "Error: device 'cuda:3': this machine has 1 CUDA device(s)\n"
