@@ -103,3 +103,27 @@ def test_a_cuda_index_the_machine_lacks_is_refused(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     result = run("train", "--base", base, "--data", data, "--method", "s2ft", "-o", tmp_path / "a", "--device", "cuda:3")
     assert result.exit_code == 1 and result.output == "Error: device 'cuda:3': this machine has 1 CUDA device(s)\n"
+
+
+def test_an_adapter_trained_on_a_permuted_checkpoint_validates_against_it(tiny, tmp_path):
+    """Such adapters hold original coordinates and fingerprints; validate reads the checkpoint back in them."""
+    from s2reg.errors import BaseMismatch
+    from s2reg.tensors import CheckpointSource
+
+    base, data = tiny
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"heads": {"0": [3], "1": [1]}, "channels": {"0": [5, 60], "1": [7, 90]}}))
+    assert run("permute", base, "--plan", selection, "-o", tmp_path / "permuted").exit_code == 0
+    trained = run("train", "--base", tmp_path / "permuted", "--data", data, "--method", "s2ft", "--channels", 4,
+                  "--heads", 1, "--max-steps", 2, "-o", tmp_path / "adapter")
+    assert trained.exit_code == 0, trained.output
+    adapter = s2reg.load(tmp_path / "adapter")
+    assert "trained_in_permuted_coordinates" in adapter.params
+    with CheckpointSource(tmp_path / "permuted") as raw, pytest.raises(BaseMismatch):
+        adapter.verify_base(raw)  # as stored, the permuted tensors do not match: the check must unpermute
+    for checkpoint in (tmp_path / "permuted", base):
+        result = run("validate", tmp_path / "adapter", "--base", checkpoint)
+        assert result.exit_code == 0 and "fingerprints match" in result.output, result.output
+    unrelated = build_checkpoint(tmp_path / "unrelated", "llama", dtype=torch.bfloat16, seed=9)
+    refused = run("validate", tmp_path / "adapter", "--base", unrelated)
+    assert refused.exit_code == 1 and "differs from the one this adapter was made for" in refused.output
