@@ -32,7 +32,7 @@ def recorded_base(directory: Path) -> Path:
     working directory), else a Hub id, which s2reg does not download.
     """
     name = read_config(directory).get("base_model_name_or_path")
-    if not name:
+    if not isinstance(name, str) or not name:
         raise S2RegError(f"{directory}: adapter_config.json names no base model; pass --base CKPT")
     if not (Path(name) / "config.json").is_file():
         raise S2RegError(f"{directory}: its base {name!r} is not a local checkpoint directory; pass --base CKPT")

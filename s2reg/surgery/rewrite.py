@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..format import Adapter
+from ..fsatomic import check_free
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
 from . import patching
 from .ledger import LEDGER_NAME
@@ -28,6 +29,7 @@ def _rewrite(plan: Plan, output: Path, *, overwrite: bool, progress: Progress) -
     source = plan.source
     if Path(output).resolve() == source.directory.resolve():
         raise FileExistsError(17, "output is the base checkpoint itself (use --in-place to patch it)", str(output))
+    check_free(output, overwrite=overwrite)
     started = time.perf_counter()
     patches, blobs = patching.prepare(plan, progress)  # every check passes before the output exists
     infos = {p["tensor"]: source.info(p["tensor"]) for p in patches}
