@@ -45,6 +45,12 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def check_free(path: Path, *, overwrite: bool = False) -> None:
+    """Refuse an existing output unless ``overwrite`` (also up front, before long work that would end in it)."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(17, "output already exists (--overwrite replaces it)", str(path))
+
+
 @contextmanager
 def building(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """``with building(dest) as staging:`` fill ``staging``; it becomes ``dest`` only if the block succeeds.
@@ -54,8 +60,7 @@ def building(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     it is removed and ``dest`` is untouched.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(17, "output already exists (pass overwrite / --force to replace it)", str(path))
+    check_free(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_directory(path)
     try:

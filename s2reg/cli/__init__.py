@@ -13,6 +13,7 @@ import click
 
 from .._version import __version__
 from ..errors import S2RegError
+from .common import one_line_error
 
 # One module per command family; each exposes COMMANDS.
 COMMAND_MODULES = (
@@ -33,11 +34,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except S2RegError as exc:
-            raise click.ClickException(str(exc)) from exc
-        except OSError as exc:
-            where = f": {exc.filename}" if exc.filename else ""
-            raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
+        except (S2RegError, OSError) as exc:
+            raise one_line_error(exc) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -154,8 +154,7 @@ class Adapter:
                 )
             if hashes and sha() != fp.sha256:
                 raise BaseMismatch(
-                    f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r}); "
-                    "use --force to skip the fingerprint check"
+                    f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r})"
                 )
 
     # -- access ---------------------------------------------------------------------------

@@ -138,7 +138,7 @@ class PISATarget:
 
     def merged(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
         """The whole merged (or unmerged) weight: cast_D(float32(W) +/- delta) (FORMAT §5.3)."""
-        delta = self.to_dense()
+        delta = self.to_dense().to(weight.device)
         wide = weight.to(torch.float32)
         return (wide - delta if subtract else wide + delta).to(weight.dtype)
 

@@ -86,18 +86,18 @@ def _patch(plan: Plan, progress: Progress) -> dict[str, Any]:
             "seconds": time.perf_counter() - started}
 
 
-def merge_in_place(base: str | os.PathLike, adapters: Sequence[Adapter], *, force: bool = False,
+def merge_in_place(base: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
                    progress: Progress = lambda _: None) -> dict[str, Any]:
     """Merge ``adapters`` into the checkpoint ``base`` by patching its shards (journaled)."""
     with CheckpointSource(base) as source:
-        return _patch(plan_merge(source, adapters, force=force), progress)
+        return _patch(plan_merge(source, adapters, verify_base=verify_base), progress)
 
 
-def unmerge_in_place(merged: str | os.PathLike, adapters: Sequence[Adapter], *, force: bool = False,
+def unmerge_in_place(merged: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
                      progress: Progress = lambda _: None) -> dict[str, Any]:
     """Take ``adapters`` out of the checkpoint ``merged`` in place (journaled; exact for S2FT)."""
     with CheckpointSource(merged) as source:
-        return _patch(plan_unmerge(source, adapters, force=force), progress)
+        return _patch(plan_unmerge(source, adapters, verify_base=verify_base), progress)
 
 
 def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> dict[str, Any]:

@@ -52,3 +52,34 @@ def test_checkpoint_diff_finds_the_changed_rows_and_columns(tmp_path):
     assert run("diff", base, base).exit_code == 0
     other = tiny(tmp_path / "wide", hidden_size=32)
     assert "shape_or_dtype_differs" in json.loads(run("diff", base, other, "--json").stdout)["tensors"][0]
+
+
+def test_exit_status_is_0_same_1_different_2_trouble(tmp_path):
+    """As diff(1) and cmp(1): a difference (1) is never confused with an error (2)."""
+    base = tiny(tmp_path / "base")
+    s2ft(base, seed=1).save(tmp_path / "a")
+    s2ft(base, seed=2).save(tmp_path / "b")
+    s2reg.merge(base, [s2reg.load(tmp_path / "a")], tmp_path / "merged")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in (tmp_path / "a").iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    payload = next(p for p in corrupt.iterdir() if p.name.startswith("payload"))
+    payload.write_bytes(payload.read_bytes()[:-7])
+    cases = [
+        ((tmp_path / "a", tmp_path / "a"), 0),
+        ((base, base), 0),
+        ((tmp_path / "a", tmp_path / "b"), 1),
+        ((base, tmp_path / "merged"), 1),
+        ((tmp_path / "a", tmp_path / "missing"), 2),
+        ((tmp_path / "a", corrupt), 2),
+        ((base, tmp_path / "missing-checkpoint" / "x.safetensors"), 2),
+        ((base, tmp_path / "a" / "s2reg.json"), 2),
+    ]
+    for args, status in cases:
+        result = run("diff", *args)
+        assert result.exit_code == status, (args, result.output)
+        if status == 2:
+            assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert run("diff", tmp_path / "a").exit_code == 2  # usage errors too
+    assert "2  trouble" in run("diff", "--help").output
