@@ -348,6 +348,9 @@ def read_payload(path: Path, entry: Mapping[str, Any]) -> bytes:
     file = path / entry["file"]
     if not file.is_file():
         raise FormatError(f"{file}: payload file missing")
+    others = sorted(name for name in manifest.PAYLOAD_FILES.values() if name != entry["file"] and (path / name).exists())
+    if others:
+        raise FormatError(f"{path}: holds both {entry['file']} and {others[0]}; an adapter has exactly one payload (FORMAT §1)")
     size = file.stat().st_size
     if size != entry["bytes"]:
         raise FormatError(f"{file}: truncated or extended payload ({size} bytes, manifest says {entry['bytes']})")
