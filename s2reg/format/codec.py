@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-
 import numpy as np
 import zstandard
 
-from ..errors import FormatError, S2RegError
+from ..errors import FormatError
 from . import dtypes
+from .limits import MAX_DECOMPRESSED
 from .payload import parse_header
 
 RAW = "raw"
@@ -19,39 +15,7 @@ ZSTD_BYTEPLANE = "zstd-byteplane"
 DEFAULT_LEVEL = 10
 # zstd's own ceiling: an RLE block turns 4 bytes into at most 128 KiB, so no frame inflates more.
 MAX_RATIO = 32 * 1024
-DEFAULT_MAX_DECOMPRESSED = 4 * 1024**3
-ENV_MAX_DECOMPRESSED = "S2REG_MAX_DECOMPRESSED"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_LIMIT: ContextVar[int | None] = ContextVar("s2reg_max_decompressed", default=None)
-
-
-def max_decompressed() -> int:
-    """The absolute cap on a payload's decompressed size (FORMAT §6.2, §8).
-
-    :func:`decompression_limit` (the CLI's ``--max-decompressed``) wins over the environment
-    variable ``S2REG_MAX_DECOMPRESSED``, which wins over the default of 4 GiB.
-    """
-    scoped = _LIMIT.get()
-    if scoped is not None:
-        return scoped
-    text = os.environ.get(ENV_MAX_DECOMPRESSED)
-    if text is None:
-        return DEFAULT_MAX_DECOMPRESSED
-    if not text.strip().isdigit():
-        raise S2RegError(f"{ENV_MAX_DECOMPRESSED}={text[:40]!r} is not a number of bytes")
-    return int(text)
-
-
-@contextmanager
-def decompression_limit(max_bytes: int) -> Iterator[None]:
-    """Within the block, accept decompressed payloads of up to ``max_bytes`` bytes."""
-    if max_bytes < 0:
-        raise S2RegError(f"the decompression limit must be >= 0 bytes, got {max_bytes}")
-    token = _LIMIT.set(max_bytes)
-    try:
-        yield
-    finally:
-        _LIMIT.reset(token)
 
 
 def _transpose_planes(data: bytes, *, forward: bool) -> bytes:
@@ -102,14 +66,9 @@ def decode(blob: bytes, raw_bytes: int) -> bytes:
 
     Every bound is checked before anything is allocated: the frame must be the only one in the
     file and declare ``raw_bytes`` as its content size, which must be within :data:`MAX_RATIO`
-    times the compressed size and within :func:`max_decompressed`.
+    times the compressed size and within :data:`~s2reg.format.limits.MAX_DECOMPRESSED`.
     """
-    limit = max_decompressed()
-    if raw_bytes > limit:
-        raise FormatError(
-            f"payload declares {raw_bytes} decompressed bytes, over the limit of {limit} "
-            f"(raise it with --max-decompressed or {ENV_MAX_DECOMPRESSED} if you trust this adapter)"
-        )
+    MAX_DECOMPRESSED.check(raw_bytes, "the compressed payload declares")
     if raw_bytes > MAX_RATIO * len(blob):
         raise FormatError(
             f"payload declares {raw_bytes} decompressed bytes from {len(blob)} compressed, more than zstd's "

@@ -46,6 +46,19 @@ def _hermitian_columns(spectrum: torch.Tensor, bw: int) -> torch.Tensor:
     return out
 
 
+def _blocks(
+    block: tuple[int, int], indices: torch.Tensor, coefficients: torch.Tensor, precision: torch.dtype
+) -> torch.Tensor:
+    """The unscaled ``[blocks, bh, bw]`` reconstructions of FORMAT §5.3 (before placing and cropping)."""
+    bh, bw = block
+    hw = half_width(block)
+    coefficients = coefficients.to(precision)
+    spectrum = torch.zeros(indices.shape[0], bh * hw, dtype=precision, device=coefficients.device)
+    spectrum = spectrum.scatter(1, indices.to(device=coefficients.device, dtype=torch.long), coefficients)
+    spectrum = _hermitian_columns(spectrum.reshape(-1, bh, hw), bw)
+    return torch.fft.irfft2(spectrum, s=(bh, bw))
+
+
 def reconstruct(
     shape: tuple[int, int],
     block: tuple[int, int],
@@ -62,15 +75,104 @@ def reconstruct(
     defined in complex64 (float32 output); ``precision=torch.complex128`` exists for gradient checks.
     """
     bh, bw = block
-    hw = half_width(block)
     gr, gc = grid_of(shape, block)
-    coefficients = coefficients.to(precision)
-    spectrum = torch.zeros(gr * gc, bh * hw, dtype=precision, device=coefficients.device)
-    spectrum = spectrum.scatter(1, indices.to(device=coefficients.device, dtype=torch.long), coefficients)
-    spectrum = _hermitian_columns(spectrum.reshape(gr * gc, bh, hw), bw)
-    blocks = torch.fft.irfft2(spectrum, s=(bh, bw))
+    blocks = _blocks(block, indices, coefficients, precision)
     dense = blocks.reshape(gr, gc, bh, bw).permute(0, 2, 1, 3).reshape(gr * bh, gc * bw)
     return dense[: shape[0], : shape[1]] * scale
+
+
+# -- the norm of a delta, from its coefficients ------------------------------------------------------
+# Per block, FORMAT §5.3 reads x = Re(sum_j a_j e_j) with e_j[r, s] = exp(2 pi i (u_j r / bh + v_j s / bw))
+# and a_j = scale * c_j * w_j / (bh * bw), where w_j = 2 when the Hermitian extension adds the mirror
+# term conj(a_j e_j) and 1 in the self-conjugate columns (v = 0, v = bw/2), whose Re() halves nothing.
+# Since Re(z)^2 = (|z|^2 + Re(z^2)) / 2, the squared norm over any top-left crop of the block is
+#   1/2 * (sum_jl a_j conj(a_l) g(u_j - u_l, v_j - v_l) + Re sum_jl a_j a_l g(u_j + u_l, v_j + v_l))
+# with g the (separable, geometric) sum of the exponentials over the crop. On a whole block g vanishes
+# unless both frequencies are 0 mod the block (Parseval): only j = l and mirror pairs in the
+# self-conjugate columns remain, which costs O(k) per block. Cropped edge blocks use the k x k sums.
+_GRAM_ELEMENTS = 1 << 22  # complex128 Gram entries held at once (64 MiB)
+
+
+def _weighted(block: tuple[int, int], indices: torch.Tensor, coefficients: torch.Tensor, scale: float):
+    """``(a, u, v, self_conjugate)`` of the formula above for ``[blocks, k]`` inputs."""
+    bh, bw = block
+    hw = half_width(block)
+    u, v = indices // hw, indices % hw
+    self_conjugate = (v == 0) | ((v == bw // 2) if bw % 2 == 0 else torch.zeros_like(v, dtype=torch.bool))
+    weight = torch.where(self_conjugate, 1.0, 2.0).to(torch.float64)
+    a = coefficients.to(torch.complex128) * weight * (scale / (bh * bw))
+    return a, u, v, self_conjugate
+
+
+def _whole_blocks_sq(block, indices, coefficients, scale) -> float:
+    bh, bw = block
+    a, u, v, self_conjugate = _weighted(block, indices, coefficients, scale)
+    mirror = ((-u) % bh) * half_width(block) + v  # the partner position in a self-conjugate column
+    at = torch.searchsorted(indices, mirror).clamp(max=indices.shape[1] - 1)
+    paired = self_conjugate & (indices.gather(1, at) == mirror)
+    squares = a.abs().square().sum() + torch.where(paired, a * a.gather(1, at), 0).sum().real
+    return float(squares) * bh * bw / 2
+
+
+def _geometric(d: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """``sum_{r < length} exp(2 pi i d r / n)`` in closed form, exactly ``length`` where ``d = 0 mod n``."""
+    d = d % n
+
+    def turn(m: torch.Tensor) -> torch.Tensor:  # exp(2 pi i m / n), with m reduced mod n first
+        return torch.polar(torch.ones_like(m, dtype=torch.float64), (2 * math.pi / n) * m.to(torch.float64))
+
+    ratio = (1 - turn((d * length) % n)) / (1 - turn(d)).where(d != 0, torch.ones((), dtype=torch.complex128))
+    return ratio.where(d != 0, torch.full((), complex(length), dtype=torch.complex128))
+
+
+def _cropped_blocks_sq(block, indices, coefficients, scale, rows: int, cols: int) -> float:
+    bh, bw = block
+    k = indices.shape[1]
+    if k * k > bh * bw:  # more coefficients than the k x k sums are worth: reconstruct these blocks
+        total = 0.0
+        chunk = max(1, _GRAM_ELEMENTS // (bh * bw))
+        for start in range(0, indices.shape[0], chunk):
+            part = _blocks(block, indices[start : start + chunk], coefficients[start : start + chunk], torch.complex128)
+            total += float(part[:, :rows, :cols].square().sum()) * scale * scale
+        return total
+    a, u, v, _ = _weighted(block, indices, coefficients, scale)
+    total = 0.0
+    chunk = max(1, _GRAM_ELEMENTS // (k * k))
+    for start in range(0, indices.shape[0], chunk):
+        ac, uc, vc = a[start : start + chunk], u[start : start + chunk], v[start : start + chunk]
+        du, dv = uc[:, :, None] - uc[:, None, :], vc[:, :, None] - vc[:, None, :]
+        su, sv = uc[:, :, None] + uc[:, None, :], vc[:, :, None] + vc[:, None, :]
+        same = torch.einsum("bj,bl,bjl->", ac, ac.conj(), _geometric(du, bh, rows) * _geometric(dv, bw, cols))
+        twice = torch.einsum("bj,bl,bjl->", ac, ac, _geometric(su, bh, rows) * _geometric(sv, bw, cols))
+        total += float(same.real + twice.real) / 2
+    return total
+
+
+def delta_norm(
+    shape: tuple[int, int], block: tuple[int, int], indices: torch.Tensor, coefficients: torch.Tensor, scale: float
+) -> float:
+    """The Frobenius norm of :func:`reconstruct`'s delta, computed from the coefficients alone.
+
+    Costs O(k) per whole block and at most O(k^2) per cropped edge block; the dense delta is never formed.
+    """
+    bh, bw = block
+    gr, gc = grid_of(shape, block)
+    k = indices.shape[1]
+    idx = indices.to(torch.long).reshape(gr, gc, k)
+    values = coefficients.reshape(gr, gc, k)
+    edge_rows, edge_cols = shape[0] - (gr - 1) * bh, shape[1] - (gc - 1) * bw
+    total = 0.0
+    for row_part, rows in ((slice(0, gr - 1), bh), (slice(gr - 1, gr), edge_rows)):
+        for col_part, cols in ((slice(0, gc - 1), bw), (slice(gc - 1, gc), edge_cols)):
+            part_idx = idx[row_part, col_part].reshape(-1, k).contiguous()
+            if part_idx.shape[0] == 0:
+                continue
+            part_values = values[row_part, col_part].reshape(-1, k)
+            if (rows, cols) == (bh, bw):
+                total += _whole_blocks_sq(block, part_idx, part_values, scale)
+            else:
+                total += _cropped_blocks_sq(block, part_idx, part_values, scale, rows, cols)
+    return math.sqrt(max(total, 0.0))
 
 
 @dataclass(eq=False)
@@ -135,6 +237,10 @@ class PISATarget:
     def to_dense(self) -> torch.Tensor:
         """FORMAT §5.3: the dense float32 delta."""
         return reconstruct(self.shape, self.block, self.indices, self.complex_coefficients(), self.scale)
+
+    def delta_norm(self) -> float:
+        """The Frobenius norm of :meth:`to_dense`, from the coefficients alone (no dense matrix)."""
+        return delta_norm(self.shape, self.block, self.indices, self.complex_coefficients(), self.scale)
 
     def merged(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
         """The whole merged (or unmerged) weight: cast_D(float32(W) +/- delta) (FORMAT §5.3)."""
