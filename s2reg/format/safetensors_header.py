@@ -73,7 +73,7 @@ def _entry(name: str, value: object, data_length: int) -> Entry:
     if dtype not in dtypes.TORCH_DTYPES:
         raise FormatError(f"safetensors entry {name!r} has unknown dtype {str(dtype)[:40]!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < MAX_DIMENSION for d in shape):
-        raise FormatError(f"safetensors entry {name!r} has an invalid shape (non-negative integers required)")
+        raise FormatError(f"safetensors entry {name!r} has an invalid shape (integers in [0, 2**63) required)")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
         raise FormatError(f"safetensors entry {name!r}: data_offsets must be two integers")
     begin, end = offsets
