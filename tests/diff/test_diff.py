@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from click.testing import CliRunner
 
 import s2reg
+from s2reg import PISAAdapter, S2FTAdapter
 from s2reg.cli import main
+from s2reg.format import S2FTTarget
 from s2reg.ops.diff import diff_adapters
 
 from ..surgery.helpers import s2ft, tiny
@@ -52,3 +56,49 @@ def test_checkpoint_diff_finds_the_changed_rows_and_columns(tmp_path):
     assert run("diff", base, base).exit_code == 0
     other = tiny(tmp_path / "wide", hidden_size=32)
     assert "shape_or_dtype_differs" in json.loads(run("diff", base, other, "--json").stdout)["tensors"][0]
+
+
+def _dense_reference(ta, tb) -> dict:
+    """The comparison computed the obvious way: full masks and dense deltas (fine on tiny tensors)."""
+    masks = []
+    for t in (ta, tb):
+        mask = torch.ones(t.shape, dtype=torch.bool)
+        if isinstance(t, S2FTTarget):
+            mask = torch.zeros(t.shape, dtype=torch.bool)
+            index = t.indices.long()
+            mask.index_fill_(0 if t.axis == "rows" else 1, index, True)
+        masks.append(mask)
+    common = masks[0] & masks[1]
+    x, y = ta.to_dense().double()[common], tb.to_dense().double()[common]
+    return {
+        "jaccard": float(common.sum()) / float((masks[0] | masks[1]).sum()),
+        "common": int(common.sum()),
+        "cosine": float(x @ y / (x.norm() * y.norm())),
+        "relative_l2": float((x - y).norm() / x.norm()),
+        "equal": torch.equal(masks[0], masks[1]) and torch.equal(ta.to_dense().double(), tb.to_dense().double()),
+    }
+
+
+@pytest.mark.parametrize("axes", [("rows", "rows"), ("rows", "columns"), ("columns", "rows"), ("columns", "columns"),
+                                  ("pisa", "rows"), ("columns", "pisa"), ("pisa", "pisa")])
+def test_adapter_diff_from_slices_matches_dense_masks(axes):
+    """S2FT pairs are compared on their slices alone; the numbers equal the dense-mask definition."""
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(12, 10, generator=g)}
+
+    def make(kind, chosen):
+        if kind == "pisa":
+            idx = torch.stack([torch.randperm(4 * 3, generator=g)[:3] for _ in range(3 * 3)])
+            values = torch.complex(torch.randn(9, 3, generator=g), torch.randn(9, 3, generator=g))
+            return PISAAdapter.from_coefficients(base, {"w": ((4, 4), idx, values)}, base_name="b")
+        length = 12 if kind == "rows" else 10
+        shape = (len(chosen), 10) if kind == "rows" else (12, len(chosen))
+        return S2FTAdapter.from_slices(base, {"w": (kind, chosen, torch.randn(*shape, generator=g))}, base_name="b")
+
+    a, b = make(axes[0], [1, 3, 4, 8]), make(axes[1], [3, 5, 8, 9])
+    row = diff_adapters(a, b)["tensors"][0]
+    expected = _dense_reference(a.targets["w"], b.targets["w"])
+    for key in ("jaccard", "cosine", "relative_l2"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert (row["common"], row["equal"]) == (expected["common"], expected["equal"])
+    assert diff_adapters(a, a)["tensors"][0]["equal"] is True

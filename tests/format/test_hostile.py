@@ -360,7 +360,7 @@ def _manifest_text(tmp_path, text: bytes):
 ])
 def test_hostile_manifest_json_is_refused(tmp_path, edit, match):
     """Depth, literal length and non-finite numbers are bounded before or while parsing (FORMAT §8)."""
-    text = (lambda p: p.read_bytes())(s2ft_adapter().save(tmp_path / "src").path / "s2reg.json")
+    text = (s2ft_adapter().save(tmp_path / "src").path / "s2reg.json").read_bytes()
     changed = edit(text)
     assert changed != text
     refused(_manifest_text(tmp_path, changed), FormatError, match)
@@ -379,3 +379,40 @@ def test_oversized_manifest(tmp_path, monkeypatch):
     s2ft_adapter().save(tmp_path / "a")
     with pytest.raises(FormatError, match="manifest limit"):
         s2reg.load(tmp_path / "a")
+
+
+def _tiny_adapter_declaring_a_huge_target(path):
+    """A few-KB PISA adapter whose one target claims 24576 x 24576 (2.4 GB as float32)."""
+    data, _ = parts(pisa_adapter())
+    shape, block, k = [24576, 24576], [4096, 4096], 3
+    g = torch.Generator().manual_seed(0)
+    indices = torch.tensor([[0, 4096 * 2049 // 2 + b, 4096 * 2049 - 1 - b] for b in range(36)])  # k = 3 per block
+    tensors = {f"{DOWN}.indices": indices.to(torch.int32), f"{DOWN}.coefficients": torch.randn(36, k, 2, generator=g)}
+    data["targets"] = {DOWN: {**data["targets"][DOWN], "shape": shape, "block": block, "grid": [6, 6], "coefficients": k}}
+    data["base"]["fingerprints"] = {DOWN: {**data["base"]["fingerprints"][DOWN], "shape": shape}}
+    return forge(path, data, tensors, compress=True)
+
+
+def test_tiny_adapter_declaring_a_huge_target_costs_its_size(tmp_path):
+    """Statistics come from the payload; densifying needs a base that vouches for the shape, or a cap."""
+    import resource
+
+    from s2reg.ops.diff import diff_adapters
+
+    path = _tiny_adapter_declaring_a_huge_target(tmp_path / "a")
+    assert sum(f.stat().st_size for f in path.iterdir()) < 8_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = CliRunner().invoke(main, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    adapter = s2reg.load(path)
+    norm = json.loads(result.stdout)["targets"][0]["delta_norm"]
+    with pytest.raises(LimitExceeded, match="a dense delta of 603,979,776 elements, over the limit of 268,435,456"):
+        adapter.to_dense(DOWN)
+    with pytest.raises(LimitExceeded, match="--max-dense or S2REG_MAX_DENSE"):
+        diff_adapters(adapter, adapter)
+    with pytest.raises(s2reg.errors.BaseMismatch, match="declares \\[24576, 24576\\]"):
+        adapter.to_dense(DOWN, base={DOWN: torch.zeros(4, 4)})
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 256, f"peak RSS grew by {grown_mib:.0f} MiB"
+    # The norm is that of the coefficients' blocks (checked against a dense reference in test_numerics).
+    assert norm > 0
