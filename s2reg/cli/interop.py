@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ..errors import FormatError
 from ..interop import export_lora, import_fourierft, import_lora
+from ..interop.peft_files import peft_config
 from ..tensors import CheckpointSource
 from . import render
 from .common import adapter_argument, json_option
@@ -47,10 +46,7 @@ def import_command(peft_dir, base, output, force, as_json) -> None:
     FourierFT's frequency positions are regenerated once from its seed and written out explicitly.
     A LoRA imports only when it is one-hot (an exported S2FT adapter); others are refused.
     """
-    try:
-        kind = json.loads((peft_dir / "adapter_config.json").read_text()).get("peft_type")
-    except (OSError, ValueError):
-        raise FormatError(f"{peft_dir}: no readable adapter_config.json") from None
+    kind = peft_config(peft_dir).get("peft_type")
     with CheckpointSource(base) as source:
         adapter = (import_fourierft if kind == "FOURIERFT" else import_lora)(peft_dir, source)
     stored = adapter.save(output, overwrite=force)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import FormatError, S2RegError
-from ..format import Adapter, S2FTAdapter, S2FTTarget
+from ..format import Adapter, S2FTAdapter, S2FTTarget, limits
 from ..fsatomic import building
 from .peft_files import PREFIX, read_peft
 
@@ -38,9 +38,10 @@ def _factors(name: str, target, rank: int | None) -> tuple[torch.Tensor, torch.T
         if target.axis == "rows":
             return delta, one_hot, 0.0
         return one_hot.t().contiguous(), delta, 0.0
-    dense = target.to_dense().double()
     if rank is None:
         raise S2RegError("PISA adapters export to LoRA through a truncated SVD: pass --rank")
+    limits.check_dense(target.shape, name)  # no base vouches for the declared shape here
+    dense = target.to_dense().double()
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
