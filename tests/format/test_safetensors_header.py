@@ -103,3 +103,18 @@ def test_every_reader_accepts_the_strict_layout(tmp_path, reader):
     """Zero-size tensors may share an offset: they own no bytes, so nothing can alias."""
     header = {"__metadata__": {"k": "v"}, "a": f32(0, 8), "e": f32(8, 8, shape=[0, 5]), "b": f32(8, 12)}
     reader(tmp_path, file_bytes(header, bytes(12)))
+
+
+@pytest.mark.parametrize("reader", [read_as_payload, read_as_checkpoint])
+def test_files_written_by_the_safetensors_library_are_accepted(tmp_path, reader):
+    """The strict rules are the reference implementation's: its own files pass them."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {"w": torch.randn(3, 5), "h": torch.zeros(7, dtype=torch.float16), "i": torch.arange(5, dtype=torch.int8),
+               "empty": torch.zeros(0, 4), "b": torch.ones(2, 2, dtype=torch.bfloat16)}
+    data = save(tensors, metadata={"format": "pt"})
+    reader(tmp_path, data)
+    loaded, metadata = payload.load(data)
+    assert metadata == {"format": "pt"}
+    assert all(torch.equal(loaded[name], t) for name, t in tensors.items())
