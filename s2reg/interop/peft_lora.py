@@ -32,6 +32,7 @@ def _factors(name: str, target, rank: int | None) -> tuple[torch.Tensor, torch.T
         if len(target.shape) != 2:
             raise S2RegError(f"{name}: only matrices export to LoRA")
         n = target.count
+        limits.check_dense((target.shape[0 if target.axis == "rows" else 1], n), name)  # a declared length
         one_hot = torch.zeros(target.shape[0 if target.axis == "rows" else 1], n, dtype=torch.float32)
         one_hot[target.indices.long(), torch.arange(n)] = 1.0
         delta = target.delta.to(torch.float32)

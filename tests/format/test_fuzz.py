@@ -256,7 +256,23 @@ def both_payloads(rng, seed):
     return "both payload files", files
 
 
-MUTATORS = [manifest_value, manifest_value, manifest_key, manifest_text, header_field, header_field, payload_bytes,
+def declared_shape(rng, seed):
+    """Consistent lies: a target and its fingerprint claim a huge axis (and maybe a huge group)."""
+    data = json.loads(json.dumps(seed.manifest))
+    name = rng.choice(sorted(data["targets"]))
+    target = data["targets"][name]
+    axis = rng.randrange(len(target["shape"]))
+    size = rng.choice([2**20, 24576 * 4096, 2**40, 2**62]) * target["shape"][axis]
+    for where in (target, data["base"]["fingerprints"][name]):
+        where["shape"][axis] = size
+    if "grid" in target:
+        target["grid"] = [-(-d // b) for d, b in zip(target["shape"], target["block"])]
+    if "group_size" in target and rng.random() < 0.5:
+        target["group_size"] = size
+    return f"declared {name} axis {axis} = {size}", files_for(seed, data, seed.raw)
+
+
+MUTATORS = [declared_shape, manifest_value, manifest_value, manifest_key, manifest_text, header_field, header_field, payload_bytes,
             payload_bytes, lengths, blob_bytes, frames, both_payloads]
 
 

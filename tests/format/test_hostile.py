@@ -416,3 +416,19 @@ def test_tiny_adapter_declaring_a_huge_target_costs_its_size(tmp_path):
     assert grown_mib < 256, f"peak RSS grew by {grown_mib:.0f} MiB"
     # The norm is that of the coefficients' blocks (checked against a dense reference in test_numerics).
     assert norm > 0
+
+
+def test_declared_group_size_costs_nothing(tmp_path):
+    """A group_size as long as a declared 2**40-row axis is refused from the index count alone."""
+    data, tensors = parts(s2ft_adapter())
+    for where in (data["targets"][Q], data["base"]["fingerprints"][Q]):
+        where["shape"] = [2**40, 16]
+    data["targets"][Q]["group_size"] = 2**40
+    refused(forge(tmp_path / "a", data, tensors), FormatError, "not whole groups of 1099511627776")
+
+
+def test_dense_cap_flag_applies_to_every_command(tmp_path):
+    pisa_adapter().save(tmp_path / "p")
+    low = CliRunner().invoke(main, ["--max-dense", "10", "diff", str(tmp_path / "p"), str(tmp_path / "p")])
+    assert low.exit_code == 1 and "a dense delta of 640 elements, over the limit of 10 (raise it with --max-dense" in low.output
+    assert CliRunner().invoke(main, ["--max-dense", "640", "diff", str(tmp_path / "p"), str(tmp_path / "p")]).exit_code == 0
