@@ -1,9 +1,9 @@
 """``diff``: how two adapters, or two checkpoints, differ.
 
 Adapters: per tensor, the overlap of what they touch (Jaccard of the touched elements), and on the
-common support the cosine similarity and relative L2 distance of their deltas. Two S2FT deltas are
-compared on their slices alone; a PISA delta touches everything and is densified, within
-``limits.MAX_DENSE``. Checkpoints:
+common support the cosine similarity and relative L2 distance of their deltas, all from the payloads:
+two S2FT deltas on their slices, two PISA deltas by inner products of their coefficients (FORMAT
+§5.3 and Parseval), a PISA delta against an S2FT one on the blocks holding the S2FT slice only. Checkpoints:
 streamed one tensor pair at a time, which tensors, rows and columns differ, and by how much.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import BaseMismatch
-from ..format import Adapter, S2FTTarget, limits
+from ..format import Adapter, PISATarget, S2FTTarget, limits, pisa
 from ..format.s2ft import axis_dim
 
 
@@ -44,23 +44,36 @@ def _s2ft_overlap(ta: S2FTTarget, tb: S2FTTarget) -> tuple[int, int, torch.Tenso
     return (common, union, on_rows, on_cols) if rows is ta else (common, union, on_cols, on_rows)
 
 
-def _values_on(target, narrow: S2FTTarget | None) -> torch.Tensor:
-    """``target``'s delta on what ``narrow`` touches (everything when ``narrow`` is None)."""
-    if target is narrow:
-        return target.delta
-    dense = target.to_dense()
-    return dense if narrow is None else dense.index_select(axis_dim(narrow.axis), narrow.indices.long())
-
-
-def _overlap(name: str, ta, tb) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    if isinstance(ta, S2FTTarget) and isinstance(tb, S2FTTarget):
-        return _s2ft_overlap(ta, tb)
-    # A PISA delta touches every element, and its values exist only densified: capped, as no base vouches here.
-    limits.check_dense(ta.shape, name)
-    narrow = next((t for t in (ta, tb) if isinstance(t, S2FTTarget)), None)
+def _pisa_pair(name: str, ta: PISATarget, tb: PISATarget) -> tuple[int, int, float, float, float, float, bool]:
+    """Two PISA deltas compared by inner products of their coefficients (same block), else densified (capped)."""
     numel = math.prod(ta.shape)
-    common = numel if narrow is None else narrow.count * _slice_numel(narrow)
-    return common, numel, _values_on(ta, narrow), _values_on(tb, narrow)
+    if ta.block != tb.block:
+        limits.check_dense(ta.shape, name)
+        return (numel, numel, *_sums(ta.to_dense(), tb.to_dense()))
+    sa, sb = ta.spectral(), tb.spectral()
+    xx, yy, xy = (pisa.delta_dot(ta.shape, ta.block, p, q) for p, q in ((sa, sa), (sb, sb), (sa, sb)))
+    same = ta.scale == tb.scale and torch.equal(ta.indices, tb.indices) and torch.equal(sa.coefficients, sb.coefficients)
+    return numel, numel, xx, yy, xy, 0.0 if same else max(0.0, xx + yy - 2 * xy), same
+
+
+def _sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float, float, bool]:
+    """x.x, y.y, x.y, |x - y|^2 and bitwise equality of two deltas on the same elements."""
+    x, y = x.double().reshape(-1), y.double().reshape(-1)
+    return float(x @ x), float(y @ y), float(x @ y), float((x - y) @ (x - y)), torch.equal(x, y)
+
+
+def _compare(name: str, ta, tb) -> tuple[int, int, float, float, float, float, bool]:
+    """(common elements, union, x.x, y.y, x.y, |x - y|^2 on the common elements, equal there)."""
+    if isinstance(ta, PISATarget) and isinstance(tb, PISATarget):
+        return _pisa_pair(name, ta, tb)
+    if isinstance(ta, S2FTTarget) and isinstance(tb, S2FTTarget):
+        common, union, x, y = _s2ft_overlap(ta, tb)
+        return (common, union, *_sums(x, y))
+    # S2FT against PISA: the PISA delta on the S2FT slice, from the blocks holding it.
+    s2ft, spectral = (ta, tb) if isinstance(ta, S2FTTarget) else (tb, ta)
+    on_slice = spectral.lines(axis_dim(s2ft.axis), s2ft.indices, name=name)
+    x, y = (s2ft.delta, on_slice) if s2ft is ta else (on_slice, s2ft.delta)
+    return (s2ft.count * _slice_numel(s2ft), math.prod(ta.shape), *_sums(x, y))
 
 
 def diff_adapters(a: Adapter, b: Adapter) -> dict[str, Any]:
@@ -73,17 +86,16 @@ def diff_adapters(a: Adapter, b: Adapter) -> dict[str, Any]:
             continue
         if tuple(ta.shape) != tuple(tb.shape):
             raise BaseMismatch(f"{name}: the adapters disagree on its shape ({list(ta.shape)} vs {list(tb.shape)})")
-        common, union, x, y = _overlap(name, ta, tb)
-        x, y = x.double().reshape(-1), y.double().reshape(-1)
-        norm = float(x.norm() * y.norm())
+        common, union, xx, yy, xy, dd, equal = _compare(name, ta, tb)
         shared = common > 0  # no common support: nothing to compare the deltas on
+        norm = math.sqrt(xx * yy)
         rows.append({
             "tensor": name,
             "jaccard": common / max(1, union),
             "common": common,
-            "cosine": (float(x @ y) / norm if norm else float(torch.equal(x, y))) if shared else None,
-            "relative_l2": (float((x - y).norm() / x.norm()) if float(x.norm()) else float(y.norm())) if shared else None,
-            "equal": common == union and torch.equal(x, y),
+            "cosine": (xy / norm if norm else float(equal)) if shared else None,
+            "relative_l2": (math.sqrt(dd / xx) if xx else math.sqrt(yy)) if shared else None,
+            "equal": common == union and equal,
         })
     identical = a.kind == b.kind and all(r.get("equal") for r in rows)
     return {"identical": identical, "kinds": [a.kind, b.kind], "tensors": rows}

@@ -221,3 +221,17 @@ def test_from_slices_snaps_deltas_so_unmerge_is_exact():
     assert torch.equal(bits(merged), bits(expected))
     unmerged = add_exact(merged, target.delta, subtract=True)
     assert torch.equal(bits(unmerged), bits(base["w"][:, [0, 2, 5]]))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("shape, block", [((12, 10), (4, 4)), ((13, 9), (5, 3)), ((7, 7), (8, 8))])
+def test_pisa_lines_equal_the_dense_delta_there(dim, shape, block):
+    """The lines of a PISA delta that an S2FT slice needs come from the blocks holding them only."""
+    g = torch.Generator().manual_seed(7)
+    blocks = -(-shape[0] // block[0]) * -(-shape[1] // block[1])
+    idx = random_half_plane_indices(blocks, 3, block, g)
+    values = torch.complex(torch.randn(blocks, 3, generator=g), torch.randn(blocks, 3, generator=g))
+    target = PISAAdapter.from_coefficients({"w": torch.zeros(shape)}, {"w": (block, idx, values)}, base_name="b",
+                                           scale=0.3).targets["w"]
+    selected = torch.tensor([0, 2, shape[dim] - 1])
+    assert torch.equal(target.lines(dim, selected, name="w"), target.to_dense().index_select(dim, selected))
