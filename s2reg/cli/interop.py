@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..interop import export_lora, import_fourierft, import_lora
-from ..interop.peft_files import read_config, recorded_base
+from ..interop.peft_files import peft_config, recorded_base
 from ..tensors import CheckpointSource
 from . import render
 from .common import adapter_argument, json_option, overwrite_option
@@ -47,7 +47,7 @@ def import_command(peft_dir, base, output, overwrite, as_json) -> None:
     FourierFT's frequency positions are regenerated once from its seed and written out explicitly.
     A LoRA imports only when it is one-hot (an exported S2FT adapter); others are refused.
     """
-    kind = read_config(peft_dir).get("peft_type")
+    kind = peft_config(peft_dir).get("peft_type")
     with CheckpointSource(base or recorded_base(peft_dir)) as source:
         adapter = (import_fourierft if kind == "FOURIERFT" else import_lora)(peft_dir, source)
     stored = adapter.save(output, overwrite=overwrite)

@@ -130,6 +130,8 @@ class S2FTTarget:
             gs = self.group_size
             if gs < 1 or length % gs:
                 raise ShapeError(f"{name}: group_size {gs} does not divide the {self.axis} length {length}")
+            if idx.numel() % gs:  # before building groups, whose size is only declared
+                raise FormatError(f"{name}: indices are not whole groups of {gs} (FORMAT §4.1 group_size)")
             groups = torch.unique(idx // gs)
             whole = (groups[:, None] * gs + torch.arange(gs)).reshape(-1)
             if not torch.equal(whole.to(idx.dtype), idx):
