@@ -101,6 +101,12 @@ def default_root() -> Path:
     return Path(os.environ.get("S2REG_HOME") or Path.home() / ".cache" / "s2reg")
 
 
+def _adapter_files(digest: str, manifest: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    """An adapter directory's files: name -> (blob digest, recorded size; None for the manifest)."""
+    payload = manifest["payload"]
+    return {MANIFEST_NAME: (digest, None), payload["file"]: (payload["sha256"], int(payload["bytes"]))}
+
+
 @dataclass(frozen=True)
 class Entry:
     """One ref and what it points at."""
@@ -122,9 +128,7 @@ class Entry:
         }
 
     def files(self) -> dict[str, tuple[str, int | None]]:
-        """The adapter directory's files: name -> (blob digest, recorded size; None for the manifest)."""
-        payload = self.manifest["payload"]
-        return {MANIFEST_NAME: (self.digest, None), payload["file"]: (payload["sha256"], int(payload["bytes"]))}
+        return _adapter_files(self.digest, self.manifest)
 
 
 class Store:
@@ -275,10 +279,10 @@ class Store:
             load(staging)  # and the format's own checks, before the directory appears
         return Path(output)
 
-    def _view_is_current(self, view: Path, entry: Entry) -> bool:
-        """Whether ``view`` holds exactly the adapter's blobs: the same regular files (hard links), or
-        regular copies with the right bytes (where the filesystem has no hard links)."""
-        for name, (digest, size) in entry.files().items():
+    def _view_is_current(self, view: Path, files: dict[str, tuple[str, int | None]]) -> bool:
+        """Whether ``view`` holds exactly the adapter's blobs (``files``, see :meth:`Entry.files`): the
+        same regular files (hard links), or regular copies with the right bytes (no hard links there)."""
+        for name, (digest, size) in files.items():
             try:
                 mine, blob = os.lstat(view / name), os.lstat(self.blob_path(digest))
             except OSError:
@@ -299,7 +303,7 @@ class Store:
         afresh from verified blobs. The caller holds the lock (exclusive to build)."""
         entry = self.entry(ref)
         view = self.root / "views" / entry.digest
-        if self._view_is_current(view, entry):
+        if self._view_is_current(view, entry.files()):
             return view
         if not build:
             return None
@@ -414,8 +418,7 @@ class Store:
 
     def _check_view(self, view: Path) -> bool:
         try:
-            entry = Entry(Ref("view", "latest"), view.name, json.loads(self.read_blob(view.name)))
-            return self._view_is_current(view, entry)
+            return self._view_is_current(view, _adapter_files(view.name, json.loads(self.read_blob(view.name))))
         except (IntegrityError, ValueError, KeyError, TypeError):
             return False
 

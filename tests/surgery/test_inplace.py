@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ from s2reg.surgery.records import PermutationRecord
 from s2reg.tensors import CheckpointSource
 from s2reg.tensors.reader import leftovers
 
-from .helpers import file_digests, pisa, s2ft, tiny
+from .helpers import file_digests, pisa, s2ft, tensor_digests, tiny
 
 
 @pytest.fixture(scope="module")
@@ -304,8 +305,16 @@ def test_records_round_trip_and_reject_wrong_types(pristine, tmp_path):
     base, adapter, _, _ = pristine
     merge(base, [adapter], tmp_path / "m")
     text = (tmp_path / "m" / LEDGER_NAME).read_bytes()
-    ledger = Ledger.from_json(json.loads(text))
-    assert ledger.to_bytes() == text  # the layout files written before typed records had
+    originals = tensor_digests(base)
+    layout = {  # spec/SURGERY.md §2, version 1, as files were written before typed records
+        "format": "s2reg.merged", "version": 1,
+        "merged": [{"digest": hashlib.sha256(adapter.payload_bytes()).hexdigest(), "kind": "s2ft", "base": "tiny",
+                    "support": {n: {"axis": t.axis, "indices": t.indices.tolist()} for n, t in adapter.targets.items()}}],
+        "original": {n: originals[n] for n in sorted(adapter.targets)},
+    }
+    assert json.loads(text) == layout
+    ledger = Ledger.from_json(layout)
+    assert ledger.to_bytes() == text == (json.dumps(layout, indent=2) + "\n").encode()
     assert all(isinstance(s, Support) for e in ledger.merged for s in e.support.values())
     bad = json.loads(text)
     bad["merged"][0]["support"][next(iter(bad["merged"][0]["support"]))] = "sparse"
