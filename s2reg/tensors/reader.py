@@ -40,6 +40,15 @@ def leftovers(directory: Path) -> list[Path]:
     return found
 
 
+def refuse_leftovers(directory: Path) -> None:
+    """Raise if an interrupted s2reg command left something in ``directory`` (see :func:`leftovers`)."""
+    left = leftovers(Path(directory))
+    if left:
+        raise CheckpointError(
+            f"{directory}: an interrupted s2reg command left {left[0].name}; run `s2reg recover {directory}` first"
+        )
+
+
 def _shard_files(path: Path) -> list[Path]:
     if path.is_file():
         if not _is_shard_name(path.name):
@@ -78,11 +87,8 @@ class CheckpointSource:
     def __init__(self, path: str | os.PathLike, *, allow_pending_journal: bool = False):
         self.path = Path(path)
         self.files = _shard_files(self.path)
-        left = [] if allow_pending_journal else leftovers(self.directory)
-        if left:
-            raise CheckpointError(
-                f"{self.directory}: an interrupted s2reg command left {left[0].name}; run `s2reg recover {self.directory}` first"
-            )
+        if not allow_pending_journal:
+            refuse_leftovers(self.directory)
         self._info: dict[str, TensorInfo] = {}
         self._metadata: dict[str, dict[str, str]] = {}
         for file in self.files:
