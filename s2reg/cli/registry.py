@@ -67,6 +67,8 @@ def pull_command(source: str, ref: str | None, output: Path | None, subfolder: s
     if _is_hub(source):
         from ..registry.hub import pull_from_hub
 
+        if output:
+            store.check_output(output)  # before anything is downloaded
         result = pull_from_hub(store, source, ref, subfolder=subfolder)
         if output:
             store.pull(result["ref"], output, overwrite=force)

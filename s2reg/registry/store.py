@@ -153,15 +153,22 @@ class Store:
     def _locked(self, *, shared: bool = False) -> Iterator[None]:
         """The store lock: exclusive for every change, shared for reads that must not see one midway.
 
-        A shared lock on a store nobody has written to yet locks nothing (there is nothing to read).
+        A shared lock on a store that does not exist yet locks nothing (there is nothing to read).
         """
         lock = self.root / "lock"
-        if shared and not lock.exists():
-            yield
-            return
         if not shared:
             self.root.mkdir(parents=True, exist_ok=True)
-        with open(lock, "rb" if shared else "ab") as fh:
+        try:
+            fh = open(lock, "ab")
+        except OSError:
+            if not shared:
+                raise
+            try:
+                fh = open(lock, "rb")  # a store this user may only read
+            except OSError:
+                yield  # no store yet: nothing to read, nothing to lock
+                return
+        with fh:
             fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
 
@@ -267,9 +274,7 @@ class Store:
 
     def pull(self, ref: str | Ref, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the adapter ``ref`` as a directory at ``output``; every byte is verified first."""
-        out, root = Path(output).resolve(), self.root.resolve()
-        if out.is_relative_to(root) or root.is_relative_to(out):
-            raise RegistryError(f"{output}: the output would be inside the store {self.root} or hold it; choose another")
+        self.check_output(output)
         with self._locked(shared=True):  # a concurrent gc waits until the blobs are read
             entry = self.entry(ref)
             files = {name: self.read_blob(digest, size) for name, (digest, size) in entry.files().items()}
@@ -278,6 +283,12 @@ class Store:
                 (staging / name).write_bytes(data)
             load(staging)  # and the format's own checks, before the directory appears
         return Path(output)
+
+    def check_output(self, output: str | os.PathLike) -> None:
+        """Refuse an output directory inside the store or holding it (writing it would replace store files)."""
+        out, root = Path(output).resolve(), self.root.resolve()
+        if out.is_relative_to(root) or root.is_relative_to(out):
+            raise RegistryError(f"{output}: the output would be inside the store {self.root} or hold it; choose another")
 
     def _view_is_current(self, view: Path, files: dict[str, tuple[str, int | None]]) -> bool:
         """Whether ``view`` holds exactly the adapter's blobs (``files``, see :meth:`Entry.files`): the
