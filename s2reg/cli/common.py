@@ -64,7 +64,7 @@ class AdapterType(click.ParamType):
             ref = parse_ref(value)
         except RegistryError:
             raise FormatError(f"{value}: no such adapter directory, and not a valid NAME[:TAG] either") from None
-        return load(Store().resolve(ref), allow_nonfinite=self.allow_nonfinite)
+        return Store().load(ref, allow_nonfinite=self.allow_nonfinite)
 
 
 def adapter_argument(name: str, **kwargs):

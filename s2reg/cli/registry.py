@@ -67,6 +67,8 @@ def pull_command(source: str, ref: str | None, output: Path | None, subfolder: s
     if _is_hub(source):
         from ..registry.hub import pull_from_hub
 
+        if output:
+            store.check_output(output)  # before anything is downloaded
         result = pull_from_hub(store, source, ref, subfolder=subfolder)
         if output:
             store.pull(result["ref"], output, overwrite=overwrite)
@@ -146,12 +148,16 @@ def gc_command(as_json: bool) -> None:
 @click.command("verify")
 @json_option
 def verify_command(as_json: bool) -> None:
-    """Re-hash every blob in the store; quarantine corrupt ones and name the refs they break."""
+    """Re-hash every blob in the store; quarantine corrupt ones (and anything that is not a regular
+    file) and name the refs they break; remove views that are not exactly their blobs."""
     result = Store().verify()
     if as_json:
         render.emit_json(result)
     else:
-        render.console.print(f"checked {result['blobs_checked']} blob(s): {len(result['corrupt'])} corrupt")
+        stale = len(result["stale_views_removed"])
+        render.console.print(f"checked {result['blobs_checked']} blob(s): {len(result['corrupt'])} corrupt; "
+                             f"{result['views_checked']} view(s)"
+                             + (f": {stale} stale, removed (rebuilt on the next load)" if stale else ""))
         for broken in result["broken_refs"]:
             render.errors.print(f"[red]broken[/] {broken['ref']}: {broken['error']}")
     if result["corrupt"] or result["broken_refs"]:

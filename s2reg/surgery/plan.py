@@ -7,7 +7,6 @@ per-tensor math, which is exact for S2FT (FORMAT §4.3) and permutation-aware.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,24 +27,16 @@ from ..format.s2ft import add_exact, reversible, take
 from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
 from ..tensors import CheckpointSource
 from .ledger import Ledger, adapter_identity
-
-PERMUTATION_NAME = "s2reg-permutation.json"
-PERMUTATION_FORMAT = "s2reg.permutation"
-
+from .records import PermutationRecord, read_record
 
 def read_permutation(source: CheckpointSource) -> tuple[Permutation, ModelInfo] | None:
     """The co-permutation a checkpoint was written with (spec/SURGERY.md §4), if any."""
-    file = source.directory / PERMUTATION_NAME
+    file = source.directory / PermutationRecord.NAME
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-        if data.get("format") != PERMUTATION_FORMAT:
-            raise ValueError
-    except (ValueError, AttributeError):
-        raise S2RegError(f"{file}: unreadable permutation record (spec/SURGERY.md §4)") from None
+    record = read_record(file, PermutationRecord.from_json)
     info = detect(source.config())
-    return Permutation.from_json(data["permutation"], info.dims), info
+    return record.permutation.check(info.dims), info
 
 
 def to_original(name: str, tensor: torch.Tensor, permutation: tuple[Permutation, ModelInfo] | None) -> torch.Tensor:
@@ -196,7 +187,7 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_
         raise S2RegError("name at least one adapter to merge")
     ledger = Ledger.read(source.directory)
     plan = Plan(source, list(adapters), False, ledger, ledger, permutation=read_permutation(source),
-                stacked={n for entry in ledger.merged for n in entry["support"]})
+                stacked=ledger.touched())
     seen: set[str] = set()
     for adapter in adapters:
         identity = adapter_identity(adapter)
@@ -266,6 +257,6 @@ def describe_plan(plan: Plan) -> dict[str, Any]:
         "operation": "unmerge" if plan.subtract else "merge",
         "adapters": [adapter_identity(a) for a in plan.adapters],
         "tensors": len(plan.touched),
-        "merged_now": [e["digest"] for e in plan.ledger_after.merged],
+        "merged_now": [e.digest for e in plan.ledger_after.merged],
         "permuted": plan.permutation is not None,
     }

@@ -32,7 +32,7 @@ def _rewrite(plan: Plan, output: Path, *, overwrite: bool, progress: Progress) -
     check_free(output, overwrite=overwrite)
     started = time.perf_counter()
     patches, blobs = patching.prepare(plan, progress)  # every check passes before the output exists
-    infos = {p["tensor"]: source.info(p["tensor"]) for p in patches}
+    infos = {p.tensor: source.info(p.tensor) for p in patches}
     verbatim = {
         file: (source.directory / file, [TensorSpec(n, source.shape(n), source.dtype(n)) for n in names])
         for file, names in source.shard_names().items()

@@ -14,6 +14,7 @@ import torch
 from ..errors import S2RegError
 from ..format import Adapter
 from ..tensors import CheckpointSource
+from ..tensors.reader import refuse_leftovers
 from .data import read_jsonl, tokenize
 from .export import export_adapter
 from .loop import Progress, TrainConfig, TrainResult, train
@@ -66,6 +67,7 @@ def load_base(base: str | os.PathLike, dtype: str, device: str):
     base = Path(base)
     if not (base / "config.json").is_file():
         raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
+    refuse_leftovers(base)  # transformers would read a half-patched checkpoint
     if dtype not in DTYPES:
         raise S2RegError(f"unknown dtype {dtype!r} (fp32 or bf16)")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype]).to(device)
