@@ -363,7 +363,7 @@ def test_pull_into_the_store_is_refused(store, bases, tmp_path, where):
     store.push(adapter_dir(bases[0], tmp_path / "a"), "m:v1")
     before = tree_digest(store.root)
     output = {"root": store.root, "inside": store.root / "refs" / "x", "parent": store.root.parent}[where]
-    result = CliRunner().invoke(main, ["pull", "m:v1", "-o", str(output), "--force"])
+    result = CliRunner().invoke(main, ["pull", "m:v1", "-o", str(output), "--overwrite"])
     assert result.exit_code == 1 and "inside the store" in result.output, result.output
     assert tree_digest(store.root) == before
     assert store.load("m:v1")

@@ -195,7 +195,7 @@ def refusals(ckpt, adapter_dir, out):
         "merge -o": ["merge", str(ckpt), str(adapter_dir), "-o", str(out / "merged")],
         "unmerge -o": ["unmerge", str(ckpt), str(adapter_dir), "-o", str(out / "unmerged")],
         "merge --in-place": ["merge", str(ckpt), str(adapter_dir), "--in-place"],
-        "unmerge --in-place": ["unmerge", str(ckpt), str(adapter_dir), "--in-place", "--force"],
+        "unmerge --in-place": ["unmerge", str(ckpt), str(adapter_dir), "--in-place", "--skip-base-check"],
         "permute": ["permute", str(ckpt), "--plan", str(adapter_dir), "-o", str(out / "permuted")],
         "unpermute": ["unpermute", str(ckpt), "-o", str(out / "unpermuted")],
         "extract": ["extract", str(ckpt), str(other), "--kind", "s2ft", "-o", str(out / "extracted")],
@@ -227,7 +227,8 @@ def test_kill_at_each_point_every_command_refuses_then_recover_restores(pristine
     for command, args in refusals(ckpt, adapter_on_disk, out).items():
         result = CliRunner().invoke(main, args)
         errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]  # (train draws a bar first)
-        assert result.exit_code == 1 and len(errors) == 1, (command, result.output)
+        expected_status = 2 if command == "diff" else 1  # diff(1)'s convention: 2 is trouble, 1 a difference
+        assert result.exit_code == expected_status and len(errors) == 1, (command, result.output)
         assert errors[0].endswith(f"run `s2reg recover {ckpt}` first"), (command, result.output)
     assert not out.exists()
     assert file_digests(ckpt) == before
