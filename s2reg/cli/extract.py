@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..fsatomic import check_free
 from ..ops.extract import (
     ExtractRefused,
     ExtractReport,
@@ -15,7 +16,7 @@ from ..ops.extract import (
 )
 from ..tensors import CheckpointSource
 from . import render
-from .common import json_option
+from .common import json_option, overwrite_option
 
 
 def parse_block(value: str) -> tuple[int, int]:
@@ -53,17 +54,17 @@ def show_report(report: ExtractReport) -> None:
 @click.option("--allow-dense", is_flag=True, help="s2ft: also store changes outside slices of coupled projections.")
 @click.option("--max-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="s2ft: largest share of a tensor a slice may cover and still count as sparse.")
-@click.option("--budget", type=click.IntRange(min=1), help="pisa: coefficients kept per block.")
+@click.option("--budget", type=click.IntRange(min=1), help="pisa: coefficients kept per block; required with --kind pisa.")
 @click.option("--block", "block", default="16", show_default=True, help="pisa: block shape, e.g. 16 or 16x32.")
 @click.option("--allow-partial", is_flag=True, help="pisa: leave out changed tensors that are not matrices.")
 @click.option("--detect-permutation", is_flag=True,
               help="s2ft: TUNED was saved co-permuted (official S2FT code); find the order and undo it.")
 @click.option("--base-name", help="Name recorded for the base model (default: the BASE path).")
 @click.option("--raw", is_flag=True, help="Write the payload uncompressed.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @json_option
 def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget, block, allow_partial,
-                    detect_permutation, base_name, raw, force, as_json) -> None:
+                    detect_permutation, base_name, raw, overwrite, as_json) -> None:
     """Compare BASE and TUNED tensor by tensor and store what changed as an adapter.
 
     s2ft finds the rows or columns that changed and stores them exactly: merging the adapter
@@ -78,6 +79,7 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget
     """
     if kind == "pisa" and budget is None:
         raise click.UsageError("--kind pisa needs --budget")
+    check_free(Path(output), overwrite=overwrite)
     with CheckpointSource(base) as b, CheckpointSource(tuned) as t, render.progress() as bar:
         task = bar.add_task("comparing", total=len(b.names()))
         step = lambda name: bar.update(task, advance=1, description=name)
@@ -98,7 +100,7 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, budget
             if not as_json:
                 show_report(refused.report)
             raise
-    stored = adapter.save(output, compress=not raw, overwrite=force)
+    stored = adapter.save(output, compress=not raw, overwrite=overwrite)
     if as_json:
         render.emit_json({"output": output, "digest": stored.digest, "bytes": stored.payload_bytes, **report.as_json()})
         return

@@ -14,7 +14,7 @@ import torch
 from .._version import __version__
 from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
 from ..fsatomic import write_directory
-from . import codec, dtypes, manifest, payload
+from . import codec, dtypes, limits, manifest, payload
 from .digest import sha256_bytes, tensor_sha256
 from .pisa import PISATarget
 from .s2ft import S2FTTarget, add_exact, exact_difference, take
@@ -154,17 +154,26 @@ class Adapter:
                 )
             if hashes and sha() != fp.sha256:
                 raise BaseMismatch(
-                    f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r}); "
-                    "use --force to skip the fingerprint check"
+                    f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r})"
                 )
 
     # -- access ---------------------------------------------------------------------------
-    def to_dense(self, name: str) -> torch.Tensor:
-        """The full delta matrix of one target (FORMAT §4.4, §5.3)."""
-        try:
-            return self.targets[name].to_dense()
-        except KeyError:
-            raise FormatError(f"adapter has no target {name!r}") from None
+    def to_dense(self, name: str, *, base: TensorReader | Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The full delta matrix of one target (FORMAT §4.4, §5.3).
+
+        Its size is the target's *declared* shape: with ``base`` it must be the shape of the base's
+        tensor (BaseMismatch otherwise); without, it must be within ``limits.MAX_DENSE``.
+        """
+        target = self.targets.get(name)
+        if target is None:
+            raise FormatError(f"adapter has no target {name!r}")
+        if base is None:
+            limits.check_dense(target.shape, name)
+        else:
+            shape = tuple(base.shape(name)) if hasattr(base, "shape") else tuple(_reader(base)(name).shape)
+            if shape != tuple(target.shape):
+                raise BaseMismatch(f"{name}: the adapter declares {list(target.shape)}, the base tensor is {list(shape)}")
+        return target.to_dense()
 
     @property
     def format_version(self) -> int:
@@ -354,6 +363,9 @@ def read_payload(path: Path, entry: Mapping[str, Any]) -> bytes:
     file = path / entry["file"]
     if not file.is_file():
         raise FormatError(f"{file}: payload file missing")
+    others = sorted(name for name in manifest.PAYLOAD_FILES.values() if name != entry["file"] and (path / name).exists())
+    if others:
+        raise FormatError(f"{path}: holds both {entry['file']} and {others[0]}; an adapter has exactly one payload (FORMAT §1)")
     size = file.stat().st_size
     if size != entry["bytes"]:
         raise FormatError(f"{file}: truncated or extended payload ({size} bytes, manifest says {entry['bytes']})")

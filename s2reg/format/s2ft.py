@@ -201,6 +201,8 @@ class S2FTTarget:
             gs = self.group_size
             if gs < 1 or length % gs:
                 raise ShapeError(f"{name}: group_size {gs} does not divide the {self.axis} length {length}")
+            if idx.numel() % gs:  # before building groups, whose size is only declared
+                raise FormatError(f"{name}: indices are not whole groups of {gs} (FORMAT §4.1 group_size)")
             groups = torch.unique(idx // gs)
             whole = (groups[:, None] * gs + torch.arange(gs)).reshape(-1)
             if not torch.equal(whole.to(idx.dtype), idx):
@@ -221,7 +223,7 @@ class S2FTTarget:
         """The selected slice values ``current`` merged (or unmerged); exact per FORMAT §4.3 on the delta's base.
 
         With ``check_reversible`` (for values that may not be the delta's base: another adapter merged
-        first, or a forced merge), a merge that unmerging could not undo bit for bit is refused.
+        first, or a merge without the base check), a merge that unmerging could not undo bit for bit is refused.
         """
         out = apply_slice(current, self.delta.to(current.device), self.restore, subtract=subtract)
         if check_reversible and not subtract and not self.undoes(current, out):
@@ -239,7 +241,7 @@ class S2FTTarget:
         """Whether merging onto the slice values ``current`` and unmerging again gives them back bit for bit.
 
         Always true on the base the delta was taken against (§4.3); on other values (another adapter
-        merged first, or a forced merge onto a different tensor) it may not be.
+        merged first, or a merge onto a different tensor without the base check) it may not be.
         """
         return self.undoes(current, self.shifted(current))
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import FormatError, S2RegError
-from ..format import Adapter, S2FTAdapter, S2FTTarget
+from ..format import Adapter, S2FTAdapter, S2FTTarget, limits
 from ..fsatomic import building
 from .peft_files import PREFIX, read_peft
 
@@ -47,6 +47,7 @@ def _factors(name: str, target, rank: int | None) -> tuple[torch.Tensor, torch.T
         if len(target.shape) != 2:
             raise S2RegError(f"{name}: only matrices export to LoRA")
         n = target.count
+        limits.check_dense((target.shape[0 if target.axis == "rows" else 1], n), name)  # a declared length
         one_hot = torch.zeros(target.shape[0 if target.axis == "rows" else 1], n, dtype=torch.float32)
         one_hot[target.indices.long(), torch.arange(n)] = 1.0
         delta = target.delta.to(torch.float32)
@@ -54,9 +55,10 @@ def _factors(name: str, target, rank: int | None) -> tuple[torch.Tensor, torch.T
         if target.axis == "rows":
             return delta, one_hot, error
         return one_hot.t().contiguous(), delta, error
-    dense = target.to_dense().double()
     if rank is None:
         raise S2RegError("PISA adapters export to LoRA through a truncated SVD: pass --rank")
+    limits.check_dense(target.shape, name)  # no base vouches for the declared shape here
+    dense = target.to_dense().double()
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()

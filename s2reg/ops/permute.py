@@ -77,17 +77,27 @@ class Permutation:
                            for i, p in sorted(self.layers.items())}}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], dims: Dims) -> Permutation:
+    def from_json(cls, data: Any) -> Permutation:
+        """Parse :meth:`as_json`'s layout (types only; :meth:`check` fits it to a model)."""
+        def order(value: Any) -> list[int]:
+            if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                raise ValueError
+            return value
+
         try:
-            layers = {int(i): LayerPermutation(list(p["heads"]), list(p["kv_heads"]), list(p["channels"]))
+            layers = {int(i): LayerPermutation(order(p["heads"]), order(p["kv_heads"]), order(p["channels"]))
                       for i, p in data["layers"].items()}
         except (KeyError, TypeError, ValueError, AttributeError):
             raise S2RegError("malformed permutation record (expected layers -> heads, kv_heads, channels)") from None
-        for i, p in layers.items():
+        return cls(layers)
+
+    def check(self, dims: Dims) -> Permutation:
+        """``self``, after checking that it is a valid co-permutation of a model with ``dims``."""
+        for i, p in self.layers.items():
             if not 0 <= i < dims.layers:
                 raise ShapeError(f"permutation names layer {i}, the model has {dims.layers}")
             p.check(dims, i)
-        return cls(layers)
+        return self
 
 
 def plan(dims: Dims, heads: Mapping[int, Iterable[int]], channels: Mapping[int, Iterable[int]]) -> Permutation:

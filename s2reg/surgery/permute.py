@@ -7,7 +7,6 @@ map adapters (which always hold original coordinates) onto it.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,7 +17,8 @@ from ..errors import S2RegError
 from ..format import Adapter
 from ..ops.permute import Permutation, permute_tensor, plan, selection_of
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
-from .plan import PERMUTATION_FORMAT, PERMUTATION_NAME, read_permutation
+from .plan import read_permutation
+from .records import PermutationRecord, to_bytes
 
 Progress = Callable[[str], None]
 
@@ -40,7 +40,7 @@ def _rewrite(source: CheckpointSource, output: Path, perm: Permutation, info: Mo
     write_checkpoint(
         output, shards, lambda spec: permute_tensor(spec.name, source.get(spec.name), perm, info.arch, info.dims),
         metadata={f: source.metadata(f) for f in shards}, side_files_from=source.directory,
-        side_files_exclude=[PERMUTATION_NAME], extra_files={PERMUTATION_NAME: record} if record else {},
+        side_files_exclude=[PermutationRecord.NAME], extra_files={PermutationRecord.NAME: record} if record else {},
         overwrite=overwrite, progress=progress,
     )
 
@@ -52,8 +52,7 @@ def permute_checkpoint(base: str | os.PathLike, selection: Adapter | Mapping[str
         if read_permutation(source) is not None:
             raise S2RegError(f"{source.directory} is already permuted; unpermute it first")
         perm, info = plan_for(source, selection)
-        record = {"format": PERMUTATION_FORMAT, "version": 1, "permutation": perm.as_json()}
-        _rewrite(source, Path(output), perm, info, (json.dumps(record, indent=2) + "\n").encode(), overwrite, progress)
+        _rewrite(source, Path(output), perm, info, to_bytes(PermutationRecord(perm)), overwrite, progress)
     return {"output": str(output), "layers_permuted": len(perm.layers), "permutation": perm.as_json()}
 
 
@@ -63,7 +62,7 @@ def unpermute_checkpoint(permuted: str | os.PathLike, output: str | os.PathLike,
     with CheckpointSource(permuted) as source:
         found = read_permutation(source)
         if found is None:
-            raise S2RegError(f"{source.directory} has no {PERMUTATION_NAME}: it is not a permuted checkpoint")
+            raise S2RegError(f"{source.directory} has no {PermutationRecord.NAME}: it is not a permuted checkpoint")
         perm, info = found
         _rewrite(source, Path(output), perm.inverse(), info, None, overwrite, progress)
     return {"output": str(output), "layers_restored": len(perm.layers)}

@@ -1,13 +1,12 @@
 """What a merge or unmerge will do, decided and checked before any byte is written.
 
 Both ways of writing (a new checkpoint, or patching in place) share this: the compatibility checks
-(names, shapes and dtypes always; base fingerprints unless forced), the ledger bookkeeping, and the
+(names, shapes and dtypes always; base fingerprints unless ``verify_base=False``), the ledger bookkeeping, and the
 per-tensor math, which is exact for S2FT (FORMAT §4.3) and permutation-aware.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,24 +27,58 @@ from ..format.s2ft import put, take
 from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor
 from ..tensors import CheckpointSource
 from .ledger import Ledger, adapter_identity
-
-PERMUTATION_NAME = "s2reg-permutation.json"
-PERMUTATION_FORMAT = "s2reg.permutation"
-
+from .records import PermutationRecord, read_record
 
 def read_permutation(source: CheckpointSource) -> tuple[Permutation, ModelInfo] | None:
     """The co-permutation a checkpoint was written with (spec/SURGERY.md §4), if any."""
-    file = source.directory / PERMUTATION_NAME
+    file = source.directory / PermutationRecord.NAME
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-        if data.get("format") != PERMUTATION_FORMAT:
-            raise ValueError
-    except (ValueError, AttributeError):
-        raise S2RegError(f"{file}: unreadable permutation record (spec/SURGERY.md §4)") from None
+    record = read_record(file, PermutationRecord.from_json)
     info = detect(source.config())
-    return Permutation.from_json(data["permutation"], info.dims), info
+    return record.permutation.check(info.dims), info
+
+
+def to_original(name: str, tensor: torch.Tensor, permutation: tuple[Permutation, ModelInfo] | None) -> torch.Tensor:
+    """A tensor of a co-permuted checkpoint in original coordinates (as it is when not permuted)."""
+    if permutation is None:
+        return tensor
+    perm, info = permutation
+    return permute_tensor(name, tensor, perm.inverse(), info.arch, info.dims)
+
+
+def original_sha256(source: CheckpointSource, permutation: tuple[Permutation, ModelInfo] | None, name: str) -> str:
+    """sha256 of a tensor in original coordinates, as it is now (streamed when unpermuted)."""
+    if permutation is None:
+        return source.sha256_of(name)
+    return tensor_sha256(to_original(name, source.get(name), permutation))
+
+
+class OriginalCoordinates:
+    """A checkpoint read in original coordinates, the ones adapter fingerprints are taken in.
+
+    A checkpoint written by ``s2reg permute`` (spec/SURGERY.md §4) is permuted back tensor by
+    tensor, so :meth:`Adapter.verify_base` accepts it for the adapters of its original.
+    """
+
+    def __init__(self, source: CheckpointSource):
+        self.source = source
+        self.permutation = read_permutation(source)
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)  # a co-permutation moves rows and columns, never shapes
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return to_original(name, self.source.get(name), self.permutation)
+
+    def sha256_of(self, name: str) -> str:
+        return original_sha256(self.source, self.permutation, name)
 
 
 @dataclass
@@ -61,7 +94,7 @@ class Plan:
     expect_sha: dict[str, str] = field(default_factory=dict)  # tensor -> sha256 the result must have
     permutation: tuple[Permutation, ModelInfo] | None = None
     stacked: set[str] = field(default_factory=set)  # tensors an earlier merge already changed
-    unverified: set[str] = field(default_factory=set)  # tensors --force merged without checking their fingerprint
+    unverified: set[str] = field(default_factory=set)  # tensors merged without checking their fingerprint (--skip-base-check)
 
     def _step(self, name: str, i: int, target: S2FTTarget, current: torch.Tensor) -> torch.Tensor:
         """One S2FT delta on the slice values ``current``, with the checks of spec/SURGERY.md §2 rule 3.
@@ -118,10 +151,7 @@ class Plan:
         return targets[0].axis, indices
 
     def _to_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.permutation:
-            return tensor
-        perm, info = self.permutation
-        return permute_tensor(name, tensor, perm.inverse(), info.arch, info.dims)
+        return to_original(name, tensor, self.permutation)
 
     def _from_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not self.permutation:
@@ -131,9 +161,7 @@ class Plan:
 
     def original_sha(self, name: str) -> str:
         """sha256 of the tensor in original coordinates, as it is now (streamed when unpermuted)."""
-        if not self.permutation:
-            return self.source.sha256_of(name)
-        return tensor_sha256(self._to_original(name, self.source.get(name)))
+        return original_sha256(self.source, self.permutation, name)
 
 
 def _check_finite(name: str, after: torch.Tensor, before: torch.Tensor) -> None:
@@ -155,13 +183,13 @@ def _check_shapes(source: CheckpointSource, adapter: Adapter) -> None:
             )
 
 
-def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: bool = False) -> Plan:
+def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_base: bool = True) -> Plan:
     """Check that ``adapters`` can be merged, in order, into ``source``; raise before any write."""
     if not adapters:
         raise S2RegError("name at least one adapter to merge")
     ledger = Ledger.read(source.directory)
     plan = Plan(source, list(adapters), False, ledger, ledger, permutation=read_permutation(source),
-                stacked={n for entry in ledger.merged for n in entry["support"]})
+                stacked=ledger.touched())
     seen: set[str] = set()
     for adapter in adapters:
         identity = adapter_identity(adapter)
@@ -172,14 +200,14 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: 
         originals = {}
         for name in adapter.targets:
             known = ledger.original.get(name) or plan.ledger_after.original.get(name)
-            if force and known is None:
-                plan.unverified.add(name)  # --force: no hashing at all; the merge checks whether it can be undone
+            if not verify_base and known is None:
+                plan.unverified.add(name)  # no hashing at all; the merge checks whether it can be undone
                 continue
             originals[name] = known or plan.original_sha(name)
-            if not force and originals[name] != adapter.base.fingerprints[name].sha256:
+            if verify_base and originals[name] != adapter.base.fingerprints[name].sha256:
                 raise BaseMismatch(
                     f"{name}: the checkpoint's tensor differs from the base this adapter was made for "
-                    f"({adapter.base.name!r}); pass --force to skip the fingerprint check"
+                    f"({adapter.base.name!r}); refused (--skip-base-check merges anyway)"
                 )
         for name in adapter.targets:
             plan.touched.setdefault(name, []).append(adapter.targets[name])
@@ -187,11 +215,12 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: 
     return plan
 
 
-def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: bool = False) -> Plan:
+def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_base: bool = True) -> Plan:
     """Check that ``adapters`` can be taken out of ``source`` exactly; raise before any write.
 
     Adapters are taken out newest first. One that a later, still merged adapter overlaps is refused:
-    taking it out first would not restore the original bits.
+    taking it out first would not restore the original bits. ``verify_base=False`` also subtracts
+    adapters the ledger does not record as merged.
     """
     if not adapters:
         raise S2RegError("name at least one adapter to unmerge")
@@ -200,10 +229,10 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, force
     if len(set(identities)) != len(identities):
         raise S2RegError("the same adapter is named twice")
     missing = [a for a, i in zip(adapters, identities) if ledger.find(i) is None]
-    if missing and not force:
+    if missing and verify_base:
         raise BaseMismatch(
-            f"adapter for {missing[0].base.name!r} is not recorded as merged into {source.directory} "
-            "(pass --force to subtract it anyway)"
+            f"adapter for {missing[0].base.name!r} is not recorded as merged into {source.directory}; refused "
+            "(--skip-base-check subtracts it anyway)"
         )
     position = {i: (ledger.find(i) if ledger.find(i) is not None else -1) for i in identities}
     order = sorted(zip(adapters, identities), key=lambda pair: position[pair[1]], reverse=True)
@@ -216,10 +245,11 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, force
                 f"{clash}: an adapter merged later overlaps this one; unmerge that one first (or both in one call)"
             )
         inexact = sorted(set(adapter.targets) & ledger.inexact)
-        if inexact and not force:
+        if inexact and verify_base:
             raise S2RegError(
-                f"{inexact[0]}: an adapter was merged here with --force onto values it was not made for, so unmerging "
-                "cannot restore them bit for bit (spec/SURGERY.md §2); pass --force to subtract it anyway"
+                f"{inexact[0]}: an adapter was merged here without the base check onto values it was not made for, so "
+                "unmerging cannot restore them bit for bit (spec/SURGERY.md §2); refused (--skip-base-check subtracts "
+                "it anyway)"
             )
         plan.ledger_after = plan.ledger_after.without(identity)
         for name, target in adapter.targets.items():
@@ -237,6 +267,6 @@ def describe_plan(plan: Plan) -> dict[str, Any]:
         "operation": "unmerge" if plan.subtract else "merge",
         "adapters": [adapter_identity(a) for a in plan.adapters],
         "tensors": len(plan.touched),
-        "merged_now": [e["digest"] for e in plan.ledger_after.merged],
+        "merged_now": [e.digest for e in plan.ledger_after.merged],
         "permuted": plan.permutation is not None,
     }

@@ -78,6 +78,38 @@ def test_pisa_to_dense_matches_float64_reference(rows, cols, bh, bw, k_fraction,
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(expected).max()))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 24),
+    cols=st.integers(1, 24),
+    bh=st.integers(1, 8),
+    bw=st.integers(1, 9),
+    k_fraction=st.floats(0.0, 1.0),
+    scale=st.floats(-4, 4, allow_nan=False),
+    seed=st.integers(0, 2**16),
+)
+def test_pisa_norm_from_coefficients_matches_float64_reference(rows, cols, bh, bw, k_fraction, scale, seed):
+    """The norm in stats() comes from the coefficients (Parseval, crop sums), never a dense delta.
+
+    Checked against the literal float64 DFT sum, with crops, odd/even widths, non-Hermitian
+    self-conjugate columns and both the few-coefficient and the many-coefficient branch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    positions = bh * (bw // 2 + 1)
+    k = max(1, int(k_fraction * positions))
+    blocks = -(-rows // bh) * -(-cols // bw)
+    idx = random_half_plane_indices(blocks, k, (bh, bw), g)
+    values = torch.complex(torch.randn(blocks, k, generator=g), torch.randn(blocks, k, generator=g))
+    adapter = PISAAdapter.from_coefficients({"w": torch.zeros(rows, cols)}, {"w": ((bh, bw), idx, values)},
+                                            base_name="b", scale=scale)
+    target = adapter.targets["w"]
+    expected = np.linalg.norm(reference_pisa(
+        (rows, cols), (bh, bw), target.indices.numpy(), target.complex_coefficients().numpy().astype(np.complex128), scale
+    ))
+    got = adapter.stats()[0]["delta_norm"]
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
 def test_pisa_matches_numpy_irfft2_on_hermitian_input():
     """FORMAT §5.3: equals numpy.fft.irfft2 when the self-conjugate columns are Hermitian."""
     bh, bw = 8, 8
@@ -291,3 +323,17 @@ def test_from_slices_snaps_deltas_so_unmerge_is_exact():
     assert target.restore.index.tolist() == [1 * 3 + 1]  # -0.0 at [1, 2] moved to a nonzero value
     unmerged = target.shifted(merged, subtract=True)
     assert torch.equal(bits(unmerged), bits(base["w"][:, [0, 2, 5]]))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("shape, block", [((12, 10), (4, 4)), ((13, 9), (5, 3)), ((7, 7), (8, 8))])
+def test_pisa_lines_equal_the_dense_delta_there(dim, shape, block):
+    """The lines of a PISA delta that an S2FT slice needs come from the blocks holding them only."""
+    g = torch.Generator().manual_seed(7)
+    blocks = -(-shape[0] // block[0]) * -(-shape[1] // block[1])
+    idx = random_half_plane_indices(blocks, 3, block, g)
+    values = torch.complex(torch.randn(blocks, 3, generator=g), torch.randn(blocks, 3, generator=g))
+    target = PISAAdapter.from_coefficients({"w": torch.zeros(shape)}, {"w": (block, idx, values)}, base_name="b",
+                                           scale=0.3).targets["w"]
+    selected = torch.tensor([0, 2, shape[dim] - 1])
+    assert torch.equal(target.lines(dim, selected, name="w"), target.to_dense().index_select(dim, selected))

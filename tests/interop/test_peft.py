@@ -158,3 +158,25 @@ def test_import_errors(base, tmp_path):
     (tmp_path / "junk").mkdir()
     result = CliRunner().invoke(main, ["import", str(tmp_path / "junk"), "--base", str(base), "-o", str(tmp_path / "x")])
     assert result.exit_code == 1 and "adapter_config.json" in result.output and not (tmp_path / "x").exists()
+
+
+def test_import_defaults_base_to_the_local_checkpoint_the_peft_config_names(base, tmp_path, monkeypatch):
+    export_lora(s2ft(base), tmp_path / "lora")
+    config_file = tmp_path / "lora" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    run = lambda *args: CliRunner().invoke(main, ["import", *map(str, args)])  # noqa: E731
+    explicit = run(tmp_path / "lora", "--base", base, "-o", tmp_path / "explicit", "--json")
+    assert explicit.exit_code == 0, explicit.output
+    for recorded in (str(base), base.name):  # absolute, and relative to the working directory (as PEFT resolves it)
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+        monkeypatch.chdir(base.parent)
+        implicit = run(tmp_path / "lora", "-o", tmp_path / "implicit", "--overwrite", "--json")
+        assert implicit.exit_code == 0, implicit.output
+        ours, theirs = s2reg.load(tmp_path / "implicit"), s2reg.load(tmp_path / "explicit")
+        assert ours.base.name == recorded and ours.base.fingerprints == theirs.base.fingerprints
+        assert ours.payload_bytes() == theirs.payload_bytes()
+    for recorded, why in (("HuggingFaceTB/SmolLM2-135M", "is not a local checkpoint directory"), (None, "names no base model")):
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+        refused = run(tmp_path / "lora", "-o", tmp_path / "none")
+        assert refused.exit_code == 1 and why in refused.output and "pass --base CKPT" in refused.output, refused.output
+        assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "none").exists()

@@ -33,17 +33,18 @@ def test_fixture_projections_hold_negative_zeros(base):
         assert int(negative_zeros(source.get("model.embed_tokens.weight")).sum()) == 0
 
 
-@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("skip_base_check", [False, True])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_cli_merge_then_unmerge_restores_every_tensor(base, tmp_path, force, in_place):
-    """The issue's case: -0.0 in the trained slices; merge (also --force) then unmerge gives back every sha256."""
+def test_cli_merge_then_unmerge_restores_every_tensor(base, tmp_path, skip_base_check, in_place):
+    """The issue's case: -0.0 in the trained slices; merge (also without the base check) then unmerge
+    gives back every sha256."""
     with CheckpointSource(base) as source:
         slices, expected = signed_zero_changes(source)
         adapter = s2reg.S2FTAdapter.from_tuned(source, slices, base_name="tiny")
     assert all(t.restore is not None for t in adapter.targets.values())
     adapter.save(tmp_path / "a")
     assert json.loads((tmp_path / "a" / "s2reg.json").read_text())["format_version"] == 2
-    flags = ["--force"] if force else []
+    flags = ["--skip-base-check"] if skip_base_check else []
     if in_place:
         work = tmp_path / "work"
         save_state_dict(work, _all(base), extra_files={"config.json": (base / "config.json").read_bytes()})
@@ -69,8 +70,8 @@ def _all(directory):
         return {n: source.get(n) for n in source.names()}
 
 
-def test_forced_merge_onto_a_different_base_is_recorded_and_its_unmerge_needs_force(base, tmp_path):
-    """An adapter made where the -0.0 were +0.0, forced onto the -0.0 base: unmerge cannot restore the signs."""
+def test_unchecked_merge_onto_a_different_base_is_recorded_and_its_unmerge_refused(base, tmp_path):
+    """An adapter made where the -0.0 were +0.0, merged onto the -0.0 base: unmerge cannot restore the signs."""
     tensors = _all(base)
     save_state_dict(tmp_path / "clean", {n: t + 0.0 for n, t in tensors.items()},  # x + 0.0 turns -0.0 into +0.0
                     extra_files={"config.json": (base / "config.json").read_bytes()})
@@ -79,14 +80,14 @@ def test_forced_merge_onto_a_different_base_is_recorded_and_its_unmerge_needs_fo
         adapter = s2reg.S2FTAdapter.from_tuned(source, slices, base_name="clean")
     adapter.save(tmp_path / "a")
     refused = run("merge", base, tmp_path / "a", "-o", tmp_path / "m")
-    assert refused.exit_code == 1 and "--force" in refused.output
-    assert run("merge", base, tmp_path / "a", "-o", tmp_path / "m", "--force").exit_code == 0
+    assert refused.exit_code == 1 and "--skip-base-check" in refused.output
+    assert run("merge", base, tmp_path / "a", "-o", tmp_path / "m", "--skip-base-check").exit_code == 0
     ledger = json.loads((tmp_path / "m" / LEDGER_NAME).read_text())
     assert ledger["inexact"] and set(ledger["inexact"]) <= set(adapter.targets)
     plain = run("unmerge", tmp_path / "m", tmp_path / "a", "-o", tmp_path / "b")
     assert plain.exit_code == 1 and "cannot restore them bit for bit" in plain.output
     assert not (tmp_path / "b").exists()
-    forced = run("unmerge", tmp_path / "m", tmp_path / "a", "-o", tmp_path / "b", "--force")
+    forced = run("unmerge", tmp_path / "m", tmp_path / "a", "-o", tmp_path / "b", "--skip-base-check")
     assert forced.exit_code == 0, forced.output
     lost = {n for n, sha in tensor_digests(tmp_path / "b").items() if sha != tensor_digests(base)[n]}
     assert lost and lost <= set(ledger["inexact"])  # exactly the recorded tensors differ
