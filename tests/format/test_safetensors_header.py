@@ -15,9 +15,10 @@ import pytest
 from s2reg.errors import S2RegError
 from s2reg.format import payload
 from s2reg.format.digest import sha256_bytes
-from s2reg.surgery.inplace import JOURNAL_FORMAT, JOURNAL_PAYLOAD, recover
+from s2reg.surgery.inplace import recover
+from s2reg.surgery.journal import Journal
+from s2reg.surgery.ledger import Ledger
 from s2reg.tensors import CheckpointSource
-from s2reg.tensors.reader import JOURNAL_NAME
 
 
 def file_bytes(header, data: bytes = b"", *, declared: int | None = None) -> bytes:
@@ -83,9 +84,9 @@ def read_as_checkpoint(tmp_path, data: bytes) -> None:
 
 
 def read_as_journal(tmp_path, data: bytes) -> None:
-    (tmp_path / JOURNAL_PAYLOAD).write_bytes(data)
-    journal = {"format": JOURNAL_FORMAT, "version": 1, "payload_sha256": sha256_bytes(data)}
-    (tmp_path / JOURNAL_NAME).write_text(json.dumps(journal))
+    (tmp_path / Journal.PAYLOAD_NAME).write_bytes(data)
+    journal = Journal("merge", "2026-01-01T00:00:00Z", Ledger(), Ledger(), (), sha256_bytes(data))
+    (tmp_path / Journal.NAME).write_text(json.dumps(journal.to_json()))
     recover(tmp_path)
 
 
