@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from fixtures.smollm2 import build_smollm2
 from s2reg import PISAAdapter, S2FTAdapter, load
-from s2reg.arch import LLAMA, detect
+from s2reg.arch import resolve_source
 from s2reg.tensors import CheckpointSource
 
 
@@ -41,7 +41,7 @@ def plain_zstd(path: Path) -> int:
 def s2ft_adapter(source, dims, channels: int, g) -> S2FTAdapter:
     slices = {}
     for layer in range(dims.layers):
-        name = LLAMA.tensor("down", layer)
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
         idx = torch.randperm(dims.intermediate, generator=g)[:channels].sort().values
         slices[name] = ("columns", idx, torch.randn(dims.hidden, channels, generator=g) * 2e-3)
     return S2FTAdapter.from_slices(source, slices, base_name="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -55,7 +55,7 @@ def pisa_adapter(source, dims, params: int, g, block: int = 64, dtype=torch.floa
     for layer in range(dims.layers):
         idx = torch.stack([torch.randperm(positions, generator=g)[:k] for _ in range(grid)])
         values = torch.complex(torch.randn(grid, k, generator=g), torch.randn(grid, k, generator=g)) * 0.05
-        coefficients[LLAMA.tensor("down", layer)] = ((block, block), idx, values)
+        coefficients[f"model.layers.{layer}.mlp.down_proj.weight"] = ((block, block), idx, values)
     return PISAAdapter.from_coefficients(source, coefficients, base_name="HuggingFaceTB/SmolLM2-135M-Instruct",
                                          scale=1.0 / block, coefficient_dtype=dtype)
 
@@ -86,7 +86,7 @@ def main() -> None:
     rows = []
     with CheckpointSource(base_dir) as source, tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dims = detect(source.config()).dims
+        dims = resolve_source(source).dims
         s2ft = s2ft_adapter(source, dims, args.channels, g)
         params = s2ft.num_params
         pisa = pisa_adapter(source, dims, params, torch.Generator().manual_seed(1))

@@ -28,7 +28,7 @@ from make_big_checkpoint import make
 from measure import python, run
 
 from fixtures.smollm2 import build_smollm2
-from s2reg.arch import detect
+from s2reg.arch import resolve_source
 from s2reg.tensors import CheckpointSource
 
 PEFT_MERGE = """
@@ -58,7 +58,7 @@ def make_lora(base: Path, out: Path, rank: int) -> int:
 
 def bench(label: str, base: Path, work: Path, channels: int) -> list[tuple]:
     with CheckpointSource(base) as source:
-        dims = detect(source.config()).dims
+        dims = resolve_source(source).dims
         adapter = s2ft_adapter(source, dims, channels, torch.Generator().manual_seed(0))
     adapter.save(work / "s2ft")
     rank = max(1, round(adapter.num_params / (dims.layers * (dims.hidden + dims.intermediate))))

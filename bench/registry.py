@@ -26,7 +26,7 @@ from adapter_size import s2ft_adapter
 
 from fixtures.smollm2 import build_smollm2
 from s2reg import load
-from s2reg.arch import detect
+from s2reg.arch import resolve_source
 from s2reg.registry import Store, list_adapters
 from s2reg.tensors import CheckpointSource
 
@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with CheckpointSource(base) as source:
-            dims = detect(source.config()).dims
+            dims = resolve_source(source).dims
             dirs = []
             for i in range(args.adapters):
                 s2ft_adapter(source, dims, 32, torch.Generator().manual_seed(i)).save(tmp / "src" / f"a{i}")

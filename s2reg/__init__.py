@@ -18,7 +18,7 @@ from .errors import (
     UnsupportedVersion,
 )
 from .format import Adapter, BaseModel, Fingerprint, PISAAdapter, S2FTAdapter, load
-from .ops.live import applied, apply, remove
+from .ops.live import applied, applied_adapters, apply, remove
 from .surgery import merge, merge_in_place, recover, unmerge, unmerge_in_place
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "UnsupportedVersion",
     "__version__",
     "applied",
+    "applied_adapters",
     "apply",
     "load",
     "merge",

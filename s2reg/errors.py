@@ -21,6 +21,10 @@ class IntegrityError(FormatError):
     """Bytes do not match the digest recorded for them (corruption or tampering)."""
 
 
+class LimitExceeded(FormatError):
+    """A file declares a size over one of s2reg's caps (``s2reg.format.limits``); the message says how to raise it."""
+
+
 class UnsupportedVersion(FormatError):
     """The adapter was written by a newer format version than this s2reg understands."""
 

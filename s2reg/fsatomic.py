@@ -13,6 +13,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+# Every temp file and staging directory this module makes is named ``.<target name>.<random><TEMP_SUFFIX>``,
+# so that whatever a killed process leaves behind is recognisable (``s2reg recover`` removes them).
+TEMP_SUFFIX = ".s2reg.tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temp file or staging directory of this module (a leftover if nothing is writing it)."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -20,12 +29,12 @@ def _umask() -> int:
     return mask
 
 
-def staging_directory(destination: Path, suffix: str = ".tmp") -> Path:
+def staging_directory(destination: Path) -> Path:
     """A fresh directory beside ``destination`` with the permissions a plain mkdir would give.
 
     (``mkdtemp`` makes it owner-only, which would leak into the renamed result.)
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=suffix, dir=destination.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=TEMP_SUFFIX, dir=destination.parent))
     staging.chmod(0o777 & ~_umask())
     return staging
 
@@ -45,6 +54,12 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def check_free(path: Path, *, overwrite: bool = False) -> None:
+    """Refuse an existing output unless ``overwrite`` (also up front, before long work that would end in it)."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(17, "output already exists (--overwrite replaces it)", str(path))
+
+
 @contextmanager
 def building(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """``with building(dest) as staging:`` fill ``staging``; it becomes ``dest`` only if the block succeeds.
@@ -54,8 +69,7 @@ def building(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     it is removed and ``dest`` is untouched.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(17, "output already exists (pass overwrite / --force to replace it)", str(path))
+    check_free(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_directory(path)
     try:
@@ -87,7 +101,7 @@ def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
     The file gets ``mode``, or by default what a plain ``open()`` would give it (not mkstemp's 0600).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:

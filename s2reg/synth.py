@@ -121,8 +121,18 @@ def tensor_specs(config: dict[str, Any], dtype: torch.dtype) -> list[TensorSpec]
     return (_llama_specs if config["model_type"] == "llama" else _bert_specs)(config, dtype)
 
 
-def draw(spec: TensorSpec, seed: int) -> torch.Tensor:
-    """The deterministic value of one synthetic tensor: norms near 1, biases and weights small."""
+def is_projection(spec: TensorSpec) -> bool:
+    """A linear layer's weight matrix (attention and FFN projections), not an embedding table or the LM head."""
+    return len(spec.shape) == 2 and spec.name.endswith(".weight") and not any(
+        part in spec.name for part in ("embed", "lm_head", "predictions"))
+
+
+def draw(spec: TensorSpec, seed: int, negative_zeros: float = 0.0) -> torch.Tensor:
+    """The deterministic value of one synthetic tensor: norms near 1, biases and weights small.
+
+    ``negative_zeros`` is the fraction of each projection's elements set to ``-0.0`` (at positions
+    drawn from the same generator), as in checkpoints dequantised from GGUF; 0 draws none.
+    """
     digest = hashlib.sha256(f"{seed}:{spec.name}".encode()).digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     values = torch.randn(spec.shape, generator=g, dtype=torch.float32)
@@ -131,6 +141,8 @@ def draw(spec: TensorSpec, seed: int) -> torch.Tensor:
         values = 1.0 + 0.1 * values
     else:
         values = values * 0.02 if spec.name.endswith(".weight") else values * 0.01
+    if negative_zeros and is_projection(spec):
+        values[torch.rand(spec.shape, generator=g) < negative_zeros] = -0.0
     return values.to(spec.dtype)
 
 
@@ -143,11 +155,13 @@ def build_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = True,
     progress=lambda _: None,
+    negative_zeros: float = 0.0,
     **overrides: Any,
 ) -> Path:
     """Write a deterministic random ``family`` checkpoint (config.json + safetensors) to ``out_dir``.
 
-    ``overrides`` change config fields (``num_hidden_layers=4``, ``hidden_size=2048``, ...).
+    ``overrides`` change config fields (``num_hidden_layers=4``, ``hidden_size=2048``, ...);
+    ``negative_zeros`` puts that fraction of ``-0.0`` values into every projection (see :func:`draw`).
     """
     config = config_for(family, **overrides)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -155,5 +169,5 @@ def build_checkpoint(
     files = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
     shards = plan_shards(specs, max_shard_bytes)
     metadata = {file: {"format": "pt"} for file in shards}
-    return write_checkpoint(out_dir, shards, lambda spec: draw(spec, seed), metadata=metadata, extra_files=files,
+    return write_checkpoint(out_dir, shards, lambda spec: draw(spec, seed, negative_zeros), metadata=metadata, extra_files=files,
                             overwrite=overwrite, progress=progress)

@@ -6,11 +6,45 @@ from pathlib import Path
 
 import click
 
-from ..errors import FormatError, RegistryError
+from ..errors import FormatError, RegistryError, S2RegError
 from ..format import Adapter, load
 from ..registry import Store, parse_ref
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+
+
+def one_line_error(exc: S2RegError | OSError, *, exit_code: int = 1) -> click.ClickException:
+    """A library or OS error as the CLI shows it: ``Error: <one line>``, exit status ``exit_code``."""
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        error = click.ClickException(f"{exc.strerror or exc}{where}")
+    else:
+        error = click.ClickException(str(exc))
+    error.exit_code = exit_code
+    return error
+
+
+class RetiredFlag(click.ClickException):
+    """A flag that no longer exists, with what replaced it (exit 2, like other usage errors)."""
+
+    exit_code = 2
+
+
+def _retired_force(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value:
+        return
+    if any(p.name == "skip_base_check" for p in ctx.command.params):
+        raise RetiredFlag("--force was split into --overwrite (replace OUTPUT) and --skip-base-check (skip the base check)")
+    raise RetiredFlag("--force was renamed --overwrite")
+
+
+def overwrite_option(command):
+    """``--overwrite``: replace OUTPUT if it exists. It only ever means that; no check is skipped by it.
+
+    ``--force``, which once also skipped base checks, is refused with a pointer to its replacements.
+    """
+    command = click.option("--force", is_flag=True, hidden=True, expose_value=False, callback=_retired_force)(command)
+    return click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")(command)
 
 
 class AdapterType(click.ParamType):
@@ -30,7 +64,7 @@ class AdapterType(click.ParamType):
             ref = parse_ref(value)
         except RegistryError:
             raise FormatError(f"{value}: no such adapter directory, and not a valid NAME[:TAG] either") from None
-        return load(Store().resolve(ref), allow_nonfinite=self.allow_nonfinite)
+        return Store().load(ref, allow_nonfinite=self.allow_nonfinite)
 
 
 def adapter_argument(name: str, **kwargs):

@@ -1,4 +1,4 @@
-"""``s2reg diff``: compare two adapters, or two checkpoints. Exit 0 when identical, 1 when not."""
+"""``s2reg diff``: compare two adapters, or two checkpoints. Exit 0 when identical, 1 when not, 2 on errors."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
+from ..errors import S2RegError
 from ..format import MANIFEST_NAME
 from ..ops.diff import diff_adapters, diff_checkpoints
 from ..tensors import CheckpointSource
 from . import render
-from .common import AdapterType, json_option
+from .common import AdapterType, json_option, one_line_error
 
 
 def _is_adapter(value: str) -> bool:
@@ -26,17 +27,18 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
 
     Adapters: per tensor, Jaccard overlap of what they touch, cosine and relative L2 of the deltas on
     the common support, and which side has what. Checkpoints: which tensors, rows and columns differ
-    and by how much, one tensor pair in memory at a time. Like diff(1): exit 0 when identical, 1 when
-    they differ.
+    and by how much, one tensor pair in memory at a time.
+
+    \b
+    Exit status, as diff(1) and cmp(1):
+      0  A and B are identical
+      1  they differ
+      2  trouble (unreadable or invalid input, bad usage)
     """
-    if _is_adapter(a) and _is_adapter(b):
-        kind = "adapters"
-        report = diff_adapters(AdapterType().convert(a, None, None), AdapterType().convert(b, None, None))
-    else:
-        kind = "checkpoints"
-        with CheckpointSource(a) as x, CheckpointSource(b) as y, render.progress() as bar:
-            task = bar.add_task("comparing", total=len(set(x.names()) & set(y.names())))
-            report = diff_checkpoints(x, y, progress=lambda n: bar.update(task, advance=1, description=n))
+    try:
+        kind, report = _compare(a, b)
+    except (S2RegError, OSError) as exc:
+        raise one_line_error(exc, exit_code=2) from exc
     if as_json:
         render.emit_json(report)
     elif kind == "adapters":
@@ -58,6 +60,14 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
             if report[f"only_in_{side}"]:
                 render.console.print(f"only in {side.upper()}: {', '.join(report[f'only_in_{side}'][:10])}")
     raise SystemExit(0 if report["identical"] else 1)
+
+
+def _compare(a: str, b: str) -> tuple[str, dict]:
+    if _is_adapter(a) and _is_adapter(b):
+        return "adapters", diff_adapters(AdapterType().convert(a, None, None), AdapterType().convert(b, None, None))
+    with CheckpointSource(a) as x, CheckpointSource(b) as y, render.progress() as bar:
+        task = bar.add_task("comparing", total=len(set(x.names()) & set(y.names())))
+        return "checkpoints", diff_checkpoints(x, y, progress=lambda n: bar.update(task, advance=1, description=n))
 
 
 COMMANDS = [diff_command]

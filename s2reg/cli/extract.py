@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
+from ..fsatomic import check_free
 from ..ops.extract import ExtractRefused, ExtractReport, extract_pisa, extract_s2ft
 from ..tensors import open_source
 from . import render
-from .common import arch_option, json_option
+from .common import arch_option, json_option, overwrite_option
 
 
 def parse_block(value: str) -> tuple[int, int]:
@@ -57,7 +58,7 @@ def show_report(report: ExtractReport) -> None:
                    "cover, rounded up to a whole unit, and still count as sparse.")
 @click.option("--allow-noise", is_flag=True,
               help="s2ft: store rows that changed only by rounding noise even when they make the adapter 10x larger.")
-@click.option("--budget", type=click.IntRange(min=1), help="pisa: coefficients kept per block.")
+@click.option("--budget", type=click.IntRange(min=1), help="pisa: coefficients kept per block; required with --kind pisa.")
 @click.option("--block", "block", default="16", show_default=True, help="pisa: block shape, e.g. 16 or 16x32.")
 @click.option("--allow-partial", is_flag=True, help="pisa: leave out changed tensors that are not matrices.")
 @click.option("--detect-permutation", is_flag=True,
@@ -65,10 +66,10 @@ def show_report(report: ExtractReport) -> None:
 @arch_option
 @click.option("--base-name", help="Name recorded for the base model (default: the BASE path).")
 @click.option("--raw", is_flag=True, help="Write the payload uncompressed.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @json_option
 def extract_command(base, tuned, kind, output, allow_dense, max_fraction, allow_noise, budget, block, allow_partial,
-                    detect_permutation, arch, base_name, raw, force, as_json) -> None:
+                    detect_permutation, arch, base_name, raw, overwrite, as_json) -> None:
     """Compare BASE and TUNED tensor by tensor and store what changed as an adapter.
 
     s2ft finds the heads and channels that changed (as the model family's description lays them
@@ -86,6 +87,7 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, allow_
         raise click.UsageError("--kind pisa needs --budget")
     if kind == "pisa" and detect_permutation:
         raise click.UsageError("--detect-permutation works with --kind s2ft only (PISA coefficients have no heads to reorder)")
+    check_free(Path(output), overwrite=overwrite)
     with open_source(base) as b, open_source(tuned) as t, render.progress() as bar:
         task = bar.add_task("comparing", total=len(b.names()))
         step = lambda name: bar.update(task, advance=1, description=name)
@@ -102,7 +104,7 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, allow_
                 show_report(refused.report)
             raise
     adapter, report = result.adapter, result.report
-    stored = adapter.save(output, compress=not raw, overwrite=force)
+    stored = adapter.save(output, compress=not raw, overwrite=overwrite)
     if as_json:
         permutation = result.permutation.as_json() if result.permutation else None
         render.emit_json({"output": output, "digest": stored.digest, "bytes": stored.payload_bytes,

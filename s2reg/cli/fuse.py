@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
+from ..fsatomic import check_free
 from ..ops.fuse import METHODS, fuse
 from ..tensors import CheckpointSource
 from . import render
-from .common import AdapterType, json_option
+from .common import AdapterType, json_option, overwrite_option
 
 
 def _weights(value: str | None) -> list[float] | None:
@@ -30,9 +31,9 @@ def _weights(value: str | None) -> list[float] | None:
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True)
 @click.option("--base", "base", type=click.Path(exists=True), help="Checkpoint, needed when S2FT deltas overlap or are weighted.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @json_option
-def fuse_command(adapters, method, weights, density, seed, majority_sign, base, output, force, as_json) -> None:
+def fuse_command(adapters, method, weights, density, seed, majority_sign, base, output, overwrite, as_json) -> None:
     """Fuse ADAPTERS (same kind, same base) into one adapter.
 
     S2FT: the union of the index sets; where supports do not overlap the deltas are concatenated
@@ -45,8 +46,7 @@ def fuse_command(adapters, method, weights, density, seed, majority_sign, base, 
       s2reg fuse math:v1 code:v1 -o fused
       s2reg fuse math:v1 code:v1 --method ties --density 0.5 --weights 0.6,0.4 --base ./SmolLM2 -o fused
     """
-    if output.exists() and not force:
-        raise click.UsageError(f"{output} already exists (pass --force to replace it)")
+    check_free(output, overwrite=overwrite)
     if base:
         with CheckpointSource(base) as source:
             fused, report = fuse(list(adapters), method=method, weights=_weights(weights), density=density, seed=seed,
@@ -54,7 +54,7 @@ def fuse_command(adapters, method, weights, density, seed, majority_sign, base, 
     else:
         fused, report = fuse(list(adapters), method=method, weights=_weights(weights), density=density, seed=seed,
                              majority_sign=majority_sign)
-    stored = fused.save(output, overwrite=force)
+    stored = fused.save(output, overwrite=overwrite)
     if as_json:
         render.emit_json({"output": str(output), "digest": stored.digest, "tensors": report})
         return

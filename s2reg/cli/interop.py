@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ..errors import FormatError
 from ..interop import export_lora, import_fourierft, import_lora
+from ..interop.peft_files import peft_config, recorded_base
 from ..tensors import CheckpointSource
 from . import render
-from .common import adapter_argument, json_option
+from .common import adapter_argument, json_option, overwrite_option
 
 
 @click.command("export")
@@ -22,16 +21,18 @@ from .common import adapter_argument, json_option
 @click.option("--base", "base", type=click.Path(exists=True, file_okay=False),
               help="The checkpoint the adapter is for (task type, transposed layers); default: the adapter's base "
                    "name when it is a directory.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @json_option
-def export_command(adapter, target, output, rank, base, force, as_json) -> None:
+def export_command(adapter, target, output, rank, base, overwrite, as_json) -> None:
     """Write ADAPTER as a PEFT LoRA directory (loads with PeftModel.from_pretrained; serve it with vLLM).
 
-    S2FT exports exactly (one-hot factors, rank = selected rows/columns). PISA exports through a
-    truncated SVD of rank --rank; the relative error is reported. The PEFT task type follows the base's
+    S2FT exports as one-hot factors (rank = selected rows/columns): exactly when its deltas are F32
+    (the usual case); F64 deltas (some fp32 bases) are rounded to the LoRA's F32 factors. PISA
+    exports through a truncated SVD of rank --rank. The relative error of each exported delta
+    against the adapter's change is reported. The PEFT task type follows the base's
     model class (FEATURE_EXTRACTION for a bare encoder); GPT-2's Conv1D layers get fan_in_fan_out.
     """
-    report = export_lora(adapter, output, rank=rank, base=base, overwrite=force)
+    report = export_lora(adapter, output, rank=rank, base=base, overwrite=overwrite)
     if as_json:
         render.emit_json(report)
         return
@@ -41,23 +42,21 @@ def export_command(adapter, target, output, rank, base, force, as_json) -> None:
 
 @click.command("import")
 @click.argument("peft_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--base", "base", type=click.Path(exists=True), required=True, help="The checkpoint it was made for.")
+@click.option("--base", "base", type=click.Path(exists=True),
+              help="The checkpoint it was made for (default: its base_model_name_or_path, when a local checkpoint).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @json_option
-def import_command(peft_dir, base, output, force, as_json) -> None:
+def import_command(peft_dir, base, output, overwrite, as_json) -> None:
     """Turn a PEFT adapter into an s2reg adapter: FourierFT -> PISA, one-hot LoRA -> S2FT.
 
     FourierFT's frequency positions are regenerated once from its seed and written out explicitly.
     A LoRA imports only when it is one-hot (an exported S2FT adapter); others are refused.
     """
-    try:
-        kind = json.loads((peft_dir / "adapter_config.json").read_text()).get("peft_type")
-    except (OSError, ValueError):
-        raise FormatError(f"{peft_dir}: no readable adapter_config.json") from None
-    with CheckpointSource(base) as source:
+    kind = peft_config(peft_dir).get("peft_type")
+    with CheckpointSource(base or recorded_base(peft_dir)) as source:
         adapter = (import_fourierft if kind == "FOURIERFT" else import_lora)(peft_dir, source)
-    stored = adapter.save(output, overwrite=force)
+    stored = adapter.save(output, overwrite=overwrite)
     if as_json:
         render.emit_json({"output": str(output), "kind": adapter.kind, "targets": len(adapter.targets), "digest": stored.digest})
         return

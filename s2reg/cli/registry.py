@@ -9,7 +9,7 @@ import click
 from ..ops.describe import describe
 from ..registry import Store, list_adapters
 from . import render
-from .common import json_option
+from .common import json_option, overwrite_option
 from .inspect import show as show_report
 
 HF = "hf://"
@@ -52,9 +52,9 @@ def push_command(source: str, destination: str, subfolder: str | None, private: 
 @click.argument("ref", required=False)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the adapter directory here.")
 @click.option("--subfolder", help="hf://: the adapter's folder in the repo.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @json_option
-def pull_command(source: str, ref: str | None, output: Path | None, subfolder: str | None, force: bool, as_json: bool) -> None:
+def pull_command(source: str, ref: str | None, output: Path | None, subfolder: str | None, overwrite: bool, as_json: bool) -> None:
     """Fetch an adapter from the Hub into the local store, or copy a stored one out to a directory.
 
     Every digest is verified before anything lands. HF_HUB_OFFLINE=1 pulls from the Hub cache.
@@ -67,14 +67,16 @@ def pull_command(source: str, ref: str | None, output: Path | None, subfolder: s
     if _is_hub(source):
         from ..registry.hub import pull_from_hub
 
+        if output:
+            store.check_output(output)  # before anything is downloaded
         result = pull_from_hub(store, source, ref, subfolder=subfolder)
         if output:
-            store.pull(result["ref"], output, overwrite=force)
+            store.pull(result["ref"], output, overwrite=overwrite)
             result["output"] = str(output)
     else:
         if output is None:
             raise click.UsageError("give -o DIR to copy a stored adapter out")
-        store.pull(source, output, overwrite=force)
+        store.pull(source, output, overwrite=overwrite)
         result = {"ref": source, "output": str(output), "digest": store.digest_of(source)}
     if as_json:
         render.emit_json(result)
@@ -146,12 +148,16 @@ def gc_command(as_json: bool) -> None:
 @click.command("verify")
 @json_option
 def verify_command(as_json: bool) -> None:
-    """Re-hash every blob in the store; quarantine corrupt ones and name the refs they break."""
+    """Re-hash every blob in the store; quarantine corrupt ones (and anything that is not a regular
+    file) and name the refs they break; remove views that are not exactly their blobs."""
     result = Store().verify()
     if as_json:
         render.emit_json(result)
     else:
-        render.console.print(f"checked {result['blobs_checked']} blob(s): {len(result['corrupt'])} corrupt")
+        stale = len(result["stale_views_removed"])
+        render.console.print(f"checked {result['blobs_checked']} blob(s): {len(result['corrupt'])} corrupt; "
+                             f"{result['views_checked']} view(s)"
+                             + (f": {stale} stale, removed (rebuilt on the next load)" if stale else ""))
         for broken in result["broken_refs"]:
             render.errors.print(f"[red]broken[/] {broken['ref']}: {broken['error']}")
     if result["corrupt"] or result["broken_refs"]:

@@ -19,14 +19,16 @@ from ..surgery import (
 )
 from ..tensors import CheckpointSource
 from . import render
-from .common import AdapterType, arch_option, json_option
+from .common import AdapterType, arch_option, json_option, overwrite_option
 
 checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 adapters_argument = click.argument("adapters", type=AdapterType(), nargs=-1, required=True)
 output_option = click.option("-o", "--output", type=click.Path(path_type=Path), help="Write a new checkpoint here.")
 in_place_option = click.option("--in-place", is_flag=True, help="Patch the checkpoint's own files (journaled).")
-force_option = click.option("--force", is_flag=True,
-                            help="Skip the base fingerprint check (never the shape check); replace OUTPUT if it exists.")
+skip_base_check_option = click.option(
+    "--skip-base-check", is_flag=True,
+    help="DANGEROUS. merge: do not compare the checkpoint with the adapters' base fingerprints; unmerge: also "
+         "subtract adapters the checkpoint's ledger does not record. Names, shapes and dtypes are still checked.")
 
 
 def _count(checkpoint: Path) -> int:
@@ -34,19 +36,22 @@ def _count(checkpoint: Path) -> int:
         return len(source.names())
 
 
-def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Path | None, in_place: bool, force: bool,
-         as_json: bool) -> None:
+def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Path | None, in_place: bool,
+         overwrite: bool, skip_base_check: bool, as_json: bool) -> None:
     if bool(output) == in_place:
         raise click.UsageError("give exactly one of -o/--output and --in-place")
+    if overwrite and in_place:
+        raise click.UsageError("--overwrite is for -o/--output; --in-place patches CHECKPOINT itself")
     with render.progress() as bar:
         task = bar.add_task(kind, total=None)  # ticks per touched tensor; how many is known only after the checks
         step = lambda name: bar.update(task, advance=1, description=name)
         if in_place:
             fn = merge_in_place if kind == "merge" else unmerge_in_place
-            report = fn(checkpoint, list(adapters), force=force, progress=step)
+            report = fn(checkpoint, list(adapters), verify_base=not skip_base_check, progress=step)
         else:
             fn = merge if kind == "merge" else unmerge
-            report = fn(checkpoint, list(adapters), output, force=force, overwrite=force, progress=step)
+            report = fn(checkpoint, list(adapters), output, verify_base=not skip_base_check, overwrite=overwrite,
+                        progress=step)
     if as_json:
         render.emit_json(report)
         return
@@ -59,46 +64,49 @@ def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Pat
 
 
 def surgery_options(command):
-    """The arguments merge and unmerge share: CHECKPOINT ADAPTERS... (-o OUT | --in-place) [--force] [--json]."""
-    for decorate in reversed((checkpoint_argument, adapters_argument, output_option, in_place_option, force_option,
-                              json_option)):
+    """The arguments merge and unmerge share: CHECKPOINT ADAPTERS... (-o OUT [--overwrite] | --in-place)
+    [--skip-base-check] [--json]."""
+    for decorate in reversed((checkpoint_argument, adapters_argument, output_option, overwrite_option, in_place_option,
+                              skip_base_check_option, json_option)):
         command = decorate(command)
     return command
 
 
 @click.command("merge")
 @surgery_options
-def merge_command(checkpoint, adapters, output, in_place, force, as_json) -> None:
+def merge_command(checkpoint, adapters, output, overwrite, in_place, skip_base_check, as_json) -> None:
     """Merge ADAPTERS (in order) into CHECKPOINT (the base).
 
     With -o, a new checkpoint is written: the shards are copied in-kernel, then only the touched
     slices are patched (config, tokenizer and other files come along; memory stays at the size of
     the slices). With --in-place, only the touched bytes
     of CHECKPOINT's own shards are patched, behind an undo journal. Refused before any write: names,
-    shapes or dtypes that do not fit, a base that is not the adapter's (unless --force), an adapter
-    already merged, NaN/Inf in the result.
+    shapes or dtypes that do not fit, a base that is not the adapter's (unless --skip-base-check), an
+    adapter already merged, NaN/Inf in the result. --overwrite replaces an existing OUTPUT and skips
+    no check.
 
     \b
     Example:
       s2reg merge ./SmolLM2-135M ./math-adapter ./code-adapter -o ./merged
       s2reg merge ./SmolLM2-135M ./math-adapter --in-place
     """
-    _run("merge", checkpoint, adapters, output, in_place, force, as_json)
+    _run("merge", checkpoint, adapters, output, in_place, overwrite, skip_base_check, as_json)
 
 
 @click.command("unmerge")
 @surgery_options
-def unmerge_command(checkpoint, adapters, output, in_place, force, as_json) -> None:
+def unmerge_command(checkpoint, adapters, output, overwrite, in_place, skip_base_check, as_json) -> None:
     """Take ADAPTERS out of CHECKPOINT (a merged one) again.
 
     For S2FT the result is bit-identical to the base (every tensor's sha256 is checked against the
-    ledger). PISA is undone in float32 and cast back: within one unit in the last place.
+    ledger). PISA is undone in float32 and cast back: within one unit in the last place. Adapters the
+    checkpoint's ledger does not record as merged are refused (unless --skip-base-check).
 
     \b
     Example:
       s2reg unmerge ./merged ./math-adapter -o ./base-again
     """
-    _run("unmerge", checkpoint, adapters, output, in_place, force, as_json)
+    _run("unmerge", checkpoint, adapters, output, in_place, overwrite, skip_base_check, as_json)
 
 
 @click.command("recover")
@@ -129,10 +137,10 @@ def _selection(value: str):
 @checkpoint_argument
 @click.option("--plan", "plan_from", required=True, help="Adapter (its heads/channels) or selection JSON file.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @arch_option
 @json_option
-def permute_command(checkpoint, plan_from, output, force, arch, as_json) -> None:
+def permute_command(checkpoint, plan_from, output, overwrite, arch, as_json) -> None:
     """Co-permute heads and FFN channels so the planned selection is contiguous.
 
     Every tensor holding a head moves with it (q/k/v output units, o input units, their biases,
@@ -147,7 +155,7 @@ def permute_command(checkpoint, plan_from, output, force, arch, as_json) -> None
     """
     with render.progress() as bar:
         task = bar.add_task("permute", total=_count(checkpoint))
-        report = permute_checkpoint(checkpoint, _selection(plan_from), output, arch_file=arch, overwrite=force,
+        report = permute_checkpoint(checkpoint, _selection(plan_from), output, arch_file=arch, overwrite=overwrite,
                                     progress=lambda name: bar.update(task, advance=1, description=name))
     if as_json:
         render.emit_json(report)
@@ -161,14 +169,14 @@ def permute_command(checkpoint, plan_from, output, force, arch, as_json) -> None
 @click.command("unpermute")
 @checkpoint_argument
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @arch_option
 @json_option
-def unpermute_command(checkpoint, output, force, arch, as_json) -> None:
+def unpermute_command(checkpoint, output, overwrite, arch, as_json) -> None:
     """Write a permuted checkpoint back in its original order (bit-identical to the original)."""
     with render.progress() as bar:
         task = bar.add_task("unpermute", total=_count(checkpoint))
-        report = unpermute_checkpoint(checkpoint, output, arch_file=arch, overwrite=force,
+        report = unpermute_checkpoint(checkpoint, output, arch_file=arch, overwrite=overwrite,
                                       progress=lambda name: bar.update(task, advance=1, description=name))
     if as_json:
         render.emit_json(report)

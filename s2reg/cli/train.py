@@ -14,11 +14,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ..fsatomic import check_free
 from ..train.loop import TrainConfig
 from ..train.pisa.config import PISAConfig
 from ..train.s2ft.config import STRATEGIES, S2FTConfig
 from . import render
-from .common import AdapterType, json_option
+from .common import AdapterType, json_option, overwrite_option
 
 
 def _distributed() -> tuple[int, int]:
@@ -71,11 +72,11 @@ def _distributed() -> tuple[int, int]:
               "projections.")
 @click.option("--arch", "arch_file", type=click.Path(exists=True, dir_okay=False),
               help="A family description (JSON, docs/families.md) for a layout s2reg does not know.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@overwrite_option
 @json_option
 def train_command(base, data, method, output, push_ref, epochs, max_steps, batch_size, grad_accum, lr, warmup_steps,
                   schedule, weight_decay, max_length, dtype, device, seed, eval_fraction, resume, channels, heads, roles,
-                  strategy, order, exclude, block, coefficients, targets, arch_file, force, as_json) -> None:
+                  strategy, order, exclude, block, coefficients, targets, arch_file, overwrite, as_json) -> None:
     """Fine-tune BASE on DATA with S2FT or PISA and write the adapter to OUTPUT.
 
     Multi-GPU / multi-node: launch with `torchrun --nproc-per-node N -m s2reg train ...`
@@ -87,10 +88,11 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
       s2reg train --base ./SmolLM2-135M --data chat.jsonl --method pisa --block 64 --coefficients 32 \\
                   --max-steps 200 --eval-fraction 0.1 -o ./adapter --push chat-pisa:v1
     """
-    from ..train.session import run_training
+    from ..train.session import check_device, run_training
 
-    if output.exists() and not force and not resume:
-        raise click.UsageError(f"{output} already exists (pass --force to replace it)")
+    if device:
+        check_device(device)
+    check_free(output, overwrite=overwrite or resume)
     rank, world = _distributed()
     if method == "s2ft":
         method_config = S2FTConfig(channels=channels, heads=heads, strategy=strategy, order=order, seed=seed,

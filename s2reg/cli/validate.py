@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..format import load
+from ..surgery.plan import original_coordinates
 from ..tensors import CheckpointSource
 from . import render
 from .common import json_option
@@ -19,7 +20,8 @@ def validate_command(path: str, base_dir: str | None, allow_nonfinite: bool, as_
     """Check an adapter against spec/FORMAT.md: structure, sha256 digests, index ranges, finiteness.
 
     With --base, also check that every target tensor of the checkpoint matches the adapter's
-    fingerprint (shape, dtype and sha256). Exits 1 with a one-line reason on the first problem.
+    fingerprint (shape, dtype and sha256); a checkpoint written by `s2reg permute` is compared in
+    its original coordinates, as merge does. Exits 1 with a one-line reason on the first problem.
 
     \b
     Example:
@@ -28,7 +30,7 @@ def validate_command(path: str, base_dir: str | None, allow_nonfinite: bool, as_
     adapter = load(path, allow_nonfinite=allow_nonfinite)
     if base_dir is not None:
         with CheckpointSource(base_dir) as source:
-            adapter.verify_base(source)
+            adapter.verify_base(original_coordinates(source))
     result = {
         "ok": True,
         "path": path,

@@ -1,4 +1,4 @@
-"""The adapter format, version 1: spec/FORMAT.md in code. No CLI, no registry."""
+"""The adapter format (versions 1 and 2): spec/FORMAT.md in code. No CLI, no registry."""
 
 from .adapter import (
     Adapter,

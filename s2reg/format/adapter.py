@@ -14,10 +14,10 @@ import torch
 from .._version import __version__
 from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
 from ..fsatomic import write_directory
-from . import codec, dtypes, manifest, payload
+from . import codec, dtypes, limits, manifest, payload
 from .digest import sha256_bytes, tensor_sha256
 from .pisa import PISATarget
-from .s2ft import S2FTTarget, exact_difference, take
+from .s2ft import S2FTTarget, add_exact, exact_difference, take
 
 if TYPE_CHECKING:  # tensors imports format: the protocol is only named here, never imported at run time
     from ..tensors.source import TensorSource
@@ -151,17 +151,32 @@ class Adapter:
                 )
             if hashes and base.sha256_of(name) != fp.sha256:
                 raise BaseMismatch(
-                    f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r}); "
-                    "use --force to skip the fingerprint check"
+                    f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r})"
                 )
 
     # -- access ---------------------------------------------------------------------------
-    def to_dense(self, name: str) -> torch.Tensor:
-        """The full delta matrix of one target (FORMAT §4.4, §5.3)."""
-        try:
-            return self.targets[name].to_dense()
-        except KeyError:
-            raise FormatError(f"adapter has no target {name!r}") from None
+    def to_dense(self, name: str, *, base: TensorReader | Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The full delta matrix of one target (FORMAT §4.4, §5.3).
+
+        Its size is the target's *declared* shape: with ``base`` it must be the shape of the base's
+        tensor (BaseMismatch otherwise); without, it must be within ``limits.MAX_DENSE``.
+        """
+        target = self.targets.get(name)
+        if target is None:
+            raise FormatError(f"adapter has no target {name!r}")
+        if base is None:
+            limits.check_dense(target.shape, name)
+        else:
+            shape = tuple(base.shape(name)) if hasattr(base, "shape") else tuple(_reader(base)(name).shape)
+            if shape != tuple(target.shape):
+                raise BaseMismatch(f"{name}: the adapter declares {list(target.shape)}, the base tensor is {list(shape)}")
+        return target.to_dense()
+
+    @property
+    def format_version(self) -> int:
+        """The lowest format version that holds every target (FORMAT §3.6), so older readers refuse only what they
+        cannot read."""
+        return max(getattr(t, "format_version", 1) for t in self.targets.values())
 
     @property
     def num_params(self) -> int:
@@ -178,7 +193,7 @@ class Adapter:
         tensors: dict[str, torch.Tensor] = {}
         for name, target in self.targets.items():
             tensors.update(target.payload_tensors(name))
-        meta = {"s2reg.format_version": str(manifest.FORMAT_VERSION), "s2reg.kind": self.kind}
+        meta = {"s2reg.format_version": str(self.format_version), "s2reg.kind": self.kind}
         return payload.dump(tensors, meta)
 
     def manifest_for(self, raw: bytes, blob: bytes, encoding: str, level: int | None) -> dict[str, Any]:
@@ -195,7 +210,7 @@ class Adapter:
         return {
             **self.extra,
             "format": manifest.FORMAT,
-            "format_version": manifest.FORMAT_VERSION,
+            "format_version": self.format_version,
             "kind": self.kind,
             "base": {
                 **self.base.extra,
@@ -270,12 +285,12 @@ class S2FTAdapter(Adapter):
             idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
             target = S2FTTarget(tuple(weight.shape), weight.dtype, axis, idx, values.detach().to(torch.float64),
                                 (group_sizes or {}).get(name))
-            target.check(name)  # shapes and ranges before any arithmetic
+            target.check(name, allow_nonfinite=True)  # shapes and ranges before any arithmetic (values: below)
             base_slice = take(weight, axis, idx)
-            tuned = (base_slice.to(torch.float64) + target.delta).to(weight.dtype) if snap else values.detach()
+            tuned = add_exact(base_slice, target.delta) if snap else values.detach()  # a zero delta keeps a -0.0
             if tuned.dtype != weight.dtype:
                 raise ShapeError(f"{name}: tuned slice is {tuned.dtype} but the base tensor is {weight.dtype}")
-            target.delta = exact_difference(base_slice, tuned, name=name)
+            target.delta, target.restore = exact_difference(base_slice, tuned, name=name)
             targets[name] = target
             fingerprints[name] = Fingerprint.of(weight)
         return cls(targets, BaseModel(base_name, base_revision, fingerprints), **kwargs)
@@ -345,6 +360,9 @@ def read_payload(path: Path, entry: Mapping[str, Any]) -> bytes:
     file = path / entry["file"]
     if not file.is_file():
         raise FormatError(f"{file}: payload file missing")
+    others = sorted(name for name in manifest.PAYLOAD_FILES.values() if name != entry["file"] and (path / name).exists())
+    if others:
+        raise FormatError(f"{path}: holds both {entry['file']} and {others[0]}; an adapter has exactly one payload (FORMAT §1)")
     size = file.stat().st_size
     if size != entry["bytes"]:
         raise FormatError(f"{file}: truncated or extended payload ({size} bytes, manifest says {entry['bytes']})")
@@ -363,7 +381,7 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     data, text = read_manifest(path)
     tensors, _ = payload.load(read_payload(path, data["payload"]))
     cls = ADAPTER_TYPES[data["kind"]]
-    expected = {n for name in data["targets"] for n in cls.target_type.payload_names(name)}
+    expected = {n for name, entry in data["targets"].items() for n in cls.target_type.payload_names(name, entry)}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
         raise FormatError(f"{path}: payload tensors do not match the manifest (missing {missing}, unexpected {extra})")
@@ -380,6 +398,9 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     adapter.provenance = data["provenance"]
     adapter.extra = {k: v for k, v in data.items() if k not in manifest.TOP_KEYS}
     adapter.check(allow_nonfinite=allow_nonfinite)
+    if adapter.format_version > data["format_version"]:
+        raise FormatError(f"{path}: restore lists need format_version {adapter.format_version}, the manifest says "
+                          f"{data['format_version']} (FORMAT §3.6, §4.3)")
     adapter.stored = Stored(path, sha256_bytes(text), data["payload"]["encoding"], data["payload"]["bytes"],
                             data["payload"]["raw_bytes"])
     return adapter

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import FormatError, UnsupportedVersion
-from . import dtypes
+from . import boundedjson, dtypes
+from .safetensors_header import MAX_DIMENSION
 
 MANIFEST_NAME = "s2reg.json"
 FORMAT = "s2reg.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this s2reg reads; each adapter is written with the lowest that holds it
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 KINDS = ("s2ft", "pisa")
 
@@ -62,8 +63,8 @@ def require(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], whe
 
 def require_shape(obj: Mapping[str, Any], key: str, where: str) -> tuple[int, ...]:
     shape = require(obj, key, list, where)
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
-        raise _fail(where, f"{key!r} must be a non-empty list of positive integers, got {shape!r}")
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d < MAX_DIMENSION for d in shape):
+        raise _fail(where, f"{key!r} must be a non-empty list of positive integers below 2**63, got {shape!r}"[:300])
     return tuple(shape)
 
 
@@ -97,10 +98,7 @@ def parse(data: bytes) -> dict[str, Any]:
     """Parse and structurally check manifest bytes (FORMAT §3, §7 step 1)."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"manifest is not valid JSON: {exc}") from None
+    manifest = boundedjson.loads(data, what="manifest")
     if not isinstance(manifest, dict):
         raise FormatError("manifest is not a JSON object")
     if manifest.get("format") != FORMAT:
@@ -155,8 +153,8 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
     if require(payload, "file", str, "payload") != PAYLOAD_FILES[encoding]:
         raise _fail("payload", f"'file' must be {PAYLOAD_FILES[encoding]!r} for encoding {encoding!r}")
     for key in ("bytes", "raw_bytes"):
-        if require(payload, key, int, "payload") < 0:
-            raise _fail("payload", f"{key!r} must be >= 0")
+        if not 0 <= require(payload, key, int, "payload") < MAX_DIMENSION:
+            raise _fail("payload", f"{key!r} must be >= 0 and below 2**63")
     require_sha256(payload, "sha256", "payload")
     require_sha256(payload, "raw_sha256", "payload")
     if encoding == "raw" and (payload["bytes"], payload["sha256"]) != (payload["raw_bytes"], payload["raw_sha256"]):

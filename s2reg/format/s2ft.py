@@ -7,12 +7,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import FormatError, NonFiniteError, ShapeError
+from ..errors import FormatError, NonFiniteError, S2RegError, ShapeError
 from . import dtypes
 from .manifest import require, require_dtype, require_shape, warn_unknown
 
 AXES = ("rows", "columns")
 DELTA_DTYPES = (torch.float32, torch.float64)  # narrowest first (FORMAT §4.3)
+RESTORE_INDEX = torch.int64  # flat positions in a slice may exceed 2**31 (FORMAT §4.2)
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -37,7 +38,7 @@ def whole_groups(indices: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def add_exact(base: torch.Tensor, delta: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
-    """FORMAT §4.3 merge (or, with ``subtract``, unmerge) of a slice: cast_D(cast_P(base) +/- delta).
+    """The arithmetic rule of FORMAT §4.3 on a slice: cast_D(cast_P(base) +/- delta).
 
     Elements whose delta is zero are returned untouched, so signed zeros survive.
     """
@@ -46,37 +47,101 @@ def add_exact(base: torch.Tensor, delta: torch.Tensor, *, subtract: bool = False
     return torch.where(delta == 0, base, moved)
 
 
-def reversible(current: torch.Tensor, delta: torch.Tensor) -> bool:
-    """Whether adding ``delta`` to ``current`` and subtracting it again gives ``current`` back bit for bit.
+@dataclass(eq=False)
+class Restore:
+    """FORMAT §4.3 restore list: slice elements whose bits the arithmetic rule cannot produce.
 
-    Always true on the base the delta was taken against (§4.3); on top of another delta it may not be.
+    ``index`` holds flat (row-major) positions in the slice, strictly increasing; ``base`` and
+    ``tuned`` their exact values (in the base dtype) before and after fine-tuning. Merge writes
+    ``tuned`` there after the arithmetic, unmerge writes ``base``.
     """
-    return _same_bits(add_exact(add_exact(current, delta), delta, subtract=True), current)
+
+    index: torch.Tensor
+    base: torch.Tensor
+    tuned: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.index.numel())
+
+    def check(self, name: str, slice_numel: int, dtype: torch.dtype) -> None:
+        idx = self.index
+        if idx.dim() != 1 or idx.numel() == 0 or idx.dtype not in (torch.int32, torch.int64):
+            raise FormatError(f"{name}: restore list must be a non-empty 1-D integer list, got {list(idx.shape)} {idx.dtype}")
+        if int(idx.min()) < 0 or int(idx.max()) >= slice_numel:
+            raise ShapeError(f"{name}: restore position out of range for a slice of {slice_numel} elements")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise FormatError(f"{name}: restore positions must be strictly increasing (FORMAT §4.3)")
+        for values in (self.base, self.tuned):
+            if values.dtype != dtype or tuple(values.shape) != (idx.numel(),):
+                raise FormatError(f"{name}: restore values must be {idx.numel()} {dtypes.name_of(dtype)} values, got "
+                                  f"{list(values.shape)} {dtypes.name_of(values.dtype)}")
+
+    def write(self, out: torch.Tensor, *, subtract: bool) -> None:
+        """Overwrite the listed elements of the contiguous slice ``out`` with their base (unmerge) or tuned bits."""
+        out.view(-1).index_copy_(0, self.index.to(device=out.device, dtype=torch.long),
+                                 (self.base if subtract else self.tuned).to(out.device))
+
+    def moved(self, dim: int, old_shape: tuple[int, ...], positions: torch.Tensor, new_shape: tuple[int, ...]) -> Restore:
+        """The same entries in a slice whose axis ``dim`` is rearranged: old position j goes to ``positions[j]``."""
+        coords = list(torch.unravel_index(self.index.long(), old_shape))
+        coords[dim] = positions.long()[coords[dim]]
+        flat = torch.zeros_like(coords[0])
+        for c, size in zip(coords, new_shape):
+            flat = flat * size + c
+        order = flat.argsort()
+        return Restore(flat[order], self.base[order], self.tuned[order])
+
+
+def apply_slice(current: torch.Tensor, delta: torch.Tensor, restore: Restore | None = None, *,
+                subtract: bool = False) -> torch.Tensor:
+    """FORMAT §4.3 merge (or, with ``subtract``, unmerge) of a slice: the arithmetic rule, then the restore list."""
+    out = add_exact(current, delta, subtract=subtract).contiguous()
+    if restore is not None:
+        restore.write(out, subtract=subtract)
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_BITS[t.dtype])
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    bits = _BITS[a.dtype]
-    return bool(torch.equal(a.view(bits), b.view(bits)))
+    return bool(torch.equal(_bits(a), _bits(b)))
 
 
-def exact_difference(base: torch.Tensor, tuned: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
-    """``tuned - base`` in the narrowest of F32/F64 for which merge and unmerge are bit-exact (§4.3)."""
+def exact_difference(base: torch.Tensor, tuned: torch.Tensor, *, name: str = "tensor") -> tuple[torch.Tensor, Restore | None]:
+    """``tuned - base`` as stored by FORMAT §4.3: the delta and, only where needed, a restore list.
+
+    The narrowest of F32/F64 for which the arithmetic rule alone is bit-exact wins, with no restore
+    list (so adapters that never needed one keep their bytes). If none is, the elements the
+    arithmetic gets wrong (signed-zero flips, jumps of many binades, a non-finite base value) are
+    listed with their exact bits, and the delta dtype giving the smaller payload is used.
+    """
     if base.shape != tuned.shape or base.dtype != tuned.dtype:
         raise ShapeError(f"{name}: base slice {tuple(base.shape)} {base.dtype} vs tuned {tuple(tuned.shape)} {tuned.dtype}")
     if base.dtype not in _BITS:
         raise FormatError(f"{name}: S2FT needs a float base tensor, got {base.dtype}")
+    changed = _bits(base) != _bits(tuned)
+    if bool((changed & ~torch.isfinite(tuned)).any()):
+        raise NonFiniteError(f"{name}: the fine-tuned values hold NaN/Inf where the base differs (refused; FORMAT §4.2)")
+    best = None
     for wide in DELTA_DTYPES:
         if wide.itemsize < base.dtype.itemsize:
             continue
-        delta = tuned.to(wide) - base.to(wide)
-        if not torch.isfinite(delta).all():
-            break
-        if _same_bits(add_exact(base, delta), tuned) and _same_bits(add_exact(tuned, delta, subtract=True), base):
-            return delta
-    raise FormatError(
-        f"{name}: the change cannot be stored as an exact difference (non-finite values, a signed-zero flip, "
-        "or a jump of more than ~44 binades; FORMAT §4.3)"
-    )
+        delta = torch.where(changed, tuned.to(wide) - base.to(wide), 0.0)
+        delta = torch.where(torch.isfinite(delta), delta, 0.0)  # an infinite base value or an F32 overflow: listed below
+        wrong = (_bits(add_exact(base, delta)) != _bits(tuned)) | (_bits(add_exact(tuned, delta, subtract=True)) != _bits(base))
+        if not bool(wrong.any()):
+            return delta, None
+        listed = int(wrong.sum())
+        cost = delta.numel() * wide.itemsize + listed * (RESTORE_INDEX.itemsize + 2 * base.dtype.itemsize)
+        if best is None or cost < best[0]:
+            best = (cost, delta, wrong)
+    _, delta, wrong = best
+    flat = wrong.reshape(-1)
+    index = flat.nonzero().reshape(-1)
+    return delta, Restore(index, base.reshape(-1)[index], tuned.reshape(-1)[index])
 
 
 @dataclass(eq=False)
@@ -91,6 +156,12 @@ class S2FTTarget:
     delta: torch.Tensor
     group_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    restore: Restore | None = None
+
+    @property
+    def format_version(self) -> int:
+        """The lowest format version that can hold this target: restore lists came with version 2 (§3.6)."""
+        return 1 if self.restore is None else 2
 
     @property
     def count(self) -> int:
@@ -136,10 +207,14 @@ class S2FTTarget:
             gs = self.group_size
             if gs < 1 or length % gs:
                 raise ShapeError(f"{name}: group_size {gs} does not divide the {self.axis} length {length}")
+            if idx.numel() % gs:  # before building groups, whose size is only declared
+                raise FormatError(f"{name}: indices are not whole groups of {gs} (FORMAT §4.1 group_size)")
             if not torch.equal(whole_groups(idx, gs).to(idx.dtype), idx):
                 raise FormatError(f"{name}: indices are not whole groups of {gs} (FORMAT §4.1 group_size)")
         if not allow_nonfinite and not bool(torch.isfinite(self.delta).all()):
             raise NonFiniteError(f"{name}: delta contains NaN or Inf (refused; FORMAT §4.2)")
+        if self.restore is not None:
+            self.restore.check(name, self.delta.numel(), self.dtype)
 
     def to_dense(self) -> torch.Tensor:
         """FORMAT §4.4: the full-shape delta, zero off the selected slice."""
@@ -147,9 +222,36 @@ class S2FTTarget:
         put(dense, self.axis, self.indices, self.delta)
         return dense
 
+    def shifted(self, current: torch.Tensor, *, subtract: bool = False, name: str = "tensor",
+                check_reversible: bool = False) -> torch.Tensor:
+        """The selected slice values ``current`` merged (or unmerged); exact per FORMAT §4.3 on the delta's base.
+
+        With ``check_reversible`` (for values that may not be the delta's base: another adapter merged
+        first, or a merge without the base check), a merge that unmerging could not undo bit for bit is refused.
+        """
+        out = apply_slice(current, self.delta.to(current.device), self.restore, subtract=subtract)
+        if check_reversible and not subtract and not self.undoes(current, out):
+            raise S2RegError(
+                f"{name}: this adapter could not be unmerged exactly from these values (it overlaps one merged before "
+                "it, or they are not the values it was made for); combine overlapping adapters with `s2reg fuse`"
+            )
+        return out
+
+    def undoes(self, current: torch.Tensor, merged: torch.Tensor) -> bool:
+        """Whether unmerging from ``merged`` (this delta merged onto ``current``) gives ``current`` back bit for bit."""
+        return _same_bits(apply_slice(merged, self.delta.to(merged.device), self.restore, subtract=True), current)
+
+    def reversible(self, current: torch.Tensor) -> bool:
+        """Whether merging onto the slice values ``current`` and unmerging again gives them back bit for bit.
+
+        Always true on the base the delta was taken against (§4.3); on other values (another adapter
+        merged first, or a merge onto a different tensor without the base check) it may not be.
+        """
+        return self.undoes(current, self.shifted(current))
+
     def merged_slice(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
         """Only the selected slice of ``weight``, merged (or unmerged); exact per FORMAT §4.3."""
-        return add_exact(take(weight, self.axis, self.indices), self.delta, subtract=subtract)
+        return self.shifted(take(weight, self.axis, self.indices), subtract=subtract)
 
     def merged(self, weight: torch.Tensor, *, subtract: bool = False) -> torch.Tensor:
         """A merged (or unmerged) copy of the whole ``weight``; exact per FORMAT §4.3."""
@@ -157,9 +259,22 @@ class S2FTTarget:
         put(out, self.axis, self.indices, self.merged_slice(weight, subtract=subtract))
         return out
 
+    def reordered(self, indices: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor) -> S2FTTarget:
+        """This target with new ``indices`` and slice ``delta``, where old slice position j is now ``positions[j]``.
+
+        The restore list follows its elements (used by permutation and by fusion onto a union of indices).
+        """
+        restore = None
+        if self.restore is not None:
+            dim = axis_dim(self.axis)
+            restore = self.restore.moved(dim, tuple(self.delta.shape), positions, tuple(delta.shape))
+        return S2FTTarget(self.shape, self.dtype, self.axis, indices, delta, self.group_size, dict(self.extra), restore)
+
     def manifest_entry(self) -> dict[str, Any]:
+        listed = {} if self.restore is None else {"restore": self.restore.count}
         return {
             **self.extra,
+            **listed,
             "shape": list(self.shape),
             "dtype": dtypes.name_of(self.dtype),
             "payload_dtype": dtypes.name_of(self.delta.dtype),
@@ -169,16 +284,21 @@ class S2FTTarget:
         }
 
     def payload_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {f"{name}.indices": self.indices.to(torch.int32), f"{name}.delta": self.delta.contiguous()}
+        tensors = {f"{name}.indices": self.indices.to(torch.int32), f"{name}.delta": self.delta.contiguous()}
+        if self.restore is not None:
+            tensors[f"{name}.restore"] = self.restore.index.to(RESTORE_INDEX)
+            tensors[f"{name}.restore_values"] = torch.stack([self.restore.base, self.restore.tuned], dim=1)
+        return tensors
 
     @staticmethod
-    def payload_names(name: str) -> tuple[str, ...]:
-        return f"{name}.indices", f"{name}.delta"
+    def payload_names(name: str, entry: dict[str, Any]) -> tuple[str, ...]:
+        listed = (f"{name}.restore", f"{name}.restore_values") if "restore" in entry else ()
+        return (f"{name}.indices", f"{name}.delta", *listed)
 
     @classmethod
     def from_manifest(cls, name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> S2FTTarget:
         where = f"targets[{name!r}]"
-        known = {"shape", "dtype", "payload_dtype", "axis", "count", "group_size"}
+        known = {"shape", "dtype", "payload_dtype", "axis", "count", "group_size", "restore"}
         warn_unknown(entry, known, where)
         shape = require_shape(entry, "shape", where)
         dtype = require_dtype(entry, "dtype", where, dtypes.FLOAT_DTYPES)
@@ -186,7 +306,8 @@ class S2FTTarget:
         axis = require(entry, "axis", str, where)
         count = require(entry, "count", int, where)
         group_size = require(entry, "group_size", (int, type(None)), where)
-        indices, delta = (tensors[n] for n in cls.payload_names(name))
+        listed = require(entry, "restore", int, where) if "restore" in entry else None
+        indices, delta, *restore = (tensors[n] for n in cls.payload_names(name, entry))
         if indices.dtype != torch.int32:
             raise FormatError(f"{name}: payload indices must be I32, got {dtypes.name_of(indices.dtype)}")
         if dtypes.name_of(delta.dtype) != payload_dtype:
@@ -201,4 +322,17 @@ class S2FTTarget:
             delta=delta,
             group_size=group_size,
             extra={k: v for k, v in entry.items() if k not in known},
+            restore=None if listed is None else _restore_from_payload(name, listed, dtype, *restore),
         )
+
+
+def _restore_from_payload(name: str, count: int, dtype: str, index: torch.Tensor, values: torch.Tensor) -> Restore:
+    """FORMAT §4.2: ``T.restore`` (I64 [n]) and ``T.restore_values`` (base dtype [n, 2]: base, tuned)."""
+    if index.dtype != RESTORE_INDEX:
+        raise FormatError(f"{name}: payload restore positions must be I64, got {dtypes.name_of(index.dtype)}")
+    if dtypes.name_of(values.dtype) != dtype or list(values.shape) != [index.numel(), 2]:
+        raise FormatError(f"{name}: payload restore_values must be [{index.numel()}, 2] {dtype}, got "
+                          f"{list(values.shape)} {dtypes.name_of(values.dtype)}")
+    if index.numel() != count:
+        raise ShapeError(f"{name}: manifest restore {count} but the payload lists {index.numel()} elements")
+    return Restore(index, values[:, 0].contiguous(), values[:, 1].contiguous())

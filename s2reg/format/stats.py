@@ -1,4 +1,8 @@
-"""Per-target statistics of an adapter, for ``inspect`` and ``Adapter.stats()``."""
+"""Per-target statistics of an adapter, for ``inspect`` and ``Adapter.stats()``.
+
+Every number comes from the payload: a target is never densified, so a tiny adapter that declares
+a huge tensor costs what its payload costs.
+"""
 
 from __future__ import annotations
 
@@ -89,7 +93,7 @@ def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
                 grid=list(t.grid),
                 coefficients=t.k,
                 scale=t.scale,
-                delta_norm=float(t.to_dense().double().norm()),
+                delta_norm=t.delta_norm(),
             )
         rows.append(row)
     return rows

@@ -2,25 +2,54 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from ..errors import FormatError
+from ..errors import FormatError, S2RegError
+from ..format import boundedjson, payload
 
 PREFIX = "base_model.model."
 
 
+def recorded_base(directory: Path) -> Path:
+    """The checkpoint a PEFT adapter names as its base (``base_model_name_or_path``), when that is local.
+
+    PEFT resolves the name as ``from_pretrained`` does: a directory that exists (relative to the
+    working directory), else a Hub id, which s2reg does not download.
+    """
+    name = peft_config(directory).get("base_model_name_or_path")
+    if not isinstance(name, str) or not name:
+        raise S2RegError(f"{directory}: adapter_config.json names no base model; pass --base CKPT")
+    if not (Path(name) / "config.json").is_file():
+        raise S2RegError(f"{directory}: its base {name!r} is not a local checkpoint directory; pass --base CKPT")
+    return Path(name)
+
+
 def read_peft(directory: Path, peft_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config and weights of a PEFT adapter of ``peft_type``; FormatError otherwise."""
+    config = peft_config(directory)
     try:
-        config = json.loads((directory / "adapter_config.json").read_text())
-        weights = load_file(directory / "adapter_model.safetensors")
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{directory}: not a readable PEFT adapter ({exc})") from None
+        data = (directory / "adapter_model.safetensors").read_bytes()
+    except OSError as exc:
+        raise FormatError(f"{directory}: not a readable PEFT adapter ({exc.strerror})") from None
+    try:
+        weights, _ = payload.load(data)  # the one strict safetensors reader (FORMAT §6.1)
+    except FormatError as exc:
+        raise FormatError(f"{directory}/adapter_model.safetensors: {exc}") from None
     if config.get("peft_type") != peft_type:
         raise FormatError(f"{directory}: peft_type is {config.get('peft_type')!r}, not {peft_type}")
     return config, weights
+
+
+def peft_config(directory: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of a PEFT adapter directory, read within the bounds of FORMAT §3."""
+    try:
+        data = (directory / "adapter_config.json").read_bytes()
+    except OSError:
+        raise FormatError(f"{directory}: no readable adapter_config.json") from None
+    config = boundedjson.loads(data, what=f"{directory}/adapter_config.json")
+    if not isinstance(config, dict):
+        raise FormatError(f"{directory}/adapter_config.json is not a JSON object")
+    return config

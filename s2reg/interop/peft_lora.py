@@ -1,7 +1,8 @@
 """S2FT <-> PEFT LoRA. An S2FT delta is exactly a LoRA with a one-hot factor: rows ``R`` with delta
 ``D`` are ``B = E_R`` (one-hot columns), ``A = D``; columns ``C`` are ``B = D``, ``A = E_C^T``; the
 rank is the number of selected rows or columns and ``lora_alpha = r`` (scaling 1). PISA exports
-through a truncated SVD of its dense delta, with the relative error reported.
+through a truncated SVD of its dense delta. LoRA factors are F32, so an F64 delta is rounded; either
+way the relative error of the exported delta is reported.
 
 LoRA factors are in the ``nn.Linear`` convention (``B @ A`` is ``[out, in]``); a target on a weight
 stored transposed (GPT-2's ``Conv1D``, ``[in, out]``) is exported transposed, with
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import FormatError, S2RegError
-from ..format import Adapter, S2FTAdapter, S2FTTarget
+from ..format import Adapter, S2FTAdapter, S2FTTarget, limits
 from ..fsatomic import building
 from .peft_experts import MemoryLayout, expert_factors, lora_keys, memory_layout, module_of
 from .peft_files import PREFIX, read_peft
@@ -36,26 +37,43 @@ def _module(name: str) -> str:
     return name.removesuffix(".weight")
 
 
+def _lora_error(target: S2FTTarget, stored: torch.Tensor) -> float:
+    """Relative (Frobenius) error of the LoRA's delta against the true change of the slice.
+
+    LoRA factors are F32 (PEFT loads them into parameters of the base's dtype, or F32 for 16-bit
+    bases, and merges in that precision), so an F64 delta (FORMAT §4.3) is rounded; elements with a
+    restore list change by ``tuned - base``, which the delta holds only up to rounding.
+    """
+    true = target.delta.double().clone()
+    if target.restore is not None:
+        true.view(-1)[target.restore.index] = target.restore.tuned.double() - target.restore.base.double()
+    norm = float(true.norm())
+    return float((stored.double() - true).norm()) / norm if norm else float((stored.double() - true).norm())
+
+
 def _factors(name: str, target, rank: int | None, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A [r, in], B [out, r], relative error)`` for one target, in the ``nn.Linear`` convention."""
     if isinstance(target, S2FTTarget):
         if len(target.shape) != 2:
             raise S2RegError(f"{name}: only matrices export to LoRA")
         n = target.count
+        length = target.shape[0 if target.axis == "rows" else 1]
+        limits.check_dense((length, n), name)  # a declared length
         axis, delta = target.axis, target.delta.to(torch.float32)
-        length = target.shape[0 if axis == "rows" else 1]
+        error = _lora_error(target, delta)
         if transposed:  # stored rows are the layer's inputs, stored columns its outputs
             axis, delta = ("columns" if axis == "rows" else "rows"), delta.t()
         one_hot = torch.zeros(length, n, dtype=torch.float32)
         one_hot[target.indices.long(), torch.arange(n)] = 1.0
         if axis == "rows":
-            return delta.contiguous(), one_hot, 0.0
-        return one_hot.t().contiguous(), delta.contiguous(), 0.0
+            return delta.contiguous(), one_hot, error
+        return one_hot.t().contiguous(), delta.contiguous(), error
+    if rank is None:
+        raise S2RegError("PISA adapters export to LoRA through a truncated SVD: pass --rank")
+    limits.check_dense(target.shape, name)  # no base vouches for the declared shape here
     dense = target.to_dense().double()
     if transposed:
         dense = dense.t()
-    if rank is None:
-        raise S2RegError("PISA adapters export to LoRA through a truncated SVD: pass --rank")
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()

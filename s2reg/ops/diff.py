@@ -1,32 +1,79 @@
 """``diff``: how two adapters, or two checkpoints, differ.
 
 Adapters: per tensor, the overlap of what they touch (Jaccard of the touched elements), and on the
-common support the cosine similarity and relative L2 distance of their deltas. Checkpoints:
+common support the cosine similarity and relative L2 distance of their deltas, all from the payloads:
+two S2FT deltas on their slices, two PISA deltas by inner products of their coefficients (FORMAT
+§5.3 and Parseval), a PISA delta against an S2FT one on the blocks holding the S2FT slice only. Checkpoints:
 streamed one tensor pair at a time, which tensors, rows and columns differ, and by how much.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import BaseMismatch
-from ..format import Adapter, S2FTTarget
+from ..format import Adapter, PISATarget, S2FTTarget, limits, pisa
+from ..format.s2ft import axis_dim
 
 
-def _support(target) -> torch.Tensor:
-    """The elements a target touches, as a boolean mask of the full tensor."""
-    if isinstance(target, S2FTTarget):
-        mask = torch.zeros(target.shape, dtype=torch.bool)
-        index = target.indices.long()
-        if target.axis == "rows":
-            mask[index] = True
-        else:
-            mask[:, index] = True
-        return mask
-    return torch.ones(target.shape, dtype=torch.bool)
+def _slice_numel(target: S2FTTarget) -> int:
+    """Elements of one selected row (or column): the tensor's size divided by its selected axis."""
+    return math.prod(target.shape) // target.shape[axis_dim(target.axis)]
+
+
+def _s2ft_overlap(ta: S2FTTarget, tb: S2FTTarget) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(common elements, union, a's and b's deltas on the common elements), from the slices alone."""
+    if ta.axis == tb.axis:
+        dim = axis_dim(ta.axis)
+        _, pa, pb = np.intersect1d(ta.indices.numpy(), tb.indices.numpy(), assume_unique=True, return_indices=True)
+        per = _slice_numel(ta)
+        common = len(pa) * per
+        x = ta.delta.index_select(dim, torch.from_numpy(pa).long())
+        y = tb.delta.index_select(dim, torch.from_numpy(pb).long())
+        return common, (ta.count + tb.count) * per - common, x, y
+    rows, cols = (ta, tb) if ta.axis == "rows" else (tb, ta)
+    common = rows.count * cols.count  # the crossing of the selected rows and the selected columns
+    union = rows.count * rows.shape[1] + cols.count * cols.shape[0] - common
+    on_rows = rows.delta.index_select(1, cols.indices.long())
+    on_cols = cols.delta.index_select(0, rows.indices.long())
+    return (common, union, on_rows, on_cols) if rows is ta else (common, union, on_cols, on_rows)
+
+
+def _pisa_pair(name: str, ta: PISATarget, tb: PISATarget) -> tuple[int, int, float, float, float, float, bool]:
+    """Two PISA deltas compared by inner products of their coefficients (same block), else densified (capped)."""
+    numel = math.prod(ta.shape)
+    if ta.block != tb.block:
+        limits.check_dense(ta.shape, name)
+        return (numel, numel, *_sums(ta.to_dense(), tb.to_dense()))
+    sa, sb = ta.spectral(), tb.spectral()
+    xx, yy, xy = (pisa.delta_dot(ta.shape, ta.block, p, q) for p, q in ((sa, sa), (sb, sb), (sa, sb)))
+    same = ta.scale == tb.scale and torch.equal(ta.indices, tb.indices) and torch.equal(sa.coefficients, sb.coefficients)
+    return numel, numel, xx, yy, xy, 0.0 if same else max(0.0, xx + yy - 2 * xy), same
+
+
+def _sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float, float, bool]:
+    """x.x, y.y, x.y, |x - y|^2 and bitwise equality of two deltas on the same elements."""
+    x, y = x.double().reshape(-1), y.double().reshape(-1)
+    return float(x @ x), float(y @ y), float(x @ y), float((x - y) @ (x - y)), torch.equal(x, y)
+
+
+def _compare(name: str, ta, tb) -> tuple[int, int, float, float, float, float, bool]:
+    """(common elements, union, x.x, y.y, x.y, |x - y|^2 on the common elements, equal there)."""
+    if isinstance(ta, PISATarget) and isinstance(tb, PISATarget):
+        return _pisa_pair(name, ta, tb)
+    if isinstance(ta, S2FTTarget) and isinstance(tb, S2FTTarget):
+        common, union, x, y = _s2ft_overlap(ta, tb)
+        return (common, union, *_sums(x, y))
+    # S2FT against PISA: the PISA delta on the S2FT slice, from the blocks holding it.
+    s2ft, spectral = (ta, tb) if isinstance(ta, S2FTTarget) else (tb, ta)
+    on_slice = spectral.lines(axis_dim(s2ft.axis), s2ft.indices, name=name)
+    x, y = (s2ft.delta, on_slice) if s2ft is ta else (on_slice, s2ft.delta)
+    return (s2ft.count * _slice_numel(s2ft), math.prod(ta.shape), *_sums(x, y))
 
 
 def diff_adapters(a: Adapter, b: Adapter) -> dict[str, Any]:
@@ -39,19 +86,16 @@ def diff_adapters(a: Adapter, b: Adapter) -> dict[str, Any]:
             continue
         if tuple(ta.shape) != tuple(tb.shape):
             raise BaseMismatch(f"{name}: the adapters disagree on its shape ({list(ta.shape)} vs {list(tb.shape)})")
-        sa, sb = _support(ta), _support(tb)
-        common = sa & sb
-        da, db = ta.to_dense().double(), tb.to_dense().double()
-        x, y = da[common], db[common]
-        norm = float(x.norm() * y.norm())
-        shared = bool(common.any())  # no common support: nothing to compare the deltas on
+        common, union, xx, yy, xy, dd, equal = _compare(name, ta, tb)
+        shared = common > 0  # no common support: nothing to compare the deltas on
+        norm = math.sqrt(xx * yy)
         rows.append({
             "tensor": name,
-            "jaccard": float(common.sum()) / max(1, int((sa | sb).sum())),
-            "common": int(common.sum()),
-            "cosine": (float(x @ y) / norm if norm else float(torch.equal(x, y))) if shared else None,
-            "relative_l2": (float((x - y).norm() / x.norm()) if float(x.norm()) else float(y.norm())) if shared else None,
-            "equal": torch.equal(sa, sb) and torch.equal(da, db),
+            "jaccard": common / max(1, union),
+            "common": common,
+            "cosine": (xy / norm if norm else float(equal)) if shared else None,
+            "relative_l2": (math.sqrt(dd / xx) if xx else math.sqrt(yy)) if shared else None,
+            "equal": common == union and equal,
         })
     identical = a.kind == b.kind and all(r.get("equal") for r in rows)
     return {"identical": identical, "kinds": [a.kind, b.kind], "tensors": rows}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import BaseMismatch, FormatError, S2RegError
+from ..format.s2ft import Restore
 from ..format import (
     Adapter,
     BaseModel,
@@ -121,7 +122,36 @@ def _fuse_on_union(stack: torch.Tensor, cover: torch.Tensor, dim: int, method: s
     return fused, overlap
 
 
-def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None, method: str, density: float) -> torch.Tensor:
+def _connected(adapters: Sequence[Adapter]) -> bool:
+    """Whether every input shares a base tensor with another one, transitively (one chain of evidence)."""
+    names, left = set(adapters[0].base.fingerprints), list(adapters[1:])
+    while joined := [a for a in left if names & a.base.fingerprints.keys()]:
+        for a in joined:
+            names |= a.base.fingerprints.keys()
+        left = [a for a in left if all(a is not j for j in joined)]
+    return not left
+
+
+def _check_one_base(adapters: Sequence[Adapter], base) -> None:
+    """Refuse inputs made for different base models (spec/FUSE.md): their fingerprints must agree on
+    every shared tensor, and inputs that share none with the others must be verified against ``base``."""
+    seen: dict[str, Any] = {}
+    for a in adapters:
+        for name, fp in a.base.fingerprints.items():
+            if seen.setdefault(name, fp) != fp:
+                raise BaseMismatch(f"{name}: the adapters were made for different base models; refused")
+    if base is not None:
+        for a in adapters:
+            a.verify_base(base)
+        return
+    if not _connected(adapters):
+        named = sorted({a.base.name for a in adapters})
+        raise BaseMismatch(f"nothing shows these adapters share a base model (they touch no common tensor; made for "
+                           f"{', '.join(map(repr, named))}); refused (--base CKPT checks them all against one checkpoint)")
+
+
+def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None, method: str, density: float,
+                  base) -> torch.Tensor:
     if len(adapters) < 2:
         raise S2RegError("fuse needs at least two adapters")
     if method not in METHODS:
@@ -129,11 +159,7 @@ def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None, 
     kinds = {a.kind for a in adapters}
     if len(kinds) > 1:
         raise FormatError(f"cannot fuse adapters of different kinds ({', '.join(sorted(kinds))}); fuse each kind separately")
-    seen: dict[str, Any] = {}
-    for a in adapters:
-        for name, fp in a.base.fingerprints.items():
-            if seen.setdefault(name, fp) != fp:
-                raise BaseMismatch(f"{name}: the adapters were made for different base models; refused")
+    _check_one_base(adapters, base)
     if weights is None:
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
@@ -150,7 +176,7 @@ def fuse(adapters: Sequence[Adapter], *, method: str = "linear", weights: Sequen
     S2FT outputs must be exact differences (FORMAT §4.3): when fused values are not simply copied
     from one input (overlaps, or weights other than 1), ``base`` (a checkpoint reader) is required.
     """
-    w = _check_inputs(adapters, weights, method, density)
+    w = _check_inputs(adapters, weights, method, density, base)
     options = FuseOptions(w, density, seed, majority_sign)
     generator = torch.Generator().manual_seed(seed)
     params = {"method": "fuse", "fuse_method": method, "weights": w.tolist(), "density": density, "seed": seed,
@@ -199,7 +225,8 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
                     dtype = torch.promote_types(dtype, a.targets[name].delta.dtype)
             shape = next(a.targets[name].shape for a in adapters if name in a.targets)
             tdtype = next(a.targets[name].dtype for a in adapters if name in a.targets)
-            targets[name] = S2FTTarget(shape, tdtype, axis, union, fused.to(dtype), group_sizes.get(name))
+            targets[name] = _copied_target(adapters, name, S2FTTarget(shape, tdtype, axis, union, fused.to(dtype),
+                                                                      group_sizes.get(name)))
         adapter = S2FTAdapter(targets, BaseModel(adapters[0].base.name, adapters[0].base.revision, fingerprints),
                               params=params, provenance={"source": "fuse"})
         return adapter, report
@@ -210,6 +237,23 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
                                       base_revision=adapters[0].base.revision, group_sizes=group_sizes, params=params,
                                       provenance={"source": "fuse"})
     return adapter, report
+
+
+def _copied_target(adapters, name: str, fused: S2FTTarget) -> S2FTTarget:
+    """``fused`` with the restore lists (FORMAT §4.3) of the inputs it copies, moved onto its union of indices."""
+    position = {int(v): p for p, v in enumerate(fused.indices.tolist())}
+    lists = []
+    for a in adapters:
+        t = a.targets.get(name)
+        if t is not None and t.restore is not None:
+            positions = torch.tensor([position[int(v)] for v in t.indices], dtype=torch.long)
+            lists.append(t.reordered(fused.indices, positions, fused.delta).restore)
+    if not lists:
+        return fused
+    index = torch.cat([r.index for r in lists])
+    order = index.argsort()
+    fused.restore = Restore(index[order], torch.cat([r.base for r in lists])[order], torch.cat([r.tuned for r in lists])[order])
+    return fused
 
 
 def _fuse_pisa(adapters, names, method, options, generator, params, fingerprints):

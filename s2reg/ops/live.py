@@ -5,11 +5,14 @@ the parameter, removing it the exact inverse (FORMAT §4.3), so any number of ap
 leaves the weights bit-identical. The cost grows with the slice (d x s), not with d x d as a LoRA
 merge ``W += B @ A`` does. PISA adapters are applied densely in float32 (FORMAT §5.3) and their
 removal is exact to one unit in the last place of the parameter dtype.
+
+Which adapters a module holds is recorded on the module itself (``module.s2reg_applied``, oldest
+first). The record holds the adapter objects, so an applied adapter stays alive as long as its
+delta is in the weights: it can always be removed, and a new adapter can never be taken for it.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,9 +21,18 @@ from torch import nn
 
 from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter, S2FTTarget
-from ..format.s2ft import add_exact, axis_dim, reversible
+from ..format.s2ft import axis_dim
 
-_APPLIED: weakref.WeakKeyDictionary[nn.Module, list[int]] = weakref.WeakKeyDictionary()
+APPLIED_ATTRIBUTE = "s2reg_applied"
+
+
+def applied_adapters(model: nn.Module) -> list[Adapter]:
+    """The adapters applied to ``model`` and not removed yet, oldest first."""
+    return list(getattr(model, APPLIED_ATTRIBUTE, ()))
+
+
+def _is_applied(model: nn.Module, adapter: Adapter) -> bool:
+    return any(a is adapter for a in applied_adapters(model))
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -50,16 +62,10 @@ def _update(name: str, tensor: torch.Tensor, target, *, subtract: bool, stacked:
         if isinstance(target, S2FTTarget):
             dim = axis_dim(target.axis)
             index = target.indices.to(device=tensor.device, dtype=torch.long)
-            current = tensor.index_select(dim, index)
-            delta = target.delta.to(tensor.device)
-            if stacked and not subtract and not reversible(current, delta):
-                raise S2RegError(f"{name}: this adapter overlaps one already applied and could not be removed exactly; "
-                                 "remove that one first or fuse them")
-            tensor.index_copy_(dim, index, add_exact(current, delta, subtract=subtract))
+            tensor.index_copy_(dim, index, target.shifted(tensor.index_select(dim, index), name=name, subtract=subtract,
+                                                          check_reversible=stacked))
         else:
-            delta = target.to_dense().to(tensor.device)
-            wide = tensor.to(torch.float32)
-            tensor.copy_((wide - delta if subtract else wide + delta).to(tensor.dtype))
+            tensor.copy_(target.merged(tensor, subtract=subtract))
 
 
 def apply(model: nn.Module, adapter: Adapter) -> None:
@@ -69,29 +75,28 @@ def apply(model: nn.Module, adapter: Adapter) -> None:
     shapes and dtypes are checked before anything changes, and applying the same adapter object
     twice is refused.
     """
-    applied = _APPLIED.setdefault(model, [])
-    if id(adapter) in applied:
+    stacked = bool(applied_adapters(model))
+    if _is_applied(model, adapter):
         raise S2RegError(f"this adapter is already applied to the model ({adapter.base.name!r}); remove it first")
     done = []
     try:
         for name, tensor in _resolve(model, adapter).items():
-            _update(name, tensor, adapter.targets[name], subtract=False, stacked=bool(applied))
+            _update(name, tensor, adapter.targets[name], subtract=False, stacked=stacked)
             done.append((name, tensor))
     except S2RegError:
         for name, tensor in reversed(done):
             _update(name, tensor, adapter.targets[name], subtract=True, stacked=False)
         raise
-    applied.append(id(adapter))
+    setattr(model, APPLIED_ATTRIBUTE, [*applied_adapters(model), adapter])
 
 
 def remove(model: nn.Module, adapter: Adapter) -> None:
     """Take ``adapter`` out of ``model`` again: bit-exact for S2FT (FORMAT §4.3)."""
-    applied = _APPLIED.get(model, [])
-    if id(adapter) not in applied:
+    if not _is_applied(model, adapter):
         raise S2RegError("this adapter is not applied to the model")
     for name, tensor in _resolve(model, adapter).items():
         _update(name, tensor, adapter.targets[name], subtract=True, stacked=False)
-    applied.remove(id(adapter))
+    setattr(model, APPLIED_ATTRIBUTE, [a for a in applied_adapters(model) if a is not adapter])
 
 
 @contextmanager

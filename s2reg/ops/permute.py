@@ -15,7 +15,6 @@ exact, and applying the inverse restores the original bits. Checkpoints record t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +24,7 @@ import torch
 from ..arch import CHANNEL_ROLES, ModelInfo, resolve_source
 from ..errors import S2RegError, ShapeError
 from ..format import Adapter, S2FTTarget
-
-PERMUTATION_NAME = "s2reg-permutation.json"
-PERMUTATION_FORMAT = "s2reg.permutation"
+from ..records import RECORD_VERSION, RecordError, checked, read_record
 
 Selection = tuple[dict[int, set[int]], dict[int, dict[str | None, set[int]]]]
 
@@ -116,18 +113,28 @@ class Permutation:
         return {"layers": {str(i): p.as_json() for i, p in sorted(self.layers.items())}}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], info: ModelInfo) -> Permutation:
+    def from_json(cls, data: Any) -> Permutation:
+        """Parse :meth:`as_json`'s layout (types only; :meth:`check` fits it to a model)."""
+        def order(value: Any) -> list[int]:
+            if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                raise ValueError
+            return value
+
         try:
-            layers = {int(i): LayerPermutation(list(p["heads"]), list(p["kv_heads"]), list(p["channels"]),
-                                               {str(e): list(o) for e, o in p.get("experts", {}).items()})
+            layers = {int(i): LayerPermutation(order(p["heads"]), order(p["kv_heads"]), order(p["channels"]),
+                                               {str(e): order(o) for e, o in p.get("experts", {}).items()})
                       for i, p in data["layers"].items()}
         except (KeyError, TypeError, ValueError, AttributeError):
             raise S2RegError("malformed permutation record (expected layers -> heads, kv_heads, channels)") from None
-        for i, p in layers.items():
+        return cls(layers)
+
+    def check(self, info: ModelInfo) -> Permutation:
+        """``self``, after checking that it is a valid co-permutation of the model ``info`` describes."""
+        for i, p in self.layers.items():
             if not 0 <= i < info.dims.layers:
                 raise ShapeError(f"permutation names layer {i}, the model has {info.dims.layers}")
             p.check(info, i)
-        return cls(layers)
+        return self
 
     def index_of(self, info: ModelInfo):
         """``name -> (dim, gather index) | None``: this permutation for a permuted view of a tensor source."""
@@ -226,20 +233,41 @@ def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation,
     position[index] = torch.arange(index.numel())
     moved = position[target.indices.long()]
     order = moved.argsort()
-    return S2FTTarget(target.shape, target.dtype, target.axis, moved[order], target.delta.index_select(dim, order),
-                      target.group_size, dict(target.extra))
+    positions = torch.empty_like(order)
+    positions[order] = torch.arange(order.numel())
+    return target.reordered(moved[order], positions, target.delta.index_select(dim, order))
+
+
+@dataclass(frozen=True)
+class PermutationRecord:
+    """``s2reg-permutation.json`` (spec/SURGERY.md §4): the co-permutation a checkpoint was written with.
+
+    Its fit to the model (layer count, head, kv-head and per-expert channel counts, GQA groups) is
+    checked by ``permutation.check(info)`` once the checkpoint's family is known.
+    """
+
+    FORMAT = "s2reg.permutation"
+    NAME = "s2reg-permutation.json"
+
+    permutation: Permutation
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "version": RECORD_VERSION, "permutation": self.permutation.as_json()}
+
+    @classmethod
+    def from_json(cls, data: Any) -> PermutationRecord:
+        data = checked(data, cls.FORMAT)
+        try:
+            return cls(Permutation.from_json(data.get("permutation")))
+        except S2RegError as exc:
+            raise RecordError(str(exc)) from None
 
 
 def read_permutation(source: Any, arch_file: Any = None) -> tuple[Permutation, ModelInfo] | None:
     """The co-permutation a checkpoint was written with (spec/SURGERY.md §4), if any."""
-    file = source.directory / PERMUTATION_NAME
+    file = source.directory / PermutationRecord.NAME
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-        if data.get("format") != PERMUTATION_FORMAT:
-            raise ValueError
-    except (ValueError, AttributeError):
-        raise S2RegError(f"{file}: unreadable permutation record (spec/SURGERY.md §4)") from None
+    record = read_record(file, PermutationRecord.from_json)
     info = resolve_source(source, arch_file)
-    return Permutation.from_json(data["permutation"], info), info
+    return record.permutation.check(info), info

@@ -33,7 +33,8 @@ def model_card(adapter: Adapter, ref: str) -> str:
     body = [
         f"# {ref}",
         "",
-        f"A **{adapter.kind.upper()}** adapter for `{adapter.base.name}` in the s2reg adapter format v1: "
+        f"A **{adapter.kind.upper()}** adapter for `{adapter.base.name}` in the s2reg adapter format "
+        f"v{adapter.format_version}: "
         f"{s['targets']} target tensors, {s['params']:,} parameters.",
         "",
         "```bash",

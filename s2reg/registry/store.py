@@ -4,17 +4,20 @@ Layout under the root (``$S2REG_HOME``, default ``~/.cache/s2reg``), spec/REGIST
 ``blobs/sha256/<ab>/<digest>`` holds every manifest and payload once, however many refs point at
 it; ``refs/<name>/<tag>`` holds the manifest digest of one stored adapter. Under an exclusive lock,
 blobs are written first (temp file, fsync, rename) and the ref last, so a crashed push leaves no
-half ref, and concurrent pushes and ``gc`` from several processes are safe. Every read re-hashes what it
-reads.
+half ref; every change of refs, blobs or views takes the lock, so concurrent pushes, tags, loads
+and ``gc`` from several processes are safe. Every read re-hashes what it reads, and store files are
+opened without following links, only as regular files, and read no further than their recorded size.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,11 +29,64 @@ from typing import Any
 from ..errors import IntegrityError, NotFound, RegistryError
 from ..format import Adapter, load, read_manifest
 from ..format.digest import sha256_bytes
-from ..format.manifest import MANIFEST_NAME
-from ..fsatomic import building, write_file
+from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
+from ..fsatomic import building, is_temp_name, write_file
 from .names import Ref, parse_ref
 
 _HEX = frozenset("0123456789abcdef")
+_MAX_REF_BYTES = 128  # "sha256:" + 64 hex digits + newline, with room to spare
+_CHUNK = 1 << 22
+
+
+class _NotRegular(IntegrityError):
+    """A store file is a link, a directory, a FIFO or a device instead of a regular file."""
+
+
+def _open_regular(path: Path) -> int:
+    """A descriptor of ``path``, which must be a regular file reached without following a link.
+
+    O_NONBLOCK so that a FIFO put in a file's place cannot hang the open; regular files ignore it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotRegular(f"{path} is a symbolic link, not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _NotRegular(f"{path} is not a regular file")
+    return fd
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`_open_regular`); IntegrityError past ``limit`` bytes."""
+    fd = _open_regular(path)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise IntegrityError(f"{path} is larger than the {limit} bytes recorded for it")
+    return data
+
+
+def _hash_regular(path: Path) -> str:
+    """sha256 of the regular file ``path``, streamed (bounded memory whatever its size)."""
+    h = hashlib.sha256()
+    with os.fdopen(_open_regular(path), "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return stat.S_ISREG(a.st_mode) and stat.S_ISREG(b.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _remove_any(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -43,6 +99,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def default_root() -> Path:
     return Path(os.environ.get("S2REG_HOME") or Path.home() / ".cache" / "s2reg")
+
+
+def _adapter_files(digest: str, manifest: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    """An adapter directory's files: name -> (blob digest, recorded size; None for the manifest)."""
+    payload = manifest["payload"]
+    return {MANIFEST_NAME: (digest, None), payload["file"]: (payload["sha256"], int(payload["bytes"]))}
 
 
 @dataclass(frozen=True)
@@ -65,6 +127,9 @@ class Entry:
             "created": m["provenance"].get("created"),
         }
 
+    def files(self) -> dict[str, tuple[str, int | None]]:
+        return _adapter_files(self.digest, self.manifest)
+
 
 class Store:
     """A local adapter store rooted at ``root`` (created on first write)."""
@@ -85,32 +150,66 @@ class Store:
         return path
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+    def _locked(self, *, shared: bool = False) -> Iterator[None]:
+        """The store lock: exclusive for every change, shared for reads that must not see one midway.
+
+        A shared lock on a store that does not exist yet locks nothing (there is nothing to read).
+        """
+        lock = self.root / "lock"
+        if not shared:
+            self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            fh = open(lock, "ab")
+        except OSError:
+            if not shared:
+                raise
+            try:
+                fh = open(lock, "rb")  # a store this user may only read
+            except OSError:
+                yield  # no store yet: nothing to read, nothing to lock
+                return
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
 
     # -- blobs ----------------------------------------------------------------------------------
+    def _quarantine(self, path: Path) -> None:
+        """Move a damaged store file (of whatever type) aside into ``quarantine/``."""
+        quarantine = self.root / "quarantine"
+        quarantine.mkdir(parents=True, exist_ok=True)
+        os.replace(path, quarantine / f"{path.name}.{time.time_ns()}")
+
     def _put_blob(self, data: bytes) -> str:
+        """Store ``data`` under its digest (caller holds the lock); a damaged copy there is quarantined first."""
         digest = sha256_bytes(data)
         path = self.blob_path(digest)
-        if path.is_file():
-            if path.stat().st_size == len(data) and sha256_bytes(path.read_bytes()) == digest:
-                return digest  # stored once, however many refs point at it
-            shutil.rmtree(self.root / "views", ignore_errors=True)  # views may link the damaged copy
+        if os.path.lexists(path):
+            try:
+                if sha256_bytes(_read_regular(path, len(data))) == digest:
+                    return digest  # stored once, however many refs point at it
+            except (IntegrityError, OSError):
+                pass
+            self._quarantine(path)  # views that linked it are found stale and rebuilt (resolve)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file(path, data, mode=0o444)
         return digest
 
-    def read_blob(self, digest: str) -> bytes:
-        """A blob's bytes, re-hashed: IntegrityError if they do not match their name."""
+    def read_blob(self, digest: str, size: int | None = None) -> bytes:
+        """A blob's bytes, re-hashed: IntegrityError if they do not match their name.
+
+        ``size`` is the size recorded for it (a payload's ``payload.bytes``); a manifest is read
+        up to the format's manifest limit. Nothing is read past that, and only from a regular file.
+        """
         path = self.blob_path(digest)
         try:
-            data = path.read_bytes()
+            data = _read_regular(path, MAX_MANIFEST_BYTES if size is None else size)
         except FileNotFoundError:
             raise IntegrityError(f"blob {digest[:16]} is missing from the store (run `s2reg verify`)") from None
-        if sha256_bytes(data) != digest:
+        except IntegrityError as exc:
+            raise IntegrityError(f"blob {digest[:16]}: {exc}; run `s2reg verify` to quarantine it") from None
+        except OSError as exc:
+            raise IntegrityError(f"blob {digest[:16]} is unreadable ({exc.strerror}); run `s2reg verify`") from None
+        if sha256_bytes(data) != digest or (size is not None and len(data) != size):
             raise IntegrityError(f"blob {digest[:16]} is corrupted (sha256 mismatch); run `s2reg verify` to quarantine it")
         return data
 
@@ -118,9 +217,12 @@ class Store:
     def digest_of(self, ref: str | Ref) -> str:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         path = self._ref_path(ref)
-        if not path.is_file():
-            raise NotFound(f"no adapter {ref} in {self.root} (see `s2reg ls`)")
-        text = path.read_text().strip()
+        try:
+            text = _read_regular(path, _MAX_REF_BYTES).decode("ascii", "replace").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"no adapter {ref} in {self.root} (see `s2reg ls`)") from None
+        except (IntegrityError, OSError) as exc:
+            raise IntegrityError(f"ref {ref} is corrupted ({exc})") from None
         digest = text.removeprefix("sha256:")
         if not text.startswith("sha256:"):
             raise IntegrityError(f"ref {ref} is corrupted")
@@ -137,7 +239,7 @@ class Store:
         if not base.is_dir():
             return []
         found = []
-        for path in sorted(p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in sorted(p for p in base.rglob("*") if not p.is_dir() and not p.name.startswith(".")):
             parts = path.relative_to(base).parts
             found.append(Ref("/".join(parts[:-1]), parts[-1]))
         return found
@@ -172,37 +274,93 @@ class Store:
 
     def pull(self, ref: str | Ref, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the adapter ``ref`` as a directory at ``output``; every byte is verified first."""
-        entry = self.entry(ref)
-        payload_entry = entry.manifest["payload"]
-        payload = self.read_blob(payload_entry["sha256"])
+        self.check_output(output)
+        with self._locked(shared=True):  # a concurrent gc waits until the blobs are read
+            entry = self.entry(ref)
+            files = {name: self.read_blob(digest, size) for name, (digest, size) in entry.files().items()}
         with building(Path(output), overwrite=overwrite) as staging:
-            (staging / MANIFEST_NAME).write_bytes(self.read_blob(entry.digest))
-            (staging / payload_entry["file"]).write_bytes(payload)
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
             load(staging)  # and the format's own checks, before the directory appears
         return Path(output)
 
-    def resolve(self, ref: str | Ref) -> Path:
-        """A verified, read-only adapter directory for ``ref`` inside the store (for ``s2reg.load``)."""
+    def check_output(self, output: str | os.PathLike) -> None:
+        """Refuse an output directory inside the store or holding it (writing it would replace store files)."""
+        out, root = Path(output).resolve(), self.root.resolve()
+        if out.is_relative_to(root) or root.is_relative_to(out):
+            raise RegistryError(f"{output}: the output would be inside the store {self.root} or hold it; choose another")
+
+    def _view_is_current(self, view: Path, files: dict[str, tuple[str, int | None]]) -> bool:
+        """Whether ``view`` holds exactly the adapter's blobs (``files``, see :meth:`Entry.files`): the
+        same regular files (hard links), or regular copies with the right bytes (no hard links there)."""
+        for name, (digest, size) in files.items():
+            try:
+                mine, blob = os.lstat(view / name), os.lstat(self.blob_path(digest))
+            except OSError:
+                return False
+            if _same_file(mine, blob):
+                continue
+            if not stat.S_ISREG(mine.st_mode) or (size is not None and mine.st_size != size):
+                return False
+            try:
+                if _hash_regular(view / name) != digest:
+                    return False
+            except (IntegrityError, OSError):
+                return False
+        return True
+
+    def _view(self, ref: str | Ref, *, build: bool) -> Path | None:
+        """The adapter directory of ``ref`` in ``views/`` if it is current; else, with ``build``, made
+        afresh from verified blobs. The caller holds the lock (exclusive to build)."""
         entry = self.entry(ref)
         view = self.root / "views" / entry.digest
-        if not (view / MANIFEST_NAME).is_file():
-            payload_entry = entry.manifest["payload"]
-            self.read_blob(payload_entry["sha256"])
-            with building(view, overwrite=True) as staging:
-                _link_or_copy(self.blob_path(entry.digest), staging / MANIFEST_NAME)
-                _link_or_copy(self.blob_path(payload_entry["sha256"]), staging / payload_entry["file"])
-        elif sha256_bytes((view / MANIFEST_NAME).read_bytes()) != entry.digest:
-            raise IntegrityError(f"{view}: manifest corrupted; run `s2reg verify`")
+        if self._view_is_current(view, entry.files()):
+            return view
+        if not build:
+            return None
+        for digest, size in entry.files().values():
+            self.read_blob(digest, size)
+        with building(view, overwrite=True) as staging:
+            for name, (digest, _) in entry.files().items():
+                _link_or_copy(self.blob_path(digest), staging / name)
         return view
 
-    def load(self, ref: str | Ref) -> Adapter:
-        """The adapter ``ref``, with the manifest digest and the payload (FORMAT §7) verified."""
-        return load(self.resolve(ref))
+    def resolve(self, ref: str | Ref) -> Path:
+        """A verified, read-only adapter directory for ``ref`` inside the store.
+
+        A view that is missing or stale (not the blobs the ref names, e.g. after a blob was
+        quarantined and pushed again) is rebuilt under the lock, so ``gc`` never removes one being
+        built and concurrent readers never see one half-built. (:meth:`load` also reads it under
+        the lock; a path from here stays valid while its ref does.)
+        """
+        with self._locked(shared=True):
+            view = self._view(ref, build=False)
+        if view is None:
+            with self._locked():
+                view = self._view(ref, build=True)
+        return view
+
+    def load(self, ref: str | Ref, **options: Any) -> Adapter:
+        """The adapter ``ref``, with the manifest digest and the payload (FORMAT §7) verified.
+
+        Read under the store lock, so a concurrent ``gc`` (or a re-tag and ``gc``) cannot remove
+        the files midway. ``options`` go to :func:`s2reg.load`.
+        """
+        with self._locked(shared=True):
+            view = self._view(ref, build=False)
+            if view is not None:
+                return load(view, **options)
+        with self._locked():
+            return load(self._view(ref, build=True), **options)
 
     def tag(self, source: str | Ref, target: str | Ref) -> str:
-        digest = self.digest_of(source)
+        """Point ``target`` at what ``source`` points at. Resolved and written under the lock, so a
+        concurrent ``rm`` + ``gc`` of ``source`` cannot leave ``target`` pointing at removed blobs."""
+        target = parse_ref(target) if isinstance(target, str) else target
         with self._locked():
-            self._set_ref(parse_ref(target) if isinstance(target, str) else target, digest)
+            digest = self.digest_of(source)
+            self.read_blob(digest)  # present and intact
+            self._set_ref(target, digest)
         return digest
 
     def remove(self, ref: str | Ref) -> str:
@@ -236,6 +394,10 @@ class Store:
                 continue
         return keep
 
+    def _views(self) -> list[Path]:
+        base = self.root / "views"
+        return sorted(base.iterdir()) if base.is_dir() else []
+
     def gc(self) -> dict[str, int]:
         """Delete blobs no ref points at (and stale views and temp files); return counts and bytes."""
         with self._locked():
@@ -243,41 +405,60 @@ class Store:
             removed = freed = 0
             for path in self._blob_files():
                 if path.name not in keep:
-                    freed += path.stat().st_size
-                    path.unlink()
+                    freed += path.lstat().st_size
+                    _remove_any(path)
                     removed += 1
-            for view in (self.root / "views").glob("*") if (self.root / "views").is_dir() else ():
-                if view.name not in keep:
-                    shutil.rmtree(view, ignore_errors=True)
+            for view in self._views():
+                if view.name not in keep:  # also views a crash left half-built (their names are temp names)
+                    _remove_any(view)
+            refs = self.root / "refs"
+            for temp in [p for p in refs.rglob(".*") if is_temp_name(p.name)] if refs.is_dir() else ():
+                temp.unlink(missing_ok=True)
         return {"blobs_removed": removed, "bytes_freed": freed, "blobs_kept": len(keep)}
 
     def _blob_files(self) -> list[Path]:
+        """Everything under ``blobs/sha256/<ab>/``, whatever its type (verify and gc judge it)."""
         base = self.root / "blobs" / "sha256"
-        return sorted(p for p in base.glob("*/*") if p.is_file()) if base.is_dir() else []
+        return sorted(base.glob("*/*")) if base.is_dir() else []
+
+    def _check_blob(self, path: Path) -> bool:
+        try:
+            return _hash_regular(path) == path.name
+        except (IntegrityError, OSError):
+            return False
+
+    def _check_view(self, view: Path) -> bool:
+        try:
+            return self._view_is_current(view, _adapter_files(view.name, json.loads(self.read_blob(view.name))))
+        except (IntegrityError, ValueError, KeyError, TypeError):
+            return False
 
     def verify(self) -> dict[str, Any]:
-        """Re-hash every blob; move corrupt ones to ``quarantine/``; report the refs they break."""
+        """Re-hash every blob; move corrupt ones (and anything that is not a regular file) to
+        ``quarantine/``; remove views that are not exactly their blobs (the next load rebuilds them);
+        report the refs the corrupt blobs break."""
         with self._locked():
-            corrupt = []
+            corrupt, checked = [], 0
             for path in self._blob_files():
                 if path.name.startswith("."):  # a temp file a crashed write left behind
-                    path.unlink()
+                    _remove_any(path)
                     continue
-                h = hashlib.sha256()
-                with open(path, "rb") as fh:
-                    while chunk := fh.read(1 << 22):
-                        h.update(chunk)
-                if h.hexdigest() != path.name:
-                    quarantine = self.root / "quarantine"
-                    quarantine.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, quarantine / f"{path.name}.{int(time.time())}")
-                    shutil.rmtree(self.root / "views" / path.name, ignore_errors=True)
+                checked += 1
+                if not self._check_blob(path):
+                    self._quarantine(path)
                     corrupt.append(path.name)
+            stale = []
+            for view in self._views():
+                if not self._check_view(view):
+                    _remove_any(view)
+                    stale.append(view.name)
             broken = []
             for ref in self.refs():
                 try:
                     entry = self.entry(ref)
-                    self.read_blob(entry.manifest["payload"]["sha256"])
-                except (IntegrityError, ValueError, KeyError) as exc:
+                    payload = entry.manifest["payload"]
+                    self.read_blob(payload["sha256"], int(payload["bytes"]))
+                except (IntegrityError, ValueError, KeyError, TypeError) as exc:
                     broken.append({"ref": str(ref), "error": str(exc)})
-        return {"blobs_checked": len(self._blob_files()) + len(corrupt), "corrupt": corrupt, "broken_refs": broken}
+        return {"blobs_checked": checked, "corrupt": corrupt, "broken_refs": broken,
+                "views_checked": len(stale) + len(self._views()), "stale_views_removed": stale}

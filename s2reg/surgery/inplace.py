@@ -10,7 +10,6 @@ wholly the base or wholly the merged model, never a mixture.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,28 +23,26 @@ from ..format import Adapter, payload
 from ..format.digest import sha256_bytes
 from ..fsatomic import fsync_dir, write_file
 from ..tensors import CheckpointSource
-from ..tensors.reader import JOURNAL_NAME
+from ..tensors.reader import leftovers
 from . import patching
-from .ledger import Ledger
+from .journal import Journal
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
+from ..records import read_record, to_bytes
 
-JOURNAL_PAYLOAD = ".s2reg-journal.safetensors"
-JOURNAL_FORMAT = "s2reg.journal"
 Progress = Callable[[str], None]
 
 
-def _apply(directory: Path, journal: dict[str, Any], blobs: dict[str, torch.Tensor], which: str) -> None:
+def _apply(directory: Path, journal: Journal, blobs: dict[str, torch.Tensor], which: str) -> None:
     """Write the ``before`` or ``after`` bytes of every patch and set the matching ledger."""
     with CheckpointSource(directory, allow_pending_journal=True) as source:
-        infos = {p["tensor"]: source.info(p["tensor"]) for p in journal["patches"]}
-    patching.write(directory, infos, journal["patches"], blobs, which)
-    ledger = journal[f"ledger_{which}"]
-    Ledger(ledger["merged"], ledger["original"]).write(directory)
+        infos = {p.tensor: source.info(p.tensor) for p in journal.patches}
+    patching.write(directory, infos, journal.patches, blobs, which)
+    (journal.ledger_after if which == "after" else journal.ledger_before).write(directory)
 
 
 def _drop_journal(directory: Path) -> None:
-    (directory / JOURNAL_NAME).unlink(missing_ok=True)  # the commit point: no journal, nothing pending
-    (directory / JOURNAL_PAYLOAD).unlink(missing_ok=True)
+    (directory / Journal.NAME).unlink(missing_ok=True)  # the commit point: no journal, nothing pending
+    (directory / Journal.PAYLOAD_NAME).unlink(missing_ok=True)
     fsync_dir(directory)
 
 
@@ -58,18 +55,16 @@ def _patch(plan: Plan, progress: Progress) -> dict[str, Any]:
         if not os.access(file, os.W_OK):
             raise PermissionError(13, "shard is not writable (in-place merge needs write access)", str(file))
     data = payload.dump(blobs, {"s2reg.journal": "1"})
-    journal = {
-        "format": JOURNAL_FORMAT,
-        "version": 1,
-        "operation": "unmerge" if plan.subtract else "merge",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "ledger_before": plan.ledger_before.as_json(),
-        "ledger_after": plan.ledger_after.as_json(),
-        "patches": patches,
-        "payload_sha256": sha256_bytes(data),
-    }
-    write_file(directory / JOURNAL_PAYLOAD, data)
-    write_file(directory / JOURNAL_NAME, json.dumps(journal).encode())  # from here on, recoverable
+    journal = Journal(
+        operation="unmerge" if plan.subtract else "merge",
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        ledger_before=plan.ledger_before,
+        ledger_after=plan.ledger_after,
+        patches=tuple(patches),
+        payload_sha256=sha256_bytes(data),
+    )
+    write_file(directory / Journal.PAYLOAD_NAME, data)
+    write_file(directory / Journal.NAME, to_bytes(journal))  # from here on, recoverable
     try:
         _apply(directory, journal, blobs, "after")
     except BaseException as failure:
@@ -86,51 +81,62 @@ def _patch(plan: Plan, progress: Progress) -> dict[str, Any]:
             "seconds": time.perf_counter() - started}
 
 
-def merge_in_place(base: str | os.PathLike, adapters: Sequence[Adapter], *, force: bool = False,
+def merge_in_place(base: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
                    progress: Progress = lambda _: None) -> dict[str, Any]:
     """Merge ``adapters`` into the checkpoint ``base`` by patching its shards (journaled)."""
     with CheckpointSource(base) as source:
-        return _patch(plan_merge(source, adapters, force=force), progress)
+        return _patch(plan_merge(source, adapters, verify_base=verify_base), progress)
 
 
-def unmerge_in_place(merged: str | os.PathLike, adapters: Sequence[Adapter], *, force: bool = False,
+def unmerge_in_place(merged: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
                      progress: Progress = lambda _: None) -> dict[str, Any]:
     """Take ``adapters`` out of the checkpoint ``merged`` in place (journaled; exact for S2FT)."""
     with CheckpointSource(merged) as source:
-        return _patch(plan_unmerge(source, adapters, force=force), progress)
+        return _patch(plan_unmerge(source, adapters, verify_base=verify_base), progress)
+
+
+def _directory(checkpoint: str | os.PathLike) -> Path:
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
+def _remove(files: Sequence[Path], directory: Path) -> list[str]:
+    for file in files:
+        file.unlink(missing_ok=True)
+    fsync_dir(directory)
+    return [f.name for f in files]
 
 
 def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> dict[str, Any]:
     """Finish an interrupted in-place operation: roll back to the state before it (default) or forward.
 
-    A journal whose description never landed means no byte was patched: it is just removed.
+    Without the journal's JSON no shard byte differs from what the ledger says (it never landed, or
+    the operation had committed): the journal payload and temp files are just removed. With nothing
+    left over, nothing is written (a read-only checkpoint is fine).
     """
-    directory = Path(checkpoint)
-    directory = directory if directory.is_dir() else directory.parent
-    file = directory / JOURNAL_NAME
+    directory = _directory(checkpoint)
+    found = leftovers(directory)
+    if not found:
+        return {"checkpoint": str(directory), "action": "nothing to recover"}
+    file = directory / Journal.NAME
     if not file.exists():
-        stray = (directory / JOURNAL_PAYLOAD).exists()
-        (directory / JOURNAL_PAYLOAD).unlink(missing_ok=True)
-        return {"checkpoint": str(directory), "action": "cleaned" if stray else "nothing to recover"}
+        return {"checkpoint": str(directory), "action": "cleaned", "removed": _remove(found, directory)}
+    journal = read_record(file, Journal.from_json)
     try:
-        journal = json.loads(file.read_text())
-        if journal.get("format") != JOURNAL_FORMAT:
-            raise ValueError
-        data = (directory / JOURNAL_PAYLOAD).read_bytes()
-    except (ValueError, OSError):
-        raise CheckpointError(f"{file}: journal unreadable; restore the checkpoint from a copy") from None
-    if sha256_bytes(data) != journal["payload_sha256"]:
-        raise IntegrityError(f"{directory / JOURNAL_PAYLOAD}: journal payload corrupted; restore the checkpoint from a copy")
+        data = (directory / Journal.PAYLOAD_NAME).read_bytes()
+    except OSError:
+        raise CheckpointError(f"{file}: its payload {Journal.PAYLOAD_NAME} is missing; restore the checkpoint from a copy") from None
+    if sha256_bytes(data) != journal.payload_sha256:
+        raise IntegrityError(f"{directory / Journal.PAYLOAD_NAME}: journal payload corrupted; restore the checkpoint from a copy")
     tensors, _ = payload.load(data)
     which = "after" if forward else "before"
     _apply(directory, journal, tensors, which)
+    removed = _remove([f for f in found if f.name not in (Journal.NAME, Journal.PAYLOAD_NAME)], directory)
     _drop_journal(directory)
     return {"checkpoint": str(directory), "action": "rolled forward" if forward else "rolled back",
-            "operation": journal["operation"], "tensors": len(journal["patches"])}
+            "operation": journal.operation, "tensors": len(journal.patches), "removed": removed}
 
 
 def pending(checkpoint: str | os.PathLike) -> bool:
-    """Whether an interrupted in-place operation awaits :func:`recover`."""
-    directory = Path(checkpoint)
-    return ((directory if directory.is_dir() else directory.parent) / JOURNAL_NAME).exists()
-
+    """Whether an interrupted command left something that :func:`recover` must deal with first."""
+    return bool(leftovers(_directory(checkpoint)))

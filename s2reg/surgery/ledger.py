@@ -6,18 +6,17 @@ not rewritten for this, so an in-place merge patches tensor bytes only.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
 from ..format import Adapter, S2FTTarget
 from ..format.digest import sha256_bytes
 from ..fsatomic import write_file
+from ..records import AXES, RECORD_VERSION, checked, int_list, read_record, require, to_bytes
 
 LEDGER_NAME = "s2reg-merged.json"
-LEDGER_FORMAT = "s2reg.merged"
 
 
 def adapter_identity(adapter: Adapter) -> str:
@@ -25,48 +24,90 @@ def adapter_identity(adapter: Adapter) -> str:
     return sha256_bytes(adapter.payload_bytes())
 
 
-def support_of(adapter: Adapter) -> dict[str, Any]:
-    """Per target, the slice it changes (``{"axis", "indices"}``), or ``"dense"``."""
-    return {
-        name: {"axis": t.axis, "indices": t.indices.tolist()} if isinstance(t, S2FTTarget) else "dense"
-        for name, t in adapter.targets.items()
-    }
+@dataclass(frozen=True)
+class Support:
+    """What an adapter changes in one tensor: a row or column slice, or (``axis`` None) all of it."""
+
+    axis: str | None
+    indices: tuple[int, ...] = ()
+
+    def overlaps(self, other: Support) -> bool:
+        """Whether the two share any element of the tensor."""
+        if self.axis is None or other.axis is None or self.axis != other.axis:
+            return True  # whole tensors meet everything; a row and a column always cross
+        return bool(set(self.indices) & set(other.indices))
+
+    def to_json(self) -> Any:
+        return "dense" if self.axis is None else {"axis": self.axis, "indices": list(self.indices)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Support:
+        if data == "dense":
+            return cls(None)
+        require(isinstance(data, dict) and data.get("axis") in AXES, "a support is \"dense\" or {axis, indices}")
+        return cls(data["axis"], int_list(data.get("indices"), "support indices"))
+
+    @classmethod
+    def of(cls, target: Any) -> Support:
+        return cls(target.axis, tuple(target.indices.tolist())) if isinstance(target, S2FTTarget) else cls(None)
 
 
-def overlaps(a: Any, b: Any) -> bool:
-    """Whether two supports of the same tensor share any element."""
-    if a == "dense" or b == "dense":
-        return True
-    if a["axis"] != b["axis"]:
-        return True  # a row and a column always cross
-    return bool(set(a["indices"]) & set(b["indices"]))
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One merged adapter: its identity (:func:`adapter_identity`), kind, base name and support per tensor."""
+
+    digest: str
+    kind: str
+    base: str
+    support: Mapping[str, Support]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"digest": self.digest, "kind": self.kind, "base": self.base,
+                "support": {name: s.to_json() for name, s in self.support.items()}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> LedgerEntry:
+        require(isinstance(data, dict), "a merged entry must be an object")
+        digest, kind, base, support = (data.get(k) for k in ("digest", "kind", "base", "support"))
+        require(isinstance(digest, str) and len(digest) == 64, "merged digest must be a sha256 hex digest")
+        require(isinstance(kind, str) and isinstance(base, str), "merged kind and base must be strings")
+        require(isinstance(support, dict), "merged support must be an object")
+        return cls(digest, kind, base, {name: Support.from_json(s) for name, s in support.items()})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Ledger:
-    """Merged adapters, oldest first, and the sha256 of every touched tensor before the first merge."""
+    """Merged adapters, oldest first, the sha256 of every touched tensor before the first merge, and the
+    tensors a merge without the base check changed in a way unmerge cannot undo bit for bit."""
 
-    merged: list[dict[str, Any]] = field(default_factory=list)
-    original: dict[str, str] = field(default_factory=dict)
+    FORMAT = "s2reg.merged"
+
+    merged: tuple[LedgerEntry, ...] = ()
+    original: Mapping[str, str] = field(default_factory=dict)
+    inexact: frozenset[str] = frozenset()
 
     @classmethod
     def read(cls, directory: Path) -> Ledger:
         file = Path(directory) / LEDGER_NAME
-        if not file.is_file():
-            return cls()
-        try:
-            data = json.loads(file.read_text())
-            if data.get("format") != LEDGER_FORMAT:
-                raise ValueError
-            return cls(list(data["merged"]), dict(data["original"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{file}: unreadable merge ledger (spec/SURGERY.md §2)") from None
+        return read_record(file, cls.from_json) if file.is_file() else cls()
 
-    def as_json(self) -> dict[str, Any]:
-        return {"format": LEDGER_FORMAT, "version": 1, "merged": self.merged, "original": dict(sorted(self.original.items()))}
+    def to_json(self) -> dict[str, Any]:
+        inexact = {"inexact": sorted(self.inexact)} if self.inexact else {}
+        return {"format": self.FORMAT, "version": RECORD_VERSION, "merged": [e.to_json() for e in self.merged],
+                "original": dict(sorted(self.original.items())), **inexact}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Ledger:
+        data = checked(data, cls.FORMAT)
+        merged, original, inexact = data.get("merged"), data.get("original"), data.get("inexact", [])
+        require(isinstance(merged, list), "merged must be a list")
+        require(isinstance(original, dict) and all(isinstance(v, str) for v in original.values()),
+                "original must map tensor names to sha256 digests")
+        require(isinstance(inexact, list) and all(isinstance(n, str) for n in inexact), "inexact must list tensor names")
+        return cls(tuple(LedgerEntry.from_json(e) for e in merged), dict(original), frozenset(inexact))
 
     def to_bytes(self) -> bytes:
-        return (json.dumps(self.as_json(), indent=2) + "\n").encode()
+        return to_bytes(self)
 
     def write(self, directory: Path) -> None:
         file = Path(directory) / LEDGER_NAME
@@ -75,18 +116,27 @@ class Ledger:
         elif file.exists():
             file.unlink()
 
+    def touched(self) -> set[str]:
+        """Every tensor a merged adapter changes."""
+        return {name for entry in self.merged for name in entry.support}
+
     def find(self, identity: str) -> int | None:
         for i, entry in enumerate(self.merged):
-            if entry["digest"] == identity:
+            if entry.digest == identity:
                 return i
         return None
 
     def with_merged(self, adapter: Adapter, identity: str, originals: dict[str, str]) -> Ledger:
-        entry = {"digest": identity, "kind": adapter.kind, "base": adapter.base.name, "support": support_of(adapter)}
+        entry = LedgerEntry(identity, adapter.kind, adapter.base.name,
+                            {name: Support.of(t) for name, t in adapter.targets.items()})
         original = dict(self.original)
         for name, sha in originals.items():
             original.setdefault(name, sha)
-        return Ledger([*self.merged, entry], original)
+        return Ledger((*self.merged, entry), original, self.inexact)
+
+    def with_inexact(self, name: str) -> Ledger:
+        """The ledger noting that unmerging cannot restore ``name`` bit for bit (merged without the base check, spec/SURGERY.md §2)."""
+        return Ledger(self.merged, self.original, self.inexact | {name})
 
     def without(self, identity: str) -> Ledger:
         """The ledger after unmerging ``identity``.
@@ -94,20 +144,21 @@ class Ledger:
         A tensor a dense (PISA) delta was taken out of is only within an ulp of what it was, so the
         ledger stops vouching for its original bytes.
         """
-        removed = [e for e in self.merged if e["digest"] == identity]
-        merged = [e for e in self.merged if e["digest"] != identity]
-        touched = {name for e in merged for name in e["support"]}
-        inexact = {name for e in removed for name, support in e["support"].items() if support == "dense"}
-        return Ledger(merged, {n: s for n, s in self.original.items() if n in touched and n not in inexact})
+        removed = [e for e in self.merged if e.digest == identity]
+        kept = Ledger(tuple(e for e in self.merged if e.digest != identity))
+        inexact = {name for e in removed for name, support in e.support.items() if support.axis is None}
+        touched = kept.touched()
+        return Ledger(kept.merged, {n: s for n, s in self.original.items() if n in touched and n not in inexact},
+                      frozenset(n for n in self.inexact if n in touched))
 
     def later_overlap(self, identity: str) -> str | None:
         """A tensor where an adapter merged after ``identity`` overlaps it (so unmerging it first is inexact)."""
         i = self.find(identity)
         if i is None:
             return None
-        mine = self.merged[i]["support"]
+        mine = self.merged[i].support
         for later in self.merged[i + 1:]:
-            for name, support in later["support"].items():
-                if name in mine and overlaps(mine[name], support):
+            for name, support in later.support.items():
+                if name in mine and mine[name].overlaps(support):
                     return name
         return None

@@ -11,10 +11,8 @@ so memory stays bounded and a scattered channel selection costs a handful of sys
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -23,9 +21,10 @@ from ..format.digest import tensor_bytes
 from ..format.s2ft import take
 from ..tensors import CheckpointSource
 from ..tensors.header import TensorInfo
+from .journal import Patch
 from .plan import Plan
 
-Patches = tuple[list[dict[str, Any]], dict[str, torch.Tensor]]
+Patches = tuple[list[Patch], dict[str, torch.Tensor]]
 
 
 _BLOCK_BYTES = 4 * 1024 * 1024
@@ -58,7 +57,7 @@ def _row_blocks(info: TensorInfo):
         yield first, count, info.start + first * row_bytes
 
 
-def _read_bytes(fd: int, info: TensorInfo, axis: str | None, indices: list[int] | None) -> np.ndarray:
+def _read_bytes(fd: int, info: TensorInfo, axis: str | None, indices: list[int]) -> np.ndarray:
     """The slice's bytes in its own row-major order."""
     if axis is None:
         return _pread(fd, info.nbytes, info.start)
@@ -71,15 +70,15 @@ def _read_bytes(fd: int, info: TensorInfo, axis: str | None, indices: list[int] 
     return np.concatenate(parts)
 
 
-def write_patch(fd: int, info: TensorInfo, patch: dict[str, Any], data: torch.Tensor) -> None:
+def write_patch(fd: int, info: TensorInfo, patch: Patch, data: torch.Tensor) -> None:
     """Write one patch's bytes into the shard open as ``fd``; no byte outside the slice changes value."""
     raw = data.numpy()
-    axis, indices = patch["axis"], patch["indices"]
+    axis, indices = patch.axis, patch.indices
     row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
     expected = info.nbytes if axis is None else len(indices) * (
         row_bytes if axis == "rows" else info.shape[0] * info.dtype.itemsize)
     if raw.size != expected:
-        raise CheckpointError(f"{patch['file']}: patch bytes do not fit the slice of {patch['tensor']}")
+        raise CheckpointError(f"{patch.file}: patch bytes do not fit the slice of {patch.tensor}")
     if axis is None:
         os.pwrite(fd, raw.tobytes(), info.start)
     elif axis == "rows":
@@ -127,25 +126,21 @@ def prepare(plan: Plan, progress: Callable[[str], None]) -> Patches:
             new = plan.transform(name, whole)
             before, after = (whole, new) if support is None else (take(whole, *support), take(new, *support))
         blobs[f"{i}.before"], blobs[f"{i}.after"] = _as_bytes(before), _as_bytes(after)
-        patches.append({
-            "tensor": name,
-            "file": source.info(name).file.name,
-            "axis": None if support is None else support[0],
-            "indices": None if support is None else support[1].tolist(),
-        })
+        patches.append(Patch(name, source.info(name).file.name, None, None) if support is None
+                       else Patch(name, source.info(name).file.name, support[0], tuple(support[1].tolist())))
         progress(name)
     return patches, blobs
 
 
-def write(directory: Path, infos: dict[str, TensorInfo], patches: list[dict[str, Any]],
+def write(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch],
           blobs: dict[str, torch.Tensor], which: str) -> None:
     """Write the ``before`` or ``after`` bytes of every patch into the shards in ``directory``, and fsync."""
     fds: dict[str, int] = {}
     try:
         for i, patch in enumerate(patches):
-            if patch["file"] not in fds:
-                fds[patch["file"]] = os.open(directory / patch["file"], os.O_RDWR)
-            write_patch(fds[patch["file"]], infos[patch["tensor"]], patch, blobs[f"{i}.{which}"])
+            if patch.file not in fds:
+                fds[patch.file] = os.open(directory / patch.file, os.O_RDWR)
+            write_patch(fds[patch.file], infos[patch.tensor], patch, blobs[f"{i}.{which}"])
         for fd in fds.values():
             os.fsync(fd)  # the patched bytes reach the disk before anyone says they did
     finally:

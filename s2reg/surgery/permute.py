@@ -7,7 +7,6 @@ map adapters (which always hold original coordinates) onto it.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch
 from ..arch import ARCH_FILE, ModelInfo, resolve_source
 from ..errors import S2RegError
 from ..format import Adapter
-from ..ops.permute import PERMUTATION_FORMAT, PERMUTATION_NAME, Permutation, permute_tensor, plan, read_permutation, selection_of
+from ..ops.permute import Permutation, PermutationRecord, permute_tensor, plan, read_permutation, selection_of
+from ..records import to_bytes
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
 
 Progress = Callable[[str], None]
@@ -60,7 +60,7 @@ def _rewrite(source: CheckpointSource, output: Path, perm: Permutation, info: Mo
     write_checkpoint(
         output, shards, produce,
         metadata={f: source.metadata(f) for f in shards}, side_files_from=source.directory,
-        side_files_exclude=[PERMUTATION_NAME, *extra], extra_files=extra,
+        side_files_exclude=[PermutationRecord.NAME, *extra], extra_files=extra,
         overwrite=overwrite, progress=progress,
     )
     return len(changed)
@@ -74,8 +74,7 @@ def permute_checkpoint(base: str | os.PathLike, selection: Adapter | Mapping[str
         if read_permutation(source, arch_file) is not None:
             raise S2RegError(f"{source.directory} is already permuted; unpermute it first")
         perm, info = plan_for(source, selection, arch_file)
-        record = {"format": PERMUTATION_FORMAT, "version": 1, "permutation": perm.as_json()}
-        extra = {PERMUTATION_NAME: (json.dumps(record, indent=2) + "\n").encode()}
+        extra = {PermutationRecord.NAME: to_bytes(PermutationRecord(perm))}
         if arch_file is not None:  # merge/unmerge/unpermute of the output find the description beside it
             extra[ARCH_FILE] = Path(arch_file).read_bytes()
         changed = _rewrite(source, Path(output), perm, info, extra, overwrite, progress)
@@ -90,7 +89,7 @@ def unpermute_checkpoint(permuted: str | os.PathLike, output: str | os.PathLike,
     with CheckpointSource(permuted) as source:
         found = read_permutation(source, arch_file)
         if found is None:
-            raise S2RegError(f"{source.directory} has no {PERMUTATION_NAME}: it is not a permuted checkpoint")
+            raise S2RegError(f"{source.directory} has no {PermutationRecord.NAME}: it is not a permuted checkpoint")
         perm, info = found
         changed = _rewrite(source, Path(output), perm.inverse(), info, {}, overwrite, progress)
     return {"output": str(output), "layers_restored": len(perm.layers), "tensors_changed": changed}

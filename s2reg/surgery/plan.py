@@ -1,7 +1,7 @@
 """What a merge or unmerge will do, decided and checked before any byte is written.
 
 Both ways of writing (a new checkpoint, or patching in place) share this: the compatibility checks
-(names, shapes and dtypes always; base fingerprints unless forced), the ledger bookkeeping, and the
+(names, shapes and dtypes always; base fingerprints unless ``verify_base=False``), the ledger bookkeeping, and the
 per-tensor math, which is exact for S2FT (FORMAT §4.3) and permutation-aware.
 """
 
@@ -23,10 +23,39 @@ from ..errors import (
 )
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.digest import tensor_sha256
-from ..format.s2ft import add_exact, reversible, take
+from ..format.s2ft import put, take
 from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation
-from ..tensors import CheckpointSource
+from ..tensors import CheckpointSource, PermutedView, TensorSource
 from .ledger import Ledger, adapter_identity
+
+
+def to_original(name: str, tensor: torch.Tensor, permutation: tuple[Permutation, ModelInfo] | None) -> torch.Tensor:
+    """A tensor of a co-permuted checkpoint in original coordinates (as it is when not permuted)."""
+    if permutation is None:
+        return tensor
+    perm, info = permutation
+    return permute_tensor(name, tensor, perm.inverse(), info)
+
+
+def original_sha256(source: CheckpointSource, permutation: tuple[Permutation, ModelInfo] | None, name: str) -> str:
+    """sha256 of a tensor in original coordinates, as it is now (streamed when unpermuted)."""
+    if permutation is None:
+        return source.sha256_of(name)
+    return tensor_sha256(to_original(name, source.get(name), permutation))
+
+
+def original_coordinates(source: CheckpointSource) -> TensorSource:
+    """A checkpoint read in original coordinates, the ones adapter fingerprints are taken in.
+
+    A checkpoint written by ``s2reg permute`` (spec/SURGERY.md §4) is permuted back tensor by
+    tensor, so :meth:`Adapter.verify_base` accepts it for the adapters of its original.
+    """
+    found = read_permutation(source)
+    if found is None:
+        return source
+    perm, info = found
+    return PermutedView(source, perm.inverse().index_of(info))
+
 
 @dataclass
 class Plan:
@@ -41,15 +70,29 @@ class Plan:
     expect_sha: dict[str, str] = field(default_factory=dict)  # tensor -> sha256 the result must have
     permutation: tuple[Permutation, ModelInfo] | None = None
     stacked: set[str] = field(default_factory=set)  # tensors an earlier merge already changed
+    unverified: set[str] = field(default_factory=set)  # tensors merged without checking their fingerprint (--skip-base-check)
+
+    def _step(self, name: str, i: int, target: S2FTTarget, current: torch.Tensor) -> torch.Tensor:
+        """One S2FT delta on the slice values ``current``, with the checks of spec/SURGERY.md §2 rule 3.
+
+        Stacked on another merged adapter, a step unmerge could not undo is refused. Forced onto values
+        whose fingerprint nobody checked, it is done, and the ledger notes that unmerge cannot restore the tensor.
+        """
+        stacked = not self.subtract and bool(i or name in self.stacked)
+        shifted = target.shifted(current, name=name, subtract=self.subtract, check_reversible=stacked)
+        if not self.subtract and not stacked and name in self.unverified and not target.undoes(current, shifted):
+            self.ledger_after = self.ledger_after.with_inexact(name)
+        return shifted
 
     def transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor after the operation: exact, finite-checked, in the checkpoint's coordinates."""
         before = work = self._to_original(name, tensor)
         for i, target in enumerate(self.touched[name]):
-            stacked = not self.subtract and (i or name in self.stacked) and isinstance(target, S2FTTarget)
-            if stacked and not reversible(take(work, target.axis, target.indices), target.delta):
-                raise _irreversible(name)
-            work = target.merged(work, subtract=self.subtract)
+            if isinstance(target, S2FTTarget):
+                work = work.clone()
+                put(work, target.axis, target.indices, self._step(name, i, target, take(work, target.axis, target.indices)))
+            else:
+                work = target.merged(work, subtract=self.subtract)
         for target in self.touched[name]:  # only where something changed: S2FT leaves the rest alone
             if isinstance(target, S2FTTarget):
                 _check_finite(name, take(work, target.axis, target.indices), take(before, target.axis, target.indices))
@@ -68,10 +111,7 @@ class Plan:
         work = before
         for i, target in enumerate(self.touched[name]):
             where = torch.tensor([position[int(j)] for j in target.indices], dtype=torch.long)
-            current = work.index_select(dim, where)
-            if not self.subtract and (i or name in self.stacked) and not reversible(current, target.delta):
-                raise _irreversible(name)
-            work = work.index_copy(dim, where, add_exact(current, target.delta, subtract=self.subtract))
+            work = work.index_copy(dim, where, self._step(name, i, target, work.index_select(dim, where)))
         _check_finite(name, work, before)
         return work
 
@@ -87,10 +127,7 @@ class Plan:
         return targets[0].axis, indices
 
     def _to_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.permutation:
-            return tensor
-        perm, info = self.permutation
-        return permute_tensor(name, tensor, perm.inverse(), info)
+        return to_original(name, tensor, self.permutation)
 
     def _from_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not self.permutation:
@@ -100,9 +137,7 @@ class Plan:
 
     def original_sha(self, name: str) -> str:
         """sha256 of the tensor in original coordinates, as it is now (streamed when unpermuted)."""
-        if not self.permutation:
-            return self.source.sha256_of(name)
-        return tensor_sha256(self._to_original(name, self.source.get(name)))
+        return original_sha256(self.source, self.permutation, name)
 
 
 def _check_finite(name: str, after: torch.Tensor, before: torch.Tensor) -> None:
@@ -111,15 +146,6 @@ def _check_finite(name: str, after: torch.Tensor, before: torch.Tensor) -> None:
         return
     if bool((~torch.isfinite(after) & torch.isfinite(before)).any()):
         raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
-
-
-def _irreversible(name: str) -> S2RegError:
-    # The delta's exact difference (FORMAT §4.3) was taken against the original base; stacked on
-    # another adapter's values, its round trip can round differently.
-    return S2RegError(
-        f"{name}: this adapter overlaps one merged before it and could not be unmerged exactly; "
-        "combine them with `s2reg fuse` instead"
-    )
 
 
 def _check_shapes(source: CheckpointSource, adapter: Adapter) -> None:
@@ -133,13 +159,13 @@ def _check_shapes(source: CheckpointSource, adapter: Adapter) -> None:
             )
 
 
-def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: bool = False) -> Plan:
+def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_base: bool = True) -> Plan:
     """Check that ``adapters`` can be merged, in order, into ``source``; raise before any write."""
     if not adapters:
         raise S2RegError("name at least one adapter to merge")
     ledger = Ledger.read(source.directory)
     plan = Plan(source, list(adapters), False, ledger, ledger, permutation=read_permutation(source),
-                stacked={n for entry in ledger.merged for n in entry["support"]})
+                stacked=ledger.touched())
     seen: set[str] = set()
     for adapter in adapters:
         identity = adapter_identity(adapter)
@@ -150,13 +176,14 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: 
         originals = {}
         for name in adapter.targets:
             known = ledger.original.get(name) or plan.ledger_after.original.get(name)
-            if force and known is None:
-                continue  # --force: no hashing at all; the ledger then cannot vouch for this tensor
+            if not verify_base and known is None:
+                plan.unverified.add(name)  # no hashing at all; the merge checks whether it can be undone
+                continue
             originals[name] = known or plan.original_sha(name)
-            if not force and originals[name] != adapter.base.fingerprints[name].sha256:
+            if verify_base and originals[name] != adapter.base.fingerprints[name].sha256:
                 raise BaseMismatch(
                     f"{name}: the checkpoint's tensor differs from the base this adapter was made for "
-                    f"({adapter.base.name!r}); pass --force to skip the fingerprint check"
+                    f"({adapter.base.name!r}); refused (--skip-base-check merges anyway)"
                 )
         for name in adapter.targets:
             plan.touched.setdefault(name, []).append(adapter.targets[name])
@@ -164,11 +191,12 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: 
     return plan
 
 
-def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, force: bool = False) -> Plan:
+def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_base: bool = True) -> Plan:
     """Check that ``adapters`` can be taken out of ``source`` exactly; raise before any write.
 
     Adapters are taken out newest first. One that a later, still merged adapter overlaps is refused:
-    taking it out first would not restore the original bits.
+    taking it out first would not restore the original bits. ``verify_base=False`` also subtracts
+    adapters the ledger does not record as merged.
     """
     if not adapters:
         raise S2RegError("name at least one adapter to unmerge")
@@ -177,10 +205,10 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, force
     if len(set(identities)) != len(identities):
         raise S2RegError("the same adapter is named twice")
     missing = [a for a, i in zip(adapters, identities) if ledger.find(i) is None]
-    if missing and not force:
+    if missing and verify_base:
         raise BaseMismatch(
-            f"adapter for {missing[0].base.name!r} is not recorded as merged into {source.directory} "
-            "(pass --force to subtract it anyway)"
+            f"adapter for {missing[0].base.name!r} is not recorded as merged into {source.directory}; refused "
+            "(--skip-base-check subtracts it anyway)"
         )
     position = {i: (ledger.find(i) if ledger.find(i) is not None else -1) for i in identities}
     order = sorted(zip(adapters, identities), key=lambda pair: position[pair[1]], reverse=True)
@@ -191,6 +219,13 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, force
         if clash is not None:
             raise S2RegError(
                 f"{clash}: an adapter merged later overlaps this one; unmerge that one first (or both in one call)"
+            )
+        inexact = sorted(set(adapter.targets) & ledger.inexact)
+        if inexact and verify_base:
+            raise S2RegError(
+                f"{inexact[0]}: an adapter was merged here without the base check onto values it was not made for, so "
+                "unmerging cannot restore them bit for bit (spec/SURGERY.md §2); refused (--skip-base-check subtracts "
+                "it anyway)"
             )
         plan.ledger_after = plan.ledger_after.without(identity)
         for name, target in adapter.targets.items():
@@ -208,6 +243,6 @@ def describe_plan(plan: Plan) -> dict[str, Any]:
         "operation": "unmerge" if plan.subtract else "merge",
         "adapters": [adapter_identity(a) for a in plan.adapters],
         "tensors": len(plan.touched),
-        "merged_now": [e["digest"] for e in plan.ledger_after.merged],
+        "merged_now": [e.digest for e in plan.ledger_after.merged],
         "permuted": plan.permutation is not None,
     }

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..format import Adapter
+from ..fsatomic import check_free
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
 from . import patching
 from .ledger import LEDGER_NAME
@@ -28,9 +29,10 @@ def _rewrite(plan: Plan, output: Path, *, overwrite: bool, progress: Progress) -
     source = plan.source
     if Path(output).resolve() == source.directory.resolve():
         raise FileExistsError(17, "output is the base checkpoint itself (use --in-place to patch it)", str(output))
+    check_free(output, overwrite=overwrite)
     started = time.perf_counter()
     patches, blobs = patching.prepare(plan, progress)  # every check passes before the output exists
-    infos = {p["tensor"]: source.info(p["tensor"]) for p in patches}
+    infos = {p.tensor: source.info(p.tensor) for p in patches}
     verbatim = {
         file: (source.directory / file, [TensorSpec(n, source.shape(n), source.dtype(n)) for n in names])
         for file, names in source.shard_names().items()
@@ -48,19 +50,20 @@ def _rewrite(plan: Plan, output: Path, *, overwrite: bool, progress: Progress) -
             "bytes_patched": patching.patched_bytes(blobs), "seconds": time.perf_counter() - started}
 
 
-def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, force: bool = False,
+def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, verify_base: bool = True,
           overwrite: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
     """Write ``base`` with ``adapters`` merged (in order) to a new checkpoint at ``output``.
 
-    Checks names, shapes and dtypes, and base fingerprints unless ``force``; refuses an adapter that
-    is already merged, and any result holding NaN/Inf. Returns a report (tensors touched, timing).
+    Checks names, shapes and dtypes, and base fingerprints unless ``verify_base=False``; refuses an
+    adapter that is already merged, and any result holding NaN/Inf. ``overwrite`` only allows
+    replacing an existing ``output``. Returns a report (tensors touched, timing).
     """
     with CheckpointSource(base) as source:
-        return _rewrite(plan_merge(source, adapters, force=force), Path(output), overwrite=overwrite, progress=progress)
+        return _rewrite(plan_merge(source, adapters, verify_base=verify_base), Path(output), overwrite=overwrite, progress=progress)
 
 
-def unmerge(merged: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, force: bool = False,
-            overwrite: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
+def unmerge(merged: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *,
+            verify_base: bool = True, overwrite: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
     """Write ``merged`` with ``adapters`` taken out to ``output``: bit-identical to the base for S2FT."""
     with CheckpointSource(merged) as source:
-        return _rewrite(plan_unmerge(source, adapters, force=force), Path(output), overwrite=overwrite, progress=progress)
+        return _rewrite(plan_unmerge(source, adapters, verify_base=verify_base), Path(output), overwrite=overwrite, progress=progress)

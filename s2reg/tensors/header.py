@@ -1,8 +1,8 @@
 """The safetensors file layout: an 8-byte little-endian header length, a JSON header, the data.
 
-Read strictly (a truncated or extended shard is an error, not a short tensor) and written by
-s2reg itself, so a header can be laid out before any tensor is produced and the tensors then
-streamed one at a time.
+Read strictly by the one header parser of :mod:`s2reg.format.safetensors_header` (a truncated,
+extended or overlapping shard is an error, not a short tensor) and written by s2reg itself, so a
+header can be laid out before any tensor is produced and the tensors then streamed one at a time.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
-from ..format import dtypes
+from ..errors import CheckpointError, FormatError
+from ..format import dtypes, safetensors_header
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = safetensors_header.CHECKPOINT_MAX_HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -37,43 +37,30 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Entries and ``__metadata__`` of the safetensors file at ``path``, checked against its size."""
+    """Entries and ``__metadata__`` of the safetensors file at ``path``, strictly checked (FORMAT §6.1).
+
+    The rules are those of every s2reg read path (:mod:`s2reg.format.safetensors_header`): in
+    particular no two tensors may share bytes, so patching one in place never rewrites another.
+    """
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors header ({n} bytes declared, file has {size})")
+
+        def read_at(offset: int, n: int) -> bytes:
+            fh.seek(offset)
+            data = fh.read(n)
+            if len(data) != n:
+                raise FormatError(f"file ends at byte {offset + len(data)} while reading {n} bytes (changed underneath?)")
+            return data
+
         try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + n
-    entries, end_of_data = {}, 0
-    for name, entry in header.items():
-        try:
-            dtype = dtypes.to_torch(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError, dtypes.FormatError):
-            raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
-        expected = dtype.itemsize
-        for d in shape:
-            expected *= d
-        if begin < 0 or end - begin != expected or any(d < 0 for d in shape):
-            raise CheckpointError(f"{path}: {name}: data offsets do not match shape {list(shape)} {entry['dtype']}")
-        entries[name] = TensorInfo(name, path, dtype, shape, start + begin, start + end)
-        end_of_data = max(end_of_data, end)
-    if start + end_of_data != size:
-        raise CheckpointError(
-            f"{path}: file is {size} bytes but its header describes {start + end_of_data} (truncated or extended shard)"
-        )
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+            header = safetensors_header.read(read_at, size, max_header_bytes=MAX_HEADER_BYTES)
+        except FormatError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    entries = {
+        name: TensorInfo(name, path, dtypes.to_torch(e.dtype), e.shape, header.data_start + e.begin, header.data_start + e.end)
+        for name, e in header.entries.items()
+    }
+    return entries, header.metadata
 
 
 def layout(specs, metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:

@@ -15,16 +15,44 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, NotFound
+from ..fsatomic import is_temp_name
 from .header import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 JOURNAL_NAME = ".s2reg-journal.json"
+JOURNAL_PAYLOAD_NAME = ".s2reg-journal.safetensors"
 SINGLE_NAME = "model.safetensors"
 _CHUNK = 1 << 22
 
 
+def _is_shard_name(name: str) -> bool:
+    # Hidden names are s2reg's own (the journal payload, temp files), never a model's shards.
+    return name.endswith(".safetensors") and not name.startswith(".")
+
+
+def leftovers(directory: Path) -> list[Path]:
+    """What an interrupted s2reg command left beside a checkpoint: the in-place journal (its JSON, or its
+    payload alone) and temp files of the atomic writer. While any is there, only ``s2reg recover`` may run.
+    """
+    found = [directory / name for name in (JOURNAL_NAME, JOURNAL_PAYLOAD_NAME) if os.path.lexists(directory / name)]
+    if directory.is_dir():
+        found += sorted(p for p in directory.iterdir() if is_temp_name(p.name) and not p.is_dir())
+    return found
+
+
+def refuse_leftovers(directory: Path) -> None:
+    """Raise if an interrupted s2reg command left something in ``directory`` (see :func:`leftovers`)."""
+    left = leftovers(Path(directory))
+    if left:
+        raise CheckpointError(
+            f"{directory}: an interrupted s2reg command left {left[0].name}; run `s2reg recover {directory}` first"
+        )
+
+
 def _shard_files(path: Path) -> list[Path]:
     if path.is_file():
+        if not _is_shard_name(path.name):
+            raise CheckpointError(f"{path}: not a checkpoint shard (expected a visible *.safetensors file)")
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint (expected a directory or a .safetensors file)")
@@ -42,7 +70,7 @@ def _shard_files(path: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
         return [path / f for f in files]
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.iterdir() if _is_shard_name(p.name))
     if not files:
         raise CheckpointError(f"{path}: no safetensors files (is this a Hugging Face checkpoint directory?)")
     return files
@@ -77,10 +105,8 @@ class CheckpointSource:
     def __init__(self, path: str | os.PathLike, *, allow_pending_journal: bool = False):
         self.path = Path(path)
         self.files = _shard_files(self.path)
-        if not allow_pending_journal and (self.directory / JOURNAL_NAME).exists():
-            raise CheckpointError(
-                f"{self.directory}: an in-place merge or unmerge was interrupted; run `s2reg recover {self.directory}` first"
-            )
+        if not allow_pending_journal:
+            refuse_leftovers(self.directory)
         self._info: dict[str, TensorInfo] = {}
         self._metadata: dict[str, dict[str, str]] = {}
         for file in self.files:

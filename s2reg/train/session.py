@@ -16,6 +16,7 @@ from ..errors import S2RegError
 from ..format import Adapter
 from ..tensors import CheckpointSource
 from ..tensors.reader import read_config
+from ..tensors.reader import refuse_leftovers
 from .data import read_jsonl, tokenize
 from .objective import CAUSAL, CLASSIFY, Objective
 from .objective import choose as choose_objective
@@ -42,6 +43,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DEVICE_TYPES = {  # device type -> whether this machine has one (asked when needed, not at import)
+    "cpu": lambda: True,
+    "cuda": lambda: torch.cuda.is_available(),
+    "mps": lambda: torch.backends.mps.is_available(),
+}
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it; a one-line S2RegError otherwise (before any model is loaded)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise S2RegError(f"{device!r} is not a device s2reg trains on ({', '.join(DEVICE_TYPES)}, or cuda:N)")
+    if not DEVICE_TYPES[parsed.type]():
+        raise S2RegError(f"device {device!r}: {parsed.type.upper()} is not available on this machine (try cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise S2RegError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def load_base(base: str | os.PathLike, dtype: str, device: str, objective: Objective = Objective(CAUSAL), *,
               seed: int = 0):
     """The model (for ``objective``) and tokenizer (None when the checkpoint has none) of a checkpoint directory.
@@ -54,6 +77,7 @@ def load_base(base: str | os.PathLike, dtype: str, device: str, objective: Objec
     base = Path(base)
     if not (base / "config.json").is_file():
         raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
+    refuse_leftovers(base)  # transformers would read a half-patched checkpoint
     if dtype not in DTYPES:
         raise S2RegError(f"unknown dtype {dtype!r} (fp32 or bf16)")
     auto = getattr(transformers, objective.auto_class)
@@ -94,7 +118,7 @@ def run_training(
     the checkpoint, when there is one).
     """
     train_config = train_config or TrainConfig()
-    device = device or default_device()
+    device = check_device(device) if device else default_device()
     if not 0 <= eval_fraction < 1:
         raise S2RegError("--eval-fraction must be in [0, 1)")
     records = read_jsonl(data)

@@ -87,3 +87,17 @@ def parts(adapter) -> tuple[dict, dict[str, torch.Tensor]]:
     raw = adapter.payload_bytes()
     tensors, _ = payload.load(raw)
     return adapter.manifest_for(raw, raw, "raw", None), tensors
+
+
+def signed_zero_adapter(**kwargs) -> S2FTAdapter:
+    """A bf16 adapter whose changes need restore lists (FORMAT §4.3): -0.0 moved, values moved to -0.0."""
+    base = tiny_base()
+    base[DOWN][[1, 5, 9], 7] = -0.0
+    base[Q][9, [0, 3]] = -0.0
+    tuned_down = base[DOWN][:, [3, 7, 8, 30]].clone()
+    tuned_down[1, 1], tuned_down[5, 1], tuned_down[0, 0] = 0.5, 0.0, -0.0  # -0.0 -> 0.5, -0.0 -> +0.0, x -> -0.0
+    tuned_down[2:4] += 0.25
+    tuned_q = base[Q][8:16].clone()
+    tuned_q[1, 0] = 1.0
+    return S2FTAdapter.from_tuned(base, {DOWN: ("columns", [3, 7, 8, 30], tuned_down), Q: ("rows", list(range(8, 16)), tuned_q)},
+                                  base_name="tiny", group_sizes={Q: 8}, **kwargs)

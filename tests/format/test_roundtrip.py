@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import s2reg
-from s2reg.errors import UnsupportedVersion
+from s2reg.errors import FormatError, UnsupportedVersion
 from s2reg.format import UnknownKeyWarning, manifest
 
-from .helpers import parts, pisa_adapter, s2ft_adapter
+from .helpers import DOWN, forge, parts, pisa_adapter, s2ft_adapter, signed_zero_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "spec" / "manifest.schema.json").read_text())
@@ -36,7 +36,7 @@ def assert_same(a, b):
     assert a.params == b.params and a.provenance == b.provenance
 
 
-@pytest.mark.parametrize("make", [s2ft_adapter, pisa_adapter])
+@pytest.mark.parametrize("make", [s2ft_adapter, pisa_adapter, signed_zero_adapter])
 @pytest.mark.parametrize("compress", [False, True])
 def test_save_load_round_trip(tmp_path, make, compress):
     adapter = make(params={"budget": 4})
@@ -51,7 +51,7 @@ def test_save_load_round_trip(tmp_path, make, compress):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
 
 
-@pytest.mark.parametrize("make", [s2ft_adapter, pisa_adapter])
+@pytest.mark.parametrize("make", [s2ft_adapter, pisa_adapter, signed_zero_adapter])
 def test_manifest_follows_json_schema(tmp_path, make):
     make().save(tmp_path / "a")
     jsonschema.validate(json.loads((tmp_path / "a" / "s2reg.json").read_text()), SCHEMA)
@@ -162,3 +162,33 @@ def test_parts_helper_matches_saved_manifest(tmp_path):
     adapter.save(tmp_path / "a", compress=False)
     data, _ = parts(adapter)
     assert data == json.loads((tmp_path / "a" / "s2reg.json").read_text())
+
+
+def test_restore_lists_are_version_2_and_everything_else_stays_version_1(tmp_path):
+    """FORMAT §3.6: the lowest version that holds the adapter, in the manifest and the payload metadata."""
+    for make, version in ((s2ft_adapter, 1), (pisa_adapter, 1), (signed_zero_adapter, 2)):
+        adapter = make()
+        adapter.save(tmp_path / make.__name__, compress=False)
+        data = json.loads((tmp_path / make.__name__ / "s2reg.json").read_text())
+        assert data["format_version"] == version
+        _, meta = s2reg.format.payload.load((tmp_path / make.__name__ / "payload.safetensors").read_bytes())
+        assert meta["s2reg.format_version"] == str(version)
+    restore = signed_zero_adapter().targets[DOWN].restore
+    assert restore.index.tolist() == [0, 5, 21]  # flat positions in the [16, 4] slice: (0,0), (1,1), (5,1)
+
+
+def test_an_old_reader_refuses_restore_lists_and_never_merges_without_them(tmp_path, monkeypatch):
+    """FORMAT §3.6: a version-1 reader stops at the version; one that skipped it would find unknown payload tensors."""
+    signed_zero_adapter().save(tmp_path / "a", compress=False)
+    monkeypatch.setattr(manifest, "FORMAT_VERSION", 1)
+    with pytest.raises(UnsupportedVersion, match="format_version 2 but this s2reg reads up to 1; upgrade s2reg"):
+        s2reg.load(tmp_path / "a")
+    monkeypatch.undo()
+    data, tensors = parts(signed_zero_adapter())
+    data["format_version"] = 1
+    with pytest.raises(FormatError, match="restore lists need format_version 2"):
+        s2reg.load(forge(tmp_path / "v1", data, tensors))
+    for entry in data["targets"].values():  # what a version-1 writer's manifest would say: no restore field
+        entry.pop("restore", None)
+    with pytest.raises(FormatError, match="unexpected .*restore"):
+        s2reg.load(forge(tmp_path / "old", data, tensors))

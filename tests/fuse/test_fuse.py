@@ -138,3 +138,57 @@ def test_bad_fuse_inputs_are_clear_errors_and_write_nothing(base, tmp_path):
         fuse([s2reg.load(tmp_path / "a"), s2reg.load(tmp_path / "p")])
     with pytest.raises(BaseMismatch):
         fuse([s2reg.load(tmp_path / "a"), s2reg.load(tmp_path / "x")])
+
+
+def test_adapters_for_different_model_families_are_refused_in_one_line(base, tmp_path):
+    """A Llama adapter and a BERT adapter touch no common tensor: nothing ties them to one base."""
+    bert = tiny(tmp_path / "bert", family="bert")
+    pisa(base).save(tmp_path / "llama-pisa")
+    pisa(bert).save(tmp_path / "bert-pisa")
+    adapters = [s2reg.load(tmp_path / "llama-pisa"), s2reg.load(tmp_path / "bert-pisa")]
+    assert not set(adapters[0].targets) & set(adapters[1].targets)
+    with pytest.raises(BaseMismatch, match="nothing shows these adapters share a base model"):
+        fuse(adapters)
+    result = CliRunner().invoke(main, ["fuse", str(tmp_path / "llama-pisa"), str(tmp_path / "bert-pisa"),
+                                       "-o", str(tmp_path / "mixed")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("Error: nothing shows these adapters share a base model") and "--base" in result.output
+    assert not (tmp_path / "mixed").exists()
+    with CheckpointSource(base) as source, pytest.raises(BaseMismatch, match="base model has no tensor"):
+        fuse(adapters, base=source)  # --base ties inputs to one checkpoint, and the BERT one does not fit it
+
+
+def test_disjoint_adapters_of_one_base_fuse_when_the_base_vouches_for_them(base, tmp_path):
+    a = s2ft(base, seed=1, layers=[0])
+    b = s2ft(base, seed=2, layers=[1])
+    assert not set(a.base.fingerprints) & set(b.base.fingerprints)
+    with pytest.raises(BaseMismatch, match="share a base model"):
+        fuse([a, b])
+    with CheckpointSource(base) as source:
+        fused, _ = fuse([a, b], base=source)
+    s2reg.merge(base, [fused], tmp_path / "fused")
+    s2reg.merge(base, [a, b], tmp_path / "both")
+    assert tensor_digests(tmp_path / "fused") == tensor_digests(tmp_path / "both")
+    other = tiny(tmp_path / "other", seed=3)
+    with CheckpointSource(other) as source, pytest.raises(BaseMismatch, match="differs from the one this adapter"):
+        fuse([a, b], base=source)
+
+
+def test_disjoint_fuse_carries_restore_lists_onto_the_union(tmp_path):
+    """FORMAT §4.3: copied deltas keep their restore lists, moved to their places in the fused slice."""
+    from ..surgery.helpers import negative_zeros
+
+    zeros = tiny(tmp_path / "base", negative_zeros=0.1)
+    a = s2ft(zeros, seed=1, heads=(0,), channels=(1, 9))
+    b = s2ft(zeros, seed=2, heads=(1,), channels=(2, 7))
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert a.targets[down].restore is not None and b.targets[down].restore is not None
+    fused, _ = fuse([a, b])
+    assert fused.targets[down].restore.count == a.targets[down].restore.count + b.targets[down].restore.count
+    s2reg.merge(zeros, [fused], tmp_path / "fused")
+    s2reg.merge(zeros, [a, b], tmp_path / "both")
+    assert tensor_digests(tmp_path / "fused") == tensor_digests(tmp_path / "both")
+    s2reg.unmerge(tmp_path / "fused", [fused], tmp_path / "back")
+    assert tensor_digests(tmp_path / "back") == tensor_digests(zeros)
+    with CheckpointSource(zeros) as source:
+        assert int(negative_zeros(source.get(down)).sum()) > int(negative_zeros(fused.targets[down].merged(source.get(down))).sum())

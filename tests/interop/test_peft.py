@@ -9,12 +9,13 @@ import torch
 from click.testing import CliRunner
 
 import s2reg
+from s2reg.arch import resolve_source
 from s2reg.cli import main
 from s2reg.errors import S2RegError
 from s2reg.interop import export_lora, import_lora
 from s2reg.tensors import CheckpointSource
 
-from ..surgery.helpers import logits, model_of, pisa, s2ft, tiny
+from ..surgery.helpers import logits, model_of, pisa, s2ft, signed_zero_changes, tiny
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,11 @@ def test_s2ft_exports_to_a_lora_that_peft_merges_to_the_same_weights(base, tmp_p
     adapter.save(tmp_path / "a")
     result = CliRunner().invoke(main, ["export", str(tmp_path / "a"), "--to", "peft-lora", "-o", str(tmp_path / "lora"), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["max_relative_error"] == 0.0
+    error = json.loads(result.stdout)["max_relative_error"]
+    # Snapped fp32 changes larger than the weights need F64 deltas, rounded to the LoRA's F32 factors (the
+    # reported error); here PEFT's float32 merge rounds them back to s2reg's weights all the same.
+    assert {t.delta.dtype for t in adapter.targets.values()} == {torch.float64}
+    assert 0 < error < 1e-7
     peft_model = PeftModel.from_pretrained(model_of(base, torch.float32), tmp_path / "lora")
     merged = peft_model.merge_and_unload()
     s2reg.merge(base, [adapter], tmp_path / "merged")
@@ -38,6 +43,68 @@ def test_s2ft_exports_to_a_lora_that_peft_merges_to_the_same_weights(base, tmp_p
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, theirs[name]), name
     assert torch.equal(logits(merged), logits(ours))
+
+
+def _f64_adapter(base):
+    """An fp32 adapter whose changes span many binades, so its exact differences need F64 (FORMAT §4.3)."""
+    with CheckpointSource(base) as source:
+        info = resolve_source(source)
+        g = torch.Generator().manual_seed(0)
+        slices = {}
+        for layer in range(info.dims.layers):
+            for role, axis, idx in (("q", "rows", list(range(16, 32))), ("down", "columns", [3, 4, 40]), ("v", "rows", [5])):
+                (name,) = info.tensors(role, layer)
+                part = source.get(name).index_select(0 if axis == "rows" else 1, torch.tensor(idx)).double()
+                scale = torch.exp2(torch.randint(-12, 3, part.shape, generator=g).double())
+                slices[name] = (axis, idx, (part + torch.randn(part.shape, generator=g, dtype=torch.float64) * 0.02 * scale).float())
+        return s2reg.S2FTAdapter.from_tuned(source, slices, base_name="tiny")
+
+
+def test_f64_deltas_export_with_their_true_error_measured_by_peft(base, tmp_path):
+    """An fp32 adapter with F64 deltas: the LoRA's F32 factors round them; export reports exactly PEFT's error."""
+    from peft import PeftModel
+
+    adapter = _f64_adapter(base)
+    assert {t.delta.dtype for t in adapter.targets.values()} == {torch.float64}
+    adapter.save(tmp_path / "a")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "a"), "-o", str(tmp_path / "lora"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    peft_model = PeftModel.from_pretrained(model_of(base, torch.float32), tmp_path / "lora")
+    modules = dict(peft_model.named_modules())
+    measured = {}
+    for name, target in adapter.targets.items():
+        layer = next(m for key, m in modules.items() if key.endswith(name.removesuffix(".weight")) and hasattr(m, "lora_A"))
+        theirs = layer.get_delta_weight("default").double()  # PEFT's own delta, from the files as PEFT loads them
+        true = target.to_dense().double()
+        measured[name] = float((theirs - true).norm() / true.norm())
+    assert report["relative_error"] == pytest.approx(measured, rel=1e-9, abs=0)
+    assert 0 < report["max_relative_error"] == pytest.approx(max(measured.values()), rel=1e-9)
+    # PEFT merges W + delta in float32: the merged weights are s2reg's up to that rounding and no more.
+    merged = peft_model.merge_and_unload().state_dict()
+    s2reg.merge(base, [adapter], tmp_path / "merged")
+    ours = model_of(tmp_path / "merged", torch.float32).state_dict()
+    with CheckpointSource(base) as source:
+        for name, target in adapter.targets.items():
+            stored = target.to_dense().to(torch.float32)
+            assert torch.equal(merged[name], source.get(name) + stored), name  # PEFT's arithmetic, emulated
+            assert not torch.equal(merged[name], ours[name])  # and so it differs from the exact merge
+
+
+def test_signed_zero_changes_export_exactly_and_peft_merges_the_same_values(tmp_path):
+    """A bf16 adapter with restore lists (FORMAT §4.3): its deltas hold the value changes, so the LoRA is exact."""
+    from peft import PeftModel
+
+    zeros = tiny(tmp_path / "base", negative_zeros=0.05)
+    with CheckpointSource(zeros) as source:
+        slices, expected = signed_zero_changes(source)
+        adapter = s2reg.S2FTAdapter.from_tuned(source, slices, base_name="tiny")
+    assert all(t.restore is not None for t in adapter.targets.values())
+    report = export_lora(adapter, tmp_path / "lora")
+    assert report["max_relative_error"] == 0.0
+    merged = PeftModel.from_pretrained(model_of(zeros), tmp_path / "lora").merge_and_unload().state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(merged[name], tensor), name  # equal values; only the signs of some zeros may differ
 
 
 def test_lora_round_trip_and_refusal_of_a_general_lora(base, tmp_path):
@@ -91,3 +158,25 @@ def test_import_errors(base, tmp_path):
     (tmp_path / "junk").mkdir()
     result = CliRunner().invoke(main, ["import", str(tmp_path / "junk"), "--base", str(base), "-o", str(tmp_path / "x")])
     assert result.exit_code == 1 and "adapter_config.json" in result.output and not (tmp_path / "x").exists()
+
+
+def test_import_defaults_base_to_the_local_checkpoint_the_peft_config_names(base, tmp_path, monkeypatch):
+    export_lora(s2ft(base), tmp_path / "lora")
+    config_file = tmp_path / "lora" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    run = lambda *args: CliRunner().invoke(main, ["import", *map(str, args)])  # noqa: E731
+    explicit = run(tmp_path / "lora", "--base", base, "-o", tmp_path / "explicit", "--json")
+    assert explicit.exit_code == 0, explicit.output
+    for recorded in (str(base), base.name):  # absolute, and relative to the working directory (as PEFT resolves it)
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+        monkeypatch.chdir(base.parent)
+        implicit = run(tmp_path / "lora", "-o", tmp_path / "implicit", "--overwrite", "--json")
+        assert implicit.exit_code == 0, implicit.output
+        ours, theirs = s2reg.load(tmp_path / "implicit"), s2reg.load(tmp_path / "explicit")
+        assert ours.base.name == recorded and ours.base.fingerprints == theirs.base.fingerprints
+        assert ours.payload_bytes() == theirs.payload_bytes()
+    for recorded, why in (("HuggingFaceTB/SmolLM2-135M", "is not a local checkpoint directory"), (None, "names no base model")):
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+        refused = run(tmp_path / "lora", "-o", tmp_path / "none")
+        assert refused.exit_code == 1 and why in refused.output and "pass --base CKPT" in refused.output, refused.output
+        assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "none").exists()

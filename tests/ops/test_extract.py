@@ -356,3 +356,32 @@ def test_detect_permutation_against_a_different_model_names_the_missing_tensor(b
     other = save_state_dict(tmp_path / "other", tensors, extra_files={"config.json": (base_dir / "config.json").read_bytes()})
     result = CliRunner().invoke(main, ["extract", str(base_dir), str(other), "--detect-permutation", "-o", str(tmp_path / "a")])
     assert result.exit_code == 1 and "the tuned checkpoint has no tensor 'model.layers.1.mlp.up_proj.weight'" in result.output
+
+
+def test_s2ft_extract_on_a_base_with_negative_zeros_is_exact(tmp_path):
+    """FORMAT §4.3 restore lists: -0.0 in the changed slices (as in GGUF-dequantised checkpoints) no longer refuses."""
+    base_dir = build_checkpoint(tmp_path / "base", "llama", dtype=torch.bfloat16, negative_zeros=0.05)
+    down = "model.layers.0.mlp.down_proj.weight"
+
+    def edit(name, t):
+        if name == down:
+            column = t[:, 3]
+            zeros = (column.view(torch.int16) == -32768).nonzero().reshape(-1)
+            assert zeros.numel() >= 2
+            t[zeros[0], 3] = 0.5  # -0.0 -> 0.5: unmerge by arithmetic alone would give +0.0
+            t[zeros[1], 3] = 0.0  # -0.0 -> +0.0
+            t[0, 70] = -0.0 if float(t[0, 70]) != 0 else 0.25
+        return t
+
+    tuned_dir = tuned_copy(base_dir, tmp_path / "tuned", edit)
+    result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "--kind", "s2ft", "-o",
+                                       str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    adapter = s2reg.load(tmp_path / "a")
+    assert adapter.targets[down].restore is not None
+    s2reg.merge(base_dir, [adapter], tmp_path / "merged")
+    with CheckpointSource(tuned_dir) as tuned, CheckpointSource(tmp_path / "merged") as merged:
+        assert {n: merged.sha256_of(n) for n in merged.names()} == {n: tuned.sha256_of(n) for n in tuned.names()}
+    s2reg.unmerge(tmp_path / "merged", [adapter], tmp_path / "back")
+    with CheckpointSource(base_dir) as base, CheckpointSource(tmp_path / "back") as back:
+        assert {n: back.sha256_of(n) for n in back.names()} == {n: base.sha256_of(n) for n in base.names()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import resource
 
 import pytest
 from click.testing import CliRunner
@@ -186,3 +188,182 @@ def test_pushing_again_repairs_a_damaged_blob(store, bases, tmp_path):
     store.push(source, "math:v2")
     assert store.verify()["corrupt"] == []
     assert store.load("math:v1").num_params == s2reg.load(source).num_params
+
+
+# -- concurrency: tag vs rm + gc, load vs gc (spec/REGISTRY.md §3-§4) ----------------------------
+
+def _churn(root, sources, done, remove_after_push):
+    """Until ``done``: push the sources in turn as m:src (then remove it, when asked) and gc."""
+    store, i = Store(root), 0
+    while not done.is_set():
+        store.push(sources[i % len(sources)], "m:src")
+        if remove_after_push:
+            store.remove("m:src")
+        store.gc()
+        i += 1
+    os._exit(0)
+
+
+def _start_churn(store, sources, *, remove_after_push):
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Event()
+    process = ctx.Process(target=_churn, args=(str(store.root), [str(s) for s in sources], done, remove_after_push))
+    process.start()
+    return process, done
+
+
+def test_tag_racing_rm_and_gc_never_leaves_a_dangling_ref(store, bases, tmp_path):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    churn, done = _start_churn(store, [source], remove_after_push=True)
+    tagged = dangling = 0
+    try:
+        for _ in range(300):
+            try:
+                store.tag("m:src", "m:dst")
+            except NotFound:
+                continue
+            tagged += 1
+            try:
+                entry = store.entry("m:dst")  # m:dst keeps its blobs from gc: missing ones mean it dangled
+                store.read_blob(entry.manifest["payload"]["sha256"])
+            except IntegrityError:
+                dangling += 1
+            store.remove("m:dst")
+    finally:
+        done.set()
+        churn.join(60)
+    assert churn.exitcode == 0
+    assert tagged > 0 and dangling == 0, (tagged, dangling)
+    report = store.verify()
+    assert report["corrupt"] == [] and report["broken_refs"] == []
+
+
+def test_loads_never_fail_because_of_a_concurrent_gc(store, bases, tmp_path):
+    sources = [adapter_dir(bases[0], tmp_path / "a"), adapter_dir(bases[0], tmp_path / "b", seed=2)]
+    digests = {s2reg.load(s).stored.digest for s in sources}
+    store.push(sources[0], "m:src")
+    churn, done = _start_churn(store, sources, remove_after_push=False)  # re-points m:src, gc drops the other
+    failures, seen = [], set()
+    try:
+        for _ in range(300):
+            try:
+                seen.add(store.load("m:src").stored.digest)
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                failures.append(repr(exc))
+    finally:
+        done.set()
+        churn.join(60)
+    assert churn.exitcode == 0
+    assert failures == [], (len(failures), failures[:3])
+    assert seen == digests  # the loads did see the ref move
+
+
+# -- views: stale after quarantine + re-push, checked by verify ---------------------------------
+
+def _corrupt_payload(store, ref):
+    blob = store.blob_path(store.entry(ref).manifest["payload"]["sha256"])
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1
+    blob.write_bytes(bytes(data))  # in place: a hard-linked view shares these bytes
+
+
+@pytest.mark.parametrize("verify_first", [True, False])
+def test_stale_view_after_quarantine_and_repush_is_rebuilt(store, bases, tmp_path, verify_first):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    digest = store.push(source, "math:v1")
+    store.load("math:v1")  # the view links the blobs
+    _corrupt_payload(store, "math:v1")
+    if verify_first:
+        report = store.verify()
+        assert len(report["corrupt"]) == 1 and report["stale_views_removed"] == [digest]
+    store.push(source, "math:v1")
+    assert store.load("math:v1").stored.digest == digest
+    report = store.verify()
+    assert report["corrupt"] == [] and report["broken_refs"] == [] and report["stale_views_removed"] == []
+    assert store.gc()["blobs_removed"] == 0
+    assert CliRunner().invoke(main, ["show", "math:v1"]).exit_code == 0
+
+
+def test_verify_checks_views(store, bases, tmp_path):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    digest = store.push(source, "math:v1")
+    view = store.resolve("math:v1")
+    payload = next(view.glob("payload.*"))
+    replacement = bytearray(payload.read_bytes())
+    replacement[len(replacement) // 2] ^= 1
+    payload.unlink()  # a view file that is no longer the blob (the blob itself stays intact)
+    payload.write_bytes(bytes(replacement))
+    report = store.verify()
+    assert report["corrupt"] == [] and report["stale_views_removed"] == [digest] and report["views_checked"] == 1
+    assert not view.exists()
+    assert store.load("math:v1").stored.digest == digest  # rebuilt
+    assert store.verify()["stale_views_removed"] == []
+
+
+# -- special files in place of blobs -------------------------------------------------------------
+
+def _replace_with(path, special):
+    path.unlink()
+    if special == "symlink to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif special == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+
+
+def _store_commands(root, out, conn):
+    """Child: pull, load (show) and verify against a damaged store, with address space capped."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[0])
+    headroom = 512 * 1024 * 1024  # reading /dev/zero without limit would blow through this at once
+    resource.setrlimit(resource.RLIMIT_AS, (pages * os.sysconf("SC_PAGE_SIZE") + headroom, resource.RLIM_INFINITY))
+    os.environ["S2REG_HOME"] = root
+    results = {}
+    for name, args in {"pull": ["pull", "m:v1", "-o", out], "load": ["show", "m:v1"], "verify": ["verify"]}.items():
+        result = CliRunner().invoke(main, args)
+        results[name] = (result.exit_code, result.output)
+    conn.send(results)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("which", ["payload", "manifest"])
+@pytest.mark.parametrize("special", ["symlink to /dev/zero", "fifo", "directory"])
+def test_special_files_in_place_of_blobs_give_one_line_errors_fast(store, bases, tmp_path, special, which):
+    source = adapter_dir(bases[0], tmp_path / "a")
+    digest = store.push(source, "m:v1")
+    blob = store.blob_path(store.entry("m:v1").manifest["payload"]["sha256"] if which == "payload" else digest)
+    _replace_with(blob, special)
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_store_commands, args=(str(store.root), str(tmp_path / "out"), send))
+    child.start()
+    ready = receive.poll(60)  # a hang (FIFO) or an endless read (/dev/zero) never answers
+    if not ready:
+        child.kill()
+    child.join(10)
+    assert ready, f"pull/load/verify hung on a {special}"
+    results = receive.recv()
+    for command in ("pull", "load"):
+        code, output = results[command]
+        assert code == 1 and output.startswith("Error: ") and len(output.strip().splitlines()) == 1, (command, output)
+        assert "regular file" in output, output
+    code, output = results["verify"]
+    assert code == 1 and "1 corrupt" in output, output
+    assert not os.path.lexists(blob) and not (tmp_path / "out").exists()
+    store.push(source, "m:v1")  # pushing again repairs it
+    assert store.load("m:v1").stored.digest == digest
+
+
+# -- pull -o into the store ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["root", "inside", "parent"])
+def test_pull_into_the_store_is_refused(store, bases, tmp_path, where):
+    store.push(adapter_dir(bases[0], tmp_path / "a"), "m:v1")
+    before = tree_digest(store.root)
+    output = {"root": store.root, "inside": store.root / "refs" / "x", "parent": store.root.parent}[where]
+    result = CliRunner().invoke(main, ["pull", "m:v1", "-o", str(output), "--overwrite"])
+    assert result.exit_code == 1 and "inside the store" in result.output, result.output
+    assert tree_digest(store.root) == before
+    assert store.load("m:v1")

@@ -75,3 +75,33 @@ def logits(model, seed: int = 0) -> torch.Tensor:
     ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def negative_zeros(t: torch.Tensor) -> torch.Tensor:
+    """Where a bf16 tensor holds -0.0 (bit pattern 0x8000)."""
+    return t.view(torch.int16) == -32768
+
+
+def signed_zero_changes(source, layers=(0, 1)):
+    """Row slices of q and up, and column slices of down, changed so that every kind of signed-zero change
+    occurs: -0.0 -> nonzero, nonzero -> -0.0, -0.0 -> +0.0, +0.0 -> -0.0, and ordinary changes."""
+    info = resolve_source(source)
+    g = torch.Generator().manual_seed(3)
+    slices, expected = {}, {}
+    for layer in layers:
+        for role, axis, indices in (("q", "rows", [4, 5, 17]), ("up", "rows", [0, 9]), ("down", "columns", [2, 30, 31])):
+            (name,) = info.tensors(role, layer)
+            weight = source.get(name)
+            part = weight.index_select(0 if axis == "rows" else 1, torch.tensor(indices))
+            moved = (part.double() + torch.randn(part.shape, generator=g, dtype=torch.float64) * 0.01).to(part.dtype)
+            zeros = negative_zeros(part).reshape(-1).nonzero().reshape(-1)
+            assert zeros.numel() >= 2, "the fixture must put -0.0 into every trained slice"
+            flat = moved.reshape(-1)
+            flat[zeros[0]] = 0.0  # -0.0 -> +0.0
+            flat[zeros[1:]] = torch.randn(zeros.numel() - 1, generator=g).to(part.dtype)  # -0.0 -> nonzero
+            flat[3] = -0.0  # nonzero -> -0.0
+            slices[name] = (axis, indices, moved)
+            full = weight.clone()
+            full.index_copy_(0 if axis == "rows" else 1, torch.tensor(indices), moved)
+            expected[name] = full
+    return slices, expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
 import random
@@ -12,18 +14,24 @@ from click.testing import CliRunner
 
 from s2reg.cli import main
 from s2reg.errors import CheckpointError, S2RegError
+from s2reg.fsatomic import TEMP_SUFFIX
 from s2reg.surgery import inplace as inplace_module
 from s2reg.surgery import (
     merge,
     merge_in_place,
     patching,
     pending,
+    permute_checkpoint,
     recover,
     unmerge_in_place,
 )
+from s2reg.surgery.journal import Journal, Patch
+from s2reg.surgery.ledger import LEDGER_NAME, Ledger, Support
+from s2reg.ops.permute import PermutationRecord
 from s2reg.tensors import CheckpointSource
+from s2reg.tensors.reader import leftovers
 
-from .helpers import file_digests, pisa, s2ft, tiny
+from .helpers import file_digests, pisa, s2ft, tensor_digests, tiny
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +97,8 @@ def _crash_after(ckpt, adapter, writes: int, mode: str) -> None:
     os._exit(0)
 
 
-def run_child(*args) -> int:
-    process = multiprocessing.get_context("fork").Process(target=_crash_after, args=args)
+def run_child(target, *args) -> int:
+    process = multiprocessing.get_context("fork").Process(target=target, args=args)
     process.start()
     process.join()
     return process.exitcode
@@ -101,7 +109,7 @@ def test_crash_at_a_random_write_recovers_to_base_or_merged(pristine, tmp_path, 
     _, _, base_digests, merged_digests = pristine
     ckpt, adapter = fresh(pristine, tmp_path)
     writes = random.Random(seed).randrange(0, len(adapter.targets))
-    assert run_child(ckpt, adapter, writes, "exit") == 17
+    assert run_child(_crash_after, ckpt, adapter, writes, "exit") == 17
     assert pending(ckpt)
     with pytest.raises(CheckpointError, match="s2reg recover"):
         CheckpointSource(ckpt)
@@ -120,7 +128,7 @@ def test_crash_at_a_random_write_recovers_to_base_or_merged(pristine, tmp_path, 
 def test_injected_io_error_rolls_back_at_once(pristine, tmp_path):
     _, _, base_digests, _ = pristine
     ckpt, adapter = fresh(pristine, tmp_path)
-    assert run_child(ckpt, adapter, 3, "raise") == 3
+    assert run_child(_crash_after, ckpt, adapter, 3, "raise") == 3
     assert not pending(ckpt)
     assert file_digests(ckpt) == base_digests
 
@@ -128,34 +136,206 @@ def test_injected_io_error_rolls_back_at_once(pristine, tmp_path):
 def test_failed_rollback_leaves_the_journal_for_recover(pristine, tmp_path):
     _, _, base_digests, _ = pristine
     ckpt, adapter = fresh(pristine, tmp_path)
-    assert run_child(ckpt, adapter, 3, "broken") == 4
+    assert run_child(_crash_after, ckpt, adapter, 3, "broken") == 4
     assert pending(ckpt)
     assert recover(ckpt)["action"] == "rolled back"
     assert file_digests(ckpt) == base_digests
 
 
-def test_crash_before_the_journal_landed_leaves_the_base(pristine, tmp_path, monkeypatch):
-    _, _, base_digests, _ = pristine
+# Each point of the in-place write sequence (spec/SURGERY.md §3): (file system call, file, before/after it).
+KILL_POINTS = {
+    "journal payload temp written": ("replace", Journal.PAYLOAD_NAME, "before"),
+    "journal payload landed": ("replace", Journal.PAYLOAD_NAME, "after"),
+    "journal json temp written": ("replace", Journal.NAME, "before"),
+    "journal json landed": ("replace", Journal.NAME, "after"),
+    "first patch written": ("patch", None, "after"),
+    "ledger temp written": ("replace", LEDGER_NAME, "before"),
+    "ledger landed": ("replace", LEDGER_NAME, "after"),
+    "journal json removed": ("unlink", Journal.NAME, "after"),
+}
+COMMITTED = {"journal json removed"}  # past the commit point: recover keeps the merge
+NO_JOURNAL = {"journal payload temp written", "journal payload landed", "journal json temp written", "journal json removed"}
+
+
+def _die_at(ckpt, adapter, point: str) -> None:
+    """Child process: an in-place merge killed (os._exit) at ``point`` of its write sequence."""
+    op, name, when = KILL_POINTS[point]
+
+    def hook(kind, real, path_of):
+        def call(*args, **kwargs):
+            hit = kind == op and (name is None or os.fspath(path_of(args)).endswith("/" + name))
+            if hit and when == "before":
+                os._exit(17)
+            result = real(*args, **kwargs)
+            if hit and when == "after":
+                os._exit(17)
+            return result
+        return call
+
+    os.replace = hook("replace", os.replace, lambda args: args[1])
+    os.unlink = hook("unlink", os.unlink, lambda args: args[0])
+    patching.write_patch = hook("patch", patching.write_patch, lambda args: "")
+    merge_in_place(ckpt, [adapter])
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def adapter_on_disk(pristine, tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter") / "a"
+    pristine[1].save(path)
+    return path
+
+
+def refusals(ckpt, adapter_dir, out):
+    """Every command that reads the checkpoint, as CLI arguments (each must refuse it)."""
+    other = ckpt.parent / "other"
+    data = ckpt.parent / "data.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 2, 3, 4]}) + "\n")
+    return {
+        "merge -o": ["merge", str(ckpt), str(adapter_dir), "-o", str(out / "merged")],
+        "unmerge -o": ["unmerge", str(ckpt), str(adapter_dir), "-o", str(out / "unmerged")],
+        "merge --in-place": ["merge", str(ckpt), str(adapter_dir), "--in-place"],
+        "unmerge --in-place": ["unmerge", str(ckpt), str(adapter_dir), "--in-place", "--skip-base-check"],
+        "permute": ["permute", str(ckpt), "--plan", str(adapter_dir), "-o", str(out / "permuted")],
+        "unpermute": ["unpermute", str(ckpt), "-o", str(out / "unpermuted")],
+        "extract": ["extract", str(ckpt), str(other), "--kind", "s2ft", "-o", str(out / "extracted")],
+        "extract (as tuned)": ["extract", str(other), str(ckpt), "--kind", "s2ft", "-o", str(out / "extracted")],
+        "validate --base": ["validate", str(adapter_dir), "--base", str(ckpt)],
+        "diff": ["diff", str(ckpt), str(other)],
+        "ls --base": ["ls", "--base", str(ckpt)],
+        "train": ["train", "--base", str(ckpt), "--data", str(data), "--method", "s2ft", "-o", str(out / "trained")],
+    }
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_at_each_point_every_command_refuses_then_recover_restores(pristine, adapter_on_disk, tmp_path, point,
+                                                                      monkeypatch):
+    base, _, base_digests, merged_digests = pristine
+    monkeypatch.setenv("S2REG_HOME", str(tmp_path / "home"))
     ckpt, adapter = fresh(pristine, tmp_path)
-    real = inplace_module.write_file
+    shutil.copytree(base, tmp_path / "other")
+    assert run_child(_die_at, ckpt, adapter, point) == 17
+    left = {p.name for p in leftovers(ckpt)}
+    assert left, "a kill at any point before the journal payload is removed leaves something"
+    assert (Journal.NAME in left) == (point not in NO_JOURNAL)
+    if point == "journal payload temp written":
+        assert left == {n for n in left if n.startswith(f".{Journal.PAYLOAD_NAME}.") and n.endswith(TEMP_SUFFIX)}
+    with CheckpointSource(tmp_path / "other") as source:  # the leftovers are never taken for shards
+        assert all(not f.name.startswith(".") for f in source.files)
+    before = file_digests(ckpt)
+    out = tmp_path / "out"
+    for command, args in refusals(ckpt, adapter_on_disk, out).items():
+        result = CliRunner().invoke(main, args)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]  # (train draws a bar first)
+        expected_status = 2 if command == "diff" else 1  # diff(1)'s convention: 2 is trouble, 1 a difference
+        assert result.exit_code == expected_status and len(errors) == 1, (command, result.output)
+        assert errors[0].endswith(f"run `s2reg recover {ckpt}` first"), (command, result.output)
+    assert not out.exists()
+    assert file_digests(ckpt) == before
+    result = CliRunner().invoke(main, ["recover", str(ckpt), "--json"])
+    assert result.exit_code == 0, result.output
+    action = json.loads(result.output)["action"]
+    assert action == ("cleaned" if point in NO_JOURNAL else "rolled back")
+    assert file_digests(ckpt) == (merged_digests if point in COMMITTED else base_digests)  # no leftover either
+    assert not pending(ckpt) and recover(ckpt)["action"] == "nothing to recover"
+    with CheckpointSource(ckpt) as source:
+        assert source.names()
 
-    def dies_on_journal(path, data):
-        real(path, data)
-        if path.name == inplace_module.JOURNAL_PAYLOAD:
-            raise KeyboardInterrupt
 
-    monkeypatch.setattr(inplace_module, "write_file", dies_on_journal)
-    with pytest.raises(KeyboardInterrupt):
-        merge_in_place(ckpt, [adapter])
-    assert not pending(ckpt)
-    assert recover(ckpt)["action"] == "cleaned"
-    assert file_digests(ckpt) == base_digests
+@pytest.mark.parametrize("point", ["journal json landed", "ledger temp written", "ledger landed"])
+def test_recover_forward_after_a_kill_completes_the_merge(pristine, tmp_path, point):
+    _, _, _, merged_digests = pristine
+    ckpt, adapter = fresh(pristine, tmp_path)
+    assert run_child(_die_at, ckpt, adapter, point) == 17
+    assert recover(ckpt, forward=True)["action"] == "rolled forward"
+    assert file_digests(ckpt) == merged_digests
+
+
+def test_recover_on_a_clean_read_only_checkpoint_writes_nothing(pristine, tmp_path, monkeypatch):
+    ckpt, _ = fresh(pristine, tmp_path)
+    before = file_digests(ckpt)
+
+    def refuse(*args, **kwargs):  # the root user ignores chmod; any write attempt fails loudly instead
+        raise PermissionError(13, "read-only checkpoint (test)")
+
+    for name in ("unlink", "replace", "rename"):
+        monkeypatch.setattr(os, name, refuse)
+    monkeypatch.setattr(inplace_module, "fsync_dir", refuse)
+    ckpt.chmod(0o555)
+    try:
+        result = CliRunner().invoke(main, ["recover", str(ckpt)])
+    finally:
+        ckpt.chmod(0o755)
+    assert result.exit_code == 0, result.output
+    assert "nothing to recover" in result.output
+    assert file_digests(ckpt) == before
+
+
+def test_hidden_and_temp_files_are_never_shards(pristine, tmp_path):
+    base, _, _, _ = pristine
+    ckpt, _ = fresh(pristine, tmp_path)
+    shutil.copy(ckpt / sorted(p.name for p in ckpt.glob("*.safetensors"))[0], ckpt / ".hidden.safetensors")
+    with CheckpointSource(ckpt) as source, CheckpointSource(base) as reference:
+        assert [f.name for f in source.files] == [f.name for f in reference.files]
+    with pytest.raises(CheckpointError, match="not a checkpoint shard"):
+        CheckpointSource(ckpt / ".hidden.safetensors")
+
+
+@pytest.mark.parametrize("record, name", [("ledger", LEDGER_NAME), ("journal", Journal.NAME),
+                                          ("permutation", PermutationRecord.NAME)])
+def test_sidecar_records_of_a_newer_version_are_refused(pristine, tmp_path, record, name):
+    base, adapter, _, _ = pristine
+    if record == "ledger":
+        ckpt = tmp_path / "m"
+        merge(base, [adapter], ckpt)
+    elif record == "journal":
+        ckpt, adapter = fresh(pristine, tmp_path)
+        assert run_child(_die_at, ckpt, adapter, "journal json landed") == 17
+    else:
+        ckpt = tmp_path / "p"
+        permute_checkpoint(base, adapter, ckpt)
+    data = json.loads((ckpt / name).read_text())
+    assert data["version"] == 1
+    data["version"] = 2
+    (ckpt / name).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"version 2 was written by a newer s2reg") as caught:
+        if record == "journal":
+            recover(ckpt)
+        else:
+            merge(ckpt, [s2ft(base, seed=9, channels=(7,))], tmp_path / "out")
+    assert str(caught.value).startswith(str(ckpt / name)) and "\n" not in str(caught.value)
+
+
+def test_records_round_trip_and_reject_wrong_types(pristine, tmp_path):
+    base, adapter, _, _ = pristine
+    merge(base, [adapter], tmp_path / "m")
+    text = (tmp_path / "m" / LEDGER_NAME).read_bytes()
+    originals = tensor_digests(base)
+    layout = {  # spec/SURGERY.md §2, version 1, as files were written before typed records
+        "format": "s2reg.merged", "version": 1,
+        "merged": [{"digest": hashlib.sha256(adapter.payload_bytes()).hexdigest(), "kind": "s2ft", "base": "tiny",
+                    "support": {n: {"axis": t.axis, "indices": t.indices.tolist()} for n, t in adapter.targets.items()}}],
+        "original": {n: originals[n] for n in sorted(adapter.targets)},
+    }
+    assert json.loads(text) == layout
+    ledger = Ledger.from_json(layout)
+    assert ledger.to_bytes() == text == (json.dumps(layout, indent=2) + "\n").encode()
+    assert all(isinstance(s, Support) for e in ledger.merged for s in e.support.values())
+    bad = json.loads(text)
+    bad["merged"][0]["support"][next(iter(bad["merged"][0]["support"]))] = "sparse"
+    with pytest.raises(CheckpointError, match="dense"):
+        Ledger.from_json(bad)
+    patch = {"tensor": "t", "file": "../outside.safetensors", "axis": "rows", "indices": [1]}
+    with pytest.raises(CheckpointError, match="not a shard"):
+        Patch.from_json(patch)
+    with pytest.raises(CheckpointError, match="integers"):
+        Patch.from_json({**patch, "file": "model.safetensors", "indices": [1.0]})
 
 
 def test_corrupt_journal_is_refused(pristine, tmp_path):
     ckpt, adapter = fresh(pristine, tmp_path)
-    assert run_child(ckpt, adapter, 3, "exit") == 17
-    payload = ckpt / inplace_module.JOURNAL_PAYLOAD
+    assert run_child(_crash_after, ckpt, adapter, 3, "exit") == 17
+    payload = ckpt / Journal.PAYLOAD_NAME
     data = bytearray(payload.read_bytes())
     data[-1] ^= 0xFF
     payload.write_bytes(bytes(data))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 
 from s2reg.errors import BaseMismatch, S2RegError
-from s2reg.ops.live import applied, apply, remove
+from s2reg.ops.live import applied, applied_adapters, apply, remove
+from s2reg.surgery import merge, unmerge
 
-from .helpers import model_of, s2ft, tiny
+from .helpers import model_of, pisa, s2ft, tiny
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +66,6 @@ def test_context_manager_takes_adapters_out_on_error(base):
 
 
 def test_overlapping_stack_that_cannot_be_removed_exactly_is_refused(base):
-    from s2reg.format.s2ft import reversible
-
     model = model_of(base)
     first = s2ft(base, seed=1, scale=0.5)
     apply(model, first)
@@ -72,11 +75,11 @@ def test_overlapping_stack_that_cannot_be_removed_exactly_is_refused(base):
         name = next(iter(other.targets))
         t = other.targets[name]
         current = model.state_dict()[name].index_select(0 if t.axis == "rows" else 1, t.indices)
-        if not reversible(current, t.delta):
+        if not t.reversible(current):
             break
     else:
         raise AssertionError("every overlapping stack was reversible; the test needs a different construction")
-    with pytest.raises(S2RegError, match="could not be removed exactly"):
+    with pytest.raises(S2RegError, match="could not be unmerged exactly"):
         apply(model, other)
     assert bits_equal(snapshot(model), before)  # the partial application was taken back
 
@@ -98,3 +101,65 @@ def test_wrong_model_is_refused_before_any_change(base, tmp_path):
     with pytest.raises(BaseMismatch, match="adapter expects"):
         apply(other, s2ft(base))
     assert bits_equal(snapshot(other), before)
+
+
+def test_applied_state_lives_on_the_module_so_a_new_adapter_is_never_taken_for_a_lost_one(base):
+    model = model_of(base)
+    before = snapshot(model)
+    lost = s2ft(base, seed=1)
+    lost_ref, lost_id = weakref.ref(lost), id(lost)
+    apply(model, lost)
+    del lost
+    gc.collect()
+    assert lost_ref() is not None  # its delta is in the weights, so the module keeps it (and its id) alive
+    assert applied_adapters(model) == [lost_ref()]
+    fresh = [s2ft(base, seed=2, heads=(0,), channels=(9,)) for _ in range(8)]
+    assert all(id(a) != lost_id for a in fresh)
+    with pytest.raises(S2RegError, match="not applied"):
+        remove(model, fresh[0])
+    apply(model, fresh[0])
+    remove(model, fresh[0])
+    remove(model, applied_adapters(model)[0])
+    assert applied_adapters(model) == []
+    assert bits_equal(snapshot(model), before)
+
+
+def test_removed_adapters_leave_no_state_behind(base):
+    model = model_of(base)
+    before = snapshot(model)
+    adapter = s2ft(base, seed=1)
+    apply(model, adapter)
+    remove(model, adapter)
+    gone = weakref.ref(adapter)
+    del adapter
+    gc.collect()
+    assert gone() is None and applied_adapters(model) == []
+    other = s2ft(base, seed=3)  # may reuse the freed id: it is still a stranger to the model
+    with pytest.raises(S2RegError, match="not applied"):
+        remove(model, other)
+    with applied(model, other):
+        assert applied_adapters(model) == [other]
+    assert bits_equal(snapshot(model), before)
+
+
+def test_a_copied_model_carries_its_applied_adapters(base):
+    model = model_of(base)
+    before = snapshot(model)
+    adapter = s2ft(base, seed=1)
+    apply(model, adapter)
+    twin = copy.deepcopy(model)
+    (copied,) = applied_adapters(twin)
+    remove(twin, copied)
+    assert bits_equal(snapshot(twin), before)
+    assert applied_adapters(model) == [adapter]
+
+
+def test_pisa_live_apply_and_remove_equal_merge_and_unmerge(base, tmp_path):
+    adapter = pisa(base, seed=4)
+    merge(base, [adapter], tmp_path / "merged")
+    unmerge(tmp_path / "merged", [adapter], tmp_path / "unmerged")
+    model = model_of(base)
+    apply(model, adapter)
+    assert bits_equal(snapshot(model), snapshot(model_of(tmp_path / "merged")))
+    remove(model, adapter)
+    assert bits_equal(snapshot(model), snapshot(model_of(tmp_path / "unmerged")))

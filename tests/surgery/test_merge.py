@@ -120,15 +120,17 @@ def test_merging_twice_is_refused(base, tmp_path):
     assert not (tmp_path / "mm").exists()
 
 
-def test_wrong_base_is_refused_unless_forced_but_shapes_never(base, tmp_path):
+def test_wrong_base_is_refused_unless_unverified_but_shapes_never(base, tmp_path):
     other = tiny(tmp_path / "other", seed=5)
     adapter = s2ft(base)
-    with pytest.raises(BaseMismatch, match="--force"):
+    with pytest.raises(BaseMismatch, match="--skip-base-check"):
         merge(other, [adapter], tmp_path / "m")
-    merge(other, [adapter], tmp_path / "m", force=True)
+    with pytest.raises(BaseMismatch, match="--skip-base-check"):  # overwriting an output never skips the check
+        merge(other, [adapter], tmp_path / "m", overwrite=True)
+    merge(other, [adapter], tmp_path / "m", verify_base=False)
     wide = tiny(tmp_path / "wide", hidden_size=32)
     with pytest.raises(ShapeError, match="adapter expects"):
-        merge(wide, [adapter], tmp_path / "w", force=True)
+        merge(wide, [adapter], tmp_path / "w", verify_base=False)
 
 
 def test_nan_result_is_refused_and_nothing_written(base, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import s2reg
 from s2reg.arch import resolve_source
 from s2reg.cli import main
 from s2reg.errors import ShapeError
@@ -121,7 +122,33 @@ def test_a_permutation_record_with_dense_channels_for_an_moe_layer_is_refused(zo
     heads, kv = list(range(info.dims.heads)), list(range(info.dims.kv_heads))
     record = {"layers": {"1": {"heads": heads, "kv_heads": kv, "channels": [1, 0]}}}
     with pytest.raises(ShapeError, match="no dense FFN to reorder"):
-        Permutation.from_json(record, info)
+        Permutation.from_json(record).check(info)
     expert = list(range(info.channel_count(1, "2")))[::-1]
     ok = {"layers": {"1": {"heads": heads, "kv_heads": kv, "channels": [], "experts": {"2": expert}}}}
-    assert Permutation.from_json(ok, info).layers[1].order_for("down", "2") == expert
+    assert Permutation.from_json(ok).check(info).layers[1].order_for("down", "2") == expert
+
+
+def test_restore_lists_follow_a_permutation(tmp_path):
+    """FORMAT §4.3 restore entries move with their slice elements: merging the permuted target into the permuted
+    weight equals permuting the merged weight, bit for bit, also for a permutation that reverses the selection."""
+    from s2reg.ops.permute import Permutation, permute_s2ft_target, permute_tensor
+
+    from .helpers import negative_zeros, signed_zero_changes
+
+    base = tiny(tmp_path / "base", negative_zeros=0.05)
+    with CheckpointSource(base) as source:
+        info = resolve_source(source)
+        dims = info.dims
+        slices, _ = signed_zero_changes(source, layers=(0,))
+        adapter = s2reg.S2FTAdapter.from_tuned(source, slices, base_name="tiny")
+        reverse = Permutation({0: LayerPermutation(list(range(dims.heads))[::-1], list(range(dims.kv_heads))[::-1],
+                                                   list(range(dims.intermediate))[::-1])})
+        for name, target in adapter.targets.items():
+            assert target.restore is not None
+            moved = permute_s2ft_target(name, target, reverse, info)
+            weight = source.get(name)
+            ours = moved.merged(permute_tensor(name, weight, reverse, info))
+            expected = permute_tensor(name, target.merged(weight), reverse, info)
+            assert torch.equal(ours.view(torch.int16), expected.view(torch.int16)), name
+            back = moved.merged(ours, subtract=True)
+            assert torch.equal(back.view(torch.int16), permute_tensor(name, weight, reverse, info).view(torch.int16))

@@ -80,3 +80,50 @@ def test_short_real_fine_tune_beats_the_base_model(smollm2_dir, tmp_path, method
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["eval_loss_after"] < 0.5 * summary["eval_loss_before"]
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cuda", "device 'cuda': CUDA is not available on this machine"),
+    ("cuda:1", "device 'cuda:1': CUDA is not available on this machine"),
+    ("gpu", "'gpu' is not a device s2reg trains on"),
+    ("cuda:x", "'cuda:x' is not a device s2reg trains on"),
+])
+def test_an_unusable_device_is_a_one_line_error_before_any_work(tiny, tmp_path, monkeypatch, device, message):
+    base, data = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on machines with a GPU
+    result = run("train", "--base", base, "--data", data, "--method", "s2ft", "-o", tmp_path / "a", "--device", device)
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {message}"), result.output
+    assert len(result.output.strip().splitlines()) == 1 and isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_cuda_index_the_machine_lacks_is_refused(tiny, tmp_path, monkeypatch):
+    base, data = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = run("train", "--base", base, "--data", data, "--method", "s2ft", "-o", tmp_path / "a", "--device", "cuda:3")
+    assert result.exit_code == 1 and result.output == "Error: device 'cuda:3': this machine has 1 CUDA device(s)\n"
+
+
+def test_an_adapter_trained_on_a_permuted_checkpoint_validates_against_it(tiny, tmp_path):
+    """Such adapters hold original coordinates and fingerprints; validate reads the checkpoint back in them."""
+    from s2reg.errors import BaseMismatch
+    from s2reg.tensors import CheckpointSource
+
+    base, data = tiny
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"heads": {"0": [3], "1": [1]}, "channels": {"0": [5, 60], "1": [7, 90]}}))
+    assert run("permute", base, "--plan", selection, "-o", tmp_path / "permuted").exit_code == 0
+    trained = run("train", "--base", tmp_path / "permuted", "--data", data, "--method", "s2ft", "--channels", 4,
+                  "--heads", 1, "--max-steps", 2, "-o", tmp_path / "adapter")
+    assert trained.exit_code == 0, trained.output
+    adapter = s2reg.load(tmp_path / "adapter")
+    assert "trained_in_permuted_coordinates" in adapter.params
+    with CheckpointSource(tmp_path / "permuted") as raw, pytest.raises(BaseMismatch):
+        adapter.verify_base(raw)  # as stored, the permuted tensors do not match: the check must unpermute
+    for checkpoint in (tmp_path / "permuted", base):
+        result = run("validate", tmp_path / "adapter", "--base", checkpoint)
+        assert result.exit_code == 0 and "fingerprints match" in result.output, result.output
+    unrelated = build_checkpoint(tmp_path / "unrelated", "llama", dtype=torch.bfloat16, seed=9)
+    refused = run("validate", tmp_path / "adapter", "--base", unrelated)
+    assert refused.exit_code == 1 and "differs from the one this adapter was made for" in refused.output

@@ -187,3 +187,39 @@ def test_training_on_a_permuted_checkpoint_exports_original_coordinates(tmp_path
     unpermute_checkpoint(tmp_path / "merged-permuted", tmp_path / "merged-back")
     with CheckpointSource(tmp_path / "merged") as a, CheckpointSource(tmp_path / "merged-back") as b:
         assert all(a.sha256_of(n) == b.sha256_of(n) for n in a.names())
+
+
+@pytest.mark.parametrize("strategy,roles", [("random", "o,down"), ("weight", "q,k,v,o,up,gate,down")])
+def test_cli_train_on_a_base_with_negative_zeros_merges_and_unmerges_exactly(tmp_path, strategy, roles):
+    """The issue's Gemma case in small: -0.0 in the trained slices (FORMAT §4.3 restore lists)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from s2reg.cli import main
+    from s2reg.synth import build_checkpoint
+    from s2reg.tensors import CheckpointSource
+
+    from ..surgery.helpers import logits, model_of
+
+    base = build_checkpoint(tmp_path / "base", "llama", dtype=torch.bfloat16, negative_zeros=0.05)
+    data = tmp_path / "data.jsonl"
+    g = torch.Generator().manual_seed(0)
+    data.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in torch.randint(3, 250, (16, 12), generator=g).tolist()))
+
+    def run(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    trained = run("train", "--base", base, "--data", data, "--method", "s2ft", "--strategy", strategy, "--roles", roles,
+                  "--channels", 8, "--heads", 1, "--max-steps", 3, "--batch-size", 4, "--lr", 1e-2,
+                  "-o", tmp_path / "a")
+    assert trained.exit_code == 0, trained.output
+    adapter = s2reg.load(tmp_path / "a")
+    assert any(t.restore is not None for t in adapter.targets.values())
+    assert run("merge", base, tmp_path / "a", "-o", tmp_path / "m").exit_code == 0
+    reference = model_of(base)
+    s2reg.apply(reference, adapter)
+    assert torch.equal(logits(model_of(tmp_path / "m")), logits(reference))
+    assert run("unmerge", tmp_path / "m", tmp_path / "a", "-o", tmp_path / "b").exit_code == 0
+    with CheckpointSource(base) as a, CheckpointSource(tmp_path / "b") as b:
+        assert {n: b.sha256_of(n) for n in b.names()} == {n: a.sha256_of(n) for n in a.names()}
