@@ -54,7 +54,10 @@ def test_s2ft_lora_merges_in_peft_exactly_like_s2reg(tmp_path, name, task_type, 
     result = CliRunner().invoke(main, ["export", str(tmp_path / "adapter"), "--to", "peft-lora", "--base", str(base),
                                        "-o", str(tmp_path / "lora"), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["max_relative_error"] == 0.0
+    reported = json.loads(result.stdout)["max_relative_error"]
+    # one-hot factors are exact for F32 deltas; F64 ones (fp32 bases, FORMAT §4.3) are rounded to F32 factors
+    wide = any(t.delta.dtype == torch.float64 for t in adapter.targets.values())
+    assert (0.0 < reported < 1e-6) if wide else reported == 0.0, reported
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["task_type"] == task_type and config["fan_in_fan_out"] is fan_in_fan_out
     if name in ("mixtral", "qwen2_moe", "deepseek_v3"):
