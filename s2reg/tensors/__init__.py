@@ -6,7 +6,8 @@ Nothing here knows about adapters; surgery ops receive tensors and return tensor
 """
 
 from .reader import CheckpointSource, TensorInfo
-from .source import MemorySource, PermutedView, TensorSource, open_source
+from .memory import MemorySource
+from .source import PermutedView, TensorSource, open_source
 from .torch_bin import TorchBinSource
 from .writer import (
     TensorSpec,

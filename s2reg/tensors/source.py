@@ -11,15 +11,15 @@ path on disk.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from ..errors import NotFound
 from ..format.digest import tensor_sha256
 from .reader import CheckpointSource, check_rows
+from .memory import Closeable, MemorySource
 from .torch_bin import TorchBinSource, holds_torch_bin
 
 # name -> (stored dim, gather index) that puts a tensor into the view's order, or None to pass it through
@@ -56,63 +56,7 @@ class TensorSource(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-class _Closeable:
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class MemorySource(_Closeable):
-    """A state dict (and optionally its config) as a tensor source; tensors are copied out."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
-                 *, label: str = "in-memory model"):
-        self._tensors = {name: tensor.detach() for name, tensor in tensors.items()}
-        self._config = dict(config) if config is not None else None
-        self.label = label
-
-    def names(self) -> list[str]:
-        return sorted(self._tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def _tensor(self, name: str) -> torch.Tensor:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise NotFound(f"{self.label}: no tensor named {name}") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensor(name).shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._tensor(name).dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name).clone()
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        tensor = self._tensor(name)
-        check_rows(name, tuple(tensor.shape), start, stop)
-        return tensor[start:stop].clone()
-
-    def sha256_of(self, name: str) -> str:
-        return tensor_sha256(self._tensor(name))
-
-    def config(self) -> dict[str, Any] | None:
-        return dict(self._config) if self._config is not None else None
-
-    def __repr__(self) -> str:
-        return f"MemorySource({self.label!r}, {len(self._tensors)} tensors)"
-
-
-class PermutedView(_Closeable):
+class PermutedView(Closeable):
     """``source`` with some tensors reordered along one dim: a co-permuted checkpoint seen in another order.
 
     ``index_of(name)`` says how: ``(dim, index)`` gathers ``index`` along ``dim`` (what

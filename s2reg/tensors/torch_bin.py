@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, NotFound
-from ..format.digest import tensor_sha256
-from .reader import check_rows, read_config
+from ..errors import CheckpointError
+from .reader import read_config
+from .memory import MemorySource
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -109,7 +109,7 @@ def tied_duplicates(tensors: dict[str, torch.Tensor], config: dict[str, Any] | N
     return dropped
 
 
-class TorchBinSource:
+class TorchBinSource(MemorySource):
     """A directory of ``pytorch_model.bin`` state dicts, memory-mapped, tied duplicates dropped.
 
     Satisfies :class:`~s2reg.tensors.source.TensorSource`. ``dropped`` maps each dropped name to
@@ -127,53 +127,17 @@ class TorchBinSource:
                 if name in tensors:
                     raise CheckpointError(f"{self.path}: tensor {name} is stored in more than one shard")
                 tensors[name] = tensor
-        self.dropped = tied_duplicates(tensors, self.config())
-        self._tensors = {name: t for name, t in tensors.items() if name not in self.dropped}
+        config = read_config(self.path)
+        self.dropped = tied_duplicates(tensors, config)
+        super().__init__({name: t for name, t in tensors.items() if name not in self.dropped}, config,
+                         label=str(self.path))
 
     @property
     def directory(self) -> Path:
         return self.path
 
-    def names(self) -> list[str]:
-        return sorted(self._tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def _tensor(self, name: str) -> torch.Tensor:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise NotFound(f"{self.path}: no tensor named {name}") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensor(name).shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._tensor(name).dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name).clone(memory_format=torch.contiguous_format)
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        tensor = self._tensor(name)
-        check_rows(name, tuple(tensor.shape), start, stop)
-        return tensor[start:stop].clone(memory_format=torch.contiguous_format)
-
-    def sha256_of(self, name: str) -> str:
-        return tensor_sha256(self._tensor(name))
-
-    def config(self) -> dict[str, Any] | None:
-        return read_config(self.path)
-
     def close(self) -> None:
         self._tensors.clear()
-
-    def __enter__(self) -> TorchBinSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"TorchBinSource({str(self.path)!r}, {len(self._tensors)} tensors in {len(self.files)} files)"

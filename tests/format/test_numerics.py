@@ -49,6 +49,22 @@ def reference_pisa(shape, block, indices, coefficients, scale) -> np.ndarray:
     return out[: shape[0], : shape[1]]
 
 
+def random_pisa(rows, cols, bh, bw, k_fraction, scale, seed):
+    """A random one-target PISA adapter ``w`` and its dense delta by the float64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    positions = bh * (bw // 2 + 1)
+    k = max(1, int(k_fraction * positions))
+    blocks = -(-rows // bh) * -(-cols // bw)
+    idx = random_half_plane_indices(blocks, k, (bh, bw), g)
+    values = torch.complex(torch.randn(blocks, k, generator=g), torch.randn(blocks, k, generator=g))
+    adapter = PISAAdapter.from_coefficients({"w": torch.zeros(rows, cols)}, {"w": ((bh, bw), idx, values)},
+                                            base_name="b", scale=scale)
+    target = adapter.targets["w"]
+    return adapter, reference_pisa(
+        (rows, cols), (bh, bw), target.indices.numpy(), target.complex_coefficients().numpy().astype(np.complex128), scale
+    )
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 20),
@@ -61,18 +77,7 @@ def reference_pisa(shape, block, indices, coefficients, scale) -> np.ndarray:
 )
 def test_pisa_to_dense_matches_float64_reference(rows, cols, bh, bw, k_fraction, scale, seed):
     """FORMAT §5.3, including non-multiple sides (pad and crop) and odd/even block widths."""
-    g = torch.Generator().manual_seed(seed)
-    positions = bh * (bw // 2 + 1)
-    k = max(1, int(k_fraction * positions))
-    blocks = -(-rows // bh) * -(-cols // bw)
-    idx = random_half_plane_indices(blocks, k, (bh, bw), g)
-    values = torch.complex(torch.randn(blocks, k, generator=g), torch.randn(blocks, k, generator=g))
-    base = {"w": torch.zeros(rows, cols)}
-    adapter = PISAAdapter.from_coefficients(base, {"w": ((bh, bw), idx, values)}, base_name="b", scale=scale)
-    target = adapter.targets["w"]
-    expected = reference_pisa(
-        (rows, cols), (bh, bw), target.indices.numpy(), target.complex_coefficients().numpy().astype(np.complex128), scale
-    )
+    adapter, expected = random_pisa(rows, cols, bh, bw, k_fraction, scale, seed)
     got = adapter.to_dense("w").double().numpy()
     assert got.shape == (rows, cols)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(expected).max()))
@@ -94,18 +99,8 @@ def test_pisa_norm_from_coefficients_matches_float64_reference(rows, cols, bh, b
     Checked against the literal float64 DFT sum, with crops, odd/even widths, non-Hermitian
     self-conjugate columns and both the few-coefficient and the many-coefficient branch.
     """
-    g = torch.Generator().manual_seed(seed)
-    positions = bh * (bw // 2 + 1)
-    k = max(1, int(k_fraction * positions))
-    blocks = -(-rows // bh) * -(-cols // bw)
-    idx = random_half_plane_indices(blocks, k, (bh, bw), g)
-    values = torch.complex(torch.randn(blocks, k, generator=g), torch.randn(blocks, k, generator=g))
-    adapter = PISAAdapter.from_coefficients({"w": torch.zeros(rows, cols)}, {"w": ((bh, bw), idx, values)},
-                                            base_name="b", scale=scale)
-    target = adapter.targets["w"]
-    expected = np.linalg.norm(reference_pisa(
-        (rows, cols), (bh, bw), target.indices.numpy(), target.complex_coefficients().numpy().astype(np.complex128), scale
-    ))
+    adapter, dense = random_pisa(rows, cols, bh, bw, k_fraction, scale, seed)
+    expected = np.linalg.norm(dense)
     got = adapter.stats()[0]["delta_norm"]
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
