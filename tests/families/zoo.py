@@ -124,6 +124,8 @@ _SPECIES = [
     decoder("granite", "granite"),
     decoder("cohere", "cohere"),
     decoder("stablelm", "stablelm", use_qkv_bias=True, hidden_dropout=0.0),
+    decoder("stablelm_qk_norm", "stablelm", notes="per-head q/k layernorm tensors: FFN channels only",
+            qk_layernorm=True, hidden_dropout=0.0, pisa_targets=("q_proj", "v_proj")),
     decoder("smollm3", "smollm3"),
     decoder("glm4", "glm4"),
     decoder("ministral", "ministral", sliding_window=32),
