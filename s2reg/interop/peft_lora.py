@@ -188,10 +188,12 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
         ranks[module] = a.shape[0]
         errors[name] = error
     parameters = _expert_tensors(adapter, layout, memory, tensors, errors)
-    if parameters:
-        # PEFT translates target_modules of MoE models onto expert parameters by name (a
-        # shared_experts.down_proj entry also wraps the routed experts' down_proj): name every weight as
-        # a parameter instead, which PEFT matches exactly (a 2-D one is an ordinary LoRA).
+    by_parameter = bool(parameters) or (memory is not None and any(p.converted for p in memory.placements.values()))
+    if by_parameter:
+        # PEFT translates target_modules of models with fused experts onto expert parameters by name (a
+        # shared_experts.down_proj entry also wraps the routed experts' down_proj; a dense layer's gate_proj
+        # becomes gate_up_proj and is lost), even when the adapter touches no expert: name every weight as a
+        # parameter instead, which PEFT matches exactly (a 2-D one is an ordinary LoRA).
         ranks = {f"{module}.weight": r for module, r in ranks.items()}
     ranks.update(parameters)
     top = max(ranks.values())
@@ -203,8 +205,8 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
         "lora_alpha": top,
         "rank_pattern": {m: r for m, r in ranks.items() if r != top},
         "alpha_pattern": {m: r for m, r in ranks.items() if r != top},
-        "target_modules": [] if parameters else sorted(ranks),
-        "target_parameters": sorted(ranks) if parameters else None,
+        "target_modules": [] if by_parameter else sorted(ranks),
+        "target_parameters": sorted(ranks) if by_parameter else None,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": transposed,

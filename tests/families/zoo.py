@@ -4,8 +4,8 @@ Each :class:`Species` is one row of the families suite: a ``model_type`` handed 
 ``AutoConfig.for_model`` with small sizes (2 layers, 4+ heads, GQA kept where the family has
 it, a few experts for MoE), the transformers class that builds and saves it, and how to feed it.
 Builds are deterministic (seeded per species) and deliberately a little messy, as real
-checkpoints are: ``-0.0`` entries in the layer-0 projections (in the last head/channel/expert
-only), tied embeddings where the family ties them, BERT saved both by ``BertModel`` (no ``bert.``
+checkpoints are: ``-0.0`` entries in the layer-0 projections (every 7th element, so trained slices
+cross them), tied embeddings where the family ties them, BERT saved both by ``BertModel`` (no ``bert.``
 prefix) and by ``BertForMaskedLM``.
 """
 
@@ -205,10 +205,10 @@ def build_model(species: Species) -> torch.nn.Module:
     model.eval()
     for name, param in model.named_parameters():
         if _is_projection(name, param) and param.reshape(-1, param.shape[-1]).shape[0] > 1:
-            # signed zeros that byte-exact surgery must keep apart from +0.0; they sit in the last row's
-            # last entries, i.e. in the LAST head / channel / expert, which the suite never trains: a
-            # trained -0.0 cannot be unmerged bit-exactly (x - x is +0.0), so FORMAT §4.3 refuses it
-            param.reshape(-1, param.shape[-1])[-1, -3:] = -0.0
+            # signed zeros that byte-exact surgery must keep apart from +0.0 (as GGUF-dequantised
+            # checkpoints have them): every 7th element, so every trained row or column slice crosses
+            # some, and merge/unmerge must carry them bit for bit (FORMAT §4.3 restore lists)
+            param.view(-1)[::7] = -0.0
     return model
 
 
