@@ -263,6 +263,14 @@ class PermutationRecord:
             raise RecordError(str(exc)) from None
 
 
+def to_original(name: str, tensor: torch.Tensor, permutation: tuple[Permutation, ModelInfo] | None) -> torch.Tensor:
+    """A tensor of a co-permuted checkpoint in original coordinates (as it is when not permuted)."""
+    if permutation is None:
+        return tensor
+    perm, info = permutation
+    return permute_tensor(name, tensor, perm.inverse(), info)
+
+
 def read_permutation(source: Any, arch_file: Any = None) -> tuple[Permutation, ModelInfo] | None:
     """The co-permutation a checkpoint was written with (spec/SURGERY.md §4), if any."""
     file = source.directory / PermutationRecord.NAME

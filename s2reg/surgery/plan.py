@@ -24,17 +24,9 @@ from ..errors import (
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.digest import tensor_sha256
 from ..format.s2ft import put, take
-from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation
+from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation, to_original
 from ..tensors import CheckpointSource, PermutedView, TensorSource
 from .ledger import Ledger, adapter_identity
-
-
-def to_original(name: str, tensor: torch.Tensor, permutation: tuple[Permutation, ModelInfo] | None) -> torch.Tensor:
-    """A tensor of a co-permuted checkpoint in original coordinates (as it is when not permuted)."""
-    if permutation is None:
-        return tensor
-    perm, info = permutation
-    return permute_tensor(name, tensor, perm.inverse(), info)
 
 
 def original_sha256(source: CheckpointSource, permutation: tuple[Permutation, ModelInfo] | None, name: str) -> str:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import S2RegError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
-from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation
+from ..ops.permute import Permutation, permute_s2ft_target, read_permutation, to_original
 from .layout import placements, stored_name
 from .pisa import layer as pisa_layer
 from .s2ft import layer as s2ft_layer
@@ -33,7 +33,7 @@ def _to_original_coordinates(originals, slices, permutation: Permutation, info):
         weight = originals[key]
         target = S2FTTarget(tuple(weight.shape), weight.dtype, axis, indices, tuned)
         back = permute_s2ft_target(key, target, inverse, info)
-        mapped_originals[key] = permute_tensor(key, weight, inverse, info)
+        mapped_originals[key] = to_original(key, weight, (permutation, info))
         mapped[key] = (axis, back.indices, back.delta)
     return mapped_originals, mapped
 
