@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import FormatError, RegistryError, S2RegError
-from ..format import Adapter, load
-from ..registry import Store, parse_ref
+from ..errors import S2RegError
+from ..format import Adapter
+from ..registry import load_adapter
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 
@@ -58,13 +58,7 @@ class AdapterType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, Adapter):
             return value
-        if Path(value).exists():
-            return load(value, allow_nonfinite=self.allow_nonfinite)
-        try:
-            ref = parse_ref(value)
-        except RegistryError:
-            raise FormatError(f"{value}: no such adapter directory, and not a valid NAME[:TAG] either") from None
-        return Store().load(ref, allow_nonfinite=self.allow_nonfinite)
+        return load_adapter(value, allow_nonfinite=self.allow_nonfinite)
 
 
 def adapter_argument(name: str, **kwargs):

@@ -6,6 +6,7 @@ adapters between it and ``hf://ORG/REPO[@REVISION]``. spec/REGISTRY.md describes
 
 from .names import DEFAULT_TAG, Ref, parse_ref
 from .query import list_adapters
+from .resolve import load_adapter
 from .store import Entry, Store, default_root
 
-__all__ = ["DEFAULT_TAG", "Entry", "Ref", "Store", "default_root", "list_adapters", "parse_ref"]
+__all__ = ["DEFAULT_TAG", "Entry", "Ref", "Store", "default_root", "list_adapters", "load_adapter", "parse_ref"]

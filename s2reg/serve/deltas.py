@@ -1,0 +1,143 @@
+"""An adapter's targets turned into what a live model adds to its layers, without touching its weights.
+
+Each target becomes the change a merge would make to the parameter as the model holds it (the
+merge's own arithmetic, FORMAT §4.3 / §5.3, in the checkpoint's dtype, then cast to the model's),
+in one of two shapes:
+
+- :class:`MatmulDelta` for the weight of a matmul layer (``nn.Linear``, GPT-2's transposed
+  ``Conv1D``): an S2FT slice of input features is a gather (``y += x[:, idx] @ M``), a slice of
+  output features a scatter (``y[:, idx] += x @ M``), a PISA delta a dense ``y += x @ M``;
+- :class:`ParameterDelta` for any other parameter (MoE experts that transformers fuses into 3-D
+  parameters, biases, norms): the merged values at their flat positions in the parameter; the layer
+  is run again with them written into a copy of the parameter, for the sequences that use the adapter.
+
+Where a checkpoint tensor lives in the model comes from ``train.layout`` (transformers' own conversions),
+and the matmul kind from ``train.matmul``: no family is named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import BaseMismatch
+from ..format import Adapter, S2FTTarget
+from ..format.s2ft import take
+from ..tensors import TensorSource
+from ..train.layout import Placement, stored_name
+from ..train.matmul import matmul_kind
+
+
+@dataclass(frozen=True)
+class MatmulDelta:
+    """``y += x[:, index] @ matrix`` (``side="input"``; all inputs when ``index`` is None) or
+    ``y[:, index] += x @ matrix`` (``side="output"``), for the rows of one adapter's sequences."""
+
+    side: str
+    index: torch.Tensor | None
+    matrix: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.nbytes + (0 if self.index is None else self.index.nbytes)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Add this delta's output for ``x``'s ``rows`` (all when None) into ``y`` (both ``[rows, features]``)."""
+        if self.side == "input":
+            if rows is None:
+                picked = x if self.index is None else x.index_select(1, self.index)
+            else:
+                picked = x.index_select(0, rows) if self.index is None else x[rows[:, None], self.index[None, :]]
+            change = (picked @ self.matrix).to(y.dtype)
+            if rows is None:
+                y.add_(change)
+            else:
+                y.index_add_(0, rows, change)
+            return
+        change = ((x if rows is None else x.index_select(0, rows)) @ self.matrix).to(y.dtype)
+        if rows is None:
+            y.index_add_(1, self.index, change)
+        else:
+            y.index_put_((rows[:, None], self.index[None, :]), change, accumulate=True)
+
+
+@dataclass(frozen=True)
+class ParameterDelta:
+    """Parameter ``attr`` of a layer as the merge leaves it: ``values`` at flat ``positions``."""
+
+    attr: str
+    positions: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.positions.nbytes + self.values.nbytes
+
+    def merged(self, parameter: torch.Tensor) -> torch.Tensor:
+        out = parameter.detach().clone()
+        out.view(-1).index_copy_(0, self.positions, self.values)
+        return out
+
+    @staticmethod
+    def joined(deltas: list[ParameterDelta]) -> ParameterDelta:
+        """Several checkpoint tensors that live in one parameter (a fused expert tensor) as one delta."""
+        return ParameterDelta(deltas[0].attr, torch.cat([d.positions for d in deltas]), torch.cat([d.values for d in deltas]))
+
+
+Delta = MatmulDelta | ParameterDelta
+
+
+def _merged_region(target, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(before, after)`` of the region a merge rewrites, in the checkpoint's dtype: an S2FT target's
+    slice (exact, restore list included), a PISA target's whole tensor."""
+    if isinstance(target, S2FTTarget):
+        before = take(base, target.axis, target.indices)
+        return before, target.shifted(before)
+    return base, target.merged(base)
+
+
+def _matmul_delta(target, before: torch.Tensor, after: torch.Tensor, kind: str, like: torch.Tensor) -> MatmulDelta:
+    # the difference of what the model would hold before and after the merge (each cast to its dtype)
+    change = (after.to(like.dtype).double() - before.to(like.dtype).double()).to(device=like.device, dtype=like.dtype)
+    matrix = (change.T if kind == "linear" else change).contiguous()  # so that the output is x @ matrix
+    if not isinstance(target, S2FTTarget):
+        return MatmulDelta("input", None, matrix)
+    # a Linear weight is [out, in] (columns are inputs); a Conv1D weight is stored [in, out] (rows are inputs)
+    gathers = (target.axis == "columns") == (kind == "linear")
+    return MatmulDelta("input" if gathers else "output", target.indices.to(like.device), matrix)
+
+
+def _parameter_delta(target, after: torch.Tensor, placement: Placement, attr: str, like: torch.Tensor) -> ParameterDelta:
+    if isinstance(target, S2FTTarget):
+        positions = placement.slice_positions(target.axis, target.indices)
+    elif placement.converted:
+        positions = placement.positions
+    else:
+        positions = torch.arange(like.numel()).reshape(like.shape)
+    return ParameterDelta(attr, positions.reshape(-1).long().to(like.device),
+                          after.reshape(-1).to(device=like.device, dtype=like.dtype))
+
+
+def live_deltas(adapter: Adapter, model: nn.Module, placements: dict[str, Placement],
+                source: TensorSource) -> dict[str, list[Delta]]:
+    """``{module name: deltas}``: what ``adapter`` adds to each layer of ``model`` (loaded from ``source``)."""
+    found: dict[str, list[MatmulDelta]] = {}
+    parameters: dict[tuple[str, str], list[ParameterDelta]] = {}
+    for name, target in adapter.targets.items():
+        placement = placements.get(stored_name(name, model, placements))
+        if placement is None:
+            raise BaseMismatch(f"the model holds no tensor {name!r} (adapter made for {adapter.base.name!r})")
+        module_name, _, attr = placement.parameter.rpartition(".")
+        module = model.get_submodule(module_name)
+        parameter = module.get_parameter(attr)
+        before, after = _merged_region(target, source.get(name))
+        kind = matmul_kind(module)
+        if kind is not None and attr == "weight" and not placement.converted:
+            found.setdefault(module_name, []).append(_matmul_delta(target, before, after, kind, parameter))
+        else:
+            parameters.setdefault((module_name, attr), []).append(_parameter_delta(target, after, placement, attr, parameter))
+    for (module_name, _), deltas in parameters.items():
+        found.setdefault(module_name, []).append(ParameterDelta.joined(deltas))
+    return found
