@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "fuse",
     "interop",
     "diff",
+    "generate",
     "demo",
 )
 

@@ -9,46 +9,19 @@ served in one batch with base rows. The reference for each sequence is independe
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import pytest
 import torch
 
 import s2reg
 from s2reg.serve import AdapterServer
-from s2reg.tensors import open_source
-from s2reg.train import export_adapter, prepare_pisa, prepare_s2ft
 
 from ..families import zoo
-from ..families.test_invariants import assert_same_logits, info_of, logits_of, pisa_config, s2ft_config
+from ..families.test_invariants import assert_same_logits, logits_of
+from .builders import build_pisa, build_s2ft
 
 ROWS = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in zoo.NAMES]
 ROUTING = ["s2ft-a", None, "pisa", "s2ft-b", "s2ft-a"]
 NEW_TOKENS = 4
-
-
-def build_s2ft(name: str, base: Path, seed: int, layers: list[int] | None):
-    model = zoo.load(name, base)
-    config = dataclasses.replace(s2ft_config(info_of(base), layers), seed=seed)
-    prepared = prepare_s2ft(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in prepared.parameters.values():
-            parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.05)
-    with open_source(base) as source:
-        return export_adapter(model, base=source, base_name=str(base))
-
-
-def build_pisa(name: str, base: Path, seed: int):
-    model = zoo.load(name, base)
-    prepared = prepare_pisa(model, pisa_config(zoo.SPECIES[name]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in prepared.parameters.values():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2)
-    with open_source(base) as source:
-        return export_adapter(model, base=source, base_name=str(base))
 
 
 def batch_inputs(species: zoo.Species) -> dict[str, torch.Tensor]:
