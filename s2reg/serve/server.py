@@ -46,6 +46,23 @@ class TooManyAdapters(S2RegError):
     """A batch uses more distinct adapters than may be resident at once."""
 
 
+class _HashedOnce:
+    """The base checkpoint as :meth:`Adapter.verify_base` reads it, each tensor hashed once however many
+    adapters are checked against it (the files the model was loaded from; the server does not write them)."""
+
+    def __init__(self, source: CheckpointSource):
+        self._source = source
+        self._sha256: dict[str, str] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+    def sha256_of(self, name: str) -> str:
+        if name not in self._sha256:
+            self._sha256[name] = self._source.sha256_of(name)
+        return self._sha256[name]
+
+
 @dataclass(frozen=True)
 class Attached:
     """An attached adapter: what it was attached from, and the adapter itself (kept to rebuild its deltas)."""
@@ -70,6 +87,7 @@ class AdapterServer:
             self.source.close()
             raise S2RegError(f"{self.base} was written by `s2reg permute`: serve adapters on the original checkpoint "
                              "(`s2reg unpermute` gives it back)")
+        self._fingerprints = _HashedOnce(self.source)
         self._placements = placements(model)
         self._attached: dict[str, Attached] = {}
         self._resident: OrderedDict[str, dict[str, list[Delta]]] = OrderedDict()  # least recently used first
@@ -121,7 +139,7 @@ class AdapterServer:
         loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
         source = str(adapter) if not isinstance(adapter, Adapter) else f"<{type(adapter).__name__}>"
         try:
-            loaded.verify_base(self.source)
+            loaded.verify_base(self._fingerprints)
         except BaseMismatch as exc:
             raise BaseMismatch(f"adapter {name!r} ({source}) does not fit {self.base}: {exc}") from None
         self._attached[name] = Attached(name, source, loaded)
