@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import BaseMismatch
+from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter, S2FTTarget
 from ..format.s2ft import take
 from ..tensors import TensorSource
@@ -125,6 +125,9 @@ def live_deltas(adapter: Adapter, model: nn.Module, placements: dict[str, Placem
     """``{module name: deltas}``: what ``adapter`` adds to each layer of ``model`` (loaded from ``source``)."""
     found: dict[str, list[MatmulDelta]] = {}
     parameters: dict[tuple[str, str], list[ParameterDelta]] = {}
+    holders: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)] = holders.get(id(p), 0) + 1
     for name, target in adapter.targets.items():
         placement = placements.get(stored_name(name, model, placements))
         if placement is None:
@@ -132,6 +135,9 @@ def live_deltas(adapter: Adapter, model: nn.Module, placements: dict[str, Placem
         module_name, _, attr = placement.parameter.rpartition(".")
         module = model.get_submodule(module_name)
         parameter = module.get_parameter(attr)
+        if holders[id(parameter)] > 1:  # a hook on one holder would leave the others (a tied lm_head) unchanged
+            raise S2RegError(f"{name}: {placement.parameter} is shared with other modules (tied weights); "
+                             "merge this adapter instead of serving it")
         before, after = _merged_region(target, source.get(name))
         kind = matmul_kind(module)
         if kind is not None and attr == "weight" and not placement.converted:

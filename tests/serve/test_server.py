@@ -14,6 +14,7 @@ from s2reg.cli import main
 from s2reg.errors import BaseMismatch, S2RegError
 from s2reg.registry import Store
 from s2reg.serve import AdapterServer, NotAttached, TooManyAdapters
+from s2reg.tensors import open_source
 
 from ..families import zoo
 from ..families.test_invariants import assert_same_logits, logits_of
@@ -155,3 +156,16 @@ def test_pisa_on_bf16_checkpoint_carries_the_merge_rounding(tmp_path):
     assert_same_logits(out[0], expected_p[0])
     assert_same_logits(out[1], expected_s[1])
     assert_same_logits(out[2], logits_of(zoo.load(NAME, base), inputs)[2])
+
+
+def test_tied_weights_are_refused(zoo_checkpoint):
+    """llama's row ties lm_head to the embeddings: a hook on one holder would miss the other, so it is refused."""
+    base = zoo_checkpoint(NAME)
+    with open_source(base) as source:
+        tied = s2reg.S2FTAdapter.from_slices(
+            source, {"model.embed_tokens.weight": ("rows", torch.tensor([5, 6]), torch.ones(2, 64) * 1e-2)},
+            base_name=str(base))
+    with AdapterServer(zoo.load(NAME, base), base) as server:
+        with pytest.raises(S2RegError, match="tied weights"):
+            server.attach("tied", tied)
+        assert server.attached == []
