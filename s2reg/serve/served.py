@@ -4,7 +4,8 @@ The record lives on the module (``module.s2reg_served``) and holds each adapter'
 being run (a :class:`Routing`) comes from the :class:`Batch` the server shares with every layer. The
 base weights are never written: a matmul layer's output gets each adapter's small matmul added for
 that adapter's rows (one per adapter per layer), and a layer whose other parameters an adapter changes
-is run again with the merged values in a copy of the parameter, its output kept for that adapter's rows.
+is run again with the merged values in a copy of the parameter, its output kept for that adapter's rows
+(on just those rows when every input holds one row per output row, as an MoE experts block's do).
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ class Batch:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _row_aligned(args: tuple, kwargs: dict, count: int) -> bool:
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    return bool(tensors) and all(t.dim() >= 1 and t.shape[0] == count for t in tensors)
+
+
+def _pick(values: tuple, rows: torch.Tensor) -> tuple:
+    return tuple(v.index_select(0, rows) if isinstance(v, torch.Tensor) else v for v in values)
 
 
 class ServedModule:
@@ -70,7 +80,11 @@ class ServedModule:
         for name in names:
             rows = None if routing.covers_all(name) else routing.rows(name, y.shape[0])
             rerun = [d for d in self.deltas[name] if isinstance(d, ParameterDelta)]
-            if rerun:
+            if rerun and rows is not None and _row_aligned(args, kwargs, y.shape[0]):
+                # every input holds one row per output row (an MoE experts block): rerun just these rows
+                picked_args, picked_kwargs = _pick(args, rows), dict(zip(kwargs, _pick(tuple(kwargs.values()), rows)))
+                y.index_copy_(0, rows, _flat(self._rerun(module, picked_args, picked_kwargs, rerun)))
+            elif rerun:
                 merged = _flat(self._rerun(module, args, kwargs, rerun))
                 if rows is None:
                     y.copy_(merged)
