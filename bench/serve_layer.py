@@ -106,7 +106,13 @@ def bench_dim(d: int, counts: list[int], channels: int, tokens: int, repeats: in
             lora = peft_model(x, adapter_names=names)
         error = float((ours - reference).abs().max() / reference.abs().max())
         assert error < 1e-5, f"s2reg differs from the merged copy by {error:.2e}"
-        assert lora.shape == reference.shape
+        # PEFT really ran each row's LoRA: the first group against its merged weight
+        rows = [r for r, name in enumerate(names) if name == "a0"]
+        layer = peft_model.base_model.model.proj
+        lora_weight = weight + layer.scaling["a0"] * layer.lora_B["a0"].weight @ layer.lora_A["a0"].weight
+        with torch.no_grad():
+            lora_error = float((lora[rows] - x[rows] @ lora_weight.T).abs().max() / lora[rows].abs().max())
+        assert lora_error < 1e-4, f"PEFT's mixed batch differs from its merged LoRA by {lora_error:.2e}"
         with torch.no_grad():
             t_ours = best_seconds(lambda: server.forward(names, x=x), repeats)
             t_lora = best_seconds(lambda: peft_model(x, adapter_names=names), repeats)
