@@ -9,7 +9,8 @@ in one of two shapes:
   output features a scatter (``y[:, idx] += x @ M``), a PISA delta a dense ``y += x @ M``;
 - :class:`ParameterDelta` for any other parameter (MoE experts that transformers fuses into 3-D
   parameters, biases, norms): the merged values at their flat positions in the parameter; the layer
-  is run again with them written into a copy of the parameter, for the sequences that use the adapter.
+  is run again for the sequences that use the adapter with them swapped into the parameter, and the
+  parameter's own values swapped back right after (bit for bit: values are copied, never recomputed).
 
 Where a checkpoint tensor lives in the model comes from ``train.layout`` (transformers' own conversions),
 and the matmul kind from ``train.matmul``: no family is named here.
@@ -17,6 +18,8 @@ and the matmul kind from ``train.matmul``: no family is named here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -75,10 +78,16 @@ class ParameterDelta:
     def nbytes(self) -> int:
         return self.positions.nbytes + self.values.nbytes
 
-    def merged(self, parameter: torch.Tensor) -> torch.Tensor:
-        out = parameter.detach().clone()
-        out.view(-1).index_copy_(0, self.positions, self.values)
-        return out
+    @contextmanager
+    def swapped_into(self, parameter: torch.Tensor) -> Iterator[None]:
+        """Within the block, ``parameter`` holds the merged values; its own come back afterwards, bit for bit."""
+        flat = parameter.detach().view(-1)
+        saved = flat.index_select(0, self.positions)
+        flat.index_copy_(0, self.positions, self.values)
+        try:
+            yield
+        finally:
+            flat.index_copy_(0, self.positions, saved)
 
     @staticmethod
     def joined(deltas: list[ParameterDelta]) -> ParameterDelta:
@@ -138,6 +147,9 @@ def live_deltas(adapter: Adapter, model: nn.Module, placements: dict[str, Placem
         if holders[id(parameter)] > 1:  # a hook on one holder would leave the others (a tied lm_head) unchanged
             raise S2RegError(f"{name}: {placement.parameter} is shared with other modules (tied weights); "
                              "merge this adapter instead of serving it")
+        if not parameter.is_contiguous():
+            raise S2RegError(f"{name}: {placement.parameter} is not contiguous in memory, so its values cannot be "
+                             "swapped per sequence; merge this adapter instead of serving it")
         before, after = _merged_region(target, source.get(name))
         kind = matmul_kind(module)
         if kind is not None and attr == "weight" and not placement.converted:

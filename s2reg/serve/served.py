@@ -1,15 +1,17 @@
 """One layer's resident adapters, applied to the rows of their sequences by a forward hook.
 
 The record lives on the module (``module.s2reg_served``) and holds each adapter's deltas; the batch
-being run (a :class:`Routing`) comes from the :class:`Batch` the server shares with every layer. The
-base weights are never written: a matmul layer's output gets each adapter's small matmul added for
-that adapter's rows (one per adapter per layer), and a layer whose other parameters an adapter changes
-is run again with the merged values in a copy of the parameter, its output kept for that adapter's rows
+being run (a :class:`Routing`) comes from the :class:`Batch` the server shares with every layer. A
+matmul layer's weights are never written: its output gets each adapter's small matmul added for that
+adapter's rows (one per adapter per layer). A layer whose other parameters an adapter changes is run
+again with the merged values swapped into the parameter for that call only (its own values go back bit
+for bit right after), its output kept for that adapter's rows
 (on just those rows when every input holds one row per output row, as an MoE experts block's do).
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -98,13 +100,15 @@ class ServedModule:
         return out
 
     def _rerun(self, module: nn.Module, args: tuple, kwargs: dict, deltas: list[ParameterDelta]) -> torch.Tensor:
-        """The module's output with ``deltas`` merged into copies of its parameters."""
-        replaced = {d.attr: d.merged(module.get_parameter(d.attr)) for d in deltas}
-        self._rerunning = True  # the rerun passes through this hook again: leave it alone there
-        try:
-            out = torch.func.functional_call(module, replaced, args, kwargs)
-        finally:
-            self._rerunning = False
+        """The module's output with ``deltas`` swapped into its parameters (and swapped out again)."""
+        with ExitStack() as stack, torch.no_grad():
+            for delta in deltas:
+                stack.enter_context(delta.swapped_into(module.get_parameter(delta.attr)))
+            self._rerunning = True  # the rerun passes through this hook again: leave it alone there
+            try:
+                out = module(*args, **kwargs)
+            finally:
+                self._rerunning = False
         if not isinstance(out, torch.Tensor):
             raise S2RegError(f"{self.name} returns {type(out).__name__}, not a tensor: its adapters cannot be applied per sequence")
         return out

@@ -6,7 +6,8 @@
     out = server.generate(ids, mask, adapters=["math", "style", None], max_new_tokens=32)
 
 Each sequence computes what the checkpoint with its adapter merged computes (``None``: the base),
-and the base weights are never written. Attaching checks the adapter's base fingerprints against the
+and the base weights are left as they are (a layer rerun for an adapter's MoE experts swaps its values in for
+that call and back, bit for bit). Attaching checks the adapter's base fingerprints against the
 checkpoint the model was loaded from (FORMAT §3.2) and turns its targets into layer deltas
 (``deltas.py``): an S2FT adapter costs its slices, a PISA adapter a dense matrix per target (the
 merge's exact result, so ``out x in`` numbers in the model's dtype per target). At most
