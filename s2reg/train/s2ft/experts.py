@@ -204,7 +204,9 @@ class _PartialExperts(torch.autograd.Function):
             if first_block is not None:
                 _put(grads[ctx.first], first_block, _block_gradient(first_block, x, g_first, transposed))
             if need_x:
-                grad_x.index_add_(0, token, input_gradient(g_first, w_first[expert], transposed).to(grad_x.dtype))
+                # (index_put_ accumulates several times faster than index_add_ on CPU)
+                grad_x.index_put_((token,), input_gradient(g_first, w_first[expert], transposed).to(grad_x.dtype),
+                                  accumulate=True)
         return (None, None, grad_x, None, grad_w, *grads.values())
 
 
