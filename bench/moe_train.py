@@ -110,7 +110,8 @@ def main() -> None:
           f"(top-{CONFIG['num_experts_per_tok']}), hidden {CONFIG['hidden_size']}, expert intermediate "
           f"{CONFIG['intermediate_size']} ({full['expert_params']:,} expert parameters); batch {args.batch} x "
           f"{args.length} tokens, {device}, median of {args.steps} steps\n")
-    print("| method | trainable params | step s | training memory MiB | peak MiB | time vs full | training memory vs full |")
+    print("| method | trainable params | step s | training memory MiB | peak MiB | time vs full "
+          "| training memory vs full |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for method, r in rows.items():
         print(f"| {method} | {r['trainable']:,} | {r['median_step_s']:.3f} | {r['training_mib']:.0f} | "

@@ -179,6 +179,14 @@ def test_rows_and_columns_of_either_layout_get_exact_gradients(name):
                                rtol=1e-10, atol=1e-13)
 
 
+def test_an_expert_weight_made_trainable_after_prepare_is_refused_not_silently_frozen():
+    model = _model("mixtral")
+    prepare_s2ft(model, S2FTConfig(channels=2, roles=("down",)))
+    _experts(model, 1).gate_up_proj.requires_grad_(True)
+    with pytest.raises(S2RegError, match="MixtralExperts.gate_up_proj requires grad beside its S2FT slices"):
+        zoo_loss(model, zoo.example_inputs("mixtral"))
+
+
 def test_a_slice_that_is_not_whole_rows_or_columns_is_refused():
     experts = _experts(_model("mixtral"), 0)
     with pytest.raises(S2RegError, match="neither whole rows nor whole columns"):

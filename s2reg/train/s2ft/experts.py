@@ -133,7 +133,8 @@ def _forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
     bound = module._s2ft_signature.bind(*args, **kwargs)
     bound.apply_defaults()
     hidden, top_k_index, top_k_weights = list(bound.arguments.values())[:3]
-    trained = [n for n, p in module._parameters.items() if p is not None and p.requires_grad and not n.startswith("s2ft_")]
+    trained = [n for n, p in module._parameters.items()
+               if p is not None and p.requires_grad and not n.startswith("s2ft_")]
     if trained:  # the backward below gives gradients to the S2FT slices only
         raise S2RegError(f"{type(module).__name__}.{trained[0]} requires grad beside its S2FT slices; freeze it")
     names = list(module.s2ft_positions)
