@@ -12,6 +12,7 @@ from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
 from ..ops.permute import Permutation, permute_s2ft_target, read_permutation, to_original
 from .layout import placements, stored_name
 from .pisa import layer as pisa_layer
+from .s2ft import experts as s2ft_experts
 from .s2ft import layer as s2ft_layer
 from .s2ft.model import PreparedS2FT
 
@@ -61,7 +62,7 @@ def _trained_slices(model: nn.Module, prepared: PreparedS2FT, base):
         if s.offset is None:
             original, tuned = module.s2ft_original, s2ft_layer.tuned_slice(module)
         else:
-            _, first, current = s2ft_layer.carried_slices(module)[attr.removeprefix("s2ft_")]
+            _, first, current = s2ft_experts.carried_slices(module)[attr.removeprefix("s2ft_")]
             shape = list(s.shape)
             count = int(torch.Size(shape).numel())
             original = first[s.offset:s.offset + count].reshape(shape)

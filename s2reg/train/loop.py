@@ -5,6 +5,7 @@ JSON, never pickle), and data-parallel training when launched by ``torchrun`` (D
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -169,7 +170,8 @@ def train(
     """Train the parameters that require grad (after ``prepare_s2ft`` / ``prepare_pisa``) on ``examples``.
 
     Under ``torchrun`` (an initialised process group) the model is wrapped in DDP and every rank
-    takes its share of each global batch (``batch_size`` per rank). ``state_dir`` keeps a resumable
+    takes its share of each global batch (``batch_size`` per rank); gradients are all-reduced once per
+    optimizer step, after the last of its ``grad_accum`` micro-batches. ``state_dir`` keeps a resumable
     state every ``save_every`` steps; ``resume`` continues from it.
     """
     config.check()
@@ -206,11 +208,15 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * factor
             loss_sum = 0.0
-            for micro in batches[first:first + config.grad_accum]:
+            micros = batches[first:first + config.grad_accum]
+            for index, micro in enumerate(micros):
                 batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
                 result.tokens += int(batch["attention_mask"].sum()) * world
-                loss = runner(**batch).loss / config.grad_accum
-                loss.backward()
+                # DDP all-reduces once per step: the earlier micro-batches only accumulate locally
+                accumulating = world > 1 and index < len(micros) - 1
+                with runner.no_sync() if accumulating else contextlib.nullcontext():
+                    loss = runner(**batch).loss / config.grad_accum
+                    loss.backward()
                 loss_sum += float(loss.detach())
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(parameters.values(), config.max_grad_norm)

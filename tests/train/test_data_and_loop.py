@@ -93,30 +93,52 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def _ddp_worker(rank, world, init_file, model_dir, out):
+class _CountingDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that counts the gradient buckets it all-reduces, per bucket (a comm hook around the default one)."""
+
+    reduced: dict[int, int] = {}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def count(state, bucket):
+            _CountingDDP.reduced[bucket.index()] = _CountingDDP.reduced.get(bucket.index(), 0) + 1
+            return allreduce_hook(state, bucket)
+
+        self.register_comm_hook(None, count)
+
+
+def _ddp_worker(rank, world, init_file, model_dir, out, grad_accum):
     import torch.distributed as dist
     import transformers
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    torch.nn.parallel.DistributedDataParallel = _CountingDDP  # the loop wraps the model in whatever this names
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     prepare_s2ft(model, S2FTConfig(channels=4, heads=1, seed=0))
-    train(model, _examples(), TrainConfig(max_steps=3, batch_size=2, lr=1e-2))
+    train(model, _examples(), TrainConfig(max_steps=3, batch_size=2, grad_accum=grad_accum, lr=1e-2))
     if rank == 0:
         state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         from safetensors.torch import save_file
 
         save_file(state, out)
+        (out.parent / "reduced.json").write_text(json.dumps(_CountingDDP.reduced))
     dist.destroy_process_group()
 
 
-def test_ddp_with_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ddp_with_two_processes_equals_one_process_with_the_same_global_batch(tmp_path, grad_accum):
+    """Two ranks of batch 2 train what one process of batch 4 trains, with or without accumulation; with
+    accumulation only the last micro-batch of a step all-reduces (``no_sync`` on the others): every
+    gradient bucket is reduced once per optimizer step."""
     model, model_dir = tiny_model(tmp_path / "m", dtype=torch.float64)
     prepare_s2ft(model, S2FTConfig(channels=4, heads=1, seed=0))
-    train(model, _examples(), TrainConfig(max_steps=3, batch_size=4, lr=1e-2))
+    steps = train(model, _examples(), TrainConfig(max_steps=3, batch_size=4, grad_accum=grad_accum, lr=1e-2)).steps
     out = tmp_path / "ddp.safetensors"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(model_dir), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(model_dir), out, grad_accum), nprocs=2, join=True)
     from safetensors.torch import load_file
 
     ddp = load_file(out)
@@ -124,3 +146,5 @@ def test_ddp_with_two_processes_equals_one_process_with_the_same_global_batch(tm
     assert ddp.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-10, atol=1e-12, msg=name)
+    reduced = json.loads((tmp_path / "reduced.json").read_text())
+    assert steps >= 2 and reduced and set(reduced.values()) == {steps}, reduced  # each bucket once per optimizer step

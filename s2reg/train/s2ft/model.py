@@ -3,8 +3,8 @@
 Which stored indices a head or channel owns in which checkpoint tensor is the family description's
 business (``s2reg.arch``: fused, interleaved, transposed, per-expert layouts); where that tensor lives
 in memory is ``train/layout.py``'s. A checkpoint tensor that a matmul layer computes with directly gets
-partial back-propagation on its row or column slice; any other (an expert inside a fused 3-D
-parameter) gets a slice at flat positions of its parameter.
+partial back-propagation on its row or column slice (``layer.py``); an expert inside transformers'
+fused 3-D expert parameters gets it per expert (``experts.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ..matmul import matmul_kind
 from ..select import select
 from ..targets import Coupled, ModelMap, heads_to_kv, map_model
 from .config import CHANNEL_ROLES, HEAD_ROLES, S2FTConfig
-from .layer import attach, attach_positions
+from .experts import attach_experts
+from .layer import attach
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibrat
     wanted = _wanted(mapping, layers, roles, selection)
     if not wanted:
         raise S2RegError(f"nothing to train: roles {list(roles)} have no selected heads/channels")
-    carried: dict[str, list[tuple[Coupled, set[str], torch.Tensor]]] = {}  # in-memory parameter -> its tensors
+    carried: dict[str, list[tuple[Coupled, set[str], torch.Tensor]]] = {}  # fused expert parameter -> its tensors
     for name, (c, trained_roles, indices) in wanted.items():
         module, attr = mapping.owner(c.placement.parameter)
         group = _group_size(c, trained_roles, indices, mapping)
@@ -165,6 +166,6 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibrat
                                                    trainable, offset)
             positions.append(flat)
             offset += flat.numel()
-        prepared.parameters[trainable] = attach_positions(module, attr, torch.cat(positions))
+        prepared.parameters[trainable] = attach_experts(module, attr, torch.cat(positions))
     model.s2reg_prepared = prepared
     return prepared
