@@ -12,7 +12,7 @@ from .adapter import (
     read_manifest,
 )
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, UnknownKeyWarning
-from .pisa import PISATarget, reconstruct
+from .pisa import PISATarget
 from .s2ft import S2FTTarget, exact_difference
 
 __all__ = [
@@ -31,5 +31,4 @@ __all__ = [
     "exact_difference",
     "load",
     "read_manifest",
-    "reconstruct",
 ]

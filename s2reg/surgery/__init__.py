@@ -3,10 +3,20 @@ recover interrupted in-place work, and co-permute checkpoints. IO goes through `
 the per-tensor math is in ``s2reg.format`` and ``s2reg.ops``.
 """
 
+from typing import Any
+
 from .inplace import merge_in_place, pending, recover, unmerge_in_place
 from .ledger import Ledger
-from .permute import permute_checkpoint, unpermute_checkpoint
 from .rewrite import merge, unmerge
+
+
+def __getattr__(name: str) -> Any:
+    # co-permutation needs the model family's description, which runs in torch: imported when used
+    if name in ("permute_checkpoint", "unpermute_checkpoint"):
+        from . import permute
+
+        return getattr(permute, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Ledger",
