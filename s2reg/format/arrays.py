@@ -62,3 +62,8 @@ def bits(array: np.ndarray) -> np.ndarray:
     """The array reinterpreted as unsigned integers of its width: equal bits, equal values (signed zeros, NaN payloads)."""
     array = array if array.flags.c_contiguous else array.copy(order="C")
     return array.view(_SAME_BITS[array.dtype.itemsize])
+
+
+def dot(x: np.ndarray, y: np.ndarray) -> float:
+    """``sum(x * y)`` in float64, without BLAS: its thread pool costs more to start than these sums take."""
+    return float(np.multiply(x, y, dtype=np.float64).sum())

@@ -10,9 +10,8 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import codec, dtypes, payload
+from .arrays import dot
 from .s2ft import S2FTTarget, axis_dim
 
 if TYPE_CHECKING:
@@ -88,7 +87,7 @@ def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
                 indices=t.indices.tolist(),
                 group_size=t.group_size,
                 groups=t.groups,
-                delta_norm=float(np.linalg.norm(t.delta.astype(np.float64).reshape(-1))),
+                delta_norm=math.sqrt(dot(t.delta, t.delta)),
             )
         else:
             row.update(

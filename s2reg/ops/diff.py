@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BaseMismatch
 from ..format import Adapter, PISATarget, S2FTTarget, dtypes, limits
-from ..format.arrays import bits, read_array
+from ..format.arrays import bits, dot, read_array
 from ..format.s2ft import axis_dim
 
 
@@ -61,7 +61,7 @@ def _pisa_pair(name: str, ta: PISATarget, tb: PISATarget) -> tuple[int, int, flo
 def _sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, bool]:
     """x.x, y.y, x.y, |x - y|^2 and equality of two deltas on the same elements."""
     x, y = x.astype(np.float64).reshape(-1), y.astype(np.float64).reshape(-1)
-    return float(x @ x), float(y @ y), float(x @ y), float((x - y) @ (x - y)), bool(np.array_equal(x, y))
+    return dot(x, x), dot(y, y), dot(x, y), dot(x - y, x - y), bool(np.array_equal(x, y))
 
 
 def _compare(name: str, ta, tb) -> tuple[int, int, float, float, float, float, bool]:
@@ -124,7 +124,7 @@ def diff_checkpoints(a, b, progress: Callable[[str], None] = lambda _: None) -> 
         changed = bits(x) != bits(y) if x.ndim else np.array(True)
         wide = x.astype(np.float64)
         delta = y.astype(np.float64) - wide
-        norm, delta_norm = float(np.linalg.norm(wide.reshape(-1))), float(np.linalg.norm(delta.reshape(-1)))
+        norm, delta_norm = math.sqrt(dot(wide, wide)), math.sqrt(dot(delta, delta))
         rows.append({
             "tensor": name,
             "changed": int(changed.sum()),
