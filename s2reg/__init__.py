@@ -9,9 +9,7 @@ It imports neither click nor rich.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ._lazy import exports
 from ._version import __version__
 from .errors import (
     BaseMismatch,
@@ -53,13 +51,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 's2reg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # looked up once
-    return value
+__getattr__ = exports(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

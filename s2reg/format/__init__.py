@@ -6,36 +6,29 @@ command line needs to start) costs only that module, not numpy.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import exports
 
 # public name -> the module of this package that defines it
 _EXPORTS = {
-    "Adapter": "adapter",
-    "BaseModel": "adapter",
-    "Fingerprint": "adapter",
-    "PISAAdapter": "adapter",
-    "S2FTAdapter": "adapter",
-    "Stored": "adapter",
-    "TensorReader": "adapter",
-    "load": "adapter",
-    "read_manifest": "adapter",
-    "FORMAT_VERSION": "manifest",
-    "MANIFEST_NAME": "manifest",
-    "UnknownKeyWarning": "manifest",
-    "PISATarget": "pisa",
-    "S2FTTarget": "s2ft",
-    "exact_difference": "s2ft",
+    "Adapter": ".adapter",
+    "BaseModel": ".adapter",
+    "Fingerprint": ".adapter",
+    "PISAAdapter": ".adapter",
+    "S2FTAdapter": ".adapter",
+    "Stored": ".adapter",
+    "TensorReader": ".adapter",
+    "load": ".adapter",
+    "read_manifest": ".adapter",
+    "FORMAT_VERSION": ".manifest",
+    "MANIFEST_NAME": ".manifest",
+    "UnknownKeyWarning": ".manifest",
+    "PISATarget": ".pisa",
+    "S2FTTarget": ".s2ft",
+    "exact_difference": ".s2ft",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = exports(__name__, _EXPORTS, globals())
 
 
 __all__ = sorted(_EXPORTS)

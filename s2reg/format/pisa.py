@@ -16,18 +16,15 @@ import numpy as np
 
 from ..errors import FormatError, NonFiniteError, ShapeError
 from . import dtypes, limits
+from .._lazy import exports
 from .arrays import as_array, to_torch
 from .manifest import require, require_dtype, require_shape, warn_unknown
 
 COEFFICIENT_DTYPES = frozenset({"F32", "F16", "BF16"})
 MAX_BLOCK_AREA = 1 << 24
-_KERNEL = ("reconstruct", "delta_dot", "Spectral", "pisa_top_k")  # names of .pisa_fft, importable from here
-
-
-def __getattr__(name: str) -> Any:
-    if name in _KERNEL:
-        return getattr(importlib.import_module(".pisa_fft", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# the kernel's names, importable from here too (pisa_fft imports torch, so only when used)
+__getattr__ = exports(__name__, dict.fromkeys(("reconstruct", "delta_dot", "Spectral", "pisa_top_k"), "s2reg.format.pisa_fft"),
+                      globals())
 
 
 def _kernel():

@@ -3,20 +3,14 @@ recover interrupted in-place work, and co-permute checkpoints. IO goes through `
 the per-tensor math is in ``s2reg.format`` and ``s2reg.ops``.
 """
 
-from typing import Any
-
+from .._lazy import exports
 from .inplace import merge_in_place, pending, recover, unmerge_in_place
 from .ledger import Ledger
 from .rewrite import merge, unmerge
 
 
-def __getattr__(name: str) -> Any:
-    # co-permutation needs the model family's description, which runs in torch: imported when used
-    if name in ("permute_checkpoint", "unpermute_checkpoint"):
-        from . import permute
-
-        return getattr(permute, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# co-permutation needs the model family's description, which runs in torch: imported when used
+__getattr__ = exports(__name__, dict.fromkeys(("permute_checkpoint", "unpermute_checkpoint"), ".permute"), globals())
 
 __all__ = [
     "Ledger",
