@@ -74,14 +74,18 @@ def bench(label: str, base: Path, work: Path, channels: int) -> list[tuple]:
     rows.append(("s2reg merge --in-place", wall, rss))
     wall, rss = run(python(PEFT_MERGE, str(base), str(work / "lora"), str(work / "merged-peft")))
     rows.append((f"PEFT LoRA r={rank} merge_and_unload + save ({lora_params:,} params)", wall, rss))
+    wall, rss = run(["cp", "-r", str(base), str(work / "copied")])
+    rows.append(("cp -r of the same checkpoint (the disk's floor for -o)", wall, rss))
     wall, rss = run([sys.executable, "-c", "import s2reg.cli"])
-    rows.append(("floor: start Python and import s2reg (torch)", wall, rss))
-    peft_wall, peft_rss = rows[-2][1], rows[-2][2]
+    rows.append(("floor: start Python and import s2reg.cli (no torch)", wall, rss))
+    peft_wall, peft_rss = rows[2][1], rows[2][2]
+    shard_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e6
     print(f"\n### {label}\n")
-    print("| path | wall s | peak RSS MiB | time vs PEFT | RSS vs PEFT |")
-    print("|---|---:|---:|---:|---:|")
+    print("| path | wall s | MB/s of shards | peak RSS MiB | time vs PEFT | RSS vs PEFT |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, wall, rss in rows:
-        print(f"| {name} | {wall:.2f} | {rss:.0f} | {peft_wall / wall:.1f}x faster | {100 * rss / peft_rss:.0f}% |")
+        rate = f"{shard_mb / wall:.0f}" if name.startswith(("s2reg merge -o", "cp ")) else ""
+        print(f"| {name} | {wall:.2f} | {rate} | {rss:.0f} | {peft_wall / wall:.1f}x faster | {100 * rss / peft_rss:.0f}% |")
     return rows
 
 

@@ -18,6 +18,7 @@ import torch
 
 from fixtures import smollm2
 from s2reg.arch import resolve
+from s2reg.format import dtypes
 from s2reg.format.digest import sha256_file
 from s2reg.tensors import CheckpointSource, save_state_dict
 
@@ -84,7 +85,7 @@ def test_config_has_the_gguf_dims_and_gqa(smollm2_dir, gguf):
 def test_every_tensor_is_bf16_and_embeddings_are_tied(smollm2_dir, gguf):
     _, tensors = gguf
     with CheckpointSource(smollm2_dir) as source:
-        assert {source.dtype(n) for n in source.names()} == {torch.bfloat16}
+        assert {dtypes.name_of(source.dtype(n)) for n in source.names()} == {"BF16"}
         # The GGUF has no separate output matrix, so lm_head is the embedding and is not stored.
         assert "output.weight" not in tensors
         assert source.config()["tie_word_embeddings"] is True

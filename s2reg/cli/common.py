@@ -7,8 +7,6 @@ from pathlib import Path
 import click
 
 from ..errors import S2RegError
-from ..format import Adapter
-from ..registry import load_adapter
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 
@@ -56,6 +54,9 @@ class AdapterType(click.ParamType):
         self.allow_nonfinite = allow_nonfinite
 
     def convert(self, value, param, ctx):
+        from ..format import Adapter  # numpy: imported by the commands that take adapters, when they run
+        from ..registry import load_adapter
+
         if isinstance(value, Adapter):
             return value
         return load_adapter(value, allow_nonfinite=self.allow_nonfinite)

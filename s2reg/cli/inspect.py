@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..arch import resolve_source
 from ..format.stats import ranges
 from ..ops.describe import describe
 from ..tensors import open_source
@@ -54,6 +53,8 @@ def inspect_command(adapter, plot: str | None, base: str | None, arch, as_json: 
     """
     info = None
     if base is not None:
+        from ..arch import resolve_source  # the family tables run in torch: only with --base
+
         with open_source(base) as source:
             info = resolve_source(source, arch)
     report = describe(adapter, info)

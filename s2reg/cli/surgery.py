@@ -8,15 +8,8 @@ from pathlib import Path
 import click
 
 from ..format import Adapter
-from ..surgery import (
-    merge,
-    merge_in_place,
-    permute_checkpoint,
-    recover,
-    unmerge,
-    unmerge_in_place,
-    unpermute_checkpoint,
-)
+from .. import surgery
+from ..surgery import merge, merge_in_place, recover, unmerge, unmerge_in_place
 from ..tensors import CheckpointSource
 from . import render
 from .common import AdapterType, arch_option, json_option, overwrite_option
@@ -155,7 +148,7 @@ def permute_command(checkpoint, plan_from, output, overwrite, arch, as_json) -> 
     """
     with render.progress() as bar:
         task = bar.add_task("permute", total=_count(checkpoint))
-        report = permute_checkpoint(checkpoint, _selection(plan_from), output, arch_file=arch, overwrite=overwrite,
+        report = surgery.permute_checkpoint(checkpoint, _selection(plan_from), output, arch_file=arch, overwrite=overwrite,
                                     progress=lambda name: bar.update(task, advance=1, description=name))
     if as_json:
         render.emit_json(report)
@@ -176,7 +169,7 @@ def unpermute_command(checkpoint, output, overwrite, arch, as_json) -> None:
     """Write a permuted checkpoint back in its original order (bit-identical to the original)."""
     with render.progress() as bar:
         task = bar.add_task("unpermute", total=_count(checkpoint))
-        report = unpermute_checkpoint(checkpoint, output, arch_file=arch, overwrite=overwrite,
+        report = surgery.unpermute_checkpoint(checkpoint, output, arch_file=arch, overwrite=overwrite,
                                       progress=lambda name: bar.update(task, advance=1, description=name))
     if as_json:
         render.emit_json(report)

@@ -1,35 +1,34 @@
-"""The adapter format (versions 1 and 2): spec/FORMAT.md in code. No CLI, no registry."""
+"""The adapter format (versions 1 and 2): spec/FORMAT.md in code. No CLI, no registry.
 
-from .adapter import (
-    Adapter,
-    BaseModel,
-    Fingerprint,
-    PISAAdapter,
-    S2FTAdapter,
-    Stored,
-    TensorReader,
-    load,
-    read_manifest,
-)
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, UnknownKeyWarning
-from .pisa import PISATarget, reconstruct
-from .s2ft import S2FTTarget, exact_difference
+Names are imported from their modules on first use, so ``from s2reg.format import limits`` (what the
+command line needs to start) costs only that module, not numpy.
+"""
 
-__all__ = [
-    "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "Adapter",
-    "BaseModel",
-    "Fingerprint",
-    "PISAAdapter",
-    "PISATarget",
-    "S2FTAdapter",
-    "S2FTTarget",
-    "Stored",
-    "TensorReader",
-    "UnknownKeyWarning",
-    "exact_difference",
-    "load",
-    "read_manifest",
-    "reconstruct",
-]
+from __future__ import annotations
+
+from .._lazy import exports
+
+# public name -> the module of this package that defines it
+_EXPORTS = {
+    "Adapter": ".adapter",
+    "BaseModel": ".adapter",
+    "Fingerprint": ".adapter",
+    "PISAAdapter": ".adapter",
+    "S2FTAdapter": ".adapter",
+    "Stored": ".adapter",
+    "TensorReader": ".adapter",
+    "load": ".adapter",
+    "read_manifest": ".adapter",
+    "FORMAT_VERSION": ".manifest",
+    "MANIFEST_NAME": ".manifest",
+    "UnknownKeyWarning": ".manifest",
+    "PISATarget": ".pisa",
+    "S2FTTarget": ".s2ft",
+    "exact_difference": ".s2ft",
+}
+
+
+__getattr__ = exports(__name__, _EXPORTS, globals())
+
+
+__all__ = sorted(_EXPORTS)

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Union
 
-import torch
+import numpy as np
 
 from .._version import __version__
 from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
 from ..fsatomic import write_directory
 from . import codec, dtypes, limits, manifest, payload
+from .arrays import as_array, read_array
 from .digest import sha256_bytes, tensor_sha256
 from .pisa import PISATarget
 from .s2ft import S2FTTarget, add_exact, exact_difference, take
@@ -28,7 +29,7 @@ Target = Union[S2FTTarget, PISATarget]
 class TensorReader(Protocol):
     """What an adapter needs of a base model: its tensors by name (a checkpoint or a state dict)."""
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Fingerprint:
     sha256: str
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> Fingerprint:
+    def of(cls, tensor: Any) -> Fingerprint:
         return cls(tuple(tensor.shape), dtypes.name_of(tensor.dtype), tensor_sha256(tensor))
 
     def as_json(self) -> dict[str, Any]:
@@ -73,10 +74,8 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch) if epoch else None))
 
 
-def _reader(base: TensorReader | Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
-    if isinstance(base, Mapping):
-        return lambda name: base[name]
-    return base.get
+def _reader(base: TensorReader | Mapping[str, Any]) -> Callable[[str], np.ndarray]:
+    return lambda name: read_array(base, name)
 
 
 class Adapter:
@@ -155,7 +154,7 @@ class Adapter:
                 )
 
     # -- access ---------------------------------------------------------------------------
-    def to_dense(self, name: str, *, base: TensorReader | Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def to_dense(self, name: str, *, base: TensorReader | Mapping[str, Any] | None = None) -> np.ndarray:
         """The full delta matrix of one target (FORMAT §4.4, §5.3).
 
         Its size is the target's *declared* shape: with ``base`` it must be the shape of the base's
@@ -190,7 +189,7 @@ class Adapter:
 
     # -- serialisation ----------------------------------------------------------------------
     def payload_bytes(self) -> bytes:
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, np.ndarray] = {}
         for name, target in self.targets.items():
             tensors.update(target.payload_tensors(name))
         meta = {"s2reg.format_version": str(self.format_version), "s2reg.kind": self.kind}
@@ -247,8 +246,8 @@ class S2FTAdapter(Adapter):
     @classmethod
     def from_tuned(
         cls,
-        base: TensorReader | Mapping[str, torch.Tensor],
-        slices: Mapping[str, tuple[str, Iterable[int] | torch.Tensor, torch.Tensor]],
+        base: TensorReader | Mapping[str, Any],
+        slices: Mapping[str, tuple[str, Iterable[int] | Any, Any]],
         *,
         base_name: str,
         base_revision: str | None = None,
@@ -264,8 +263,8 @@ class S2FTAdapter(Adapter):
     @classmethod
     def from_slices(
         cls,
-        base: TensorReader | Mapping[str, torch.Tensor],
-        slices: Mapping[str, tuple[str, Iterable[int] | torch.Tensor, torch.Tensor]],
+        base: TensorReader | Mapping[str, Any],
+        slices: Mapping[str, tuple[str, Iterable[int] | Any, Any]],
         *,
         base_name: str,
         base_revision: str | None = None,
@@ -282,12 +281,13 @@ class S2FTAdapter(Adapter):
         for name, (axis, indices, values) in sorted(slices.items()):
             manifest.check_tensor_name(name)
             weight = get(name)
-            idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-            target = S2FTTarget(tuple(weight.shape), weight.dtype, axis, idx, values.detach().to(torch.float64),
+            idx = as_array(indices if not isinstance(indices, range) else list(indices), np.int64).reshape(-1)
+            values = as_array(values)
+            target = S2FTTarget(tuple(weight.shape), weight.dtype, axis, idx, values.astype(np.float64),
                                 (group_sizes or {}).get(name))
             target.check(name, allow_nonfinite=True)  # shapes and ranges before any arithmetic (values: below)
             base_slice = take(weight, axis, idx)
-            tuned = add_exact(base_slice, target.delta) if snap else values.detach()  # a zero delta keeps a -0.0
+            tuned = add_exact(base_slice, target.delta) if snap else values  # a zero delta keeps a -0.0
             if tuned.dtype != weight.dtype:
                 raise ShapeError(f"{name}: tuned slice is {tuned.dtype} but the base tensor is {weight.dtype}")
             target.delta, target.restore = exact_difference(base_slice, tuned, name=name)
@@ -305,13 +305,13 @@ class PISAAdapter(Adapter):
     @classmethod
     def from_coefficients(
         cls,
-        base: TensorReader | Mapping[str, torch.Tensor],
-        coefficients: Mapping[str, tuple[tuple[int, int], torch.Tensor, torch.Tensor]],
+        base: TensorReader | Mapping[str, Any],
+        coefficients: Mapping[str, tuple[tuple[int, int], Any, Any]],
         *,
         base_name: str,
         base_revision: str | None = None,
         scale: float | Mapping[str, float] = 1.0,
-        coefficient_dtype: torch.dtype = torch.float32,
+        coefficient_dtype: Any = np.float32,
         **kwargs: Any,
     ) -> PISAAdapter:
         """From ``{name: (block, indices [blocks, k], complex coefficients [blocks, k])}``.
@@ -323,19 +323,24 @@ class PISAAdapter(Adapter):
         for name, (block, indices, values) in sorted(coefficients.items()):
             manifest.check_tensor_name(name)
             weight = get(name)
-            idx = torch.as_tensor(indices, dtype=torch.int64)
-            values = torch.as_tensor(values).detach()
-            if not values.is_complex():
+            idx = as_array(indices, np.int64)
+            values = as_array(values)
+            if not np.iscomplexobj(values):
                 raise FormatError(f"{name}: coefficients must be a complex tensor")
-            if idx.shape != values.shape or idx.dim() != 2:
+            if idx.shape != values.shape or idx.ndim != 2:
                 raise ShapeError(f"{name}: indices {list(idx.shape)} and coefficients {list(values.shape)} must be [blocks, k]")
-            order = idx.argsort(dim=1)
-            idx, values = idx.gather(1, order), values.gather(1, order)
-            stored = torch.stack([values.real, values.imag], dim=-1).to(coefficient_dtype)
+            order = np.argsort(idx, axis=1, kind="stable")
+            idx, values = np.take_along_axis(idx, order, 1), np.take_along_axis(values, order, 1)
+            stored = np.stack([values.real, values.imag], axis=-1).astype(_numpy_dtype(coefficient_dtype))
             s = scale[name] if isinstance(scale, Mapping) else scale
             targets[name] = PISATarget(tuple(weight.shape), weight.dtype, (int(block[0]), int(block[1])), idx, stored, float(s))
             fingerprints[name] = Fingerprint.of(weight)
         return cls(targets, BaseModel(base_name, base_revision, fingerprints), **kwargs)
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    """A numpy or torch float dtype as numpy's (coefficients may be asked for as either)."""
+    return dtypes.to_numpy(dtypes.name_of(dtype))
 
 
 ADAPTER_TYPES: dict[str, type[Adapter]] = {"s2ft": S2FTAdapter, "pisa": PISAAdapter}

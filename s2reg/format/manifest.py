@@ -70,7 +70,7 @@ def require_shape(obj: Mapping[str, Any], key: str, where: str) -> tuple[int, ..
 
 def require_dtype(obj: Mapping[str, Any], key: str, where: str, allowed: frozenset[str] | None = None) -> str:
     name = require(obj, key, str, where)
-    dtypes.to_torch(name)
+    dtypes.to_numpy(name)
     if allowed is not None and name not in allowed:
         raise _fail(where, f"{key!r} must be one of {', '.join(sorted(allowed))}, got {name}")
     return name

@@ -11,7 +11,7 @@ import json
 import struct
 from collections.abc import Mapping
 
-import torch
+import numpy as np
 
 from . import dtypes, safetensors_header
 from .digest import tensor_bytes
@@ -19,13 +19,13 @@ from .digest import tensor_bytes
 MAX_HEADER_BYTES = safetensors_header.PAYLOAD_MAX_HEADER_BYTES
 
 
-def header_layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+def header_layout(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
     """The 8-byte length prefix plus the padded JSON header for ``tensors`` in name order."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for name in sorted(tensors):
         t = tensors[name]
-        size = t.numel() * t.element_size()
+        size = t.nbytes
         header[name] = {
             "dtype": dtypes.name_of(t.dtype),
             "shape": list(t.shape),
@@ -37,7 +37,7 @@ def header_layout(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     return struct.pack("<Q", len(text)) + text
 
 
-def dump(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
     """Serialise ``tensors`` to safetensors bytes, deterministically (FORMAT §6.1)."""
     parts = [header_layout(tensors, metadata)]
     parts.extend(bytes(tensor_bytes(tensors[name])) for name in sorted(tensors))
@@ -49,14 +49,12 @@ def parse_header(data: bytes | memoryview) -> safetensors_header.Header:
     return safetensors_header.read_buffer(data, max_header_bytes=MAX_HEADER_BYTES)
 
 
-def load(data: bytes | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse a safetensors buffer into tensors (copies, independent of ``data``) and metadata."""
+def load(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse a safetensors buffer into arrays (copies, independent of ``data``) and metadata."""
     header = parse_header(data)
     view = memoryview(data)
     tensors = {}
     for name, entry in header.entries.items():
-        raw = bytearray(view[header.data_start + entry.begin : header.data_start + entry.end])
-        dtype = dtypes.to_torch(entry.dtype)
-        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(entry.shape)
+        raw = view[header.data_start + entry.begin : header.data_start + entry.end]
+        tensors[name] = np.frombuffer(raw, dtype=dtypes.to_numpy(entry.dtype)).reshape(entry.shape).copy()
     return tensors, header.metadata

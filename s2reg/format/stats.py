@@ -10,12 +10,14 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from . import codec, payload
+from . import codec, dtypes, payload
+from .arrays import dot
 from .s2ft import S2FTTarget, axis_dim
 
 if TYPE_CHECKING:
     from .adapter import Adapter
 
+_DTYPE_TEXT = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # as inspect has shown them
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 
 
@@ -70,10 +72,10 @@ def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
             "module": module,
             "kind": t.kind,
             "shape": list(t.shape),
-            "dtype": str(t.dtype).removeprefix("torch."),
+            "dtype": _DTYPE_TEXT[dtypes.name_of(t.dtype)],
             "params": t.num_params,
             "percent_of_base": 100.0 * t.num_params / dense_size,
-            "payload_bytes": sum(x.numel() * x.element_size() for x in tensors.values()),
+            "payload_bytes": sum(x.nbytes for x in tensors.values()),
             # This target alone through the payload codec: its share of the compressed file.
             "compressed_bytes": len(codec.encode(payload.dump(tensors, {}))),
         }
@@ -85,7 +87,7 @@ def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
                 indices=t.indices.tolist(),
                 group_size=t.group_size,
                 groups=t.groups,
-                delta_norm=float(t.delta.double().norm()),
+                delta_norm=math.sqrt(dot(t.delta, t.delta)),
             )
         else:
             row.update(

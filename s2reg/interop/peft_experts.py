@@ -22,6 +22,7 @@ import torch
 
 from ..errors import S2RegError
 from ..format import S2FTTarget
+from ..format.arrays import to_torch
 from ..train.layout import Placement, placements
 
 
@@ -66,8 +67,8 @@ def _expert_block(name: str, target: S2FTTarget, placement: Placement, shape: tu
     if len(shape) != 3:
         raise S2RegError(f"{name}: lives in {placement.parameter} of shape {list(shape)}, not [experts, out, in]")
     _, rows, columns = shape
-    positions = placement.slice_positions(target.axis, target.indices).reshape(-1)
-    values = target.delta.reshape(-1).to(torch.float32)
+    positions = placement.slice_positions(target.axis, to_torch(target.indices)).reshape(-1)
+    values = to_torch(target.delta).reshape(-1).to(torch.float32)
     expert, rest = positions // (rows * columns), positions % (rows * columns)
     row, column = rest // columns, rest % columns
     if int(expert.min()) != int(expert.max()):

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import FormatError, S2RegError
 from ..format import boundedjson, payload
+from ..format.arrays import to_torch
 
 PREFIX = "base_model.model."
 
@@ -35,12 +36,12 @@ def read_peft(directory: Path, peft_type: str) -> tuple[dict[str, Any], dict[str
     except OSError as exc:
         raise FormatError(f"{directory}: not a readable PEFT adapter ({exc.strerror})") from None
     try:
-        weights, _ = payload.load(data)  # the one strict safetensors reader (FORMAT §6.1)
+        arrays, _ = payload.load(data)  # the one strict safetensors reader (FORMAT §6.1)
     except FormatError as exc:
         raise FormatError(f"{directory}/adapter_model.safetensors: {exc}") from None
     if config.get("peft_type") != peft_type:
         raise FormatError(f"{directory}: peft_type is {config.get('peft_type')!r}, not {peft_type}")
-    return config, weights
+    return config, {name: to_torch(array) for name, array in arrays.items()}  # PEFT's factors are torch math here
 
 
 def peft_config(directory: Path) -> dict[str, Any]:

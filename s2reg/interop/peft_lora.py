@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from ..errors import FormatError, S2RegError
 from ..format import Adapter, S2FTAdapter, S2FTTarget, limits
+from ..format.arrays import to_torch
 from ..fsatomic import building
 from .peft_experts import MemoryLayout, expert_factors, lora_keys, memory_layout, module_of
 from .peft_files import PREFIX, read_peft
@@ -44,9 +46,10 @@ def _lora_error(target: S2FTTarget, stored: torch.Tensor) -> float:
     bases, and merges in that precision), so an F64 delta (FORMAT §4.3) is rounded; elements with a
     restore list change by ``tuned - base``, which the delta holds only up to rounding.
     """
-    true = target.delta.double().clone()
+    true = to_torch(target.delta).double().clone()
     if target.restore is not None:
-        true.view(-1)[target.restore.index] = target.restore.tuned.double() - target.restore.base.double()
+        restore = target.restore
+        true.view(-1)[to_torch(restore.index)] = to_torch(restore.tuned.astype(np.float64) - restore.base.astype(np.float64))
     norm = float(true.norm())
     return float((stored.double() - true).norm()) / norm if norm else float((stored.double() - true).norm())
 
@@ -59,19 +62,19 @@ def _factors(name: str, target, rank: int | None, transposed: bool) -> tuple[tor
         n = target.count
         length = target.shape[0 if target.axis == "rows" else 1]
         limits.check_dense((length, n), name)  # a declared length
-        axis, delta = target.axis, target.delta.to(torch.float32)
+        axis, delta = target.axis, to_torch(target.delta).to(torch.float32)
         error = _lora_error(target, delta)
         if transposed:  # stored rows are the layer's inputs, stored columns its outputs
             axis, delta = ("columns" if axis == "rows" else "rows"), delta.t()
         one_hot = torch.zeros(length, n, dtype=torch.float32)
-        one_hot[target.indices.long(), torch.arange(n)] = 1.0
+        one_hot[to_torch(target.indices).long(), torch.arange(n)] = 1.0
         if axis == "rows":
             return delta.contiguous(), one_hot, error
         return one_hot.t().contiguous(), delta.contiguous(), error
     if rank is None:
         raise S2RegError("PISA adapters export to LoRA through a truncated SVD: pass --rank")
     limits.check_dense(target.shape, name)  # no base vouches for the declared shape here
-    dense = target.to_dense().double()
+    dense = to_torch(target.to_dense()).double()
     if transposed:
         dense = dense.t()
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)

@@ -86,7 +86,7 @@ def _check_dtypes(base, tuned, names: list[str]) -> None:
     for name in names:
         if name not in tuned:
             raise BaseMismatch(f"the tuned checkpoint has no tensor {name!r}; is it a fine-tune of this base?")
-        if base.dtype(name) != tuned.dtype(name):
+        if dtypes.name_of(base.dtype(name)) != dtypes.name_of(tuned.dtype(name)):
             raise S2RegError(
                 f"the tuned checkpoint has a different dtype than the base ({name}: "
                 f"{dtypes.name_of(tuned.dtype(name))} vs {dtypes.name_of(base.dtype(name))}); save it in "

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import BaseMismatch
-from ..format import Adapter, PISATarget, S2FTTarget, limits, pisa
+from ..format import Adapter, PISATarget, S2FTTarget, dtypes, limits
+from ..format.arrays import bits, dot, read_array
 from ..format.s2ft import axis_dim
 
 
@@ -26,21 +26,20 @@ def _slice_numel(target: S2FTTarget) -> int:
     return math.prod(target.shape) // target.shape[axis_dim(target.axis)]
 
 
-def _s2ft_overlap(ta: S2FTTarget, tb: S2FTTarget) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+def _s2ft_overlap(ta: S2FTTarget, tb: S2FTTarget) -> tuple[int, int, np.ndarray, np.ndarray]:
     """(common elements, union, a's and b's deltas on the common elements), from the slices alone."""
     if ta.axis == tb.axis:
         dim = axis_dim(ta.axis)
-        _, pa, pb = np.intersect1d(ta.indices.numpy(), tb.indices.numpy(), assume_unique=True, return_indices=True)
+        _, pa, pb = np.intersect1d(ta.indices, tb.indices, assume_unique=True, return_indices=True)
         per = _slice_numel(ta)
         common = len(pa) * per
-        x = ta.delta.index_select(dim, torch.from_numpy(pa).long())
-        y = tb.delta.index_select(dim, torch.from_numpy(pb).long())
+        x, y = np.take(ta.delta, pa, axis=dim), np.take(tb.delta, pb, axis=dim)
         return common, (ta.count + tb.count) * per - common, x, y
     rows, cols = (ta, tb) if ta.axis == "rows" else (tb, ta)
     common = rows.count * cols.count  # the crossing of the selected rows and the selected columns
     union = rows.count * rows.shape[1] + cols.count * cols.shape[0] - common
-    on_rows = rows.delta.index_select(1, cols.indices.long())
-    on_cols = cols.delta.index_select(0, rows.indices.long())
+    on_rows = np.take(rows.delta, cols.indices, axis=1)
+    on_cols = np.take(cols.delta, rows.indices, axis=0)
     return (common, union, on_rows, on_cols) if rows is ta else (common, union, on_cols, on_rows)
 
 
@@ -50,16 +49,19 @@ def _pisa_pair(name: str, ta: PISATarget, tb: PISATarget) -> tuple[int, int, flo
     if ta.block != tb.block:
         limits.check_dense(ta.shape, name)
         return (numel, numel, *_sums(ta.to_dense(), tb.to_dense()))
+    from ..format.pisa_fft import delta_dot  # PISA reconstruction runs in torch
+
     sa, sb = ta.spectral(), tb.spectral()
-    xx, yy, xy = (pisa.delta_dot(ta.shape, ta.block, p, q) for p, q in ((sa, sa), (sb, sb), (sa, sb)))
-    same = ta.scale == tb.scale and torch.equal(ta.indices, tb.indices) and torch.equal(sa.coefficients, sb.coefficients)
+    xx, yy, xy = (delta_dot(ta.shape, ta.block, p, q) for p, q in ((sa, sa), (sb, sb), (sa, sb)))
+    same = (ta.scale == tb.scale and np.array_equal(ta.indices, tb.indices)
+            and np.array_equal(ta.coefficients.astype(np.float32), tb.coefficients.astype(np.float32)))
     return numel, numel, xx, yy, xy, 0.0 if same else max(0.0, xx + yy - 2 * xy), same
 
 
-def _sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float, float, bool]:
-    """x.x, y.y, x.y, |x - y|^2 and bitwise equality of two deltas on the same elements."""
-    x, y = x.double().reshape(-1), y.double().reshape(-1)
-    return float(x @ x), float(y @ y), float(x @ y), float((x - y) @ (x - y)), torch.equal(x, y)
+def _sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, bool]:
+    """x.x, y.y, x.y, |x - y|^2 and equality of two deltas on the same elements."""
+    x, y = x.astype(np.float64).reshape(-1), y.astype(np.float64).reshape(-1)
+    return dot(x, x), dot(y, y), dot(x, y), dot(x - y, x - y), bool(np.array_equal(x, y))
 
 
 def _compare(name: str, ta, tb) -> tuple[int, int, float, float, float, float, bool]:
@@ -101,8 +103,8 @@ def diff_adapters(a: Adapter, b: Adapter) -> dict[str, Any]:
     return {"identical": identical, "kinds": [a.kind, b.kind], "tensors": rows}
 
 
-def _lines(mask: torch.Tensor, dim: int) -> int:
-    if mask.dim() < 2:
+def _lines(mask: np.ndarray, dim: int) -> int:
+    if mask.ndim < 2:
         return int(mask.any()) if dim else int(mask.sum())
     return int(mask.any(1 - dim).sum())
 
@@ -113,23 +115,24 @@ def diff_checkpoints(a, b, progress: Callable[[str], None] = lambda _: None) -> 
     rows = []
     for name in sorted(names_a & names_b):
         progress(name)
-        if tuple(a.shape(name)) != tuple(b.shape(name)) or a.dtype(name) != b.dtype(name):
+        if tuple(a.shape(name)) != tuple(b.shape(name)) or dtypes.name_of(a.dtype(name)) != dtypes.name_of(b.dtype(name)):
             rows.append({"tensor": name, "shape_or_dtype_differs": True})
             continue
         if a.sha256_of(name) == b.sha256_of(name):
             continue
-        x, y = a.get(name), b.get(name)
-        changed = x.view(torch.uint8).reshape(*x.shape, -1).ne(y.view(torch.uint8).reshape(*y.shape, -1)).any(-1) \
-            if x.dim() else torch.tensor(True)
-        delta = y.double() - x.double()
+        x, y = read_array(a, name), read_array(b, name)
+        changed = bits(x) != bits(y) if x.ndim else np.array(True)
+        wide = x.astype(np.float64)
+        delta = y.astype(np.float64) - wide
+        norm, delta_norm = math.sqrt(dot(wide, wide)), math.sqrt(dot(delta, delta))
         rows.append({
             "tensor": name,
             "changed": int(changed.sum()),
-            "of": x.numel(),
+            "of": x.size,
             "rows": _lines(changed, 0),
-            "columns": _lines(changed, 1) if x.dim() == 2 else None,
-            "max_abs": float(delta.abs().max()),
-            "relative_l2": float(delta.norm() / x.double().norm()) if float(x.double().norm()) else float(delta.norm()),
+            "columns": _lines(changed, 1) if x.ndim == 2 else None,
+            "max_abs": float(np.abs(delta).max()),
+            "relative_l2": delta_norm / norm if norm else delta_norm,
         })
     return {"identical": not rows and names_a == names_b, "only_in_a": sorted(names_a - names_b),
             "only_in_b": sorted(names_b - names_a), "tensors": rows}

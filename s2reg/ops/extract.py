@@ -14,13 +14,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..arch import ArchError, ModelInfo, resolve_source
 from ..errors import BaseMismatch, S2RegError, ShapeError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, dtypes
-from ..format.pisa import pisa_top_k, reconstruct
-from ..format.s2ft import take, whole_groups
+from ..format.pisa_fft import pisa_top_k, reconstruct
+from ..format.s2ft import whole_groups
 from ..tensors import PermutedView
 from .detect_permutation import detect_permutation, relocated_units
 from .permute import Permutation
@@ -104,7 +105,7 @@ def _pairs(base, tuned, progress: Progress | None):
         if tuple(base.shape(name)) != tuple(tuned.shape(name)):
             raise ShapeError(f"{name}: base is {list(base.shape(name))}, tuned is {list(tuned.shape(name))}; "
                              "extract needs checkpoints of the same shapes")
-        if base.dtype(name) != tuned.dtype(name):
+        if dtypes.name_of(base.dtype(name)) != dtypes.name_of(tuned.dtype(name)):
             raise ShapeError(f"the tuned checkpoint has a different dtype than the base ({name}: "
                              f"{dtypes.name_of(tuned.dtype(name))} vs {dtypes.name_of(base.dtype(name))}); save it in "
                              f"{dtypes.name_of(base.dtype(name))} before extracting")
@@ -214,7 +215,7 @@ def _slice_size(tensor: torch.Tensor, axis: str) -> int:
 
 def _aligned(info: ModelInfo, name: str, indices: torch.Tensor) -> bool:
     """Whether whole-head slices are whole groups of head_dim in the stored order (FORMAT §4.1 group_size)."""
-    return torch.equal(whole_groups(indices, info.dims.head_dim), indices)
+    return bool(np.array_equal(whole_groups(indices.numpy(), info.dims.head_dim), indices.numpy()))
 
 
 def _refusal(report: ExtractReport, flag: str, why: str | None) -> ExtractRefused:
@@ -272,7 +273,7 @@ def extract_s2ft(base, tuned, *, base_name: str, allow_dense: bool = False, max_
             raise S2RegError(f"{name}: a {b.dtype} tensor changed; only float tensors can hold deltas")
         change, axis, indices, group = _analyse(name, b, t, mask, info, max_fraction)
         report.changes.append(change)
-        slices[name] = (axis, indices, take(t, axis, indices))
+        slices[name] = (axis, indices, t.index_select(("rows", "columns").index(axis), indices.long()))
         if group:
             group_sizes[name] = group
     if not slices:

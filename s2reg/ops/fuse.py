@@ -14,9 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import BaseMismatch, FormatError, S2RegError
+from ..format import dtypes
+from ..format.arrays import as_array, to_torch
 from ..format.s2ft import Restore
 from ..format import (
     Adapter,
@@ -197,7 +200,7 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
             raise S2RegError(f"{name}: the adapters select different axes (rows and columns); cannot fuse as S2FT")
         axis = axes.pop()
         dim = 0 if axis == "rows" else 1
-        union = torch.unique(torch.cat([t.indices.long() for _, t in present]))
+        union = torch.unique(torch.cat([to_torch(t.indices).long() for _, t in present]))
         position = {int(v): p for p, v in enumerate(union.tolist())}
         shape = list(present[0][1].shape)
         shape[dim] = union.numel()
@@ -205,7 +208,7 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
         cover = torch.zeros((len(adapters), union.numel()), dtype=torch.bool)
         for i, t in present:
             where = torch.tensor([position[int(v)] for v in t.indices], dtype=torch.long)
-            stack[i].index_copy_(dim, where, t.delta.double())
+            stack[i].index_copy_(dim, where, to_torch(t.delta).double())
             cover[i, where] = True
         fused, overlap = _fuse_on_union(stack, cover, dim, method, options, generator)
         copied = not bool(overlap.any()) and all(float(options.weights[i]) == 1.0 for i, _ in present)
@@ -222,7 +225,7 @@ def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints
             dtype = torch.float32  # the widest input delta dtype keeps every copied value exact
             for a in adapters:
                 if name in a.targets:
-                    dtype = torch.promote_types(dtype, a.targets[name].delta.dtype)
+                    dtype = torch.promote_types(dtype, dtypes.to_torch(dtypes.name_of(a.targets[name].delta.dtype)))
             shape = next(a.targets[name].shape for a in adapters if name in a.targets)
             tdtype = next(a.targets[name].dtype for a in adapters if name in a.targets)
             targets[name] = _copied_target(adapters, name, S2FTTarget(shape, tdtype, axis, union, fused.to(dtype),
@@ -246,13 +249,14 @@ def _copied_target(adapters, name: str, fused: S2FTTarget) -> S2FTTarget:
     for a in adapters:
         t = a.targets.get(name)
         if t is not None and t.restore is not None:
-            positions = torch.tensor([position[int(v)] for v in t.indices], dtype=torch.long)
+            positions = np.array([position[int(v)] for v in t.indices], dtype=np.int64)
             lists.append(t.reordered(fused.indices, positions, fused.delta).restore)
     if not lists:
         return fused
-    index = torch.cat([r.index for r in lists])
-    order = index.argsort()
-    fused.restore = Restore(index[order], torch.cat([r.base for r in lists])[order], torch.cat([r.tuned for r in lists])[order])
+    index = np.concatenate([r.index for r in lists])
+    order = np.argsort(index, kind="stable")
+    fused.restore = Restore(index[order], np.concatenate([r.base for r in lists])[order],
+                            np.concatenate([r.tuned for r in lists])[order])
     return fused
 
 
@@ -266,17 +270,18 @@ def _fuse_pisa(adapters, names, method, options, generator, params, fingerprints
         block = blocks.pop()
         scale = present[0][1].scale
         grid_blocks = present[0][1].indices.shape[0]
+        stored = {i: (to_torch(t.indices).long(), to_torch(t.coefficients.astype(np.float64))) for i, t in present}
         positions = block[0] * (block[1] // 2 + 1)
         rows_idx, rows_val, overlapping, kmax = [], [], 0, 0
         per_block = []
         for b in range(grid_blocks):
-            union = torch.unique(torch.cat([t.indices[b].long() for _, t in present]))
+            union = torch.unique(torch.cat([stored[i][0][b] for i, _ in present]))
             where = {int(v): p for p, v in enumerate(union.tolist())}
             stack = torch.zeros((len(adapters), union.numel(), 2), dtype=torch.float64)
             cover = torch.zeros((len(adapters), union.numel()), dtype=torch.bool)
             for i, t in present:
                 p = torch.tensor([where[int(v)] for v in t.indices[b]], dtype=torch.long)
-                stack[i, p] = t.coefficients[b].double() * (t.scale / scale)  # one common scale
+                stack[i, p] = stored[i][1][b] * (t.scale / scale)  # one common scale
                 cover[i, p] = True
             fused, overlap = _fuse_on_union(stack, cover, 0, method, options, generator)
             overlapping += int(overlap.sum())
@@ -290,7 +295,7 @@ def _fuse_pisa(adapters, names, method, options, generator, params, fingerprints
         order = idx.argsort(dim=1)
         first = present[0][1]
         coefficients[name] = PISATarget(first.shape, first.dtype, block, idx.gather(1, order),
-                                        val.gather(1, order[..., None].expand(-1, -1, 2)).to(first.coefficients.dtype),
+                                        as_array(val.gather(1, order[..., None].expand(-1, -1, 2))).astype(first.coefficients.dtype),
                                         scale)
         report.append({"tensor": name, "inputs": len(present), "coefficients_per_block": kmax,
                        "overlapping": overlapping, "overlap_fraction": overlapping / max(1, grid_blocks * kmax)})

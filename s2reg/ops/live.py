@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import BaseMismatch, S2RegError
-from ..format import Adapter, S2FTTarget
+from ..format import Adapter, S2FTTarget, dtypes
+from ..format.arrays import as_array, to_torch
 from ..format.s2ft import axis_dim
 
 APPLIED_ATTRIBUTE = "s2reg_applied"
@@ -48,24 +49,26 @@ def _resolve(model: nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
         tensor = tensors.get(name)
         if tensor is None:
             raise BaseMismatch(f"the model has no parameter {name!r} (adapter made for {adapter.base.name!r})")
-        if tuple(tensor.shape) != tuple(target.shape) or tensor.dtype != target.dtype:
+        if tuple(tensor.shape) != tuple(target.shape) or dtypes.name_of(tensor.dtype) != dtypes.name_of(target.dtype):
             raise BaseMismatch(
-                f"{name}: model parameter is {list(tensor.shape)} {tensor.dtype}, adapter expects "
-                f"{list(target.shape)} {target.dtype}"
+                f"{name}: model parameter is {list(tensor.shape)} {dtypes.name_of(tensor.dtype)}, adapter expects "
+                f"{list(target.shape)} {dtypes.name_of(target.dtype)}"
             )
         resolved[name] = tensor
     return resolved
 
 
 def _update(name: str, tensor: torch.Tensor, target, *, subtract: bool, stacked: bool) -> None:
+    """The format's one merge rule per kind (``S2FTTarget.shifted``, ``PISATarget.merged``) on the parameter's values."""
     with torch.no_grad():
         if isinstance(target, S2FTTarget):
             dim = axis_dim(target.axis)
-            index = target.indices.to(device=tensor.device, dtype=torch.long)
-            tensor.index_copy_(dim, index, target.shifted(tensor.index_select(dim, index), name=name, subtract=subtract,
-                                                          check_reversible=stacked))
+            index = to_torch(target.indices).to(device=tensor.device)
+            values = target.shifted(as_array(tensor.index_select(dim, index)), name=name, subtract=subtract,
+                                    check_reversible=stacked)
+            tensor.index_copy_(dim, index, to_torch(values).to(tensor.device))
         else:
-            tensor.copy_(target.merged(tensor, subtract=subtract))
+            tensor.copy_(to_torch(target.merged(as_array(tensor), subtract=subtract)))
 
 
 def apply(model: nn.Module, adapter: Adapter) -> None:

@@ -19,12 +19,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..arch import CHANNEL_ROLES, ModelInfo, resolve_source
 from ..errors import S2RegError, ShapeError
 from ..format import Adapter, S2FTTarget
 from ..records import RECORD_VERSION, RecordError, checked, read_record
+from ..tensors.reader import PERMUTATION_NAME
 
 Selection = tuple[dict[int, set[int]], dict[int, dict[str | None, set[int]]]]
 
@@ -227,15 +229,16 @@ def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation,
     if found is None:
         return target
     dim, index = found
-    if target.indices.numel() and dim != ("rows", "columns").index(target.axis):
+    if target.indices.size and dim != ("rows", "columns").index(target.axis):
         raise S2RegError(f"{name}: a {target.axis} slice cannot be permuted along dimension {dim}")
-    position = torch.empty_like(index)
-    position[index] = torch.arange(index.numel())
-    moved = position[target.indices.long()]
-    order = moved.argsort()
-    positions = torch.empty_like(order)
-    positions[order] = torch.arange(order.numel())
-    return target.reordered(moved[order], positions, target.delta.index_select(dim, order))
+    index = index.numpy()
+    position = np.empty_like(index)
+    position[index] = np.arange(index.size)
+    moved = position[target.indices.astype(np.int64)]
+    order = np.argsort(moved, kind="stable")
+    positions = np.empty_like(order)
+    positions[order] = np.arange(order.size)
+    return target.reordered(moved[order], positions, np.take(target.delta, order, axis=dim))
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,7 @@ class PermutationRecord:
     """
 
     FORMAT = "s2reg.permutation"
-    NAME = "s2reg-permutation.json"
+    NAME = PERMUTATION_NAME
 
     permutation: Permutation
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,14 +27,13 @@ from typing import Any
 
 from ..errors import IntegrityError, NotFound, RegistryError
 from ..format import Adapter, load, read_manifest
-from ..format.digest import sha256_bytes
+from ..format.digest import sha256_bytes, sha256_stream
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..fsatomic import building, is_temp_name, write_file
 from .names import Ref, parse_ref
 
 _HEX = frozenset("0123456789abcdef")
 _MAX_REF_BYTES = 128  # "sha256:" + 64 hex digits + newline, with room to spare
-_CHUNK = 1 << 22
 
 
 class _NotRegular(IntegrityError):
@@ -71,11 +69,8 @@ def _read_regular(path: Path, limit: int) -> bytes:
 
 def _hash_regular(path: Path) -> str:
     """sha256 of the regular file ``path``, streamed (bounded memory whatever its size)."""
-    h = hashlib.sha256()
     with os.fdopen(_open_regular(path), "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_stream(fh.read, what=str(path))
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:

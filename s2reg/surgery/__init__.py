@@ -3,10 +3,14 @@ recover interrupted in-place work, and co-permute checkpoints. IO goes through `
 the per-tensor math is in ``s2reg.format`` and ``s2reg.ops``.
 """
 
+from .._lazy import exports
 from .inplace import merge_in_place, pending, recover, unmerge_in_place
 from .ledger import Ledger
-from .permute import permute_checkpoint, unpermute_checkpoint
 from .rewrite import merge, unmerge
+
+
+# co-permutation needs the model family's description, which runs in torch: imported when used
+__getattr__ = exports(__name__, dict.fromkeys(("permute_checkpoint", "unpermute_checkpoint"), ".permute"), globals())
 
 __all__ = [
     "Ledger",

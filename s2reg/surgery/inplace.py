@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from ..errors import CheckpointError, IntegrityError
 from ..format import Adapter, payload
@@ -32,7 +32,7 @@ from ..records import read_record, to_bytes
 Progress = Callable[[str], None]
 
 
-def _apply(directory: Path, journal: Journal, blobs: dict[str, torch.Tensor], which: str) -> None:
+def _apply(directory: Path, journal: Journal, blobs: dict[str, np.ndarray], which: str) -> None:
     """Write the ``before`` or ``after`` bytes of every patch and set the matching ledger."""
     with CheckpointSource(directory, allow_pending_journal=True) as source:
         infos = {p.tensor: source.info(p.tensor) for p in journal.patches}

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
 import numpy as np
-import torch
 
 from ..errors import CheckpointError
 from ..format.digest import tensor_bytes
@@ -24,7 +24,7 @@ from ..tensors.header import TensorInfo
 from .journal import Patch
 from .plan import Plan
 
-Patches = tuple[list[Patch], dict[str, torch.Tensor]]
+Patches = tuple[list[Patch], dict[str, np.ndarray]]  # blobs: the bytes (U8) of each patch, before and after
 
 
 _BLOCK_BYTES = 4 * 1024 * 1024
@@ -70,9 +70,8 @@ def _read_bytes(fd: int, info: TensorInfo, axis: str | None, indices: list[int])
     return np.concatenate(parts)
 
 
-def write_patch(fd: int, info: TensorInfo, patch: Patch, data: torch.Tensor) -> None:
+def write_patch(fd: int, info: TensorInfo, patch: Patch, raw: np.ndarray) -> None:
     """Write one patch's bytes into the shard open as ``fd``; no byte outside the slice changes value."""
-    raw = data.numpy()
     axis, indices = patch.axis, patch.indices
     row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
     expected = info.nbytes if axis is None else len(indices) * (
@@ -95,21 +94,21 @@ def write_patch(fd: int, info: TensorInfo, patch: Patch, data: torch.Tensor) -> 
             os.pwrite(fd, block.tobytes(), offset)
 
 
-def read_slice(source: CheckpointSource, name: str, support: tuple[str, torch.Tensor]) -> torch.Tensor:
+def read_slice(source: CheckpointSource, name: str, support: tuple[str, np.ndarray]) -> np.ndarray:
     """The support slice of a tensor, read block by block from its file (never the whole tensor at once)."""
     info = source.info(name)
     axis, indices = support
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        data = bytearray(_read_bytes(fd, info, axis, indices.tolist()).tobytes())
+        data = _read_bytes(fd, info, axis, indices.tolist())
     finally:
         os.close(fd)
-    shape = (indices.numel(), *info.shape[1:]) if axis == "rows" else (info.shape[0], indices.numel())
-    return torch.frombuffer(data, dtype=info.dtype).reshape(shape) if data else torch.empty(shape, dtype=info.dtype)
+    shape = (indices.size, *info.shape[1:]) if axis == "rows" else (info.shape[0], indices.size)
+    return data.view(info.dtype).reshape(shape)
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.frombuffer(bytearray(tensor_bytes(tensor)), dtype=torch.uint8)
+def _as_bytes(array: np.ndarray) -> np.ndarray:
+    return np.frombuffer(tensor_bytes(array), dtype=np.uint8)
 
 
 def prepare(plan: Plan, progress: Callable[[str], None]) -> Patches:
@@ -122,7 +121,7 @@ def prepare(plan: Plan, progress: Callable[[str], None]) -> Patches:
             before = read_slice(source, name, support)  # only the slice: the cost follows the delta
             after = plan.transform_slice(name, before, support)
         else:
-            whole = source.get(name)
+            whole = source.array(name)
             new = plan.transform(name, whole)
             before, after = (whole, new) if support is None else (take(whole, *support), take(new, *support))
         blobs[f"{i}.before"], blobs[f"{i}.after"] = _as_bytes(before), _as_bytes(after)
@@ -133,7 +132,7 @@ def prepare(plan: Plan, progress: Callable[[str], None]) -> Patches:
 
 
 def write(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch],
-          blobs: dict[str, torch.Tensor], which: str) -> None:
+          blobs: dict[str, np.ndarray], which: str) -> None:
     """Write the ``before`` or ``after`` bytes of every patch into the shards in ``directory``, and fsync."""
     fds: dict[str, int] = {}
     try:
@@ -148,5 +147,5 @@ def write(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch
             os.close(fd)
 
 
-def patched_bytes(blobs: dict[str, torch.Tensor]) -> int:
-    return sum(b.numel() for k, b in blobs.items() if k.endswith(".after"))
+def patched_bytes(blobs: dict[str, np.ndarray]) -> int:
+    return sum(b.size for k, b in blobs.items() if k.endswith(".after"))

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from ..arch import ModelInfo
 from ..errors import (
     BaseMismatch,
     IntegrityError,
@@ -22,18 +21,42 @@ from ..errors import (
     ShapeError,
 )
 from ..format import Adapter, S2FTTarget, dtypes
+from ..format.arrays import as_array, to_torch
 from ..format.digest import tensor_sha256
 from ..format.s2ft import put, take
-from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation, to_original
 from ..tensors import CheckpointSource, PermutedView, TensorSource
+from ..tensors.reader import PERMUTATION_NAME
 from .ledger import Ledger, adapter_identity
+
+if TYPE_CHECKING:
+    from ..arch import ModelInfo
+    from ..ops.permute import Permutation
+
+
+def read_permutation(source: Any) -> tuple[Permutation, ModelInfo] | None:
+    """The co-permutation ``source`` was written with, if any. Only a permuted checkpoint needs the model
+    family's description and torch (ops.permute); every other one is merged in numpy alone."""
+    if not (source.directory / PERMUTATION_NAME).is_file():
+        return None
+    from ..ops.permute import read_permutation as read
+
+    return read(source)
+
+
+def to_original(name: str, tensor: np.ndarray, permutation: tuple[Permutation, ModelInfo] | None) -> np.ndarray:
+    """A tensor of a co-permuted checkpoint in original coordinates (itself when not permuted)."""
+    if permutation is None:
+        return tensor
+    from ..ops.permute import to_original as back
+
+    return as_array(back(name, to_torch(tensor), permutation))
 
 
 def original_sha256(source: CheckpointSource, permutation: tuple[Permutation, ModelInfo] | None, name: str) -> str:
     """sha256 of a tensor in original coordinates, as it is now (streamed when unpermuted)."""
     if permutation is None:
         return source.sha256_of(name)
-    return tensor_sha256(to_original(name, source.get(name), permutation))
+    return tensor_sha256(to_original(name, source.array(name), permutation))
 
 
 def original_coordinates(source: CheckpointSource) -> TensorSource:
@@ -64,7 +87,7 @@ class Plan:
     stacked: set[str] = field(default_factory=set)  # tensors an earlier merge already changed
     unverified: set[str] = field(default_factory=set)  # tensors merged without checking their fingerprint (--skip-base-check)
 
-    def _step(self, name: str, i: int, target: S2FTTarget, current: torch.Tensor) -> torch.Tensor:
+    def _step(self, name: str, i: int, target: S2FTTarget, current: np.ndarray) -> np.ndarray:
         """One S2FT delta on the slice values ``current``, with the checks of spec/SURGERY.md §2 rule 3.
 
         Stacked on another merged adapter, a step unmerge could not undo is refused. Forced onto values
@@ -76,12 +99,12 @@ class Plan:
             self.ledger_after = self.ledger_after.with_inexact(name)
         return shifted
 
-    def transform(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def transform(self, name: str, tensor: np.ndarray) -> np.ndarray:
         """The tensor after the operation: exact, finite-checked, in the checkpoint's coordinates."""
         before = work = self._to_original(name, tensor)
         for i, target in enumerate(self.touched[name]):
             if isinstance(target, S2FTTarget):
-                work = work.clone()
+                work = work.copy()
                 put(work, target.axis, target.indices, self._step(name, i, target, take(work, target.axis, target.indices)))
             else:
                 work = target.merged(work, subtract=self.subtract)
@@ -95,48 +118,51 @@ class Plan:
             raise IntegrityError(f"{name}: unmerge did not restore the recorded original bytes; refused, nothing was written")
         return self._from_original(name, work)
 
-    def transform_slice(self, name: str, before: torch.Tensor, support: tuple[str, torch.Tensor]) -> torch.Tensor:
+    def transform_slice(self, name: str, before: np.ndarray, support: tuple[str, np.ndarray]) -> np.ndarray:
         """Like :meth:`transform` on just the ``support`` slice (unpermuted S2FT only): reads only its bytes."""
         axis, union = support
-        dim = 0 if axis == "rows" else 1
-        position = {int(i): p for p, i in enumerate(union.tolist())}
         work = before
         for i, target in enumerate(self.touched[name]):
-            where = torch.tensor([position[int(j)] for j in target.indices], dtype=torch.long)
-            work = work.index_copy(dim, where, self._step(name, i, target, work.index_select(dim, where)))
+            where = np.searchsorted(union, target.indices)  # union is sorted and holds every index
+            work = work.copy()
+            put(work, axis, where, self._step(name, i, target, take(work, axis, where)))
         _check_finite(name, work, before)
         return work
 
-    def support(self, name: str) -> tuple[str, torch.Tensor] | None:
+    def support(self, name: str) -> tuple[str, np.ndarray] | None:
         """The slice the operation changes in the checkpoint's coordinates, or None for the whole tensor."""
         targets = self.touched[name]
         if not all(isinstance(t, S2FTTarget) for t in targets) or len({t.axis for t in targets}) != 1:
             return None
         if self.permutation:
+            from ..ops.permute import permute_s2ft_target
+
             perm, info = self.permutation
             targets = [permute_s2ft_target(name, t, perm, info) for t in targets]
-        indices = torch.unique(torch.cat([t.indices.long() for t in targets]))
+        indices = np.unique(np.concatenate([t.indices.astype(np.int64) for t in targets]))
         return targets[0].axis, indices
 
-    def _to_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _to_original(self, name: str, tensor: np.ndarray) -> np.ndarray:
         return to_original(name, tensor, self.permutation)
 
-    def _from_original(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _from_original(self, name: str, tensor: np.ndarray) -> np.ndarray:
         if not self.permutation:
             return tensor
+        from ..ops.permute import permute_tensor
+
         perm, info = self.permutation
-        return permute_tensor(name, tensor, perm, info)
+        return as_array(permute_tensor(name, to_torch(tensor), perm, info))
 
     def original_sha(self, name: str) -> str:
         """sha256 of the tensor in original coordinates, as it is now (streamed when unpermuted)."""
         return original_sha256(self.source, self.permutation, name)
 
 
-def _check_finite(name: str, after: torch.Tensor, before: torch.Tensor) -> None:
+def _check_finite(name: str, after: np.ndarray, before: np.ndarray) -> None:
     """Refuse NaN/Inf in ``after`` where ``before`` was finite."""
-    if after.numel() == 0 or bool(torch.isfinite(after.abs().amax())):  # one fast reduction; NaN propagates
+    if after.size == 0 or bool(np.isfinite(np.abs(after).max())):  # one fast reduction; NaN propagates
         return
-    if bool((~torch.isfinite(after) & torch.isfinite(before)).any()):
+    if bool((~np.isfinite(after) & np.isfinite(before)).any()):
         raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
 
 
@@ -144,7 +170,7 @@ def _check_shapes(source: CheckpointSource, adapter: Adapter) -> None:
     for name, target in adapter.targets.items():
         if name not in source:
             raise BaseMismatch(f"the checkpoint has no tensor {name!r} (adapter made for {adapter.base.name!r})")
-        if tuple(source.shape(name)) != tuple(target.shape) or source.dtype(name) != target.dtype:
+        if tuple(source.shape(name)) != tuple(target.shape) or dtypes.name_of(source.dtype(name)) != dtypes.name_of(target.dtype):
             raise ShapeError(
                 f"{name}: checkpoint has {list(source.shape(name))} {dtypes.name_of(source.dtype(name))}, adapter expects "
                 f"{list(target.shape)} {dtypes.name_of(target.dtype)} (made for {adapter.base.name!r})"

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ..errors import CheckpointError, FormatError
 from ..format import dtypes, safetensors_header
@@ -26,7 +26,7 @@ class TensorInfo:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype: np.dtype
     shape: tuple[int, ...]
     start: int
     end: int
@@ -57,7 +57,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         except FormatError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
     entries = {
-        name: TensorInfo(name, path, dtypes.to_torch(e.dtype), e.shape, header.data_start + e.begin, header.data_start + e.end)
+        name: TensorInfo(name, path, dtypes.to_numpy(e.dtype), e.shape, header.data_start + e.begin, header.data_start + e.end)
         for name, e in header.entries.items()
     }
     return entries, header.metadata

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+import numpy as np
 
 from ..errors import NotFound
+from ..format import dtypes
 from ..format.digest import tensor_sha256
 from .reader import check_rows
 
@@ -26,7 +27,7 @@ class Closeable:
 class MemorySource(Closeable):
     """A state dict (and optionally its config) as a tensor source; tensors are copied out."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
+    def __init__(self, tensors: Mapping[str, Any], config: Mapping[str, Any] | None = None,
                  *, label: str = "in-memory model"):
         self._tensors = {name: tensor.detach() for name, tensor in tensors.items()}
         self._config = dict(config) if config is not None else None
@@ -38,7 +39,7 @@ class MemorySource(Closeable):
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
-    def _tensor(self, name: str) -> torch.Tensor:
+    def _tensor(self, name: str) -> Any:
         try:
             return self._tensors[name]
         except KeyError:
@@ -47,16 +48,17 @@ class MemorySource(Closeable):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensor(name).shape)
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self._tensor(name).dtype
+    def dtype(self, name: str) -> np.dtype:
+        """numpy's dtype, as every tensor source answers (the tensors themselves stay torch)."""
+        return dtypes.to_numpy(dtypes.name_of(self._tensor(name).dtype))
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name).clone(memory_format=torch.contiguous_format)
+    def get(self, name: str) -> Any:
+        return self._tensor(name).clone().contiguous()
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def get_rows(self, name: str, start: int, stop: int) -> Any:
         tensor = self._tensor(name)
         check_rows(name, tuple(tensor.shape), start, stop)
-        return tensor[start:stop].clone(memory_format=torch.contiguous_format)
+        return tensor[start:stop].clone().contiguous()
 
     def sha256_of(self, name: str) -> str:
         return tensor_sha256(self._tensor(name))

@@ -6,23 +6,24 @@ contiguous byte range), so peak memory is the tensors in hand, never the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from ..errors import CheckpointError, NotFound
+from ..format.arrays import to_torch
+from ..format.digest import sha256_stream
 from ..fsatomic import is_temp_name
 from .header import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 JOURNAL_NAME = ".s2reg-journal.json"
 JOURNAL_PAYLOAD_NAME = ".s2reg-journal.safetensors"
+PERMUTATION_NAME = "s2reg-permutation.json"  # spec/SURGERY.md §4, written by s2reg.ops.permute
 SINGLE_NAME = "model.safetensors"
-_CHUNK = 1 << 22
 
 
 def _is_shard_name(name: str) -> bool:
@@ -97,8 +98,9 @@ class CheckpointSource:
     """A safetensors checkpoint opened for lazy reading (a :class:`~s2reg.tensors.source.TensorSource`).
     Use as a context manager or call :meth:`close`.
 
-    ``names()``, ``shape()``, ``dtype()`` come from the headers; ``get()`` reads one tensor,
-    ``get_rows()`` a range of its rows; ``info()`` gives the absolute byte range in its file,
+    ``names()``, ``shape()``, ``dtype()`` (numpy's) come from the headers; ``array()`` reads one
+    tensor as a numpy array, ``get()`` as a torch tensor (importing torch, for the code that runs
+    it), ``get_rows()`` a range of its rows; ``info()`` gives the absolute byte range in its file,
     which is what in-place surgery patches.
     """
 
@@ -157,7 +159,7 @@ class CheckpointSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info(name).shape
 
-    def dtype(self, name: str) -> torch.dtype:
+    def dtype(self, name: str) -> np.dtype:
         return self.info(name).dtype
 
     def metadata(self, file: str) -> dict[str, str]:
@@ -182,41 +184,44 @@ class CheckpointSource:
             fh = self._handles[file] = open(file, "rb")
         return fh
 
-    def read_bytes(self, file: Path, start: int, nbytes: int) -> torch.Tensor:
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    def read_bytes(self, file: Path, start: int, nbytes: int) -> np.ndarray:
+        buffer = np.empty(nbytes, dtype=np.uint8)
         fh = self._handle(file)
         fh.seek(start)
-        if nbytes and fh.readinto(buffer.numpy()) != nbytes:
+        if nbytes and fh.readinto(buffer) != nbytes:
             raise CheckpointError(f"{file}: truncated while reading (file changed underneath?)")
         return buffer
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, freshly read (the caller owns it)."""
+    def array(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as a numpy array, freshly read (the caller owns it)."""
         info = self.info(name)
         return self.read_bytes(info.file, info.start, info.nbytes).view(info.dtype).reshape(info.shape)
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of ``name`` (a contiguous byte range; only those bytes are read)."""
+    def array_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``name`` as a numpy array (a contiguous byte range; only those bytes are read)."""
         info = self.info(name)
         check_rows(name, info.shape, start, stop)
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         data = self.read_bytes(info.file, info.start + start * row, (stop - start) * row)
         return data.view(info.dtype).reshape((stop - start, *info.shape[1:]))
 
+    def get(self, name: str):
+        """The tensor ``name`` as a torch tensor, freshly read (the caller owns it)."""
+        return to_torch(self.array(name))
+
+    def get_rows(self, name: str, start: int, stop: int):
+        """Rows ``start:stop`` of ``name`` as a torch tensor (only those bytes are read)."""
+        return to_torch(self.array_rows(name, start, stop))
+
     def sha256_of(self, name: str) -> str:
         """sha256 of the tensor's stored bytes (FORMAT §2), streamed from the file."""
         info = self.info(name)
-        h = hashlib.sha256()
         fh = self._handle(info.file)
         fh.seek(info.start)
-        left = info.nbytes
-        while left:
-            chunk = fh.read(min(_CHUNK, left))
-            if not chunk:
-                raise CheckpointError(f"{info.file}: truncated while hashing {name}")
-            h.update(chunk)
-            left -= len(chunk)
-        return h.hexdigest()
+        try:
+            return sha256_stream(fh.read, info.nbytes, what=str(info.file))
+        except EOFError:
+            raise CheckpointError(f"{info.file}: truncated while hashing {name}") from None
 
     def __repr__(self) -> str:
         return f"CheckpointSource({str(self.path)!r}, {len(self._info)} tensors in {len(self.files)} files)"

@@ -15,15 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from ..format.digest import tensor_sha256
 from .reader import CheckpointSource, check_rows
 from .memory import Closeable, MemorySource
 from .torch_bin import TorchBinSource, holds_torch_bin
 
 # name -> (stored dim, gather index) that puts a tensor into the view's order, or None to pass it through
-IndexOf = Callable[[str], "tuple[int, torch.Tensor] | None"]
+IndexOf = Callable[[str], "tuple[int, Any] | None"]
 
 
 class TensorSource(Protocol):
@@ -39,11 +37,11 @@ class TensorSource(Protocol):
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
-    def dtype(self, name: str) -> torch.dtype: ...
+    def dtype(self, name: str) -> Any: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> Any: ...
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+    def get_rows(self, name: str, start: int, stop: int) -> Any: ...
 
     def sha256_of(self, name: str) -> str: ...
 
@@ -77,21 +75,23 @@ class PermutedView(Closeable):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.source.shape(name)
 
-    def dtype(self, name: str) -> torch.dtype:
+    def dtype(self, name: str) -> Any:
         return self.source.dtype(name)
 
     def config(self) -> dict[str, Any] | None:
         return self.source.config()
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> Any:
         tensor = self.source.get(name)
         reorder = self._index_of(name)
         if reorder is None:
             return tensor
+        import torch
+
         dim, index = reorder
         return tensor.index_select(dim, index.to(torch.int64)).contiguous()
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def get_rows(self, name: str, start: int, stop: int) -> Any:
         if self._index_of(name) is None:
             return self.source.get_rows(name, start, stop)
         check_rows(name, self.shape(name), start, stop)

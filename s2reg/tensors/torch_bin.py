@@ -22,8 +22,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CheckpointError
 from .reader import read_config
 from .memory import MemorySource
@@ -57,6 +55,8 @@ def _bin_files(directory: Path) -> list[Path]:
 
 def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:
     # torch.save's zip format is memory-mapped; the legacy format (before torch 1.6) cannot be, so it is read
+    import torch
+
     mmap = zipfile.is_zipfile(file)
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
@@ -94,6 +94,8 @@ def tied_duplicates(tensors: dict[str, torch.Tensor], config: dict[str, Any] | N
     ``[vocab, hidden]`` matrix byte-identical to an earlier one (a state dict gathered into fresh
     storage loses the sharing, not the equality).
     """
+    import torch
+
     tie_words, vocab = _ties_word_embeddings(config)
     dropped: dict[str, str] = {}
     kept: list[str] = []
@@ -121,7 +123,7 @@ class TorchBinSource(MemorySource):
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: expected a directory holding {BIN_NAME}")
         self.files = _bin_files(self.path)
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, Any] = {}
         for file in self.files:
             for name, tensor in _load_state_dict(file).items():
                 if name in tensors:

@@ -14,10 +14,10 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from ..errors import CheckpointError
+from ..format import dtypes
 from ..format.digest import tensor_bytes
 from ..fsatomic import building
 from .header import layout
@@ -30,17 +30,17 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: Any  # numpy's or torch's: only its format name and item size are used
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
+        n = dtypes.itemsize(dtypes.name_of(self.dtype))
         for d in self.shape:
             n *= d
         return n
 
     @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+    def of(cls, name: str, tensor: Any) -> TensorSpec:
         return cls(name, tuple(tensor.shape), tensor.dtype)
 
 
@@ -60,14 +60,14 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int = DEFAULT_MAX_
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
 
 
-def _write_shard(file: Path, specs: list[TensorSpec], produce: Callable[[TensorSpec], torch.Tensor],
+def _write_shard(file: Path, specs: list[TensorSpec], produce: Callable[[TensorSpec], Any],
                  metadata: Mapping[str, str] | None, tick: Callable[[str], None]) -> None:
     header, _ = layout(specs, dict(metadata) if metadata else None)
     with open(file, "wb") as fh:
         fh.write(header)
         for spec in specs:
             tensor = produce(spec)
-            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            if tuple(tensor.shape) != spec.shape or dtypes.name_of(tensor.dtype) != dtypes.name_of(spec.dtype):
                 raise CheckpointError(
                     f"{spec.name}: produced {list(tensor.shape)} {tensor.dtype}, planned {list(spec.shape)} {spec.dtype}"
                 )
@@ -101,7 +101,7 @@ def copy_side_files(source_dir: Path, dest_dir: Path, exclude: Iterable[str] = (
 def write_checkpoint(
     out_dir: str | os.PathLike,
     shards: Mapping[str, list[TensorSpec]],
-    produce: Callable[[TensorSpec], torch.Tensor] | None,
+    produce: Callable[[TensorSpec], Any] | None,
     *,
     metadata: Mapping[str, Mapping[str, str]] | None = None,
     verbatim: Mapping[str, tuple[Path, list[TensorSpec]]] | None = None,
@@ -146,7 +146,7 @@ def write_checkpoint(
     return out
 
 
-def save_state_dict(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+def save_state_dict(out_dir: str | os.PathLike, tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
                     **kwargs) -> Path:
     """Write in-memory tensors as a checkpoint (a convenience over :func:`write_checkpoint`)."""
     tensors = dict(tensors)

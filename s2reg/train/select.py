@@ -147,7 +147,7 @@ def excluded_units(adapters: Iterable[Adapter], mapping: ModelMap) -> dict[Unit,
             c = mapping.coupled.get(mapping.stored(name))
             if c is None or not isinstance(target, S2FTTarget):
                 continue
-            for role, ids in mapping.info.units_of(c.name, target.indices.long()).items():
+            for role, ids in mapping.info.units_of(c.name, target.indices.tolist()).items():
                 if role in ("k", "v"):  # a key/value head serves its whole query group
                     ids = kv_to_heads(ids, mapping)
                 kind = "heads" if role in HEAD_ROLES else "channels"

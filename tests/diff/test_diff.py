@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import s2reg
+from s2reg.format.arrays import to_torch
 from s2reg import PISAAdapter, S2FTAdapter
 from s2reg.cli import main
 from s2reg.format import S2FTTarget
@@ -32,7 +33,7 @@ def test_adapter_diff_reports_overlap_and_similarity(tmp_path):
     report = diff_adapters(a, b)
     down = next(r for r in report["tensors"] if r["tensor"] == DOWN)
     assert down["jaccard"] == 2 / 6
-    da, db = a.to_dense(DOWN).double(), b.to_dense(DOWN).double()
+    da, db = to_torch(a.to_dense(DOWN)).double(), to_torch(b.to_dense(DOWN)).double()
     both = (da != 0) & (db != 0)
     x, y = da[both], db[both]
     assert abs(down["cosine"] - float(x @ y / (x.norm() * y.norm()))) < 1e-9
@@ -96,17 +97,17 @@ def _dense_reference(ta, tb) -> dict:
         mask = torch.ones(t.shape, dtype=torch.bool)
         if isinstance(t, S2FTTarget):
             mask = torch.zeros(t.shape, dtype=torch.bool)
-            index = t.indices.long()
+            index = to_torch(t.indices).long()
             mask.index_fill_(0 if t.axis == "rows" else 1, index, True)
         masks.append(mask)
     common = masks[0] & masks[1]
-    x, y = ta.to_dense().double()[common], tb.to_dense().double()[common]
+    x, y = to_torch(ta.to_dense()).double()[common], to_torch(tb.to_dense()).double()[common]
     return {
         "jaccard": float(common.sum()) / float((masks[0] | masks[1]).sum()),
         "common": int(common.sum()),
         "cosine": float(x @ y / (x.norm() * y.norm())),
         "relative_l2": float((x - y).norm() / x.norm()),
-        "equal": torch.equal(masks[0], masks[1]) and torch.equal(ta.to_dense().double(), tb.to_dense().double()),
+        "equal": torch.equal(masks[0], masks[1]) and torch.equal(to_torch(ta.to_dense()).double(), to_torch(tb.to_dense()).double()),
     }
 
 

@@ -6,6 +6,7 @@ import json
 import struct
 
 import pytest
+import numpy as np
 import torch
 import zstandard
 from click.testing import CliRunner
@@ -157,7 +158,7 @@ def test_s2ft_incomplete_group(tmp_path):
         (lambda d, t: t.__setitem__(f"{DOWN}.restore", torch.tensor([0, 5, 64])), ShapeError, "restore position out of range"),
         (lambda d, t: t.__setitem__(f"{DOWN}.restore", torch.tensor([5, 0, 21])), FormatError, "strictly increasing"),
         (lambda d, t: t.__setitem__(f"{DOWN}.restore", torch.tensor([0, 5, 21], dtype=torch.int32)), FormatError, "must be I64"),
-        (lambda d, t: t.__setitem__(f"{DOWN}.restore_values", t[f"{DOWN}.restore_values"].float()), FormatError,
+        (lambda d, t: t.__setitem__(f"{DOWN}.restore_values", t[f"{DOWN}.restore_values"].astype(np.float32)), FormatError,
          r"restore_values must be \[3, 2\] BF16"),
         (lambda d, t: d["targets"][DOWN].__setitem__("restore", 2), ShapeError, "manifest restore 2"),
         (lambda d, t: d["targets"][DOWN].__setitem__("restore", "3"), FormatError, "'restore' must be int"),
@@ -177,7 +178,7 @@ def test_nonfinite_delta_refused_unless_allowed(tmp_path, bad):
     tensors[f"{DOWN}.delta"][0, 0] = bad
     path = forge(tmp_path / "a", data, tensors)
     refused(path, NonFiniteError, "NaN or Inf")
-    assert torch.isnan(s2reg.load(path, allow_nonfinite=True).targets[DOWN].delta).any() == (bad != bad)
+    assert np.isnan(s2reg.load(path, allow_nonfinite=True).targets[DOWN].delta).any() == (bad != bad)
     result = CliRunner().invoke(main, ["validate", str(path), "--allow-nonfinite"])
     assert result.exit_code == 0, result.output
 
@@ -194,7 +195,7 @@ def test_nonfinite_rejected_at_construction():
 def test_pisa_bad_frequency_index(tmp_path):
     data, tensors = parts(pisa_adapter())
     name = next(iter(data["targets"]))
-    idx = tensors[f"{name}.indices"].clone()
+    idx = tensors[f"{name}.indices"].copy()
     idx[0, -1] = 4 * (8 // 2 + 1)  # one past the half-plane of a 4x8 block
     tensors[f"{name}.indices"] = idx
     refused(forge(tmp_path / "a", data, tensors), ShapeError, "out of range")

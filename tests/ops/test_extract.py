@@ -10,10 +10,11 @@ import torch
 from click.testing import CliRunner
 
 import s2reg
+from s2reg.format.arrays import to_torch
 from s2reg.arch import resolve_source
 from s2reg.cli import main
 from s2reg.errors import ShapeError
-from s2reg.format.pisa import pisa_top_k
+from s2reg.format.pisa_fft import pisa_top_k
 from s2reg.ops.extract import ExtractRefused, extract_pisa, extract_s2ft
 from s2reg.synth import build_checkpoint
 from s2reg.tensors import CheckpointSource, save_state_dict
@@ -61,7 +62,7 @@ def test_s2ft_extract_reproduces_tuned_bit_for_bit(base_dir, tmp_path):
         adapter.save(tmp_path / "adapter")
         loaded = s2reg.load(tmp_path / "adapter")
         for name in base.names():
-            merged = loaded.targets[name].merged(base.get(name)) if name in loaded.targets else base.get(name)
+            merged = to_torch(loaded.targets[name].merged(base.get(name))) if name in loaded.targets else base.get(name)
             assert merged.view(torch.int16).equal(tuned.get(name).view(torch.int16)), name
 
 
@@ -77,7 +78,7 @@ def test_dense_changes_are_refused_with_a_report(base_dir, tmp_path):
             extract_s2ft(base, tuned, base_name="tiny")
         assert {c.name for c in info.value.report.unstructured} == {"model.norm.weight", llama_name("up", 0)}
         adapter = extract_s2ft(base, tuned, base_name="tiny", allow_dense=True).adapter
-        assert torch.equal(adapter.targets["model.norm.weight"].merged(base.get("model.norm.weight")),
+        assert torch.equal(to_torch(adapter.targets["model.norm.weight"].merged(base.get("model.norm.weight"))),
                            tuned.get("model.norm.weight"))
     result = CliRunner().invoke(main, ["extract", str(base_dir), str(tuned_dir), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "Error: " in result.output and "--allow-dense" in result.output
@@ -136,13 +137,13 @@ def test_pisa_extract_recovers_a_sparse_spectrum(base_dir, tmp_path):
         idx = torch.stack([torch.randperm(16 * 9, generator=g)[:4] for _ in range(blocks)])
         values = torch.complex(torch.randn(blocks, 4, generator=g), torch.randn(blocks, 4, generator=g))
         truth = s2reg.PISAAdapter.from_coefficients(source, {name: ((16, 16), idx, values)}, base_name="t", scale=0.05)
-    tuned_dir = tuned_copy(f32, tmp_path / "tuned", lambda n, t: truth.targets[n].merged(t) if n in truth.targets else t)
+    tuned_dir = tuned_copy(f32, tmp_path / "tuned", lambda n, t: to_torch(truth.targets[n].merged(t)) if n in truth.targets else t)
     with CheckpointSource(f32) as base, CheckpointSource(tuned_dir) as tuned:
         result = extract_pisa(base, tuned, base_name="t", budget=8, block=(16, 16))
         adapter, report = result.adapter, result.report
     assert [c.name for c in report.changes] == [name]
     assert report.changes[0].rel_error < 1e-5
-    dense, expected = adapter.to_dense(name).double(), truth.to_dense(name).double()
+    dense, expected = to_torch(adapter.to_dense(name)).double(), to_torch(truth.to_dense(name)).double()
     assert float((dense - expected).norm() / expected.norm()) < 1e-5
 
 

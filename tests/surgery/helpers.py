@@ -9,6 +9,7 @@ import torch
 
 from s2reg import PISAAdapter, S2FTAdapter
 from s2reg.arch import resolve_source
+from s2reg.format.arrays import as_array, to_torch
 from s2reg.synth import build_checkpoint
 from s2reg.tensors import CheckpointSource
 
@@ -77,9 +78,9 @@ def logits(model, seed: int = 0) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def negative_zeros(t: torch.Tensor) -> torch.Tensor:
-    """Where a bf16 tensor holds -0.0 (bit pattern 0x8000)."""
-    return t.view(torch.int16) == -32768
+def negative_zeros(t) -> torch.Tensor:
+    """Where a bf16 tensor (torch, or numpy from the format layer) holds -0.0 (bit pattern 0x8000)."""
+    return to_torch(as_array(t)).view(torch.int16) == -32768
 
 
 def signed_zero_changes(source, layers=(0, 1)):

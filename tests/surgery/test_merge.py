@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import numpy as np
 import torch
 from click.testing import CliRunner
 
@@ -136,7 +137,7 @@ def test_wrong_base_is_refused_unless_unverified_but_shapes_never(base, tmp_path
 def test_nan_result_is_refused_and_nothing_written(base, tmp_path):
     adapter = s2ft(base)
     name = "model.layers.0.mlp.down_proj.weight"
-    adapter.targets[name].delta = adapter.targets[name].delta.double() * 1e40  # overflows bf16 once merged
+    adapter.targets[name].delta = adapter.targets[name].delta.astype(np.float64) * 1e40  # overflows bf16 once merged
     before = file_digests(base)
     with pytest.raises(NonFiniteError, match="NaN/Inf"):
         merge(base, [adapter], tmp_path / "m")

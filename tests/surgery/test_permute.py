@@ -11,6 +11,7 @@ from click.testing import CliRunner
 import s2reg
 from s2reg.arch import resolve_source
 from s2reg.cli import main
+from s2reg.format.arrays import to_torch
 from s2reg.errors import ShapeError
 from s2reg.ops.permute import LayerPermutation, plan
 from s2reg.surgery import merge, permute_checkpoint, unmerge, unpermute_checkpoint
@@ -147,8 +148,8 @@ def test_restore_lists_follow_a_permutation(tmp_path):
             assert target.restore is not None
             moved = permute_s2ft_target(name, target, reverse, info)
             weight = source.get(name)
-            ours = moved.merged(permute_tensor(name, weight, reverse, info))
-            expected = permute_tensor(name, target.merged(weight), reverse, info)
+            ours = to_torch(moved.merged(permute_tensor(name, weight, reverse, info)))
+            expected = permute_tensor(name, to_torch(target.merged(weight)), reverse, info)
             assert torch.equal(ours.view(torch.int16), expected.view(torch.int16)), name
-            back = moved.merged(ours, subtract=True)
+            back = to_torch(moved.merged(ours, subtract=True))
             assert torch.equal(back.view(torch.int16), permute_tensor(name, weight, reverse, info).view(torch.int16))

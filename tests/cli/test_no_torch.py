@@ -1,0 +1,107 @@
+"""``import s2reg``, ``s2reg --help`` and the commands that read, check and merge adapters never import torch
+(issue 12: start-up is most of what they cost). Each command runs in a fresh interpreter, which then reports
+whether torch, transformers or safetensors' torch module were ever imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from s2reg.cli import main
+
+from ..surgery.helpers import s2ft, tensor_digests, tiny
+
+HEAVY = ("torch", "transformers", "safetensors.torch")
+
+_RUN = """
+import json, sys
+from s2reg.cli import main
+try:
+    main(sys.argv[1:], prog_name="s2reg")
+    status = 0
+except SystemExit as exc:
+    status = exc.code or 0
+print(json.dumps({"status": status, "heavy": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY,)
+
+
+def fresh(*args, env=None) -> dict:
+    """Run ``s2reg ARGS`` in a new interpreter; its exit status and the heavy modules it imported."""
+    done = subprocess.run([sys.executable, "-c", _RUN, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("no-torch")
+    base = tiny(root / "base")
+    s2ft(base, seed=1).save(root / "a")
+    s2ft(base, seed=2, heads=(0,), channels=(9,)).save(root / "b")
+    home = {"S2REG_HOME": str(root / "home")}
+    runner = CliRunner(env=home)
+    for i in range(3):
+        assert runner.invoke(main, ["push", str(root / "a"), f"math:v{i}"]).exit_code == 0
+    return root, base, home
+
+
+def test_import_s2reg_loads_no_torch():
+    code = f"import sys, s2reg; s2reg.load; s2reg.Store; s2reg.merge; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, status", [
+    (["--help"], 0),
+    (["ls"], 0),
+    (["ls", "--json"], 0),
+    (["show", "math:v1"], 0),
+    (["tag", "math:v1", "math:latest"], 0),
+    (["verify"], 0),
+    (["inspect", "{a}"], 0),
+    (["inspect", "math:v0", "--json"], 0),
+    (["validate", "{a}"], 0),
+    (["validate", "{a}", "--base", "{base}"], 0),
+    (["diff", "{a}", "math:v2"], 0),  # diff(1)'s statuses: 0 identical, 1 different
+    (["diff", "{a}", "{b}", "--json"], 1),
+    (["diff", "{base}", "{base}"], 0),
+])
+def test_reading_and_checking_commands_load_no_torch(setup, args, status):
+    root, base, home = setup
+    filled = [a.format(a=root / "a", b=root / "b", base=base) for a in args]
+    report = fresh(*filled, env=home)
+    assert report == {"status": status, "heavy": []}, (filled, report)
+
+
+def test_merge_unmerge_recover_load_no_torch(setup, tmp_path):
+    root, base, home = setup
+    original = tensor_digests(base)
+    steps = [
+        ["merge", base, root / "a", root / "b", "-o", tmp_path / "merged"],
+        ["unmerge", tmp_path / "merged", root / "a", root / "b", "-o", tmp_path / "restored"],
+    ]
+    shutil.copytree(base, tmp_path / "live")
+    steps += [
+        ["merge", tmp_path / "live", root / "a", "--in-place"],
+        ["unmerge", tmp_path / "live", root / "a", "--in-place"],
+        ["recover", tmp_path / "live"],
+    ]
+    for args in steps:
+        assert fresh(*args, env=home) == {"status": 0, "heavy": []}, args
+    assert fresh("diff", base, tmp_path / "merged", env=home) == {"status": 1, "heavy": []}
+    assert tensor_digests(tmp_path / "merged") != original
+    assert tensor_digests(tmp_path / "restored") == original
+    assert tensor_digests(tmp_path / "live") == original
+
+
+def test_a_refused_command_is_still_torch_free(setup, tmp_path):
+    root, base, home = setup
+    report = fresh("merge", base, root / "a", "-o", tmp_path / "m", "--in-place", env=home)
+    assert report == {"status": 2, "heavy": []}
