@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter, S2FTTarget
+from ..format.arrays import read_array, to_torch
 from ..format.s2ft import take
 from ..tensors import TensorSource
 from ..train.layout import Placement, stored_name
@@ -98,13 +99,14 @@ class ParameterDelta:
 Delta = MatmulDelta | ParameterDelta
 
 
-def _merged_region(target, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _merged_region(target, base) -> tuple[torch.Tensor, torch.Tensor]:
     """``(before, after)`` of the region a merge rewrites, in the checkpoint's dtype: an S2FT target's
-    slice (exact, restore list included), a PISA target's whole tensor."""
+    slice (exact, restore list included), a PISA target's whole tensor. The merge's own (numpy) code
+    computes them, so serving and ``s2reg merge`` cannot disagree."""
     if isinstance(target, S2FTTarget):
         before = take(base, target.axis, target.indices)
-        return before, target.shifted(before)
-    return base, target.merged(base)
+        return to_torch(before), to_torch(target.shifted(before))
+    return to_torch(base), to_torch(target.merged(base))
 
 
 def _matmul_delta(target, before: torch.Tensor, after: torch.Tensor, kind: str, like: torch.Tensor) -> MatmulDelta:
@@ -115,12 +117,12 @@ def _matmul_delta(target, before: torch.Tensor, after: torch.Tensor, kind: str, 
         return MatmulDelta("input", None, matrix)
     # a Linear weight is [out, in] (columns are inputs); a Conv1D weight is stored [in, out] (rows are inputs)
     gathers = (target.axis == "columns") == (kind == "linear")
-    return MatmulDelta("input" if gathers else "output", target.indices.to(like.device), matrix)
+    return MatmulDelta("input" if gathers else "output", to_torch(target.indices).long().to(like.device), matrix)
 
 
 def _parameter_delta(target, after: torch.Tensor, placement: Placement, attr: str, like: torch.Tensor) -> ParameterDelta:
     if isinstance(target, S2FTTarget):
-        positions = placement.slice_positions(target.axis, target.indices)
+        positions = placement.slice_positions(target.axis, to_torch(target.indices))
     elif placement.converted:
         positions = placement.positions
     else:
@@ -150,7 +152,7 @@ def live_deltas(adapter: Adapter, model: nn.Module, placements: dict[str, Placem
         if not parameter.is_contiguous():
             raise S2RegError(f"{name}: {placement.parameter} is not contiguous in memory, so its values cannot be "
                              "swapped per sequence; merge this adapter instead of serving it")
-        before, after = _merged_region(target, source.get(name))
+        before, after = _merged_region(target, read_array(source, name))
         kind = matmul_kind(module)
         if kind is not None and attr == "weight" and not placement.converted:
             found.setdefault(module_name, []).append(_matmul_delta(target, before, after, kind, parameter))
