@@ -24,6 +24,7 @@ import torch
 from ..arch import CHANNEL_ROLES, ModelInfo, resolve_source
 from ..errors import S2RegError, ShapeError
 from ..format import Adapter, S2FTTarget
+from ..format.s2ft import axis_dim, axis_length, gather
 from ..records import RECORD_VERSION, RecordError, checked, read_record
 
 Selection = tuple[dict[int, set[int]], dict[int, dict[str | None, set[int]]]]
@@ -137,7 +138,7 @@ class Permutation:
         return self
 
     def index_of(self, info: ModelInfo):
-        """``name -> (dim, gather index) | None``: this permutation for a permuted view of a tensor source."""
+        """``name -> (FORMAT axis, gather index) | None``: this permutation for a permuted view of a tensor source."""
         def index(name: str) -> tuple[int, torch.Tensor] | None:
             c = info.coupled(name)
             return info.permute_index(name, self.layers.get(c.layer)) if c else None
@@ -199,14 +200,15 @@ def selection_of(adapter: Adapter, info: ModelInfo) -> Selection:
         c = info.coupled(name)
         if c is None or c.follower or not isinstance(target, S2FTTarget):
             continue
-        for role, units in info.units_of(name, target.indices).items():
-            if role in ("q", "o"):
-                heads.setdefault(c.layer, set()).update(units)
-            elif role in ("k", "v"):
-                g = info.dims.group
-                heads.setdefault(c.layer, set()).update(h for kv in units for h in range(kv * g, (kv + 1) * g))
-            elif role in CHANNEL_ROLES:
-                channels.setdefault(c.layer, {}).setdefault(c.expert, set()).update(units)
+        for expert, touched in info.expert_units(name, target.indices).items():
+            for role, units in touched.items():
+                if role in ("q", "o"):
+                    heads.setdefault(c.layer, set()).update(units)
+                elif role in ("k", "v"):
+                    g = info.dims.group
+                    heads.setdefault(c.layer, set()).update(h for kv in units for h in range(kv * g, (kv + 1) * g))
+                elif role in CHANNEL_ROLES:
+                    channels.setdefault(c.layer, {}).setdefault(expert, set()).update(units)
     return heads, channels
 
 
@@ -215,10 +217,11 @@ def permute_tensor(name: str, tensor: torch.Tensor, permutation: Permutation, in
     found = permutation.index_of(info)(name)
     if found is None:
         return tensor
-    dim, index = found
-    if tensor.shape[dim] != index.numel():
-        raise ShapeError(f"{name}: dimension {dim} is {tensor.shape[dim]}, the permutation covers {index.numel()}")
-    return tensor.index_select(dim, index)
+    axis, index = found
+    if axis_length(tuple(tensor.shape), axis) != index.numel():
+        raise ShapeError(f"{name}: its {axis} are {axis_length(tuple(tensor.shape), axis)}, the permutation covers "
+                         f"{index.numel()}")
+    return gather(tensor, axis, index)
 
 
 def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation, info: ModelInfo) -> S2FTTarget:
@@ -226,9 +229,10 @@ def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation,
     found = permutation.index_of(info)(name)
     if found is None:
         return target
-    dim, index = found
-    if target.indices.numel() and dim != ("rows", "columns").index(target.axis):
-        raise S2RegError(f"{name}: a {target.axis} slice cannot be permuted along dimension {dim}")
+    axis, index = found
+    if target.indices.numel() and axis != target.axis:
+        raise S2RegError(f"{name}: a {target.axis} slice cannot be permuted along {axis}")
+    dim = axis_dim(axis)
     position = torch.empty_like(index)
     position[index] = torch.arange(index.numel())
     moved = position[target.indices.long()]

@@ -23,7 +23,7 @@ from ..errors import (
 )
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.digest import tensor_sha256
-from ..format.s2ft import put, take
+from ..format.s2ft import EXPERT_AXES, put, take
 from ..ops.permute import Permutation, permute_s2ft_target, permute_tensor, read_permutation, to_original
 from ..tensors import CheckpointSource, PermutedView, TensorSource
 from .ledger import Ledger, adapter_identity
@@ -111,6 +111,8 @@ class Plan:
         """The slice the operation changes in the checkpoint's coordinates, or None for the whole tensor."""
         targets = self.touched[name]
         if not all(isinstance(t, S2FTTarget) for t in targets) or len({t.axis for t in targets}) != 1:
+            return None
+        if targets[0].axis in EXPERT_AXES:  # byte patches are rows or columns: a stacked tensor is rewritten whole
             return None
         if self.permutation:
             perm, info = self.permutation

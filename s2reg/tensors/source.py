@@ -18,12 +18,13 @@ from typing import Any, Protocol
 import torch
 
 from ..format.digest import tensor_sha256
+from ..format.s2ft import gather
 from .reader import CheckpointSource, check_rows
 from .memory import Closeable, MemorySource
 from .torch_bin import TorchBinSource, holds_torch_bin
 
 # name -> (stored dim, gather index) that puts a tensor into the view's order, or None to pass it through
-IndexOf = Callable[[str], "tuple[int, torch.Tensor] | None"]
+IndexOf = Callable[[str], "tuple[str, torch.Tensor] | None"]  # (FORMAT §4.1 axis, gather index)
 
 
 class TensorSource(Protocol):
@@ -57,9 +58,9 @@ class TensorSource(Protocol):
 
 
 class PermutedView(Closeable):
-    """``source`` with some tensors reordered along one dim: a co-permuted checkpoint seen in another order.
+    """``source`` with some tensors reordered along one axis: a co-permuted checkpoint seen in another order.
 
-    ``index_of(name)`` says how: ``(dim, index)`` gathers ``index`` along ``dim`` (what
+    ``index_of(name)`` says how: ``(axis, index)`` gathers ``index`` along a FORMAT §4.1 axis (what
     ``ModelInfo.permute_index`` gives for a layer permutation), ``None`` leaves the tensor as stored.
     Shapes and dtypes never change. The view does not own ``source``: closing it closes nothing.
     """
@@ -88,8 +89,8 @@ class PermutedView(Closeable):
         reorder = self._index_of(name)
         if reorder is None:
             return tensor
-        dim, index = reorder
-        return tensor.index_select(dim, index.to(torch.int64)).contiguous()
+        axis, index = reorder
+        return gather(tensor, axis, index).contiguous()
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if self._index_of(name) is None:

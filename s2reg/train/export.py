@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import S2RegError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
+from ..format.s2ft import put
 from ..ops.permute import Permutation, permute_s2ft_target, read_permutation, to_original
 from .layout import placements, stored_name
 from .pisa import layer as pisa_layer
@@ -70,7 +71,7 @@ def _trained_slices(model: nn.Module, prepared: PreparedS2FT, base):
             originals[key] = base.get(key)
         else:
             originals[key] = s.stored_value(model).clone()
-            originals[key].index_copy_(0 if s.axis == "rows" else 1, s.indices.to(originals[key].device), original)
+            put(originals[key], s.axis, s.indices, original.to(originals[key].device))
         slices[key] = (s.axis, s.indices.cpu(), tuned.to(originals[key].dtype).cpu())
     return originals, slices
 
