@@ -141,6 +141,9 @@ BAD = [
     ({"name": 7}, "'name' must be str"),
     ({"bogus": 1}, "unknown key 'bogus'"),
     ({"tensors": {"attn.{head}.wo": {"in": "o"}}}, "the only placeholder is {expert}"),
+    ({"tensors": {"ffn.{expert}.w_out": {"in": "down", "stacked": True}}}, "a 'stacked' tensor holds every expert"),
+    ({"tensors": {"ffn.w_out": {"in": "down", "stacked": "yes"}}}, "'stacked' must be bool"),
+    ({"tensors": {"ffn.bias": {"follows": "down", "stacked": True}}}, "role 'down' cannot sit here"),
 ]
 
 
