@@ -70,7 +70,7 @@ def _roles(config: S2FTConfig, mapping: ModelMap) -> tuple[str, ...]:
         mapping.info.require_roles([r for r in (config.roles or ("o",)) if r in HEAD_ROLES] or ["o"])
     if config.roles is None:  # the paper's output side of what was asked for
         if config.channels:
-            mapping.info.require_roles(["down"])  # e.g. gpt-oss: experts not sliceable; ask for --channels 0
+            mapping.info.require_roles(["down"])  # a family without it says why (its no_roles_reason)
         return (("o",) if config.heads else ()) + (("down",) if config.channels else ())
     mapping.info.require_roles(config.roles)
     return tuple(config.roles)
