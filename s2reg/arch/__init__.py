@@ -25,18 +25,21 @@ API (train, zoo, ops, surgery, cli code against this)::
     info.tensors(role, layer, expert=None) -> list[str]   # trainable weights holding the role
     info.experts(layer)    # [None] for a dense FFN, else ["0", "1", ..., "shared"] (numbered first)
     info.unit_count(name, role); info.channel_count(layer, expert=None)
-    info.unit_indices(name, role, units) -> LongTensor  # THE unit -> stored-index expansion (fused offsets,
+    info.stacked_experts(name)  # ["0", ...] for a tensor holding every expert on dimension 0 (gpt-oss), else []
+    info.by_expert(name, indices); info.expert_units(name, indices)  # per expert (stacked tensors split)
+    info.unit_indices(name, role, units, expert=None) -> LongTensor  # THE unit -> stored-index expansion (fused offsets,
                            # grouped/interleaved layouts, GQA kv heads, transposed, experts), in unit order
     info.units_of(name, indices) -> {role: sorted units}  # the inverse (any index of a unit counts)
     info.whole_units(name, indices) -> LongTensor       # indices widened to whole units, sorted
-    info.permute_index(name, layer_permutation) -> (stored dim, gather index) | None
+    info.permute_index(name, layer_permutation) -> (FORMAT axis, gather index) | None
                            # layer_permutation has .order_for(role, expert) -> list | None
                            # (ops.permute.LayerPermutation); followers (OLMo 2 q_norm, sinks) move too
 
 Units: ``q``/``o``: query heads; ``k``/``v``: key/value heads; ``up``/``gate``/``down``: FFN channels of
 the tensor's expert (counted from the stored shape, so dense-first layers and shared experts differ).
 An MoE layer's channel selection is ``{expert: [channels]}``; the adapter holds the checkpoint tensor of
-that expert (``...experts.3.w1.weight``) and the channel's stored indices in it (spec/FORMAT.md §4.5).
+that expert (``...experts.3.w1.weight``) and the channel's stored indices in it, or, for a stacked tensor
+(gpt-oss ``mlp.experts.gate_up_proj``), the expert-axis index ``e * n + k`` (spec/FORMAT.md §4.5).
 All errors are :class:`ArchError` (an ``S2RegError``), one line, naming docs/families.md where it helps.
 """
 

@@ -32,7 +32,9 @@ class Coupling:
     ``axis`` is the FORMAT §4 axis ("rows"/"columns") of the STORED tensor on which a unit is a slice
     (a transposed GPT-2 ``c_attn`` holds heads in its columns); ``dim`` is the same as 0/1.
     ``part`` is "weight", "bias" or "parameter" (a bare parameter such as gpt-oss ``sinks``);
-    ``follower`` tensors move with heads under a permutation but are never trained.
+    ``follower`` tensors move with heads under a permutation but are never trained. A ``stacked`` tensor
+    holds every expert along dimension 0 (``expert`` is None): ``dim`` is then the dimension inside one
+    expert, and ``axis`` an expert axis (FORMAT §4.5).
     """
 
     name: str
@@ -46,8 +48,17 @@ class Coupling:
     spec: TensorSpec
 
     @property
+    def stacked(self) -> bool:
+        return self.spec.stacked
+
+    @property
     def axis(self) -> str:
-        return ("rows", "columns")[self.dim]
+        return (("expert_rows", "expert_columns") if self.stacked else ("rows", "columns"))[self.dim]
+
+    @property
+    def stored_dim(self) -> int:
+        """The dimension of the stored tensor along which units lie (inside each expert when stacked)."""
+        return self.dim + self.stacked
 
     @property
     def role(self) -> str:
@@ -193,9 +204,9 @@ class ModelInfo:
         if name not in self._layouts:
             if self.shapes is not None and name in self.shapes:
                 shape = tuple(self.shapes[name])
-                if c.dim >= len(shape):
+                if c.stored_dim >= len(shape):
                     raise ArchError(f"{name}: shape {list(shape)} has no {c.axis} ({FORMAT_HELP})")
-                length = shape[c.dim]
+                length = shape[c.stored_dim]
             else:
                 length = _expected_length(c.spec, self.dims)
             self._layouts[name] = _layout(c.spec.segment, length, self.dims, c.follower, name)
@@ -212,19 +223,54 @@ class ModelInfo:
             raise ArchError(f"{name} holds {', '.join(c.roles)}, not {role!r}")
         return layout.tables[role]
 
-    def unit_indices(self, name: str, role: str, units: Iterable[int]) -> torch.Tensor:
-        """Stored indices (on ``coupled(name).axis``) of ``units`` of ``role``, unit by unit in the given order."""
-        table = self._table(name, role)
+    def unit_indices(self, name: str, role: str, units: Iterable[int], expert: str | None = None) -> torch.Tensor:
+        """Stored indices (on ``coupled(name).axis``) of ``units`` of ``role``, unit by unit in the given order.
+
+        In a stacked tensor the units are ``expert``'s: index ``e * n + k`` (FORMAT §4.5)."""
+        table = self._table(name, role) + self._expert_offset(name, expert)
         chosen = torch.as_tensor(list(units), dtype=torch.long)
         if chosen.numel() and not (0 <= int(chosen.min()) and int(chosen.max()) < table.shape[0]):
             raise ArchError(f"{name}: {role} unit {int(chosen.max()) if int(chosen.max()) >= table.shape[0] else int(chosen.min())} "
                             f"out of range 0..{table.shape[0] - 1}")
         return table[chosen].reshape(-1)
 
-    def units_of(self, name: str, indices: Iterable[int] | torch.Tensor) -> dict[str, list[int]]:
-        """The inverse: per role, the sorted units that own any of ``indices``."""
+    def _expert_offset(self, name: str, expert: str | None) -> int:
+        c, layout = self._layout_of(name)
+        if not c.stacked:
+            return 0
+        if expert not in self.stacked_experts(name):
+            raise ArchError(f"{name} stacks experts 0..{len(self.stacked_experts(name)) - 1}; got expert {expert!r}")
+        return int(expert) * layout.length
+
+    def stacked_experts(self, name: str) -> list[str]:
+        """The experts a stacked tensor holds ("0", "1", ...); [] for any other tensor."""
+        c = self.coupled(name)
+        if c is None or not c.stacked:
+            return []
+        count = self.shapes[name][0] if self.shapes is not None and name in self.shapes else self.dims.experts
+        return [str(e) for e in range(count)]
+
+    def by_expert(self, name: str, indices: Iterable[int] | torch.Tensor) -> dict[str | None, torch.Tensor]:
+        """Stored indices of ``name`` per expert, local to that expert's matrix (one entry unless stacked)."""
         c, layout = self._layout_of(name)
         wanted = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if not c.stacked:
+            return {c.expert: wanted}
+        return {str(e): wanted[wanted // layout.length == e] % layout.length
+                for e in torch.unique(wanted // layout.length).tolist()}
+
+    def expert_units(self, name: str, indices: Iterable[int] | torch.Tensor) -> dict[str | None, dict[str, list[int]]]:
+        """``units_of`` per expert: ``{coupled(name).expert: ...}``, or per expert of a stacked tensor."""
+        c = self.coupled(name)
+        return {(expert if c.stacked else c.expert): self.units_of(name, local)
+                for expert, local in self.by_expert(name, indices).items()}
+
+    def units_of(self, name: str, indices: Iterable[int] | torch.Tensor) -> dict[str, list[int]]:
+        """The inverse: per role, the sorted units that own any of ``indices`` (of any expert, when stacked)."""
+        c, layout = self._layout_of(name)
+        wanted = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if c.stacked:
+            wanted = wanted % layout.length
         found = {}
         for role, table in layout.tables.items():
             hit = torch.isin(table, wanted).any(1).nonzero().reshape(-1).tolist()
@@ -234,29 +280,34 @@ class ModelInfo:
 
     def whole_units(self, name: str, indices: Iterable[int] | torch.Tensor) -> torch.Tensor:
         """``indices`` widened to every stored index of the units they touch, sorted."""
-        touched = self.units_of(name, indices)
-        parts = [self.unit_indices(name, role, units) for role, units in touched.items()]
+        parts = [self.unit_indices(name, role, units, expert)
+                 for expert, touched in self.expert_units(name, indices).items() for role, units in touched.items()]
         return torch.unique(torch.cat(parts)) if parts else torch.empty(0, dtype=torch.long)
 
-    def permute_index(self, name: str, layer_order: LayerOrder | None) -> tuple[int, torch.Tensor] | None:
-        """``(stored dim, gather index)`` that applies a layer's permutation to ``name``; None if it does not move."""
+    def permute_index(self, name: str, layer_order: LayerOrder | None) -> tuple[str, torch.Tensor] | None:
+        """``(FORMAT axis, gather index)`` that applies a layer's permutation to ``name``; None if it does not move.
+
+        A stacked tensor gets one index over all its experts, each expert reordered by its own order."""
         if layer_order is None:
             return None
         c = self.coupled(name)
         if c is None:
             return None
         _, layout = self._layout_of(name)
-        index = torch.arange(layout.length, dtype=torch.long)
+        experts = self.stacked_experts(name) if c.stacked else [c.expert]
+        index = torch.arange(layout.length * len(experts), dtype=torch.long)
         moved = False
-        for role, table in layout.tables.items():
-            order = layer_order.order_for(role, c.expert)
-            if order is None or list(order) == list(range(table.shape[0])):
-                continue
-            if len(order) != table.shape[0]:
-                raise ArchError(f"{name}: the permutation orders {len(order)} {role} units, the tensor has {table.shape[0]}")
-            index[table.reshape(-1)] = table[torch.as_tensor(list(order), dtype=torch.long)].reshape(-1)
-            moved = True
-        return (c.dim, index) if moved else None
+        for e, expert in enumerate(experts):
+            for role, table in layout.tables.items():
+                order = layer_order.order_for(role, expert)
+                if order is None or list(order) == list(range(table.shape[0])):
+                    continue
+                if len(order) != table.shape[0]:
+                    raise ArchError(f"{name}: the permutation orders {len(order)} {role} units, the tensor has {table.shape[0]}")
+                offset = e * layout.length
+                index[offset + table.reshape(-1)] = offset + table[torch.as_tensor(list(order), dtype=torch.long)].reshape(-1)
+                moved = True
+        return (c.axis, index) if moved else None
 
     # -- names by role -----------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -266,7 +317,7 @@ class ModelInfo:
         names = []
         for layer in range(self.dims.layers):
             for spec in self.family.tensors:
-                experts = range(self.dims.experts) if spec.numbered_expert else [None]
+                experts = range(self.dims.experts) if spec.numbered_expert else [None]  # a stacked tensor: one name
                 for e in experts:
                     base = self.family.prefix + self.family.layers.format(layer=layer) + "." + spec.key.replace(
                         "{expert}", str(e))
@@ -276,12 +327,14 @@ class ModelInfo:
     def tensors(self, role: str, layer: int, expert: str | None = None) -> list[str]:
         """Trainable checkpoint tensors (weights) of ``role`` in ``layer`` (and ``expert``)."""
         return [n for n in self.names()
-                if (c := self.coupled(n)) and not c.follower and c.layer == layer and role in c.roles and c.expert == expert]
+                if (c := self.coupled(n)) and not c.follower and c.layer == layer and role in c.roles
+                and (expert in self.stacked_experts(n) if c.stacked else c.expert == expert)]
 
     def experts(self, layer: int) -> list[str | None]:
         """The FFN experts of a layer: ``[None]`` for a dense FFN; numbered ids, then fixed ones (``shared``)."""
-        found = {c.expert for n in self.names() if (c := self.coupled(n)) and c.layer == layer
-                 and not c.follower and set(c.roles) & set(CHANNEL_ROLES)}
+        found = {e for n in self.names() if (c := self.coupled(n)) and c.layer == layer
+                 and not c.follower and set(c.roles) & set(CHANNEL_ROLES)
+                 for e in (self.stacked_experts(n) if c.stacked else [c.expert])}
         return sorted(found, key=_expert_order)
 
     def channel_count(self, layer: int, expert: str | None = None) -> int:

@@ -93,6 +93,9 @@ class TensorSpec:
     never trained but moves with heads when heads are permuted (OLMo 2's q_norm of heads*head_dim).
     ``parameter``: the key is a parameter name itself (no ``.weight``/``.bias`` appended).
     ``expert``: a fixed expert id for a tensor outside the numbered experts (``shared``).
+    ``stacked``: dimension 0 numbers the experts (gpt-oss ``mlp.experts.gate_up_proj`` ``[experts, in, out]``);
+    the roles describe each expert's matrix, and a unit of expert ``e`` is addressed with an expert axis
+    (spec/FORMAT.md §4.5).
     """
 
     key: str
@@ -102,6 +105,7 @@ class TensorSpec:
     transposed: bool = False
     parameter: bool = False
     expert: str | None = None
+    stacked: bool = False
 
     @property
     def segment(self) -> Segment:
@@ -119,7 +123,7 @@ class TensorSpec:
     def from_json(cls, key: str, data: Any, where: str) -> TensorSpec:
         where = f"{where}: tensors[{key!r}]"
         _expect(data, dict, where, "a tensor entry")
-        _only(data, {"out", "in", "follows", "transposed", "parameter", "expert"}, where)
+        _only(data, {"out", "in", "follows", "transposed", "parameter", "expert", "stacked"}, where)
         sides = [s for s in ("out", "in", "follows") if s in data]
         if len(sides) != 1:
             raise _fail(where, "give exactly one of 'out', 'in' or 'follows'")
@@ -128,7 +132,7 @@ class TensorSpec:
         segments = {
             "out": lambda d: Segment.from_json(d, f"{where}.out", OUTPUT_ROLES),
             "in": lambda d: Segment.from_json(d, f"{where}.in", INPUT_ROLES),
-            "follows": lambda d: Segment.from_json(d, f"{where}.follows", ("q", "k")),
+            "follows": lambda d: Segment.from_json(d, f"{where}.follows", ("q", "k", "up", "gate")),
         }
         side = sides[0]
         segment = segments[side](data[side])
@@ -139,6 +143,9 @@ class TensorSpec:
             _expect(expert, str, where, "'expert'")
             if "{expert}" in key:
                 raise _fail(where, "'expert' names a fixed expert; a key with {expert} is numbered already")
+        stacked = _expect(data.get("stacked", False), bool, where, "'stacked'")
+        if stacked and ("{expert}" in key or expert is not None):
+            raise _fail(where, "a 'stacked' tensor holds every expert along dimension 0: no {expert} and no 'expert'")
         return cls(
             key,
             out=segment if side == "out" else None,
@@ -147,6 +154,7 @@ class TensorSpec:
             transposed=_expect(data.get("transposed", False), bool, where, "'transposed'"),
             parameter=_expect(data.get("parameter", False), bool, where, "'parameter'"),
             expert=expert,
+            stacked=stacked,
         )
 
 

@@ -404,8 +404,8 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     adapter.extra = {k: v for k, v in data.items() if k not in manifest.TOP_KEYS}
     adapter.check(allow_nonfinite=allow_nonfinite)
     if adapter.format_version > data["format_version"]:
-        raise FormatError(f"{path}: restore lists need format_version {adapter.format_version}, the manifest says "
-                          f"{data['format_version']} (FORMAT §3.6, §4.3)")
+        raise FormatError(f"{path}: its targets need format_version {adapter.format_version} (restore lists: 2, "
+                          f"expert axes: 3), the manifest says {data['format_version']} (FORMAT §3.6)")
     adapter.stored = Stored(path, sha256_bytes(text), data["payload"]["encoding"], data["payload"]["bytes"],
                             data["payload"]["raw_bytes"])
     return adapter

@@ -18,7 +18,7 @@ from .safetensors_header import MAX_DIMENSION
 
 MANIFEST_NAME = "s2reg.json"
 FORMAT = "s2reg.adapter"
-FORMAT_VERSION = 2  # the newest version this s2reg reads; each adapter is written with the lowest that holds it
+FORMAT_VERSION = 3  # the newest version this s2reg reads; each adapter is written with the lowest that holds it
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 KINDS = ("s2ft", "pisa")
 

@@ -17,28 +17,72 @@ from . import dtypes
 from .arrays import as_array, bits
 from .manifest import require, require_dtype, require_shape, warn_unknown
 
-AXES = ("rows", "columns")
+AXES = ("rows", "columns", "expert_rows", "expert_columns")
+EXPERT_AXES = ("expert_rows", "expert_columns")  # FORMAT §4.5: a dimension inside each expert of a stacked tensor
 DELTA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # narrowest first (FORMAT §4.3)
 RESTORE_INDEX = np.dtype(np.int64)  # flat positions in a slice may exceed 2**31 (FORMAT §4.2)
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def axis_dim(axis: str) -> int:
-    return AXES.index(axis)
+    """The dimension of the slice (``T.delta``) along which the selected indices lie (FORMAT §4.2)."""
+    return AXES.index(axis) % 2
+
+
+def axis_length(shape: tuple[int, ...], axis: str) -> int:
+    """How many indices ``axis`` has: a stored dimension, or experts x that dimension of each (FORMAT §4.5)."""
+    if axis in EXPERT_AXES:
+        return shape[0] * shape[1 + axis_dim(axis)]
+    return shape[axis_dim(axis)]
+
+
+def slice_shape(shape: tuple[int, ...], axis: str, count: int) -> tuple[int, ...]:
+    """The shape of ``count`` selected slices (FORMAT §4.2): ``shape`` with the axis replaced by ``count``;
+    for an expert axis, the shape of one expert with its dimension replaced by ``count``."""
+    inner = list(shape[1:] if axis in EXPERT_AXES else shape)
+    inner[axis_dim(axis)] = count
+    return tuple(inner)
+
+
+def _expert_coordinates(shape: tuple[int, ...], axis: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FORMAT §4.5: index ``i`` of an expert axis is index ``i % n`` of expert ``i // n`` (``n`` per expert)."""
+    n = shape[1 + axis_dim(axis)]
+    return np.divmod(np.asarray(indices, dtype=np.int64), n)
 
 
 def take(weight: np.ndarray, axis: str, indices: np.ndarray) -> np.ndarray:
     """The slice of ``weight`` that ``indices`` select on ``axis`` (a copy)."""
-    return np.take(weight, np.asarray(indices, dtype=np.int64), axis=axis_dim(axis))
+    if axis not in EXPERT_AXES:
+        return np.take(weight, np.asarray(indices, dtype=np.int64), axis=axis_dim(axis))
+    expert, index = _expert_coordinates(weight.shape, axis, indices)
+    if axis == "expert_rows":
+        return weight[expert, index]
+    return np.moveaxis(weight[expert, :, index], 0, 1)  # the fibres W[e, :, k] as columns
 
 
 def put(weight: np.ndarray, axis: str, indices: np.ndarray, values: np.ndarray) -> None:
     """Write ``values`` into the selected slice of ``weight`` in place."""
-    index = np.asarray(indices, dtype=np.int64)
-    if axis_dim(axis) == 0:
-        weight[index] = values
+    if axis not in EXPERT_AXES:
+        index = np.asarray(indices, dtype=np.int64)
+        if axis_dim(axis) == 0:
+            weight[index] = values
+        else:
+            weight[:, index] = values
+        return
+    expert, index = _expert_coordinates(weight.shape, axis, indices)
+    if axis == "expert_rows":
+        weight[expert, index] = values
     else:
-        weight[:, index] = values
+        weight[expert, :, index] = np.moveaxis(values, 1, 0)
+
+
+def gather(array: np.ndarray, axis: str, index: np.ndarray) -> np.ndarray:
+    """``array`` with every index of ``axis`` replaced by the one ``index`` names (a full reordering)."""
+    if axis not in EXPERT_AXES:
+        return take(array, axis, index)
+    out = np.empty_like(array)
+    put(out, axis, np.arange(len(index)), take(array, axis, index))
+    return out
 
 
 def whole_groups(indices: np.ndarray, size: int) -> np.ndarray:
@@ -180,8 +224,9 @@ class S2FTTarget:
 
     @property
     def format_version(self) -> int:
-        """The lowest format version that can hold this target: restore lists came with version 2 (§3.6)."""
-        return 1 if self.restore is None else 2
+        """The lowest format version that can hold this target: restore lists came with version 2, expert axes
+        with version 3 (§3.6)."""
+        return 3 if self.axis in EXPERT_AXES else 1 if self.restore is None else 2
 
     @property
     def count(self) -> int:
@@ -201,9 +246,11 @@ class S2FTTarget:
     def check(self, name: str, *, allow_nonfinite: bool = False) -> None:
         """Every rule of FORMAT §4.1-4.2; raises FormatError / ShapeError / NonFiniteError."""
         if self.axis not in AXES:
-            raise FormatError(f"{name}: axis must be 'rows' or 'columns', got {self.axis!r}")
-        if self.axis == "columns" and len(self.shape) != 2:
-            raise ShapeError(f"{name}: axis 'columns' needs a rank-2 tensor, shape is {list(self.shape)}")
+            raise FormatError(f"{name}: axis must be one of {', '.join(AXES)}, got {self.axis!r}")
+        rank = {"columns": (2,), "expert_rows": (2, 3), "expert_columns": (3,)}.get(self.axis)
+        if rank is not None and len(self.shape) not in rank:
+            raise ShapeError(f"{name}: axis {self.axis!r} needs a rank-{' or '.join(map(str, rank))} tensor, "
+                             f"shape is {list(self.shape)}")
         if not _is_float(self.dtype):
             raise FormatError(f"{name}: S2FT needs a float base tensor, got {self.dtype}")
         if self.delta.dtype not in DELTA_DTYPES:
@@ -213,20 +260,20 @@ class S2FTTarget:
             raise ShapeError(f"{name}: indices must be a non-empty 1-D list, got shape {list(idx.shape)}")
         if idx.dtype not in INDEX_DTYPES:
             raise FormatError(f"{name}: indices must be integers, got {idx.dtype}")
-        length = self.shape[axis_dim(self.axis)]
+        length = axis_length(self.shape, self.axis)
         if int(idx.min()) < 0 or int(idx.max()) >= length:
             bad = int(idx.max()) if int(idx.max()) >= length else int(idx.min())
             raise ShapeError(f"{name}: index {bad} out of range for {self.axis} of length {length}")
         if idx.size > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise FormatError(f"{name}: indices must be strictly increasing (sorted, no duplicates)")
-        expected = list(self.shape)
-        expected[axis_dim(self.axis)] = idx.size
+        expected = list(slice_shape(self.shape, self.axis, idx.size))
         if list(self.delta.shape) != expected:
             raise ShapeError(f"{name}: delta shape {list(self.delta.shape)} does not match the slice shape {expected}")
         if self.group_size is not None:
             gs = self.group_size
-            if gs < 1 or length % gs:
-                raise ShapeError(f"{name}: group_size {gs} does not divide the {self.axis} length {length}")
+            per_expert = self.shape[1 + axis_dim(self.axis)] if self.axis in EXPERT_AXES else length
+            if gs < 1 or per_expert % gs:  # groups never straddle two experts (FORMAT §4.5)
+                raise ShapeError(f"{name}: group_size {gs} does not divide the {self.axis} length {per_expert}")
             if idx.size % gs:  # before building groups, whose size is only declared
                 raise FormatError(f"{name}: indices are not whole groups of {gs} (FORMAT §4.1 group_size)")
             if not np.array_equal(whole_groups(idx, gs), idx):

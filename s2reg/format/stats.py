@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec, dtypes, payload
 from .arrays import dot
-from .s2ft import S2FTTarget, axis_dim
+from .s2ft import S2FTTarget, axis_length
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -46,7 +46,8 @@ def with_units(rows: list[dict[str, Any]], info: Any) -> list[dict[str, Any]]:
 
     ``info`` is an ``s2reg.arch.ModelInfo`` of the base: a fused, interleaved or transposed tensor's
     indices become units per role (``{"q": [1], "k": [0]}``), and a layer and expert come from the
-    description instead of the name. Targets that hold no unit keep ``units`` None.
+    description instead of the name. Targets that hold no unit keep ``units`` None. A target on a stacked
+    tensor (FORMAT §4.5) gives one row per expert it touches.
     """
     out = []
     for row in rows:
@@ -54,9 +55,9 @@ def with_units(rows: list[dict[str, Any]], info: Any) -> list[dict[str, Any]]:
         if c is None or c.axis != row["axis"]:
             out.append({**row, "units": None, "unit_totals": None, "expert": None})
             continue
-        units = info.units_of(row["name"], row["indices"])
-        totals = {role: info.unit_count(row["name"], role) for role in units}
-        out.append({**row, "layer": c.layer, "expert": c.expert, "units": units, "unit_totals": totals})
+        for expert, units in info.expert_units(row["name"], row["indices"]).items():
+            totals = {role: info.unit_count(row["name"], role) for role in units}
+            out.append({**row, "layer": c.layer, "expert": expert, "units": units, "unit_totals": totals})
     return out
 
 
@@ -83,7 +84,7 @@ def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
             row.update(
                 axis=t.axis,
                 count=t.count,
-                of=t.shape[axis_dim(t.axis)],
+                of=axis_length(t.shape, t.axis),
                 indices=t.indices.tolist(),
                 group_size=t.group_size,
                 groups=t.groups,

@@ -62,24 +62,33 @@ def module_of(name: str, layout: MemoryLayout) -> str:
     return placement.parameter.removesuffix(".weight")
 
 
-def _expert_block(name: str, target: S2FTTarget, placement: Placement, shape: tuple[int, ...]):
-    """``(expert, "rows"|"columns", indices, values)`` of one checkpoint target inside its fused parameter."""
+def _expert_blocks(name: str, target: S2FTTarget, placement: Placement, shape: tuple[int, ...], transposed: bool):
+    """``[(expert, "rows"|"columns", indices, values)]`` of one checkpoint target inside its fused parameter, per
+    expert it touches (a stacked tensor's target spans several, FORMAT §4.5), in the ``[out, in]`` convention of
+    each expert's matrix (``transposed``: the parameter stores ``[in, out]``)."""
     if len(shape) != 3:
         raise S2RegError(f"{name}: lives in {placement.parameter} of shape {list(shape)}, not [experts, out, in]")
     _, rows, columns = shape
-    positions = placement.slice_positions(target.axis, to_torch(target.indices)).reshape(-1)
-    values = to_torch(target.delta).reshape(-1).to(torch.float32)
-    expert, rest = positions // (rows * columns), positions % (rows * columns)
-    row, column = rest // columns, rest % columns
-    if int(expert.min()) != int(expert.max()):
-        raise S2RegError(f"{name}: one checkpoint tensor spans several experts of {placement.parameter}")
-    for kind, index, other, length in (("rows", row, column, columns), ("columns", column, row, rows)):
-        units = index.unique()
-        if units.numel() * length == positions.numel():  # whole rows (columns) of the expert's matrix
-            block = torch.zeros(units.numel(), length, dtype=torch.float32)
-            block[torch.searchsorted(units, index), other] = values
-            return int(expert[0]), kind, units, block
-    raise S2RegError(f"{name}: the slice is not whole rows or columns of {placement.parameter}")
+    all_positions = placement.slice_positions(target.axis, to_torch(target.indices)).reshape(-1)
+    all_values = to_torch(target.delta).reshape(-1).to(torch.float32)
+    if transposed:
+        rows, columns = columns, rows
+    blocks = []
+    for e in torch.unique(all_positions // (rows * columns)).tolist():
+        mine = all_positions // (rows * columns) == e
+        positions, values = all_positions[mine], all_values[mine]
+        rest = positions % (rows * columns)
+        row, column = (rest % rows, rest // rows) if transposed else (rest // columns, rest % columns)
+        for kind, index, other, length in (("rows", row, column, columns), ("columns", column, row, rows)):
+            units = index.unique()
+            if units.numel() * length == positions.numel():  # whole rows (columns) of the expert's matrix
+                block = torch.zeros(units.numel(), length, dtype=torch.float32)
+                block[torch.searchsorted(units, index), other] = values
+                blocks.append((int(e), kind, units, block))
+                break
+        else:
+            raise S2RegError(f"{name}: the slice is not whole rows or columns of {placement.parameter}")
+    return blocks
 
 
 def expert_factors(targets: Mapping[str, S2FTTarget], layout: MemoryLayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -88,13 +97,14 @@ def expert_factors(targets: Mapping[str, S2FTTarget], layout: MemoryLayout) -> d
     for name, target in targets.items():
         placement = layout.placements[name]
         shape = layout.shapes[placement.parameter]
-        if layout.transposed.get(placement.parameter.rpartition(".")[0]):
-            raise S2RegError(f"{name}: its experts are stored [experts, in, out]; s2reg exports only [experts, out, in]")
-        expert, kind, units, block = _expert_block(name, target, placement, shape)
-        blocks.setdefault(placement.parameter, {}).setdefault(expert, []).append((kind, units, block))
+        transposed = layout.transposed.get(placement.parameter.rpartition(".")[0], False)
+        for expert, kind, units, block in _expert_blocks(name, target, placement, shape, transposed):
+            blocks.setdefault(placement.parameter, {}).setdefault(expert, []).append((kind, units, block))
     factors = {}
     for parameter, by_expert in blocks.items():
         experts, out_features, in_features = layout.shapes[parameter]
+        if layout.transposed.get(parameter.rpartition(".")[0], False):  # PEFT: delta[e] = (B_e A_e)^T
+            out_features, in_features = in_features, out_features
         merged = {e: _merge(parameter, e, parts, out_features, in_features) for e, parts in by_expert.items()}
         r = max(a.shape[0] for a, _ in merged.values())
         lora_a = torch.zeros(experts, r, in_features)

@@ -127,7 +127,7 @@ class BaseLayout:
 
     task_type: str | None
     transposed: frozenset[str]          # targets whose weight is stored [in, out]
-    fused_experts: frozenset[str]       # targets transformers fuses into 3-D expert parameters
+    fused_experts: frozenset[str]       # targets on 3-D expert parameters (fused by transformers, or stacked on disk)
     directory: Path | None = None       # the base checkpoint, when known
 
 
@@ -157,10 +157,11 @@ def base_layout(adapter: Adapter, base: str | os.PathLike | None) -> BaseLayout:
     transposed, fused = set(), set()
     for name in adapter.targets:
         coupled = info.coupled(name) if info is not None else None
-        if coupled is not None and coupled.transposed:
+        if coupled is not None and coupled.transposed and not coupled.stacked:
             transposed.add(name)
-        if _fused_on_load((config or {}).get("model_type"), name) or (config is None and coupled is not None
-                                                                      and coupled.expert is not None):
+        stacked = coupled is not None and coupled.stacked  # experts stored as one 3-D parameter (gpt-oss)
+        if stacked or _fused_on_load((config or {}).get("model_type"), name) or (
+                config is None and coupled is not None and coupled.expert is not None):
             fused.add(name)
     task = task_type_of(config) if config is not None else "CAUSAL_LM"
     return BaseLayout(task, frozenset(transposed), frozenset(fused), directory)

@@ -11,42 +11,47 @@ co-permutation. Units trained in every tensor that holds them are placed in asce
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..arch import ModelInfo, resolve_source
 from ..errors import BaseMismatch, S2RegError
 from ..format import dtypes
+from ..format.arrays import as_array
+from ..format.s2ft import axis_dim, take
 from .permute import LayerPermutation, Permutation
 
 _UNIT_KINDS = {"heads": ("q", "o"), "kv_heads": ("k", "v"), "channels": ("gate", "up", "down")}
 
 
-def _unit_bytes(tensor: torch.Tensor, info: ModelInfo, name: str, role: str) -> list[bytes]:
+def _unit_bytes(tensor: torch.Tensor, info: ModelInfo, name: str, role: str, expert: str | None = None) -> list[bytes]:
     c = info.coupled(name)
-    table = info.unit_indices(name, role, range(info.unit_count(name, role)))
-    picked = tensor.index_select(c.dim, table).movedim(c.dim, 0).contiguous()
-    units = picked.reshape(info.unit_count(name, role), -1)
-    return [bytes(u.view(torch.uint8).numpy()) for u in units]
+    table = info.unit_indices(name, role, range(info.unit_count(name, role)), expert)
+    picked = np.moveaxis(take(as_array(tensor), c.axis, table), axis_dim(c.axis), 0)
+    units = np.ascontiguousarray(picked).reshape(info.unit_count(name, role), -1)
+    return [u.tobytes() for u in units]
 
 
-def _candidates(base: torch.Tensor, tuned: torch.Tensor, info: ModelInfo, name: str, role: str) -> list[set[int]]:
+def _candidates(base: torch.Tensor, tuned: torch.Tensor, info: ModelInfo, name: str, role: str,
+                expert: str | None) -> list[set[int]]:
     """Per tuned position, the base units with the same bytes (empty where the unit was trained)."""
     where: dict[bytes, set[int]] = {}
-    for unit, key in enumerate(_unit_bytes(base, info, name, role)):
+    for unit, key in enumerate(_unit_bytes(base, info, name, role, expert)):
         where.setdefault(key, set()).add(unit)
-    return [set(where.get(key, ())) for key in _unit_bytes(tuned, info, name, role)]
+    return [set(where.get(key, ())) for key in _unit_bytes(tuned, info, name, role, expert)]
 
 
 def relocated_units(base: torch.Tensor, tuned: torch.Tensor, info: ModelInfo, name: str) -> int:
     """Changed units of ``tuned`` whose bytes equal a different unit of ``base`` (the mark of a co-permuted save)."""
     moved = 0
-    for role in info.coupled(name).roles:
-        before = _unit_bytes(base, info, name, role)
-        where: dict[bytes, set[int]] = {}
-        for unit, key in enumerate(before):
-            where.setdefault(key, set()).add(unit)
-        moved += sum(1 for pos, key in enumerate(_unit_bytes(tuned, info, name, role))
-                     if key != before[pos] and where.get(key, set()) - {pos})
+    for expert in info.stacked_experts(name) or [None]:
+        for role in info.coupled(name).roles:
+            before = _unit_bytes(base, info, name, role, expert)
+            where: dict[bytes, set[int]] = {}
+            for unit, key in enumerate(before):
+                where.setdefault(key, set()).add(unit)
+            moved += sum(1 for pos, key in enumerate(_unit_bytes(tuned, info, name, role, expert))
+                         if key != before[pos] and where.get(key, set()) - {pos})
     return moved
 
 
@@ -107,10 +112,11 @@ def detect_permutation(base, tuned, info: ModelInfo | None = None) -> Permutatio
         for name in by_layer.get(layer, []):
             c = info.coupled(name)
             b, t = base.get(name), tuned.get(name)
-            for role in c.roles:
-                kind = next(k for k, roles in _UNIT_KINDS.items() if role in roles)
-                evidence.setdefault((kind, c.expert if kind == "channels" else None), []).append(
-                    _candidates(b, t, info, name, role))
+            for expert in info.stacked_experts(name) or [c.expert]:
+                for role in c.roles:
+                    kind = next(k for k, roles in _UNIT_KINDS.items() if role in roles)
+                    evidence.setdefault((kind, expert if kind == "channels" else None), []).append(
+                        _candidates(b, t, info, name, role, expert if c.stacked else None))
         dims = info.dims
         heads = _order(evidence.get(("heads", None), []), dims.heads, f"layer {layer} heads")
         kv = _order(evidence.get(("kv_heads", None), []), dims.kv_heads, f"layer {layer} key/value heads")

@@ -20,8 +20,9 @@ import torch
 from ..arch import ArchError, ModelInfo, resolve_source
 from ..errors import BaseMismatch, S2RegError, ShapeError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, dtypes
+from ..format.arrays import as_array
 from ..format.pisa_fft import pisa_top_k, reconstruct
-from ..format.s2ft import whole_groups
+from ..format.s2ft import EXPERT_AXES, axis_dim, slice_shape, take, whole_groups
 from ..tensors import PermutedView
 from .detect_permutation import detect_permutation, relocated_units
 from .permute import Permutation
@@ -155,9 +156,10 @@ def _cheapest_slice(mask: torch.Tensor, prefer: str | None) -> tuple[str, torch.
 
 
 def _unit_share(info: ModelInfo, name: str, indices: torch.Tensor) -> tuple[int, int]:
-    """``(selected, total)`` units of a coupled slice; attention is counted in key/value groups (GQA)."""
+    """``(selected, total)`` units of a coupled slice (of its worst expert when stacked); attention is counted
+    in key/value groups (GQA)."""
     worst = (0, 1)
-    for role, units in info.units_of(name, indices).items():
+    for role, units in ((r, u) for touched in info.expert_units(name, indices).values() for r, u in touched.items()):
         total = info.unit_count(name, role)
         if role in ("q", "o"):
             units, total = sorted({u // info.dims.group for u in units}), info.dims.kv_heads
@@ -183,8 +185,8 @@ def _analyse(name: str, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, in
     """The slice that stores a change, and whether it is a selection of heads or channels."""
     c = info.coupled(name) if info else None
     group = None
-    if c is not None and c.dim < mask.dim():
-        indices = info.whole_units(name, _slices_along(mask, c.dim))
+    if c is not None and c.stored_dim < mask.dim():
+        indices = info.whole_units(name, _changed_along(mask, c.axis))
         selected, total = _unit_share(info, name, indices)
         axis, fits = c.axis, _allowed(selected, total, max_fraction)
         cheaper_axis, cheaper = _cheapest_slice(mask, c.axis)
@@ -201,16 +203,24 @@ def _analyse(name: str, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, in
         change = TensorChange(name, list(b.shape), int(mask.sum()), b.numel(), False, axis, indices.numel(),
                               indices.numel() * _slice_size(b, axis))
     if b.dtype in _BITS:
-        dim = ("rows", "columns").index(axis)
         real = mask & ~_noise_mask(b, t)
-        if b.dim() > dim:  # slices that changed, but only by noise
-            change.noise = int(_slices_along(mask, dim).numel() - _slices_along(real, dim).numel())
+        if b.dim() > axis_dim(axis):  # slices that changed, but only by noise
+            change.noise = int(_changed_along(mask, axis).numel() - _changed_along(real, axis).numel())
     return change, axis, indices, group
 
 
 def _slice_size(tensor: torch.Tensor, axis: str) -> int:
-    """Elements in one row (or column) of ``tensor``."""
-    return tensor.numel() // max(1, tensor.shape[("rows", "columns").index(axis)])
+    """Elements in one row (or column; of one expert for an expert axis) of ``tensor``."""
+    return math.prod(slice_shape(tuple(tensor.shape), axis, 1))
+
+
+def _changed_along(mask: torch.Tensor, axis: str) -> torch.Tensor:
+    """The indices of ``axis`` (FORMAT §4.1, expert axes included) whose slice holds any True of ``mask``."""
+    if axis not in EXPERT_AXES:
+        return _slices_along(mask, axis_dim(axis))
+    other = tuple(range(2, mask.dim())) if axis == "expert_rows" else (1,)  # what one index's slice spans
+    per_expert = mask.any(dim=other) if other else mask  # [experts, n]: index e * n + k
+    return per_expert.reshape(-1).nonzero().reshape(-1)
 
 
 def _aligned(info: ModelInfo, name: str, indices: torch.Tensor) -> bool:
@@ -273,7 +283,7 @@ def extract_s2ft(base, tuned, *, base_name: str, allow_dense: bool = False, max_
             raise S2RegError(f"{name}: a {b.dtype} tensor changed; only float tensors can hold deltas")
         change, axis, indices, group = _analyse(name, b, t, mask, info, max_fraction)
         report.changes.append(change)
-        slices[name] = (axis, indices, t.index_select(("rows", "columns").index(axis), indices.long()))
+        slices[name] = (axis, indices, take(as_array(t), axis, indices))
         if group:
             group_sizes[name] = group
     if not slices:

@@ -25,6 +25,8 @@ import torch
 from ..arch import CHANNEL_ROLES, ModelInfo, resolve_source
 from ..errors import S2RegError, ShapeError
 from ..format import Adapter, S2FTTarget
+from ..format.arrays import as_array, to_torch
+from ..format.s2ft import axis_dim, axis_length, gather
 from ..records import RECORD_VERSION, RecordError, checked, read_record
 from ..tensors.reader import PERMUTATION_NAME
 
@@ -139,7 +141,7 @@ class Permutation:
         return self
 
     def index_of(self, info: ModelInfo):
-        """``name -> (dim, gather index) | None``: this permutation for a permuted view of a tensor source."""
+        """``name -> (FORMAT axis, gather index) | None``: this permutation for a permuted view of a tensor source."""
         def index(name: str) -> tuple[int, torch.Tensor] | None:
             c = info.coupled(name)
             return info.permute_index(name, self.layers.get(c.layer)) if c else None
@@ -201,14 +203,15 @@ def selection_of(adapter: Adapter, info: ModelInfo) -> Selection:
         c = info.coupled(name)
         if c is None or c.follower or not isinstance(target, S2FTTarget):
             continue
-        for role, units in info.units_of(name, target.indices).items():
-            if role in ("q", "o"):
-                heads.setdefault(c.layer, set()).update(units)
-            elif role in ("k", "v"):
-                g = info.dims.group
-                heads.setdefault(c.layer, set()).update(h for kv in units for h in range(kv * g, (kv + 1) * g))
-            elif role in CHANNEL_ROLES:
-                channels.setdefault(c.layer, {}).setdefault(c.expert, set()).update(units)
+        for expert, touched in info.expert_units(name, target.indices).items():
+            for role, units in touched.items():
+                if role in ("q", "o"):
+                    heads.setdefault(c.layer, set()).update(units)
+                elif role in ("k", "v"):
+                    g = info.dims.group
+                    heads.setdefault(c.layer, set()).update(h for kv in units for h in range(kv * g, (kv + 1) * g))
+                elif role in CHANNEL_ROLES:
+                    channels.setdefault(c.layer, {}).setdefault(expert, set()).update(units)
     return heads, channels
 
 
@@ -217,10 +220,11 @@ def permute_tensor(name: str, tensor: torch.Tensor, permutation: Permutation, in
     found = permutation.index_of(info)(name)
     if found is None:
         return tensor
-    dim, index = found
-    if tensor.shape[dim] != index.numel():
-        raise ShapeError(f"{name}: dimension {dim} is {tensor.shape[dim]}, the permutation covers {index.numel()}")
-    return tensor.index_select(dim, index)
+    axis, index = found
+    if axis_length(tuple(tensor.shape), axis) != index.numel():
+        raise ShapeError(f"{name}: its {axis} are {axis_length(tuple(tensor.shape), axis)}, the permutation covers "
+                         f"{index.numel()}")
+    return to_torch(gather(as_array(tensor), axis, index))
 
 
 def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation, info: ModelInfo) -> S2FTTarget:
@@ -228,9 +232,9 @@ def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation,
     found = permutation.index_of(info)(name)
     if found is None:
         return target
-    dim, index = found
-    if target.indices.size and dim != ("rows", "columns").index(target.axis):
-        raise S2RegError(f"{name}: a {target.axis} slice cannot be permuted along dimension {dim}")
+    axis, index = found
+    if target.indices.size and axis != target.axis:
+        raise S2RegError(f"{name}: a {target.axis} slice cannot be permuted along {axis}")
     index = index.numpy()
     position = np.empty_like(index)
     position[index] = np.arange(index.size)
@@ -238,7 +242,7 @@ def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation,
     order = np.argsort(moved, kind="stable")
     positions = np.empty_like(order)
     positions[order] = np.arange(order.size)
-    return target.reordered(moved[order], positions, np.take(target.delta, order, axis=dim))
+    return target.reordered(moved[order], positions, np.take(target.delta, order, axis=axis_dim(axis)))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from typing import Any
 from ..format import Adapter, S2FTTarget
 from ..format.digest import sha256_bytes
 from ..fsatomic import write_file
-from ..records import AXES, RECORD_VERSION, checked, int_list, read_record, require, to_bytes
+from ..format.s2ft import AXES as S2FT_AXES
+from ..records import RECORD_VERSION, checked, int_list, read_record, require, to_bytes
 
 LEDGER_NAME = "s2reg-merged.json"
 
@@ -44,7 +45,7 @@ class Support:
     def from_json(cls, data: Any) -> Support:
         if data == "dense":
             return cls(None)
-        require(isinstance(data, dict) and data.get("axis") in AXES, "a support is \"dense\" or {axis, indices}")
+        require(isinstance(data, dict) and data.get("axis") in S2FT_AXES, "a support is \"dense\" or {axis, indices}")
         return cls(data["axis"], int_list(data.get("indices"), "support indices"))
 
     @classmethod

@@ -23,7 +23,7 @@ from ..errors import (
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.arrays import as_array, to_torch
 from ..format.digest import tensor_sha256
-from ..format.s2ft import put, take
+from ..format.s2ft import EXPERT_AXES, put, take
 from ..tensors import CheckpointSource, PermutedView, TensorSource
 from ..tensors.reader import PERMUTATION_NAME
 from .ledger import Ledger, adapter_identity
@@ -133,6 +133,8 @@ class Plan:
         """The slice the operation changes in the checkpoint's coordinates, or None for the whole tensor."""
         targets = self.touched[name]
         if not all(isinstance(t, S2FTTarget) for t in targets) or len({t.axis for t in targets}) != 1:
+            return None
+        if targets[0].axis in EXPERT_AXES:  # byte patches are rows or columns: a stacked tensor is rewritten whole
             return None
         if self.permutation:
             from ..ops.permute import permute_s2ft_target

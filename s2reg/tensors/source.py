@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..format.digest import tensor_sha256
+from ..format.arrays import as_array, to_torch
+from ..format.s2ft import gather
 from .reader import CheckpointSource, check_rows
 from .memory import Closeable, MemorySource
 from .torch_bin import TorchBinSource, holds_torch_bin
 
 # name -> (stored dim, gather index) that puts a tensor into the view's order, or None to pass it through
-IndexOf = Callable[[str], "tuple[int, Any] | None"]
+IndexOf = Callable[[str], "tuple[str, Any] | None"]  # (FORMAT §4.1 axis, gather index)
 
 
 class TensorSource(Protocol):
@@ -55,9 +57,9 @@ class TensorSource(Protocol):
 
 
 class PermutedView(Closeable):
-    """``source`` with some tensors reordered along one dim: a co-permuted checkpoint seen in another order.
+    """``source`` with some tensors reordered along one axis: a co-permuted checkpoint seen in another order.
 
-    ``index_of(name)`` says how: ``(dim, index)`` gathers ``index`` along ``dim`` (what
+    ``index_of(name)`` says how: ``(axis, index)`` gathers ``index`` along a FORMAT §4.1 axis (what
     ``ModelInfo.permute_index`` gives for a layer permutation), ``None`` leaves the tensor as stored.
     Shapes and dtypes never change. The view does not own ``source``: closing it closes nothing.
     """
@@ -86,10 +88,8 @@ class PermutedView(Closeable):
         reorder = self._index_of(name)
         if reorder is None:
             return tensor
-        import torch
-
-        dim, index = reorder
-        return tensor.index_select(dim, index.to(torch.int64)).contiguous()
+        axis, index = reorder
+        return to_torch(gather(as_array(tensor), axis, index))
 
     def get_rows(self, name: str, start: int, stop: int) -> Any:
         if self._index_of(name) is None:

@@ -9,6 +9,8 @@ from torch import nn
 
 from ..errors import S2RegError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
+from ..format.arrays import as_array, to_torch
+from ..format.s2ft import put
 from ..ops.permute import Permutation, permute_s2ft_target, read_permutation, to_original
 from .layout import placements, stored_name
 from .pisa import layer as pisa_layer
@@ -70,8 +72,9 @@ def _trained_slices(model: nn.Module, prepared: PreparedS2FT, base):
         if base is not None:
             originals[key] = base.get(key)
         else:
-            originals[key] = s.stored_value(model).clone()
-            originals[key].index_copy_(0 if s.axis == "rows" else 1, s.indices.to(originals[key].device), original)
+            stored = as_array(s.stored_value(model)).copy()
+            put(stored, s.axis, as_array(s.indices), as_array(original))
+            originals[key] = to_torch(stored)
         slices[key] = (s.axis, s.indices.cpu(), tuned.to(originals[key].dtype).cpu())
     return originals, slices
 

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..format.arrays import as_array, to_torch
+from ..format.s2ft import take
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -37,15 +40,9 @@ class Placement:
         return self._markers()[self._name] if self.converted else None
 
     def slice_positions(self, axis: str, indices: torch.Tensor) -> torch.Tensor:
-        """Flat positions in the parameter of the checkpoint slice ``axis`` / ``indices``."""
-        dim = 0 if axis == "rows" else 1
-        if self.converted:
-            return self.positions.index_select(dim, indices.long()).long()
-        strides = torch.tensor(torch.empty(self.shape, device="meta").stride())
-        grid = [torch.arange(n) for n in self.shape]
-        grid[dim] = indices.long()
-        mesh = torch.meshgrid(*grid, indexing="ij")
-        return sum(m * s for m, s in zip(mesh, strides.tolist(), strict=True))
+        """Flat positions in the parameter of the checkpoint slice ``axis`` / ``indices`` (any FORMAT §4.1 axis)."""
+        everywhere = self.positions if self.converted else torch.arange(torch.Size(self.shape).numel()).reshape(self.shape)
+        return to_torch(take(as_array(everywhere), axis, indices)).long()
 
     def stored_value(self, model: nn.Module) -> torch.Tensor:
         """The checkpoint tensor's current values, read from the model in memory."""

@@ -26,15 +26,28 @@ HERE = Path(__file__).resolve().parent
 DOWN = "model.layers.0.mlp.down_proj.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"
 UP = "model.layers.1.mlp.up_proj.weight"
+GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"  # stacked experts (FORMAT §4.5): [experts, in, out]
+EXPERT_DOWN = "model.layers.0.mlp.experts.down_proj"
 
 BASE = {
     DOWN: np.arange(1, 25, dtype=np.float64).reshape(4, 6) / 8,
     Q: -np.arange(1, 17, dtype=np.float64).reshape(4, 4) / 4,
     UP: np.arange(1, 31, dtype=np.float64).reshape(5, 6) / 16,
+    GATE_UP: np.arange(1, 73, dtype=np.float64).reshape(3, 4, 6) / 32,
+    EXPERT_DOWN: -np.arange(1, 37, dtype=np.float64).reshape(3, 3, 4) / 16,
 }
 S2FT_SLICES = {  # name -> (axis, indices, delta slice), dtype of the base: BF16
     DOWN: ("columns", [1, 4], np.array([[0.5, -0.25], [0.125, 1.0], [-2.0, 0.75], [0.25, -0.5]])),
     Q: ("rows", [2, 3], np.array([[1.0, 0.5, -0.25, 2.0], [-1.0, 0.25, 0.5, -0.125]])),
+}
+EXPERT_SLICES = {  # version 3: index e * n + k is row/column k of expert e (FORMAT §4.1)
+    # columns 2, 3 of expert 0, 0, 1 of expert 1, 4, 5 of expert 2 (n = 6)
+    GATE_UP: ("expert_columns", [2, 3, 6, 7, 16, 17],
+              np.array([[0.5, -0.25, 1.0, 0.125, -1.0, 2.0], [0.25, 0.5, -0.5, 0.75, 1.0, -0.125],
+                        [-2.0, 1.0, 0.25, -0.25, 0.5, 0.5], [1.0, -0.75, 0.125, 2.0, -0.5, 0.25]])),
+    # row 1 of expert 0, row 2 of expert 1, row 0 of expert 2 (n = 3)
+    EXPERT_DOWN: ("expert_rows", [1, 5, 6], np.array([[0.5, 1.0, -0.25, 0.125], [-1.0, 0.25, 0.75, -0.5],
+                                                     [2.0, -0.125, 0.5, 1.0]])),
 }
 PISA_BLOCK = (2, 4)  # UP is 5 x 6: both sides are cropped (FORMAT §5.3)
 PISA_INDICES = np.array([[0, 4, 5], [1, 2, 5], [0, 3, 5], [2, 3, 4], [1, 4, 5], [0, 1, 3]])  # half-plane 2 x 3
@@ -44,10 +57,15 @@ PISA_SCALE = 0.5
 
 def dense_s2ft(shape, axis, indices, values) -> np.ndarray:
     out = np.zeros(shape)
-    if axis == "rows":
-        out[indices, :] = values
-    else:
-        out[:, indices] = values
+    for j, i in enumerate(indices):
+        if axis == "rows":
+            out[i, :] = values[j]
+        elif axis == "columns":
+            out[:, i] = values[:, j]
+        elif axis == "expert_rows":
+            out[i // shape[1], i % shape[1], :] = values[j]
+        else:
+            out[i // shape[2], :, i % shape[2]] = values[:, j]
     return out
 
 
@@ -80,12 +98,19 @@ def main() -> None:
         {UP: (PISA_BLOCK, torch.tensor(PISA_INDICES), torch.tensor(PISA_VALUES))},
         base_name="s2reg/golden-tiny", scale=PISA_SCALE, params={"note": "golden vector"},
     )
-    vectors = {"s2ft-raw": (s2ft, False), "s2ft-zstd": (s2ft, True), "pisa-zstd": (pisa, True)}
+    experts = S2FTAdapter.from_slices(
+        base, {n: (axis, idx, torch.tensor(d)) for n, (axis, idx, d) in EXPERT_SLICES.items()},
+        base_name="s2reg/golden-tiny", params={"note": "golden vector"},
+    )
+    vectors = {"s2ft-raw": (s2ft, False), "s2ft-zstd": (s2ft, True), "pisa-zstd": (pisa, True),
+               "s2ft-experts-zstd": (experts, True)}
     expected = {}
     for name, (adapter, compress) in vectors.items():
         shutil.rmtree(HERE / name, ignore_errors=True)
         adapter.save(HERE / name, compress=compress)
-        if adapter.kind == "s2ft":
+        if adapter is experts:
+            dense = {n: dense_s2ft(BASE[n].shape, *EXPERT_SLICES[n]).tolist() for n in EXPERT_SLICES}
+        elif adapter.kind == "s2ft":
             dense = {n: dense_s2ft(BASE[n].shape, *S2FT_SLICES[n]).tolist() for n in S2FT_SLICES}
         else:
             dense = {UP: dense_pisa(BASE[UP].shape, PISA_BLOCK, PISA_INDICES, PISA_VALUES, PISA_SCALE).tolist()}

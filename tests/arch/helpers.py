@@ -8,6 +8,7 @@ import torch
 
 from s2reg.arch import CHANNEL_ROLES, HEAD_ROLES, ModelInfo, resolve_source
 from s2reg.format import S2FTAdapter
+from s2reg.format.s2ft import slice_shape
 from s2reg.ops.permute import LayerPermutation, Permutation
 from s2reg.tensors import open_source
 
@@ -26,19 +27,22 @@ def selection_adapter(directory: Path, heads=(1,), channels=(2, 5), layers=None,
     g = torch.Generator().manual_seed(seed)
     with open_source(directory) as source:
         info = resolve_source(source)
-        slices, groups = {}, {}
+        indices, groups = {}, {}
         for layer in layers if layers is not None else range(info.dims.layers):
             for role in info.roles:
                 for expert in info.experts(layer) if role in CHANNEL_ROLES else [None]:
                     for name in info.tensors(role, layer, expert):
                         c = info.coupled(name)
-                        index = torch.unique(torch.cat([info.unit_indices(name, r, units_for(info, r, heads, channels))
-                                                        for r in c.roles]))
-                        shape = list(source.shape(name))
-                        shape[c.dim] = index.numel()
-                        slices[name] = (c.axis, index, torch.randn(*shape, generator=g) * scale)
+                        of = expert if c.stacked else None  # a stacked tensor holds every expert's channels
+                        indices.setdefault(name, []).extend(
+                            info.unit_indices(name, r, units_for(info, r, heads, channels), of) for r in c.roles)
                         if set(c.roles) <= set(HEAD_ROLES):
                             groups[name] = info.dims.head_dim
+        slices = {}
+        for name, parts in indices.items():
+            axis, index = info.coupled(name).axis, torch.unique(torch.cat(parts))
+            shape = slice_shape(tuple(source.shape(name)), axis, index.numel())
+            slices[name] = (axis, index, torch.randn(*shape, generator=g) * scale)
         return S2FTAdapter.from_slices(source, slices, base_name="zoo", group_sizes=groups)
 
 

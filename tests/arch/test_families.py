@@ -73,7 +73,10 @@ def test_description_fits_the_tiny_model(name, zoo_checkpoint):
         if c is None:
             continue
         counts = {r: info.unit_count(tensor, r) for r in c.roles}
-        assert sum(info.unit_indices(tensor, r, range(n)).numel() for r, n in counts.items()) == shape[c.dim], tensor
+        for expert in info.stacked_experts(tensor) or [None]:  # a stacked tensor: every expert's units, in its range
+            index = torch.cat([info.unit_indices(tensor, r, range(n), expert) for r, n in counts.items()])
+            first = int(expert or 0) * shape[c.stored_dim]
+            assert sorted(index.tolist()) == list(range(first, first + shape[c.stored_dim])), tensor
         for role, n in counts.items():
             if role in ("q", "o"):
                 assert n == dims.heads
@@ -91,8 +94,11 @@ def test_a_random_co_permutation_from_the_description_keeps_logits(name, zoo_che
     coupled = {n for n in original if info.coupled(n) is not None}
     # biases, norms and sinks start as zeros/ones: make them distinct per unit, or a per-head norm that the
     # description forgot would not show in the logits
-    base = {n: (t + 0.1 * torch.randn(t.shape, generator=g) if t.dim() == 1 and t.is_floating_point() else t)
-            for n, t in original.items()}
+    def follower(n: str) -> bool:  # gpt-oss gate_up_proj_bias is [experts, 2 * intermediate]
+        return info.coupled(n) is not None and info.coupled(n).follower
+
+    base = {n: (t + 0.1 * torch.randn(t.shape, generator=g) if (t.dim() == 1 or follower(n)) and t.is_floating_point()
+                else t) for n, t in original.items()}
     perm = random_permutation(info, seed=len(name))
     permuted = {n: permute_tensor(n, t, perm, info) for n, t in base.items()}
     assert {n for n in base if not torch.equal(permuted[n], base[n])} == coupled

@@ -42,6 +42,20 @@ def test_inspect_with_the_base_shows_heads_and_channels(name, tensor, units, exp
     assert f"{prefix}{role} {kind} {','.join(map(str, picked))} of" in table
 
 
+def test_inspect_shows_the_channels_of_each_expert_of_a_stacked_tensor(zoo_checkpoint, tmp_path, monkeypatch):
+    """gpt-oss: one target per stacked tensor (FORMAT §4.5) reads as channels per expert, one row per expert."""
+    monkeypatch.setattr(render.console, "_width", 250)
+    base = zoo_checkpoint("gpt_oss")
+    selection_adapter(base, heads=(2,), channels=(2, 5), layers=[1]).save(tmp_path / "a")
+    rows = json.loads(inspect(tmp_path / "a", "--base", base, "--json"))["targets"]
+    gate_up = [r for r in rows if r["name"] == "model.layers.1.mlp.experts.gate_up_proj"]
+    assert [r["expert"] for r in gate_up] == ["0", "1", "2", "3"]
+    assert all(r["units"] == {"gate": [2, 5], "up": [2, 5]} and r["axis"] == "expert_columns" for r in gate_up)
+    down = [r for r in rows if r["name"] == "model.layers.1.mlp.experts.down_proj"]
+    assert [(r["expert"], r["units"], r["axis"]) for r in down] == [(e, {"down": [2, 5]}, "expert_rows") for e in "0123"]
+    assert "expert 3: down channels 2,5 of 48" in inspect(tmp_path / "a", "--base", base)
+
+
 def test_inspect_plot_by_head_and_channel(zoo_checkpoint, tmp_path):
     pytest.importorskip("matplotlib")
     base = zoo_checkpoint("phi3")

@@ -141,6 +141,9 @@ BAD = [
     ({"name": 7}, "'name' must be str"),
     ({"bogus": 1}, "unknown key 'bogus'"),
     ({"tensors": {"attn.{head}.wo": {"in": "o"}}}, "the only placeholder is {expert}"),
+    ({"tensors": {"ffn.{expert}.w_out": {"in": "down", "stacked": True}}}, "a 'stacked' tensor holds every expert"),
+    ({"tensors": {"ffn.w_out": {"in": "down", "stacked": "yes"}}}, "'stacked' must be bool"),
+    ({"tensors": {"ffn.bias": {"follows": "down", "stacked": True}}}, "role 'down' cannot sit here"),
 ]
 
 
@@ -183,7 +186,7 @@ def test_every_json_example_in_docs_families_md_is_a_valid_description(tmp_path)
     text = (Path(__file__).resolve().parents[2] / "docs" / "families.md").read_text()
     examples = re.findall(r"```json\n(.+?)\n```", text, flags=re.S)
     full = [e for e in examples if '"format"' in e]
-    assert len(full) == 4  # Phi-3, GPT-2, Mixtral, a user's family
+    assert len(full) == 5  # Phi-3, GPT-2, Mixtral, gpt-oss, a user's family
     builtin = {f.name: f for f in builtin_families()}
     for i, example in enumerate(full):
         (tmp_path / f"{i}.json").write_text(example)

@@ -18,6 +18,8 @@ from s2reg.format.digest import sha256_bytes
 DOWN = "model.layers.0.mlp.down_proj.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"
 UP = "model.layers.1.mlp.up_proj.weight"
+GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"  # stacked experts [experts, in, out] (FORMAT §4.5)
+EXPERT_DOWN = "model.layers.0.mlp.experts.down_proj"
 
 
 def tiny_base(dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:
@@ -40,6 +42,30 @@ def s2ft_adapter(base=None, seed=1, **kwargs) -> S2FTAdapter:
         },
         base_name="tiny",
         group_sizes={Q: 8},
+        **kwargs,
+    )
+
+
+def expert_base(dtype=torch.bfloat16, seed=3) -> dict[str, torch.Tensor]:
+    """Stacked experts as gpt-oss stores them: 3 experts, hidden 8, 2 x 5 interleaved gate/up columns."""
+    g = torch.Generator().manual_seed(seed)
+    base = {GATE_UP: torch.randn(3, 8, 10, generator=g).to(dtype), EXPERT_DOWN: torch.randn(3, 5, 8, generator=g).to(dtype)}
+    for tensor in base.values():
+        tensor.view(-1)[::7] = -0.0  # merge/unmerge must carry signed zeros through restore lists
+    return base
+
+
+def expert_adapter(base=None, seed=4, **kwargs) -> S2FTAdapter:
+    """Channels of single experts (version 3 expert axes): one target per stacked tensor."""
+    base = base if base is not None else expert_base()
+    g = torch.Generator().manual_seed(seed)
+    return S2FTAdapter.from_slices(
+        base,
+        {
+            GATE_UP: ("expert_columns", [2, 3, 10, 11, 28, 29], torch.randn(8, 6, generator=g) * 0.05),
+            EXPERT_DOWN: ("expert_rows", [1, 5, 14], torch.randn(3, 8, generator=g) * 0.05),
+        },
+        base_name="tiny-experts",
         **kwargs,
     )
 

@@ -32,7 +32,7 @@ import s2reg
 from s2reg.errors import S2RegError
 from s2reg.format import codec, manifest, payload
 
-from .helpers import pisa_adapter, s2ft_adapter
+from .helpers import expert_adapter, pisa_adapter, s2ft_adapter
 
 BUDGET_SECONDS = float(os.environ.get("S2REG_FUZZ_SECONDS", "60"))
 SEED = int(os.environ.get("S2REG_FUZZ_SEED", "20261123"))
@@ -44,7 +44,7 @@ DEEP = "@@DEEP@@"
 LITERALS = {BIG: b"9" * 5001, DEEP: b"[" * 1000 + b"]" * 1000}
 HOSTILE_VALUES = [
     0, -1, 1, 3, 7, 2**31, 2**32 + 1, 2**40, 2**63 - 1, 2**63, 2**64, 9 * 10**19, 10**400, True, False, None,
-    "x", "", "F32", "I32", "BF16", "rows", "columns", "zstd-byteplane", "raw", [], {}, [0], [0, 0], [1, 2, 3],
+    "x", "", "F32", "I32", "BF16", "rows", "columns", "expert_rows", "expert_columns", "zstd-byteplane", "raw", [], {}, [0], [0, 0], [1, 2, 3],
     [2**62, 2**62], [24576, 24576], [False, 8], 1.5, -0.0, 1e308, float("nan"), BIG, DEEP, {"k": "v"}, [[[]]],
 ]
 
@@ -70,7 +70,7 @@ def dump_json(obj, **kwargs) -> bytes:
 
 def make_seeds(tmp: Path) -> list[Seed]:
     seeds = []
-    for name, adapter in (("s2ft", s2ft_adapter()), ("pisa", pisa_adapter())):
+    for name, adapter in (("s2ft", s2ft_adapter()), ("pisa", pisa_adapter()), ("experts", expert_adapter())):
         for compress in (False, True):
             stored = adapter.save(tmp / f"{name}-{compress}", compress=compress)
             data = json.loads((stored.path / manifest.MANIFEST_NAME).read_bytes())
@@ -271,7 +271,22 @@ def declared_shape(rng, seed):
     return f"declared {name} axis {axis} = {size}", files_for(seed, data, seed.raw)
 
 
-MUTATORS = [declared_shape, manifest_value, manifest_value, manifest_key, manifest_text, header_field, header_field, payload_bytes,
+def target_axis(rng, seed):
+    """A target re-addressed: another axis (stacked expert axes on any rank), maybe with a rank-3 shape claimed."""
+    data = json.loads(json.dumps(seed.manifest))
+    name = rng.choice(sorted(data["targets"]))
+    target = data["targets"][name]
+    target["axis"] = rng.choice(["rows", "columns", "expert_rows", "expert_columns"])
+    if rng.random() < 0.5:
+        shape = rng.choice([[1, *target["shape"]], [2**40, 1, 1], [3, 2**31, 2**31], target["shape"][::-1]])
+        for where in (target, data["base"]["fingerprints"][name]):
+            where["shape"] = list(shape)
+    if rng.random() < 0.3:
+        data["format_version"] = rng.choice([1, 2, 3])
+    return f"{name} axis {target['axis']} shape {target['shape']}", files_for(seed, data, seed.raw)
+
+
+MUTATORS = [declared_shape, target_axis, manifest_value, manifest_value, manifest_key, manifest_text, header_field, header_field, payload_bytes,
             payload_bytes, lengths, blob_bytes, frames, both_payloads]
 
 

@@ -17,7 +17,8 @@ import s2reg
 from s2reg.errors import FormatError, UnsupportedVersion
 from s2reg.format import UnknownKeyWarning, manifest
 
-from .helpers import DOWN, forge, parts, pisa_adapter, s2ft_adapter, signed_zero_adapter
+from .helpers import (DOWN, EXPERT_DOWN, GATE_UP, expert_adapter, expert_base, forge, parts, pisa_adapter, s2ft_adapter,
+                      signed_zero_adapter)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "spec" / "manifest.schema.json").read_text())
@@ -186,9 +187,65 @@ def test_an_old_reader_refuses_restore_lists_and_never_merges_without_them(tmp_p
     monkeypatch.undo()
     data, tensors = parts(signed_zero_adapter())
     data["format_version"] = 1
-    with pytest.raises(FormatError, match="restore lists need format_version 2"):
+    with pytest.raises(FormatError, match="need format_version 2"):
         s2reg.load(forge(tmp_path / "v1", data, tensors))
     for entry in data["targets"].values():  # what a version-1 writer's manifest would say: no restore field
         entry.pop("restore", None)
     with pytest.raises(FormatError, match="unexpected .*restore"):
         s2reg.load(forge(tmp_path / "old", data, tensors))
+
+
+# -- stacked experts (FORMAT §4.1 expert axes, §4.5; version 3) ----------------------------------------------
+def test_expert_axes_address_one_expert_s_rows_and_columns_and_merge_exactly(tmp_path):
+    """Index e * n + k is row/column k of expert e; merge and unmerge are bit-exact, signed zeros included."""
+    base = expert_base()
+    adapter = expert_adapter(base)
+    adapter.save(tmp_path / "a")
+    loaded = s2reg.load(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "s2reg.json").read_text())["format_version"] == 3
+    up, down = loaded.targets[GATE_UP], loaded.targets[EXPERT_DOWN]
+    assert list(up.delta.shape) == [8, 6] and list(down.delta.shape) == [3, 8]
+    dense = up.to_dense()
+    for j, (expert, column) in enumerate([(0, 2), (0, 3), (1, 0), (1, 1), (2, 8), (2, 9)]):
+        assert torch.equal(dense[expert, :, column], up.delta[:, j])
+    assert int((dense != 0).any(1).sum()) == 6  # nothing else is touched
+    dense = down.to_dense()
+    for j, (expert, row) in enumerate([(0, 1), (1, 0), (2, 4)]):
+        assert torch.equal(dense[expert, row], down.delta[j])
+    assert any(t.restore is not None for t in loaded.targets.values())  # the base holds -0.0 every 7th element
+    for name, target in loaded.targets.items():
+        merged = target.merged(base[name])
+        expected = base[name].double() + target.to_dense().double()
+        changed = target.to_dense() != 0
+        assert torch.equal(merged.double()[changed], expected.to(base[name].dtype).double()[changed])
+        assert torch.equal(target.merged(merged, subtract=True).view(torch.int16), base[name].view(torch.int16))
+
+
+def test_an_old_reader_refuses_expert_axes(tmp_path, monkeypatch):
+    """FORMAT §3.6: a version-2 reader stops at the version; a version-2 manifest with an expert axis is refused."""
+    expert_adapter().save(tmp_path / "a", compress=False)
+    monkeypatch.setattr(manifest, "FORMAT_VERSION", 2)
+    with pytest.raises(UnsupportedVersion, match="format_version 3 but this s2reg reads up to 2; upgrade s2reg"):
+        s2reg.load(tmp_path / "a")
+    monkeypatch.undo()
+    data, tensors = parts(expert_adapter())
+    data["format_version"] = 2
+    with pytest.raises(FormatError, match="need format_version 3"):
+        s2reg.load(forge(tmp_path / "v2", data, tensors))
+
+
+@pytest.mark.parametrize("forgery, message", [
+    (lambda d, t: t.__setitem__(f"{GATE_UP}.indices", torch.tensor([2, 3, 10, 11, 28, 30], dtype=torch.int32)),
+     "index 30 out of range for expert_columns of length 30"),
+    (lambda d, t: d["targets"][EXPERT_DOWN].update(axis="expert_columns"), "delta shape"),
+    (lambda d, t: [x.update(shape=[15, 8]) for x in (d["targets"][EXPERT_DOWN], d["base"]["fingerprints"][EXPERT_DOWN])],
+     "needs a rank-2 or 3 tensor|delta shape"),
+    (lambda d, t: [x.update(shape=[24, 10]) for x in (d["targets"][GATE_UP], d["base"]["fingerprints"][GATE_UP])],
+     "axis 'expert_columns' needs a rank-3 tensor"),
+    (lambda d, t: d["targets"][GATE_UP].update(group_size=4), "group_size 4 does not divide the expert_columns length 10"),
+])
+def test_forged_expert_targets_are_refused(tmp_path, forgery, message):
+    data, tensors = parts(expert_adapter())
+    forgery(data, tensors)
+    with pytest.raises(s2reg.S2RegError, match=message):
+        s2reg.load(forge(tmp_path / "forged", data, tensors))

@@ -50,8 +50,8 @@ def test_memory_source_hands_out_copies(tensors):
 def test_permuted_view_gathers_only_the_tensors_it_is_told_to(tensors):
     rows = torch.tensor([2, 0, 1])
     memory = MemorySource(tensors)
-    view = PermutedView(memory, lambda name: (0, rows) if name == "b.weight" else (1, torch.tensor([3, 2, 1, 0]))
-                        if name == "a.weight" else None)
+    view = PermutedView(memory, lambda name: ("rows", rows) if name == "b.weight"
+                        else ("columns", torch.tensor([3, 2, 1, 0])) if name == "a.weight" else None)
     expected_b = tensors["b.weight"][rows]
     expected_a = tensors["a.weight"][:, [3, 2, 1, 0]]
     assert torch.equal(view.get("b.weight"), expected_b) and torch.equal(view.get("a.weight"), expected_a)

@@ -116,13 +116,22 @@ def test_roles_a_family_lacks_are_refused_in_one_line():
     with pytest.raises(S2RegError, match="no 'o' projection") as info:
         prepare_s2ft(deepseek, S2FTConfig(heads=1, channels=2))
     assert "\n" not in str(info.value)
-    gpt_oss = zoo.build_model(zoo.SPECIES["gpt_oss"])
-    with pytest.raises(S2RegError, match="no 'down' projection.*fused in 3-D"):
-        prepare_s2ft(gpt_oss, S2FTConfig(heads=1, channels=2))
-    assert {r for s in prepare_s2ft(gpt_oss, S2FTConfig(heads=1, channels=0)).slices.values() for r in s.roles} == {"o"}
     prepared = prepare_s2ft(deepseek, S2FTConfig(heads=0, channels=2, roles=("up", "gate", "down")))
     assert {r for s in prepared.slices.values() for r in s.roles} == {"up", "gate", "down"}
     assert any(".experts." in n for n in prepared.slices) and any(".shared_experts." in n for n in prepared.slices)
+
+
+def test_gpt_oss_trains_channels_of_every_expert_in_its_stacked_down_proj():
+    """gpt-oss keeps its experts stacked in memory as on disk: one trained slice per stacked tensor, on an expert
+    axis (FORMAT §4.5), covering the selected channels of every expert."""
+    gpt_oss = zoo.build_model(zoo.SPECIES["gpt_oss"])
+    prepared = prepare_s2ft(gpt_oss, S2FTConfig(heads=1, channels=2, layers=[0]))
+    down = prepared.slices["model.layers.0.mlp.experts.down_proj"]
+    assert {r for s in prepared.slices.values() for r in s.roles} == {"o", "down"}
+    assert down.axis == "expert_rows" and down.shape == (8, 64)  # 2 channels x 4 experts, hidden 64
+    intermediate = gpt_oss.config.intermediate_size
+    chosen = prepared.selection[0]["channels"]
+    assert down.indices.tolist() == sorted(int(e) * intermediate + k for e, ks in chosen.items() for k in ks)
 
 
 @pytest.mark.parametrize(("name", "targets", "modules"), [

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...errors import S2RegError
+from ...format.s2ft import axis_length, slice_shape
 from ..layout import Placement
 from ..matmul import matmul_kind
 from ..select import select
@@ -41,9 +42,7 @@ class TrainedSlice:
     @property
     def shape(self) -> tuple[int, ...]:
         """The slice's shape on the stored tensor."""
-        shape = list(self.placement.shape)
-        shape[0 if self.axis == "rows" else 1] = self.indices.numel()
-        return tuple(shape)
+        return slice_shape(self.placement.shape, self.axis, self.indices.numel())
 
     def stored_value(self, model: nn.Module) -> torch.Tensor:
         return self.placement.stored_value(model)
@@ -72,18 +71,18 @@ def _roles(config: S2FTConfig, mapping: ModelMap) -> tuple[str, ...]:
         mapping.info.require_roles([r for r in (config.roles or ("o",)) if r in HEAD_ROLES] or ["o"])
     if config.roles is None:  # the paper's output side of what was asked for
         if config.channels:
-            mapping.info.require_roles(["down"])  # e.g. gpt-oss: experts not sliceable; ask for --channels 0
+            mapping.info.require_roles(["down"])  # a family without it says why (its no_roles_reason)
         return (("o",) if config.heads else ()) + (("down",) if config.channels else ())
     mapping.info.require_roles(config.roles)
     return tuple(config.roles)
 
 
-def _units(role: str, c: Coupled, chosen: dict, mapping: ModelMap) -> list[int]:
+def _units(role: str, expert: str | None, chosen: dict, mapping: ModelMap) -> list[int]:
     if role in HEAD_ROLES:
         heads = chosen.get("heads") or []
         return heads_to_kv(heads, mapping) if role in ("k", "v") else list(heads)
     channels = chosen.get("channels") or []
-    return list(channels.get(c.expert, [])) if isinstance(channels, dict) else list(channels)
+    return list(channels.get(expert, [])) if isinstance(channels, dict) else list(channels)
 
 
 def _group_size(c: Coupled, roles: set[str], indices: torch.Tensor, mapping: ModelMap) -> int | None:
@@ -91,7 +90,7 @@ def _group_size(c: Coupled, roles: set[str], indices: torch.Tensor, mapping: Mod
     hd = mapping.info.dims.head_dim
     if not roles or not roles <= set(HEAD_ROLES) or not hd:
         return None
-    length = c.placement.shape[0 if c.axis == "rows" else 1]
+    length = axis_length(c.placement.shape, c.axis)
     ids = set(indices.tolist())
     whole = length % hd == 0 and all(g * hd + j in ids for g in {i // hd for i in ids} for j in range(hd))
     return hd if whole else None
@@ -106,11 +105,11 @@ def _wanted(mapping: ModelMap, layers: list[int], roles: tuple[str, ...], select
     for layer in layers:
         experts = dict.fromkeys([None, *mapping.info.experts(layer)])  # attention (None) and every FFN expert
         for role in roles:
-            for c in (c for e in experts for c in mapping.tensors(role, layer, e)):
-                units = _units(role, c, selection[layer], mapping)
+            for e, c in ((e, c) for e in experts for c in mapping.tensors(role, layer, e)):
+                units = _units(role, e, selection[layer], mapping)
                 if not units:
                     continue
-                indices = mapping.info.unit_indices(c.name, role, units).long()
+                indices = mapping.info.unit_indices(c.name, role, units, e).long()  # a stacked tensor: e's units
                 _, had_roles, had = wanted.get(c.name, (c, set(), torch.empty(0, dtype=torch.long)))
                 wanted[c.name] = (c, had_roles | {role}, torch.cat([had, indices]).unique(sorted=True))
     return wanted
