@@ -165,7 +165,8 @@ def prepare(model, method: Method, budget: int, seed: int, calibration):
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names, lora_dropout=0.0))
     elif method.kind == "fourierft":
         model = get_peft_model(model, FourierFTConfig(n_frequency=budget // (2 * layers), target_modules=["q_proj", "v_proj"],
-                                                      random_loc_seed=seed, scaling=float(o.get("scaling", 150.0))))
+                                                      random_loc_seed=seed, scaling=float(o.get("scaling", 150.0)),
+                                                      init_weights=o.get("init", "random") == "zero"))
     elif method.kind != "full":
         raise SystemExit(f"unknown method {method.name}")
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -270,10 +271,9 @@ class Bench:
 
             calibration = [collate(examples[i:i + BATCH], self.tokenizer.pad_token_id) for i in range(0, 32, BATCH)]
         torch.manual_seed(seed)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()} if method.kind in PEFT_KINDS else {}
         model, trainable = prepare(model, method, budget, seed, calibration)
         lr = default_lr(method)
-        before = ({n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
-                  if hasattr(model, "merge_and_unload") else {})
         started = time.perf_counter()
         result = train(model, examples, TrainConfig(max_steps=steps, epochs=100, batch_size=BATCH, lr=lr, seed=seed),
                        pad_id=self.tokenizer.pad_token_id)
@@ -292,13 +292,14 @@ class Bench:
         return record
 
 
+PEFT_KINDS = ("lora", "fourierft")
+
+
 def relative_change(model, before: dict[str, torch.Tensor]) -> float:
     """||W' - W|| / ||W|| over the weights a PEFT adapter changed (merged), as the trainer reports for its own."""
     num = den = 0.0
     for name, p in model.named_parameters():
-        old = before.get(name) if name in before else before.get(name.replace("base_model.model.", ""))
-        if old is None or old.shape != p.shape:
-            continue
+        old = before[name]
         diff = float((p.detach() - old).double().pow(2).sum())
         if diff:
             num += diff
@@ -313,13 +314,13 @@ def spread(values: list[float]) -> float:
 
 
 def table(records: list[dict]) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    methods = list(dict.fromkeys((r["method"], r["lr"]) for r in records))  # a default lr may have changed
     tasks = list(dict.fromkeys(r["task"] for r in records))
     lines = ["| method | trainable | lr | " + " | ".join(f"{t} acc % | {t} prose rise | {t} base agree %" for t in tasks) +
              " | seeds |", "|---|---:|---:|" + "---:|---:|---:|" * len(tasks) + "---:|"]
     for m in methods:
-        mine = [r for r in records if r["method"] == m]
-        cells = [m, f"{mine[0]['trainable']:,}", f"{mine[0]['lr']:g}"]
+        mine = [r for r in records if (r["method"], r["lr"]) == m]
+        cells = [m[0], f"{mine[0]['trainable']:,}", f"{mine[0]['lr']:g}"]
         seeds = set()
         for t in tasks:
             rs = [r for r in mine if r["task"] == t]
@@ -362,14 +363,15 @@ def main() -> None:
     bench = Bench(args.quick, args.out.with_suffix(".base.json"))
     budget = args.budget or BUDGET
     done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
-    have = {(r["method"], r["task"], r["seed"], r["steps"]) for r in done}
+    have = {(r["method"], r["lr"], r["task"], r["seed"], r["steps"]) for r in done}
     print(f"base: prose NLL {bench.base_prose:.3f}, accuracy {bench.base_accuracy}", flush=True)
     for seed in args.seeds:  # every method on seed 0 first: a run cut short still compares them all
         for task in args.tasks:
             for name in args.methods:
-                if (name, task, seed, args.steps) in have:
+                method = Method.parse(name)
+                if (name, default_lr(method), task, seed, args.steps) in have:
                     continue
-                record = bench.run(Method.parse(name), task, seed, args.steps, budget)
+                record = bench.run(method, task, seed, args.steps, budget)
                 done.append(record)
                 with jsonl.open("a") as f:
                     f.write(json.dumps(record) + "\n")
