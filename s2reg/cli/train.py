@@ -60,8 +60,8 @@ def _distributed() -> tuple[int, int]:
 @click.option("--eval-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Hold out this share of the data and report its loss before and after.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (state kept beside OUTPUT).")
-@click.option("--channels", type=click.IntRange(min=0), help="s2ft: FFN channels per layer [default: 32].")
-@click.option("--heads", type=click.IntRange(min=0), help="s2ft: attention heads per layer [default: 0].")
+@click.option("--channels", type=click.IntRange(min=0), help=f"s2ft: FFN channels per layer [default: {S2FTConfig.channels}].")
+@click.option("--heads", type=click.IntRange(min=0), help=f"s2ft: attention heads per layer [default: {S2FTConfig.heads}].")
 @click.option("--budget", type=click.IntRange(min=1),
               help="s2ft: choose --channels and --heads (in --roles) for at most this many trainable parameters.")
 @click.option("--roles", help="s2ft: projections to train, among the family's q,k,v,o,up,gate,down "
@@ -101,8 +101,8 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
     check_free(output, overwrite=overwrite or resume)
     rank, world = _distributed()
     if method == "s2ft":
-        method_config = S2FTConfig(channels=32 if channels is None else channels, heads=heads or 0, strategy=strategy, order=order, seed=seed,
-                                   exclude=list(exclude),
+        sizes = {k: v for k, v in (("channels", channels), ("heads", heads)) if v is not None}
+        method_config = S2FTConfig(**sizes, strategy=strategy, order=order, seed=seed, exclude=list(exclude),
                                    roles=tuple(r.strip() for r in roles.split(",") if r.strip()) if roles else None)
     else:
         method_config = PISAConfig(block=block, coefficients=coefficients, seed=seed,

@@ -23,8 +23,9 @@ from s2reg.train.loop import TrainConfig
 from s2reg.train.pisa.config import PISAConfig
 from s2reg.train.session import default_lr, run_training
 
-PROSE_RISE_BOUND = 0.005  # nats; the old PISA convention reaches 0.013 here, S2FT at lr 1e-2 0.026
-LEARNT = {"s2ft": 0.2, "pisa": 0.005}  # how far the task's held-out loss must fall in the short run (nats)
+# nats. Measured here: S2FT +0.004, PISA -0.0001 at the defaults; the old PISA convention +0.54.
+PROSE_RISE_BOUND = 0.02
+LEARNT = {"s2ft": 0.5, "pisa": 0.005}  # how far the task's held-out loss must fall (measured: 1.79 and 0.015 nats)
 VOCAB = 256
 
 
@@ -83,7 +84,6 @@ def short_run(base, method, **options):
 @pytest.mark.parametrize("method", ["s2ft", "pisa"])
 def test_defaults_learn_the_task_without_wrecking_the_base(base, method):
     result, prose_rise = short_run(base, method)
-    print(method, result.eval_loss_before, result.eval_loss_after, prose_rise, result.largest_step_change)
     assert result.eval_loss_after < result.eval_loss_before - LEARNT[method]
     assert prose_rise <= PROSE_RISE_BOUND
     assert result.large_steps == 0
@@ -91,5 +91,4 @@ def test_defaults_learn_the_task_without_wrecking_the_base(base, method):
 
 def test_the_bound_catches_the_old_pisa_convention(base):
     result, prose_rise = short_run(base, "pisa", method_config=PISAConfig(scale=64 * 64 / 100), lr=5e-2)
-    print("legacy", result.eval_loss_before, result.eval_loss_after, prose_rise, result.largest_step_change)
     assert prose_rise > PROSE_RISE_BOUND
