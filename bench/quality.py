@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from s2reg.train.data import Example, tokenize  # noqa: E402
+from s2reg.train.data import tokenize  # noqa: E402
 from s2reg.train.loop import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ from .helpers import tiny_model
 
 
 def self_conjugate(position: int, block: tuple[int, int]) -> bool:
-    bh, bw = block
-    u, v = divmod(position, half_width(block))
+    bw = block[1]
+    v = position % half_width(block)
     return v == 0 or (bw % 2 == 0 and v == bw // 2)
 
 
