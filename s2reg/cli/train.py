@@ -17,6 +17,7 @@ from rich.progress import (
 from ..fsatomic import check_free
 from ..train.loop import TrainConfig
 from ..train.pisa.config import PISAConfig
+from ..train.session import DEFAULT_LR
 from ..train.s2ft.config import STRATEGIES, S2FTConfig
 from . import render
 from .common import AdapterType, json_option, overwrite_option
@@ -47,7 +48,8 @@ def _distributed() -> tuple[int, int]:
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Per process.")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", type=float, help="Learning rate (default: 2e-4 for s2ft, 5e-2 for pisa).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help=f"Learning rate (default: {DEFAULT_LR['s2ft']:g} for s2ft, {DEFAULT_LR['pisa']:g} for pisa; docs/training.md).")
 @click.option("--warmup-steps", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", show_default=True)
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
@@ -58,8 +60,10 @@ def _distributed() -> tuple[int, int]:
 @click.option("--eval-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Hold out this share of the data and report its loss before and after.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (state kept beside OUTPUT).")
-@click.option("--channels", default=32, show_default=True, type=click.IntRange(min=0), help="s2ft: FFN channels per layer.")
-@click.option("--heads", default=0, show_default=True, type=click.IntRange(min=0), help="s2ft: attention heads per layer.")
+@click.option("--channels", type=click.IntRange(min=0), help=f"s2ft: FFN channels per layer [default: {S2FTConfig.channels}].")
+@click.option("--heads", type=click.IntRange(min=0), help=f"s2ft: attention heads per layer [default: {S2FTConfig.heads}].")
+@click.option("--budget", type=click.IntRange(min=1),
+              help="s2ft: choose --channels and --heads (in --roles) for at most this many trainable parameters.")
 @click.option("--roles", help="s2ft: projections to train, among the family's q,k,v,o,up,gate,down "
               "(default: o for heads, down for channels).")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="random", show_default=True, help="s2ft: selection.")
@@ -75,7 +79,7 @@ def _distributed() -> tuple[int, int]:
 @overwrite_option
 @json_option
 def train_command(base, data, method, output, push_ref, epochs, max_steps, batch_size, grad_accum, lr, warmup_steps,
-                  schedule, weight_decay, max_length, dtype, device, seed, eval_fraction, resume, channels, heads, roles,
+                  schedule, weight_decay, max_length, dtype, device, seed, eval_fraction, resume, channels, heads, budget, roles,
                   strategy, order, exclude, block, coefficients, targets, arch_file, overwrite, as_json) -> None:
     """Fine-tune BASE on DATA with S2FT or PISA and write the adapter to OUTPUT.
 
@@ -88,21 +92,23 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
       s2reg train --base ./SmolLM2-135M --data chat.jsonl --method pisa --block 64 --coefficients 32 \\
                   --max-steps 200 --eval-fraction 0.1 -o ./adapter --push chat-pisa:v1
     """
-    from ..train.session import check_device, run_training
+    from ..train.session import check_device, default_lr, run_training
 
+    if budget is not None and (channels is not None or heads is not None):
+        raise click.UsageError("--budget chooses --channels and --heads; give one or the other")
     if device:
         check_device(device)
     check_free(output, overwrite=overwrite or resume)
     rank, world = _distributed()
     if method == "s2ft":
-        method_config = S2FTConfig(channels=channels, heads=heads, strategy=strategy, order=order, seed=seed,
-                                   exclude=list(exclude),
+        sizes = {k: v for k, v in (("channels", channels), ("heads", heads)) if v is not None}
+        method_config = S2FTConfig(**sizes, strategy=strategy, order=order, seed=seed, exclude=list(exclude),
                                    roles=tuple(r.strip() for r in roles.split(",") if r.strip()) if roles else None)
     else:
         method_config = PISAConfig(block=block, coefficients=coefficients, seed=seed,
                                    targets=tuple(t.strip() for t in targets.split(",")) if targets else ())
     train_config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                               lr=lr or (2e-4 if method == "s2ft" else 5e-2), warmup_steps=warmup_steps, schedule=schedule,
+                               lr=lr or default_lr(method), warmup_steps=warmup_steps, schedule=schedule,
                                weight_decay=weight_decay, seed=seed)
     if world > 1 and device is None:
         import torch
@@ -120,13 +126,17 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
 
         run = run_training(base, data, method, method_config=method_config, train_config=train_config,
                            max_length=max_length, dtype=dtype, device=device, eval_fraction=eval_fraction,
-                           state_dir=state_dir, resume=resume, on_step=on_step, arch_file=arch_file)
+                           state_dir=state_dir, resume=resume, on_step=on_step, arch_file=arch_file, budget=budget,
+                           on_warning=lambda message: render.errors.print(f"[yellow]warning[/]: {message}",
+                                                                          highlight=False, soft_wrap=True))
     if rank != 0:
         return
     stored = run.adapter.save(output, overwrite=True)
     summary = {"output": str(output), "method": method, "objective": run.objective.as_json(),
                "trainable_parameters": run.trainable, "device": run.device,
                "digest": stored.digest, "bytes": stored.payload_bytes, **run.result.summary()}
+    if method == "s2ft":
+        summary |= {"channels": run.method_config.channels, "heads": run.method_config.heads}
     if push_ref:
         from ..registry import Store
 
@@ -138,7 +148,12 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
     objective = run.objective.kind + (f" ({len(run.objective.labels)} labels)" if run.objective.labels else "")
     rows = [("method", method), ("objective", objective), ("trainable parameters", f"{run.trainable:,}"), ("steps", run.result.steps),
             ("tokens", f"{run.result.tokens:,}"), ("time", f"{run.result.seconds:.1f} s"),
-            ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")]
+            ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"),
+            ("weight change", f"{run.result.weight_change:.2%} of the trained weights' norm (largest step "
+                              f"{run.result.largest_step_change:.2%})")]
+    if method == "s2ft":
+        rows.insert(3, ("selection", f"{run.method_config.channels} channels, {run.method_config.heads} heads per layer"
+                                     + (f" (budget {budget:,})" if budget else "")))
     if run.result.eval_loss_before is not None:
         rows += [("eval loss before", f"{run.result.eval_loss_before:.4f}"), ("eval loss after", f"{run.result.eval_loss_after:.4f}")]
     rows += [("adapter", f"{output} ({render.human_bytes(stored.payload_bytes)}, {stored.digest[:16]})")]

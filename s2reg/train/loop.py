@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..errors import S2RegError
 from ..fsatomic import building
+from .change import LargeStepWarning, WeightWatch
 from .data import IGNORE, Example, collate
 
 
@@ -68,6 +70,9 @@ class TrainResult:
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
     resumed_from: int = 0
+    weight_change: float = 0.0        # ||W_end - W_start|| / ||W_start|| over the trained targets (change.py)
+    largest_step_change: float = 0.0  # the largest one-step relative change of any target
+    large_steps: int = 0              # steps that moved a target by more than change.STEP_LIMIT
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "losses"} | {
@@ -166,13 +171,16 @@ def train(
     state_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_step: Callable[[Progress], None] = lambda _: None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train the parameters that require grad (after ``prepare_s2ft`` / ``prepare_pisa``) on ``examples``.
 
     Under ``torchrun`` (an initialised process group) the model is wrapped in DDP and every rank
     takes its share of each global batch (``batch_size`` per rank); gradients are all-reduced once per
     optimizer step, after the last of its ``grad_accum`` micro-batches. ``state_dir`` keeps a resumable
-    state every ``save_every`` steps; ``resume`` continues from it.
+    state every ``save_every`` steps; ``resume`` continues from it. The first step that moves a trained
+    weight by more than ``change.STEP_LIMIT`` of its norm is reported once through ``on_warning``
+    (default: a ``LargeStepWarning``); the result carries the run's relative weight change.
     """
     config.check()
     torch.manual_seed(config.seed)
@@ -186,8 +194,11 @@ def train(
                          f"{config.grad_accum} accumulation x {_rank_world()[1]} processes")
     total = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
     state_dir = Path(state_dir) if state_dir else None
+    watch = WeightWatch(model)  # before resuming, so the change is measured from the base weights
     start = _load_state(state_dir, parameters, optimizer) if resume and state_dir and state_dir.is_dir() else 0
+    watch.settle()
     rank, world = _rank_world()
+    warn = on_warning or (lambda message: warnings.warn(message, LargeStepWarning, stacklevel=3))
     runner = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     device = next(model.parameters()).device
     result = TrainResult(steps=start, tokens=0, seconds=0.0, resumed_from=start)
@@ -223,6 +234,11 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            large = watch.after_step(step)
+            if large:
+                if not result.large_steps and rank == 0:
+                    warn(max(large, key=lambda w: w.relative).message())
+                result.large_steps += 1
             result.steps = step
             result.losses.append(loss_sum)
             elapsed = time.perf_counter() - started
@@ -230,6 +246,7 @@ def train(
             if state_dir and rank == 0 and config.save_every and step % config.save_every == 0 and step < total:
                 _save_state(state_dir, step, parameters, optimizer)
     result.seconds = time.perf_counter() - started
+    result.weight_change, result.largest_step_change = watch.relative_change(), watch.largest_step
     if eval_examples:
         result.eval_loss_after = evaluate(model, eval_examples, pad_id)
     if state_dir and rank == 0 and state_dir.exists():

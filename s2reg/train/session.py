@@ -20,6 +20,7 @@ from ..tensors.reader import refuse_leftovers
 from .data import read_jsonl, tokenize
 from .objective import CAUSAL, CLASSIFY, Objective
 from .objective import choose as choose_objective
+from .budget import fit_budget
 from .export import export_adapter
 from .loop import Progress, TrainConfig, TrainResult, train
 from .pisa.config import PISAConfig
@@ -29,6 +30,16 @@ from .s2ft.model import prepare_s2ft
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+# Learning rates at which each method learns without wrecking the base (bench/quality.py;
+# docs/training.md gives the evidence). PISA's lr is on the isometric scale (PISAConfig.scale_for).
+DEFAULT_LR = {"s2ft": 1e-3, "pisa": 6e-4}
+
+
+def default_lr(method: str) -> float:
+    if method not in DEFAULT_LR:
+        raise S2RegError(f"unknown method {method!r} (s2ft or pisa)")
+    return DEFAULT_LR[method]
+
 
 @dataclass
 class Run:
@@ -37,6 +48,7 @@ class Run:
     trainable: int
     device: str
     objective: Objective
+    method_config: S2FTConfig | PISAConfig  # as trained (with the heads and channels a budget chose)
 
 
 def default_device() -> str:
@@ -109,18 +121,23 @@ def run_training(
     state_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_step: Callable[[Progress], None] = lambda _: None,
+    on_warning: Callable[[str], None] | None = None,
     arch_file: str | os.PathLike | None = None,
+    budget: int | None = None,
 ) -> Run:
     """Load ``base``, tokenise ``data``, prepare ``method`` ("s2ft" | "pisa"), train, export the adapter.
 
     The objective follows the model and the data (``train/objective.py``); ``arch_file`` is a family
     description for a layout s2reg does not know (docs/families.md; default: ``s2reg-arch.json`` beside
-    the checkpoint, when there is one).
+    the checkpoint, when there is one). ``budget`` (S2FT) replaces the config's heads and channels by the
+    most that train at most that many parameters (``train/budget.py``).
     """
-    train_config = train_config or TrainConfig()
+    train_config = train_config or TrainConfig(lr=default_lr(method))
     device = check_device(device) if device else default_device()
     if not 0 <= eval_fraction < 1:
         raise S2RegError("--eval-fraction must be in [0, 1)")
+    if budget is not None and method != "s2ft":
+        raise S2RegError("--budget sizes S2FT selections; PISA's size is --coefficients per --block")
     records = read_jsonl(data)
     checkpoint_config = read_config(Path(base))
     if checkpoint_config is None:
@@ -136,6 +153,8 @@ def run_training(
     calibration = None
     if method == "s2ft":
         config = method_config or S2FTConfig()
+        if budget is not None:
+            config = fit_budget(model, budget, config, arch_file=arch_file)
         if config.strategy in ("activation", "weight_activation", "gradient"):
             from .data import collate
 
@@ -151,7 +170,7 @@ def run_training(
     if tokenizer is not None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     result = train(model, train_examples, train_config, pad_id=pad_id, eval_examples=eval_examples or None,
-                   state_dir=state_dir, resume=resume, on_step=on_step)
+                   state_dir=state_dir, resume=resume, on_step=on_step, on_warning=on_warning)
     training: dict[str, Any] = {
         "method": method, "objective": objective.as_json(), "data": str(data), "examples": len(train_examples),
         "eval_examples": len(eval_examples),
@@ -159,4 +178,4 @@ def run_training(
     }
     with CheckpointSource(base) as stored:  # the adapter fits the checkpoint as stored (its dtypes)
         adapter = export_adapter(model, base=stored, base_name=base_name or str(Path(base).resolve()), training=training)
-    return Run(adapter, result, prepared.num_trainable, device, objective)
+    return Run(adapter, result, prepared.num_trainable, device, objective, prepared.config)

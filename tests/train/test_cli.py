@@ -69,7 +69,7 @@ def test_bad_training_inputs_are_clear_errors(tiny, tmp_path):
 @pytest.mark.smollm2
 @pytest.mark.parametrize(("method", "options"), [
     ("s2ft", ["--channels", 32, "--heads", 1, "--lr", 1e-3]),
-    ("pisa", ["--block", 64, "--coefficients", 32]),
+    ("pisa", ["--block", 64, "--coefficients", 400]),  # default lr, near bench/quality.py's matched size
 ])
 def test_short_real_fine_tune_beats_the_base_model(smollm2_dir, tmp_path, method, options):
     from fixtures.tasks import DATA

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
 @dataclass
 class PISAConfig:
-    """PISA hyper-parameters (spec/FORMAT.md §5; the PISA paper leaves these open).
+    """PISA hyper-parameters (spec/FORMAT.md §5; the PISA paper leaves these open; the choices are
+    explained in docs/training.md).
 
     ``roles`` (default q and v, like FourierFT) or explicit module ``targets`` (any model: full module
     names such as ``encoder.layer.0.attn.proj``, or short ones such as ``q_proj`` meaning every module
     whose name ends with it) get ``coefficients`` trainable rfft2 coefficients
     per ``block x block`` tile at ``seed``-drawn positions. ``scale`` multiplies the inverse
-    transform; by default ``block**2 / 100``, so a unit coefficient moves weights by about 0.02
-    whatever the block size (irfft2 divides by the block area).
+    transform; by default ``sqrt(bh * bw / 2)`` for the block actually used, which makes the map from
+    the real coefficients to the delta an isometry (a coefficient change of norm ``x`` moves the weight
+    by ``x`` in Frobenius norm, whatever the block): the learning rate then means what it means for
+    S2FT or full fine-tuning, and does not have to shrink with the block area.
     """
 
     block: int = 64
@@ -25,9 +29,9 @@ class PISAConfig:
     seed: int = 0
     layers: list[int] | None = None
 
-    @property
-    def effective_scale(self) -> float:
-        return self.scale if self.scale is not None else self.block * self.block / 100.0
+    def scale_for(self, block: tuple[int, int]) -> float:
+        """The scale of a target tiled by ``block`` (the configured block, clipped to the matrix)."""
+        return self.scale if self.scale is not None else math.sqrt(block[0] * block[1] / 2)
 
     def check(self) -> None:
         from ...errors import S2RegError

@@ -71,7 +71,7 @@ def prepare_pisa(model: nn.Module, config: PISAConfig | None = None, *, arch_fil
         block = (min(config.block, shape[0]), min(config.block, shape[1]))
         try:
             prepared.parameters[f"{name}.pisa_coefficients"] = attach(
-                module, block, config.coefficients, config.effective_scale, generator)
+                module, block, config.coefficients, config.scale_for(block), generator)
         except ValueError as exc:
             raise S2RegError(f"{name}: {exc}") from None
     if not prepared.parameters:

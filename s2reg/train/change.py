@@ -1,0 +1,114 @@
+"""How far training moves the weights it trains: per optimizer step (a warning past ``STEP_LIMIT``) and
+over the whole run (the training summary's relative weight change).
+
+A trained parameter stands for a target weight ``W`` (its module's stored weight): an S2FT slice
+moves ``W`` by its own change, a PISA coefficient vector by the reconstructed delta of its change
+(linear in the coefficients), and any other trainable parameter (full fine-tuning) is its own ``W``.
+The relative change of a target is ``||dW|| / ||W||`` (Frobenius norms, ``W`` before training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# One optimizer step that moves a target by more than this share of its norm is a runaway: at the
+# trainer's default learning rates a step moves a SmolLM2 target by under 0.6% (bench/quality.py),
+# while the old PISA settings that wrecked the base moved a v projection by 44% in its first step.
+STEP_LIMIT = 0.02
+
+
+class LargeStepWarning(UserWarning):
+    """A training step moved a target weight by more than ``STEP_LIMIT`` of its norm."""
+
+
+@dataclass(frozen=True)
+class StepWarning:
+    step: int
+    target: str
+    relative: float
+
+    def message(self) -> str:
+        return (f"step {self.step} moved {self.target} by {self.relative:.1%} of its norm (more than "
+                f"{STEP_LIMIT:.0%} in one step): the learning rate is likely too high for this method")
+
+
+@dataclass(frozen=True)
+class Tracked:
+    target: str                                      # the weight's name in the model
+    parameter: nn.Parameter
+    weight_norm: float
+    delta: Callable[[torch.Tensor], torch.Tensor]    # parameter change -> weight change (linear)
+
+
+def _pisa_delta(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    from .pisa.layer import block_delta
+
+    shape = tuple(module.weight.shape)
+    return lambda c: block_delta(shape, module.pisa_block, module.pisa_indices, c, module.pisa_scale)
+
+
+def _identity(change: torch.Tensor) -> torch.Tensor:
+    return change
+
+
+def tracked(model: nn.Module) -> list[Tracked]:
+    """The trainable parameters of ``model`` and the target weights they move."""
+    found = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if attr == "pisa_coefficients":
+            weight, delta, target = module.weight, _pisa_delta(module), f"{module_name}.weight"
+        elif attr == "s2ft_slice":
+            weight, delta, target = module.weight, _identity, f"{module_name}.weight"
+        elif attr.startswith("s2ft_"):
+            weight, delta, target = getattr(module, attr[len("s2ft_"):]), _identity, f"{module_name}.{attr[len('s2ft_'):]}"
+        else:
+            weight, delta, target = p, _identity, name
+        norm = float(weight.detach().double().norm())
+        if norm > 0:  # a zero-initialised factor (LoRA's B) has no scale to be relative to
+            found.append(Tracked(target, p, norm, delta))
+    return found
+
+
+class WeightWatch:
+    """Keeps the trained parameters' starting and previous values; measures each step and the total."""
+
+    def __init__(self, model: nn.Module):
+        self.targets = tracked(model)
+        self.start = [t.parameter.detach().clone() for t in self.targets]
+        self.previous = [s.clone() for s in self.start]
+        self.largest_step = 0.0
+
+    def settle(self) -> None:
+        """Measure the next step from the current values (after a resumed state was loaded)."""
+        for t, previous in zip(self.targets, self.previous):
+            previous.copy_(t.parameter.detach())
+
+    def after_step(self, step: int) -> list[StepWarning]:
+        """Targets that this step moved by more than ``STEP_LIMIT``."""
+        warnings = []
+        with torch.no_grad():
+            for t, previous in zip(self.targets, self.previous):
+                moved = float(t.delta(t.parameter.detach() - previous).double().norm()) / t.weight_norm
+                self.largest_step = max(self.largest_step, moved)
+                if moved > STEP_LIMIT:
+                    warnings.append(StepWarning(step, t.target, moved))
+                previous.copy_(t.parameter.detach())
+        return warnings
+
+    def relative_change(self) -> float:
+        """``||W_end - W_start|| / ||W_start||`` over all trained targets together (0 when nothing is tracked)."""
+        changed = total = 0.0
+        with torch.no_grad():
+            for t, start in zip(self.targets, self.start):
+                changed += float(t.delta(t.parameter.detach() - start).double().pow(2).sum())
+                total += t.weight_norm ** 2
+        return math.sqrt(changed / total) if total else 0.0

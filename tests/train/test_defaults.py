@@ -1,0 +1,94 @@
+"""The trainer's defaults learn a task without wrecking what the base model knew (issue 14).
+
+A tiny Llama is first taught "prose" (sequences of a fixed random Markov chain) by full fine-tuning,
+which also gives its weights the scale of a trained model. Then ``run_training`` at default settings
+(default config and learning rate of each method; only the step count and batch are chosen) trains
+a new habit (after the marker token 3, answer 10 11 12 13). The task's held-out loss must fall, and the loss on prose the run never saw, measured
+on the base with the exported adapter applied (``s2reg.apply``), may rise by at most
+``PROSE_RISE_BOUND`` nats. The old PISA convention (scale ``block**2 / 100`` and lr 5e-2, which
+wrecked SmolLM2 and Gemma 3) breaks the bound on the same model, so the bound can fail.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import s2reg
+from s2reg.synth import build_checkpoint
+from s2reg.train.loop import TrainConfig
+from s2reg.train.pisa.config import PISAConfig
+from s2reg.train.session import default_lr, run_training
+
+# nats. Measured here: S2FT +0.004, PISA -0.0001 at the defaults; the old PISA convention +0.54.
+PROSE_RISE_BOUND = 0.02
+LEARNT = {"s2ft": 0.5, "pisa": 0.005}  # how far the task's held-out loss must fall (measured: 1.79 and 0.015 nats)
+VOCAB = 256
+
+
+def prose(count: int, seed: int, length: int = 24) -> torch.Tensor:
+    """Sequences of a fixed Markov chain: each token has four likely successors."""
+    table = torch.randint(3, VOCAB, (VOCAB, 4), generator=torch.Generator().manual_seed(14))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        token = int(torch.randint(3, VOCAB, (), generator=g))
+        row = [token]
+        for _ in range(length - 1):
+            token = int(table[token, torch.randint(0, 4, (), generator=g)])
+            row.append(token)
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def prose_loss(model) -> float:
+    ids = prose(32, seed=999)  # never trained on
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny Llama that has learnt the prose chain (full fine-tuning, saved as a checkpoint)."""
+    root = tmp_path_factory.mktemp("defaults")
+    model = transformers.LlamaForCausalLM.from_pretrained(build_checkpoint(root / "random", "llama", dtype=torch.float32))
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(80):
+        ids = prose(16, seed=step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "base")
+    data = root / "task.jsonl"
+    with data.open("w") as f:  # a new habit: after a run of prose and the marker 3, answer 10 11 12 13
+        for row in prose(96, seed=500, length=8).tolist():
+            f.write(json.dumps({"input_ids": row + [3, 10, 11, 12, 13], "labels": [-100] * 9 + [10, 11, 12, 13]}) + "\n")
+    return root / "base", data
+
+
+def short_run(base, method, **options):
+    directory, data = base
+    train_config = TrainConfig(max_steps=40, epochs=10, batch_size=8, lr=options.pop("lr", default_lr(method)))
+    run = run_training(directory, data, method, train_config=train_config, eval_fraction=0.25, device="cpu",
+                       on_warning=lambda _: None, **options)
+    tuned = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    before = prose_loss(tuned)
+    s2reg.apply(tuned, run.adapter)
+    return run.result, prose_loss(tuned) - before
+
+
+@pytest.mark.parametrize("method", ["s2ft", "pisa"])
+def test_defaults_learn_the_task_without_wrecking_the_base(base, method):
+    result, prose_rise = short_run(base, method)
+    assert result.eval_loss_after < result.eval_loss_before - LEARNT[method]
+    assert prose_rise <= PROSE_RISE_BOUND
+    assert result.large_steps == 0
+
+
+def test_the_bound_catches_the_old_pisa_convention(base):
+    result, prose_rise = short_run(base, "pisa", method_config=PISAConfig(scale=64 * 64 / 100), lr=5e-2)
+    assert prose_rise > PROSE_RISE_BOUND

@@ -1,0 +1,94 @@
+"""The per-step weight-change warning and the run's relative weight change (``train/change.py``).
+
+The reference for the relative change is the exported adapter applied to a fresh copy of the base
+(``s2reg.apply``, the format's own merge), differences summed in float64: a path that shares nothing with the
+trainer's bookkeeping but the trained values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import s2reg
+from s2reg.cli import main
+from s2reg.synth import build_checkpoint
+from s2reg.train.change import STEP_LIMIT
+from s2reg.train.loop import TrainConfig
+from s2reg.train.pisa.config import PISAConfig
+from s2reg.train.s2ft.config import S2FTConfig
+from s2reg.train.session import run_training
+
+from ..surgery.helpers import model_of
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("change")
+    base = build_checkpoint(root / "base", "llama", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": ids}) + "\n"
+                            for ids in torch.randint(3, 250, (16, 12), generator=g).tolist()))
+    return base, data
+
+
+def applied_change(base, adapter) -> float:
+    """||W' - W|| / ||W|| over the adapter's targets, W' the base with the adapter applied."""
+    before = dict(model_of(base, torch.float32).named_parameters())
+    after_model = model_of(base, torch.float32)
+    s2reg.apply(after_model, adapter)
+    after = dict(after_model.named_parameters())
+    changed = total = 0.0
+    for name in adapter.targets:
+        changed += float((after[name].detach().double() - before[name].detach().double()).pow(2).sum())
+        total += float(before[name].detach().double().pow(2).sum())
+    return math.sqrt(changed / total)
+
+
+@pytest.mark.parametrize(("method", "config"), [
+    ("s2ft", S2FTConfig(channels=16, heads=1, roles=("o", "down"))),
+    ("pisa", PISAConfig(block=16, coefficients=8)),
+])
+def test_the_summary_reports_the_relative_change_of_the_trained_weights(tiny, method, config):
+    base, data = tiny
+    seen = []
+    run = run_training(base, data, method, method_config=config, device="cpu", on_warning=seen.append,
+                       train_config=TrainConfig(max_steps=3, batch_size=4, lr=1e-4))
+    assert seen == [] and run.result.large_steps == 0
+    assert run.result.weight_change > 0
+    assert run.result.weight_change == pytest.approx(applied_change(base, run.adapter), rel=1e-3)
+    assert 0 < run.result.largest_step_change < STEP_LIMIT
+
+
+@pytest.mark.parametrize("method", ["s2ft", "pisa"])
+def test_a_huge_learning_rate_warns_once_in_one_line(tiny, method):
+    base, data = tiny
+    config = S2FTConfig(channels=16) if method == "s2ft" else PISAConfig(block=16, coefficients=8)
+    seen = []
+    run = run_training(base, data, method, method_config=config, device="cpu", on_warning=seen.append,
+                       train_config=TrainConfig(max_steps=3, batch_size=4, lr=30.0))
+    assert len(seen) == 1 and "\n" not in seen[0]
+    assert seen[0].startswith("step 1 moved model.layers.") and "of its norm (more than 2% in one step)" in seen[0]
+    assert run.result.large_steps == 3 and run.result.largest_step_change > STEP_LIMIT
+
+
+def test_the_cli_prints_the_warning_and_the_change(tiny, tmp_path):
+    base, data = tiny
+    result = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(data), "--method", "pisa",
+                                       "--block", "16", "--coefficients", "8", "--lr", "30", "--max-steps", "2",
+                                       "--batch-size", "4", "-o", str(tmp_path / "a"), "--json"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "step 1 moved" in warnings[0]
+    summary = json.loads(result.stdout)
+    assert summary["large_steps"] == 2 and summary["weight_change"] > 0 and summary["largest_step_change"] > STEP_LIMIT
+    table = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(data), "--method", "s2ft",
+                                      "--lr", "1e-4", "--max-steps", "2", "--batch-size", "4", "-o", str(tmp_path / "b")])
+    assert table.exit_code == 0, table.output
+    assert "weight change" in table.stdout and "of the trained weights' norm (largest step" in table.stdout
+    assert "32 channels, 0 heads per layer" in table.stdout and "warning" not in table.stderr
