@@ -152,8 +152,9 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
             ("weight change", f"{run.result.weight_change:.2%} of the trained weights' norm (largest step "
                               f"{run.result.largest_step_change:.2%})")]
     if method == "s2ft":
-        rows.insert(3, ("selection", f"{run.method_config.channels} channels, {run.method_config.heads} heads per layer"
-                                     + (f" (budget {budget:,})" if budget else "")))
+        channels, heads = run.method_config.channels, run.method_config.heads
+        rows.insert(3, ("selection", f"{channels} channel{'s' * (channels != 1)}, {heads} head{'s' * (heads != 1)} "
+                                     "per layer" + (f" (budget {budget:,})" if budget else "")))
     if run.result.eval_loss_before is not None:
         rows += [("eval loss before", f"{run.result.eval_loss_before:.4f}"), ("eval loss after", f"{run.result.eval_loss_after:.4f}")]
     rows += [("adapter", f"{output} ({render.human_bytes(stored.payload_bytes)}, {stored.digest[:16]})")]
