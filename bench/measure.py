@@ -34,3 +34,14 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, durable: bool = T
 
 def python(code: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
+
+
+def call_times(fn, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn``, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times

@@ -21,14 +21,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from measure import call_times
 
 from s2reg import S2FTAdapter
 from s2reg.serve import AdapterServer
@@ -48,13 +50,7 @@ class Layer(nn.Module):
 
 
 def best_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(call_times(fn, repeats))
 
 
 def mib(n: float) -> str:
