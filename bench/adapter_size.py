@@ -47,6 +47,18 @@ def s2ft_adapter(source, dims, channels: int, g) -> S2FTAdapter:
     return S2FTAdapter.from_slices(source, slices, base_name="HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
+def saved_s2ft_adapters(base, directory, count: int, channels: int = 32) -> list:
+    """``count`` S2FT adapters of ``channels`` down_proj channels per layer over ``base``, saved as
+    ``directory/a{i}`` (seeded by ``i``); their paths."""
+    paths = []
+    with CheckpointSource(base) as source:
+        dims = resolve_source(source).dims
+        for i in range(count):
+            s2ft_adapter(source, dims, channels, torch.Generator().manual_seed(i)).save(directory / f"a{i}")
+            paths.append(directory / f"a{i}")
+    return paths
+
+
 def pisa_adapter(source, dims, params: int, g, block: int = 64, dtype=torch.float32) -> PISAAdapter:
     grid = -(-dims.hidden // block) * -(-dims.intermediate // block)
     k = max(1, round(params / (2 * grid * dims.layers)))

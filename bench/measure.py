@@ -45,3 +45,22 @@ def call_times(fn, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - started)
     return times
+
+
+def training_step_times(model, optimizer, ids, steps: int, cuda: bool) -> list[float]:
+    """Wall seconds of ``steps`` causal-LM training steps on ``ids`` (after one untimed warm-up step);
+    CUDA work is synchronised so each time covers its step."""
+    import torch
+
+    times = []
+    for _ in range(steps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times[1:]

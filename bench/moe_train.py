@@ -21,12 +21,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from measure import training_step_times
 
 METHODS = {"s2reg-s2ft down": ("down",), "s2reg-s2ft up,gate,down": ("up", "gate", "down"), "full experts": None}
 CHANNELS = 32
@@ -72,20 +74,10 @@ def worker(method: str, steps: int, batch: int, length: int) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = _current_mib(cuda)
-    times = []
-    for _ in range(steps + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+    times = training_step_times(model, optimizer, ids, steps, cuda)
     experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".gate_up_proj", ".down_proj")))
     print(json.dumps({"method": method, "trainable": sum(p.numel() for p in params), "expert_params": experts,
-                      "median_step_s": statistics.median(times[1:]), "before_mib": before,
+                      "median_step_s": statistics.median(times), "before_mib": before,
                       "training_mib": _peak_mib(cuda) - before, "peak_mib": _peak_mib(cuda)}))
 
 

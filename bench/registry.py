@@ -17,16 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapter_size import s2ft_adapter
+from adapter_size import saved_s2ft_adapters
 
 from fixtures.smollm2 import build_smollm2
 from s2reg import load
-from s2reg.arch import resolve_source
 from s2reg.registry import Store, list_adapters
 from s2reg.tensors import CheckpointSource
 
@@ -49,12 +46,7 @@ def main() -> None:
     base = build_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with CheckpointSource(base) as source:
-            dims = resolve_source(source).dims
-            dirs = []
-            for i in range(args.adapters):
-                s2ft_adapter(source, dims, 32, torch.Generator().manual_seed(i)).save(tmp / "src" / f"a{i}")
-                dirs.append(tmp / "src" / f"a{i}")
+        dirs = saved_s2ft_adapters(base, tmp / "src", args.adapters)
         size = tree_bytes(tmp / "src")
         store = Store(tmp / "store")
         push = timed(lambda: [store.push(d, f"a{i}:v1") for i, d in enumerate(dirs)])

@@ -20,18 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapter_size import s2ft_adapter
+from adapter_size import saved_s2ft_adapters
 from measure import ROOT
 
 from fixtures.smollm2 import build_smollm2
-from s2reg.arch import resolve_source
 from s2reg.registry import Store
-from s2reg.tensors import CheckpointSource
 
 
 # The timing loop runs in a small interpreter of its own: a child forked from this one (torch loaded, for
@@ -68,12 +64,7 @@ def main() -> None:
     base = build_smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with CheckpointSource(base) as source:
-            dims = resolve_source(source).dims
-            adapters = []
-            for i in range(4):
-                s2ft_adapter(source, dims, 32, torch.Generator().manual_seed(i)).save(tmp / f"a{i}")
-                adapters.append(tmp / f"a{i}")
+        adapters = saved_s2ft_adapters(base, tmp, 4)
         store = Store(tmp / "home")
         for i in range(100):  # 100 refs over 4 adapters: ls reads every ref and its manifest
             store.push(adapters[i % 4], f"task{i % 4}:v{i // 4}")

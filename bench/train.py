@@ -16,7 +16,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from measure import run
+from measure import run, training_step_times
 
 METHODS = ("s2reg-s2ft", "peft-lora", "full", "s2reg-pisa", "peft-fourierft")
 CHANNELS = 32
@@ -67,21 +66,11 @@ def worker(method: str, steps: int, batch: int, length: int) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
-    times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(steps + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+    times = training_step_times(model, optimizer, ids, steps, cuda)
     print(json.dumps({"method": method, "trainable": sum(p.numel() for p in params),
-                      "median_step_s": statistics.median(times[1:]),
+                      "median_step_s": statistics.median(times),
                       "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}))
 
 
