@@ -11,12 +11,14 @@ channels the rest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import S2RegError
+from ..format.s2ft import slice_shape
 from .s2ft.config import CHANNEL_ROLES, HEAD_ROLES, S2FTConfig
 from .targets import ModelMap, map_model
 
@@ -43,8 +45,8 @@ def _slice_size(mapping: ModelMap, role: str, layer: int, expert) -> int:
     """Parameters one unit of ``role`` holds in ``layer`` (``expert``), over every tensor that carries the role."""
     size = 0
     for c in mapping.tensors(role, layer, expert):
-        other = c.placement.shape[1 if c.axis == "rows" else 0]
-        size += mapping.info.unit_indices(c.name, role, [0]).numel() * other
+        per_index = math.prod(slice_shape(c.placement.shape, c.axis, 1))  # FORMAT §4.2, expert axes included
+        size += mapping.info.unit_indices(c.name, role, [0], expert).numel() * per_index
     return size
 
 

@@ -3,7 +3,8 @@
 Counts are those of the real preparation (``prepare_s2ft(...).num_trainable``), not the budget's own
 arithmetic, on tiny models of several families: grouped-query attention (llama), multi-query
 (falcon_mq), fused q/k/v and gate/up (phi3), an interleaved fused qkv (gpt_neox) and mixture-of-experts
-FFNs with and without a shared expert (mixtral, qwen2_moe).
+FFNs with and without a shared expert (mixtral, qwen2_moe); a channel budget on every row of the families
+table (gpt-oss's stacked experts included).
 """
 
 from __future__ import annotations
@@ -99,3 +100,16 @@ def test_the_cli_reports_the_exact_count_the_budget_chose(tmp_path):
     pisa = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(data), "--method", "pisa", "--budget",
                                      "5000", "-o", str(tmp_path / "c")])
     assert pisa.exit_code == 1 and "--budget sizes S2FT selections" in pisa.output
+
+
+@pytest.mark.parametrize("family", sorted(zoo.SPECIES))
+def test_every_family_s_channel_budget_is_never_passed(family):
+    """Every row of the families table: a channel budget picks channels that train at most N parameters,
+    and one more channel would pass N."""
+    model = zoo.build_model(zoo.SPECIES[family])
+    channels = available(model)[1]
+    budget = int(trained(model, S2FTConfig(channels=channels, heads=0, roles=("down",))) * 0.4)
+    config = fit_budget(model, budget, S2FTConfig(roles=("down",)))
+    assert 0 < trained(model, config) <= budget
+    assert config.channels == channels or trained(
+        model, S2FTConfig(channels=config.channels + 1, heads=config.heads, roles=config.roles)) > budget
