@@ -150,12 +150,10 @@ def prepare(model, method: Method, budget: int, seed: int, calibration):
         prepared = prepare_s2ft(model, config, calibration=calibration)
         return model, prepared.num_trainable
     if method.kind == "pisa":
-        o.setdefault("coefficients", str(matched_coefficients(model, budget, int(o.get("block", 64)))))
         kwargs = {k: (float(v) if k == "scale" else int(v)) for k, v in o.items() if k in ("scale", "block", "coefficients")}
         if "roles" in o:
             kwargs["roles"] = tuple(o["roles"].split("+"))
-        if "positions" in o:
-            kwargs["positions"] = o["positions"]
+        kwargs.setdefault("coefficients", matched_coefficients(model, budget, PISAConfig(**kwargs)))
         prepared = prepare_pisa(model, PISAConfig(seed=seed, **kwargs))
         return model, prepared.num_trainable
     if method.kind == "lora":
@@ -172,10 +170,14 @@ def prepare(model, method: Method, budget: int, seed: int, calibration):
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def matched_coefficients(model, budget: int, block: int) -> int:
-    """PISA coefficients per block on q and v that come closest to ``budget`` without passing it."""
-    blocks = sum(math.ceil(m.out_features / block) * math.ceil(m.in_features / block)
-                 for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj")))
+def matched_coefficients(model, budget: int, config) -> int:
+    """PISA coefficients per block on ``config``'s targets that come closest to ``budget`` without passing it."""
+    from s2reg.train.pisa.model import chosen_targets
+
+    blocks = 0
+    for _, module in chosen_targets(model, config, None):
+        rows, cols = module.weight.shape
+        blocks += math.ceil(rows / min(config.block, rows)) * math.ceil(cols / min(config.block, cols))
     return budget // (2 * blocks)
 
 

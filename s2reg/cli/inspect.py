@@ -24,11 +24,11 @@ def _selection(row: dict) -> str:
     if row["kind"] == "pisa":
         return f"{row['coefficients']}/block of {row['block'][0]}x{row['block'][1]}, grid {row['grid'][0]}x{row['grid'][1]}"
     if row.get("units"):
-        return f"{_units(row)} ({row['count']} {row['axis']})"
+        return f"{row['count']} {row['axis']}: {_units(row)}"
     what = "rows" if row["axis"] == "rows" else "cols"
     if row["groups"] is not None:
-        return f"groups {ranges(row['groups'])} ({row['count']} {what})"
-    return f"{what} {ranges(row['indices'])} ({row['count']}/{row['of']})"
+        return f"{row['count']} {what}: groups {ranges(row['groups'])}"
+    return f"{row['count']}/{row['of']} {what}: {ranges(row['indices'])}"
 
 
 @click.command("inspect")
@@ -68,6 +68,11 @@ def inspect_command(adapter, plot: str | None, base: str | None, arch, as_json: 
         show(report)
 
 
+def _in_model_order(row: dict) -> tuple:
+    """Layer 2 before layer 10; targets outside the layers (embeddings, heads) first."""
+    return (row["layer"] is not None, row["layer"] or 0, row["module"], row.get("expert") or 0)
+
+
 def show(report: dict) -> None:
     """Render a :func:`describe` report: a summary, then one row per target."""
     s = report["summary"]
@@ -85,7 +90,7 @@ def show(report: dict) -> None:
     render.console.print(
         render.table(
             None,
-            ["layer", "module", "selection", "params", "% base", "‖Δ‖", "bytes", "zstd", "ratio"],
+            ["layer", "module", "selection", "params", "% base", "‖Δ‖", "zstd"],
             (
                 [
                     "" if r["layer"] is None else r["layer"],
@@ -94,13 +99,12 @@ def show(report: dict) -> None:
                     f"{r['params']:,}",
                     f"{r['percent_of_base']:.2f}",
                     f"{r['delta_norm']:.4g}",
-                    render.human_bytes(r["payload_bytes"]),
                     render.human_bytes(r["compressed_bytes"]),
-                    f"{r['payload_bytes'] / r['compressed_bytes']:.2f}x",
                 ]
-                for r in report["targets"]
+                for r in sorted(report["targets"], key=_in_model_order)
             ),
-            right=["params", "% base", "‖Δ‖", "bytes", "zstd", "ratio"],
+            right=["params", "% base", "‖Δ‖", "zstd"],
+            clip=["selection"],
         )
     )
 

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..ops.describe import describe
 from ..registry import Store, list_adapters
 from . import render
 from .common import json_option, overwrite_option
-from .inspect import show as show_report
 
 HF = "hf://"
 
@@ -96,9 +94,10 @@ def ls_command(base: str | None, kind: str | None, as_json: bool) -> None:
         return
     render.console.print(render.table(
         None, ["ref", "kind", "base", "targets", "bytes", "digest", "created"],
-        ([r["ref"], r["kind"], r["base"], r["targets"], render.human_bytes(r["bytes"]), r["digest"][:12], r["created"] or ""]
+        ([r["ref"], r["kind"], r["base"], r["targets"], render.human_bytes(r["bytes"]), r["digest"][:8],
+          (r["created"] or "")[:10]]
          for r in rows),
-        right=["targets", "bytes"]))
+        right=["targets", "bytes"], clip=["base"]))
 
 
 @click.command("show")
@@ -106,6 +105,9 @@ def ls_command(base: str | None, kind: str | None, as_json: bool) -> None:
 @json_option
 def show_command(ref: str, as_json: bool) -> None:
     """Show a stored adapter (verified), like `s2reg inspect`."""
+    from ..ops.describe import describe
+    from .inspect import show as show_report
+
     store = Store()
     report = describe(store.load(ref))
     report["summary"]["ref"] = ref

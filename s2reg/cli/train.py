@@ -64,16 +64,15 @@ def _distributed() -> tuple[int, int]:
 @click.option("--heads", type=click.IntRange(min=0), help=f"s2ft: attention heads per layer [default: {S2FTConfig.heads}].")
 @click.option("--budget", type=click.IntRange(min=1),
               help="s2ft: choose --channels and --heads (in --roles) for at most this many trainable parameters.")
-@click.option("--roles", help="s2ft: projections to train, among the family's q,k,v,o,up,gate,down "
-              "(default: o for heads, down for channels).")
+@click.option("--roles", help="Projections to train, among the family's q,k,v,o,up,gate,down (default: s2ft o for "
+              "heads and down for channels; pisa every projection that is a matmul layer of its own).")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="random", show_default=True, help="s2ft: selection.")
 @click.option("--order", type=click.Choice(["largest", "smallest"]), default="largest", show_default=True)
 @click.option("--exclude", "exclude", multiple=True, type=AdapterType(),
               help="s2ft: choose channels/heads disjoint from this adapter (repeatable).")
 @click.option("--block", default=64, show_default=True, type=click.IntRange(min=1), help="pisa: block size.")
 @click.option("--coefficients", default=32, show_default=True, type=click.IntRange(min=1), help="pisa: per block.")
-@click.option("--targets", help="pisa: comma-separated module names, full or short (q_proj,v_proj); default the q,v "
-              "projections.")
+@click.option("--targets", help="pisa: comma-separated module names, full or short (q_proj,v_proj), instead of --roles.")
 @click.option("--arch", "arch_file", type=click.Path(exists=True, dir_okay=False),
               help="A family description (JSON, docs/families.md) for a layout s2reg does not know.")
 @overwrite_option
@@ -100,12 +99,15 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
         check_device(device)
     check_free(output, overwrite=overwrite or resume)
     rank, world = _distributed()
+    role_list = tuple(r.strip() for r in roles.split(",") if r.strip()) if roles else None
     if method == "s2ft":
         sizes = {k: v for k, v in (("channels", channels), ("heads", heads)) if v is not None}
         method_config = S2FTConfig(**sizes, strategy=strategy, order=order, seed=seed, exclude=list(exclude),
-                                   roles=tuple(r.strip() for r in roles.split(",") if r.strip()) if roles else None)
+                                   roles=role_list)
     else:
-        method_config = PISAConfig(block=block, coefficients=coefficients, seed=seed,
+        if roles and targets:
+            raise click.UsageError("--roles and --targets both choose what PISA trains; give one")
+        method_config = PISAConfig(block=block, coefficients=coefficients, seed=seed, roles=role_list,
                                    targets=tuple(t.strip() for t in targets.split(",")) if targets else ())
     train_config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                lr=lr or default_lr(method), warmup_steps=warmup_steps, schedule=schedule,

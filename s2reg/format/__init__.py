@@ -1,4 +1,4 @@
-"""The adapter format (versions 1 and 2): spec/FORMAT.md in code. No CLI, no registry.
+"""The adapter format (versions 1 to 3): spec/FORMAT.md in code. No CLI, no registry.
 
 Names are imported from their modules on first use, so ``from s2reg.format import limits`` (what the
 command line needs to start) costs only that module, not numpy.
@@ -18,7 +18,7 @@ _EXPORTS = {
     "Stored": ".adapter",
     "TensorReader": ".adapter",
     "load": ".adapter",
-    "read_manifest": ".adapter",
+    "read_manifest": ".manifest",
     "FORMAT_VERSION": ".manifest",
     "MANIFEST_NAME": ".manifest",
     "UnknownKeyWarning": ".manifest",

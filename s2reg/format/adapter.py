@@ -346,20 +346,6 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
 ADAPTER_TYPES: dict[str, type[Adapter]] = {"s2ft": S2FTAdapter, "pisa": PISAAdapter}
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
-    """The parsed manifest of the adapter directory at ``path`` and its bytes (FORMAT §7 step 1)."""
-    path = Path(path)
-    file = path / manifest.MANIFEST_NAME
-    if not path.is_dir():
-        raise FormatError(f"{path}: not an adapter directory (no such directory)")
-    if not file.is_file():
-        raise FormatError(f"{path}: not an adapter directory (no {manifest.MANIFEST_NAME})")
-    if file.stat().st_size > manifest.MAX_MANIFEST_BYTES:
-        raise FormatError(f"{file}: larger than the {manifest.MAX_MANIFEST_BYTES}-byte manifest limit")
-    text = file.read_bytes()
-    return manifest.parse(text), text
-
-
 def read_payload(path: Path, entry: Mapping[str, Any]) -> bytes:
     """The verified raw payload bytes (FORMAT §7 steps 2-3)."""
     file = path / entry["file"]
@@ -383,7 +369,7 @@ def read_payload(path: Path, entry: Mapping[str, Any]) -> bytes:
 def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     """Read and fully check the adapter directory at ``path`` (FORMAT §7)."""
     path = Path(path)
-    data, text = read_manifest(path)
+    data, text = manifest.read_manifest(path)
     tensors, _ = payload.load(read_payload(path, data["payload"]))
     cls = ADAPTER_TYPES[data["kind"]]
     expected = {n for name, entry in data["targets"].items() for n in cls.target_type.payload_names(name, entry)}

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from itertools import accumulate
 from typing import Any
-
-import numpy as np
 
 from ..errors import FormatError, S2RegError
 
@@ -22,9 +21,8 @@ MAX_DEPTH = 64
 MAX_INT_DIGITS = 20  # 2**64 has 20 digits: every size or offset fits, nothing longer is meaningful
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_OPEN = np.zeros(256, dtype=np.int8)
-_OPEN[[ord("["), ord("{")]] = 1
-_OPEN[[ord("]"), ord("}")]] = -1
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 class _Refused(ValueError):
@@ -50,11 +48,8 @@ def _parse_constant(text: str) -> float:
 
 def depth(data: bytes) -> int:
     """The deepest nesting of arrays and objects in ``data`` (brackets inside strings do not count)."""
-    outside = _STRING.sub(b'""', data)
-    if not outside:
-        return 0
-    steps = _OPEN[np.frombuffer(outside, dtype=np.uint8)].astype(np.int64)
-    return int(steps.cumsum().max(initial=0))
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(_STEP[b] for b in brackets), default=0)
 
 
 def loads(data: bytes, *, what: str, error: type[S2RegError] = FormatError, max_depth: int = MAX_DEPTH) -> Any:

@@ -7,10 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .arrays import as_array
-
 CHUNK = 1 << 22
 
 
@@ -44,6 +40,10 @@ def sha256_file(path: str | Path) -> str:
 
 def tensor_bytes(tensor: Any) -> memoryview:
     """The tensor's bytes as safetensors stores them: row-major, little-endian, no copy if contiguous."""
+    import numpy as np
+
+    from .arrays import as_array
+
     return memoryview(np.ascontiguousarray(as_array(tensor)).reshape(-1).view(np.uint8)).cast("B")
 
 

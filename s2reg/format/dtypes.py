@@ -8,61 +8,74 @@ text, so it needs no torch import either.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
-
-import ml_dtypes
-import numpy as np
 
 from ..errors import FormatError
 
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
+# name -> (numpy type name, item size, torch attribute); numpy is imported only to build real dtypes,
+# so that reading and checking manifests and headers never pays for it.
+_TABLE: dict[str, tuple[str, int, str]] = {
+    "F64": ("float64", 8, "float64"), "F32": ("float32", 4, "float32"), "F16": ("float16", 2, "float16"),
+    "BF16": ("bfloat16", 2, "bfloat16"), "I64": ("int64", 8, "int64"), "I32": ("int32", 4, "int32"),
+    "I16": ("int16", 2, "int16"), "I8": ("int8", 1, "int8"), "U8": ("uint8", 1, "uint8"), "BOOL": ("bool", 1, "bool"),
 }
-_NAMES: dict[Any, str] = {v: k for k, v in NUMPY_DTYPES.items()}
-_TORCH_ATTRIBUTES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-_TORCH_NAMES = {f"torch.{attribute}": name for name, attribute in _TORCH_ATTRIBUTES.items()}
+NAMES = tuple(_TABLE)
+_TORCH_NAMES = {f"torch.{torch_name}": name for name, (_, _, torch_name) in _TABLE.items()}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
-def to_numpy(name: str) -> np.dtype:
+@cache
+def _numpy_dtypes() -> dict[str, Any]:
+    import ml_dtypes
+    import numpy as np
+
+    return {name: np.dtype(ml_dtypes.bfloat16 if name == "BF16" else numpy_name)
+            for name, (numpy_name, _, _) in _TABLE.items()}
+
+
+@cache
+def _numpy_names() -> dict[Any, str]:
+    return {v: k for k, v in _numpy_dtypes().items()}
+
+
+def check(name: Any) -> str:
+    """``name`` if it is a format dtype name; FormatError otherwise."""
+    if not isinstance(name, str) or name not in _TABLE:
+        raise FormatError(f"unknown dtype {name!r} (expected one of {', '.join(NAMES)})")
+    return name
+
+
+def to_numpy(name: str):
     """The numpy dtype for a format dtype name; FormatError for an unknown one."""
-    try:
-        return NUMPY_DTYPES[name]
-    except (KeyError, TypeError):
-        raise FormatError(f"unknown dtype {name!r} (expected one of {', '.join(NUMPY_DTYPES)})") from None
+    return _numpy_dtypes()[check(name)]
 
 
 def to_torch(name: str):
     """The torch dtype for a format dtype name (imports torch: only for code that runs it)."""
     import torch
 
-    to_numpy(name)  # the same error for an unknown name
-    return getattr(torch, _TORCH_ATTRIBUTES[name])
+    return getattr(torch, _TABLE[check(name)][2])
 
 
 def name_of(dtype: Any) -> str:
     """The format dtype name of a numpy or torch dtype; FormatError for one the format cannot store."""
-    try:
-        name = _NAMES.get(np.dtype(dtype)) if not str(dtype).startswith("torch.") else _TORCH_NAMES.get(str(dtype))
-    except TypeError:
-        name = None
+    if str(dtype).startswith("torch."):
+        name = _TORCH_NAMES.get(str(dtype))
+    else:
+        import numpy as np
+
+        try:
+            name = _numpy_names().get(np.dtype(dtype))
+        except TypeError:
+            name = None
     if name is None:
-        raise FormatError(f"dtype {dtype} cannot be stored (supported: {', '.join(NUMPY_DTYPES)})")
+        raise FormatError(f"dtype {dtype} cannot be stored (supported: {', '.join(NAMES)})")
     return name
 
 
 def itemsize(name: str) -> int:
-    return to_numpy(name).itemsize
+    return _TABLE[check(name)][1]
 
 
 def is_float(dtype: Any) -> bool:

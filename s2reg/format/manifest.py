@@ -7,9 +7,11 @@ Parsing checks structure and types only; what the numbers mean is checked by the
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, UnsupportedVersion
@@ -70,7 +72,7 @@ def require_shape(obj: Mapping[str, Any], key: str, where: str) -> tuple[int, ..
 
 def require_dtype(obj: Mapping[str, Any], key: str, where: str, allowed: frozenset[str] | None = None) -> str:
     name = require(obj, key, str, where)
-    dtypes.to_numpy(name)
+    dtypes.check(name)
     if allowed is not None and name not in allowed:
         raise _fail(where, f"{key!r} must be one of {', '.join(sorted(allowed))}, got {name}")
     return name
@@ -159,3 +161,17 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
     require_sha256(payload, "raw_sha256", "payload")
     if encoding == "raw" and (payload["bytes"], payload["sha256"]) != (payload["raw_bytes"], payload["raw_sha256"]):
         raise _fail("payload", "a raw payload must have bytes == raw_bytes and sha256 == raw_sha256")
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
+    """The parsed manifest of the adapter directory at ``path`` and its bytes (FORMAT §7 step 1)."""
+    path = Path(path)
+    file = path / MANIFEST_NAME
+    if not path.is_dir():
+        raise FormatError(f"{path}: not an adapter directory (no such directory)")
+    if not file.is_file():
+        raise FormatError(f"{path}: not an adapter directory (no {MANIFEST_NAME})")
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{file}: larger than the {MAX_MANIFEST_BYTES}-byte manifest limit")
+    text = file.read_bytes()
+    return parse(text), text

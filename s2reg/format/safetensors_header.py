@@ -70,7 +70,7 @@ def _entry(name: str, value: object, data_length: int) -> Entry:
     if not isinstance(value, dict) or set(value) != _KEYS:
         raise FormatError(f"safetensors entry {name!r} must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in dtypes.NUMPY_DTYPES:
+    if not isinstance(dtype, str) or dtype not in dtypes.NAMES:
         raise FormatError(f"safetensors entry {name!r} has unknown dtype {str(dtype)[:40]!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < MAX_DIMENSION for d in shape):
         raise FormatError(f"safetensors entry {name!r} has an invalid shape (integers in [0, 2**63) required)")

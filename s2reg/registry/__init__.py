@@ -2,11 +2,25 @@
 
 ``Store()`` is the local store at ``$S2REG_HOME``; ``push_to_hub`` / ``pull_from_hub`` move
 adapters between it and ``hf://ORG/REPO[@REVISION]``. spec/REGISTRY.md describes the layout.
+Names are imported from their modules on first use, so listing refs never loads numpy.
 """
 
-from .names import DEFAULT_TAG, Ref, parse_ref
-from .query import list_adapters
-from .resolve import load_adapter
-from .store import Entry, Store, default_root
+from __future__ import annotations
 
-__all__ = ["DEFAULT_TAG", "Entry", "Ref", "Store", "default_root", "list_adapters", "load_adapter", "parse_ref"]
+from .._lazy import exports
+
+# public name -> the module of this package that defines it
+_EXPORTS = {
+    "DEFAULT_TAG": ".names",
+    "Ref": ".names",
+    "parse_ref": ".names",
+    "list_adapters": ".query",
+    "load_adapter": ".resolve",
+    "Entry": ".store",
+    "Store": ".store",
+    "default_root": ".store",
+}
+
+__getattr__ = exports(__name__, _EXPORTS, globals())
+
+__all__ = sorted(_EXPORTS)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..format import dtypes
-from ..tensors import CheckpointSource
 from .store import Entry, Store
+
+if TYPE_CHECKING:
+    from ..tensors import CheckpointSource
 
 
 def fits(entry: Entry, source: CheckpointSource, hashes: dict[str, str]) -> bool:
@@ -29,6 +31,8 @@ def list_adapters(store: Store, *, base: str | os.PathLike | None = None, kind: 
     entries = store.entries(kind=kind)
     if base is None:
         return [e.summary() for e in entries]
+    from ..tensors import CheckpointSource
+
     hashes: dict[str, str] = {}  # each base tensor is hashed once, however many adapters name it
     with CheckpointSource(base) as source:
         return [e.summary() for e in entries if fits(e, source, hashes)]

@@ -23,17 +23,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import IntegrityError, NotFound, RegistryError
-from ..format import Adapter, load, read_manifest
+from ..format.manifest import read_manifest
 from ..format.digest import sha256_bytes, sha256_stream
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..fsatomic import building, is_temp_name, write_file
 from .names import Ref, parse_ref
 
+if TYPE_CHECKING:
+    from ..format.adapter import Adapter
+
 _HEX = frozenset("0123456789abcdef")
 _MAX_REF_BYTES = 128  # "sha256:" + 64 hex digits + newline, with room to spare
+
+
+def _load(path: Path, **options: Any) -> Adapter:
+    """``s2reg.load``, imported on first use: listing, tagging and verifying never need numpy."""
+    from ..format.adapter import load
+
+    return load(path, **options)
 
 
 class _NotRegular(IntegrityError):
@@ -246,13 +256,15 @@ class Store:
         Returns the manifest digest. The payload blob is stored before the manifest blob and both
         before the ref, so a reader never sees a ref whose blobs are missing.
         """
+        from ..format.adapter import Adapter
+
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         if isinstance(source, Adapter):
             with tempfile.TemporaryDirectory() as tmp:
                 source.save(Path(tmp) / "adapter")
                 return self.push(Path(tmp) / "adapter", ref)
         path = Path(source)
-        load(path)  # every check of FORMAT §7 before anything enters the store
+        _load(path)  # every check of FORMAT §7 before anything enters the store
         manifest, text = read_manifest(path)
         payload = (path / manifest["payload"]["file"]).read_bytes()
         with self._locked():  # so that a concurrent gc never takes blobs whose ref is not written yet
@@ -276,7 +288,7 @@ class Store:
         with building(Path(output), overwrite=overwrite) as staging:
             for name, data in files.items():
                 (staging / name).write_bytes(data)
-            load(staging)  # and the format's own checks, before the directory appears
+            _load(staging)  # and the format's own checks, before the directory appears
         return Path(output)
 
     def check_output(self, output: str | os.PathLike) -> None:
@@ -344,9 +356,9 @@ class Store:
         with self._locked(shared=True):
             view = self._view(ref, build=False)
             if view is not None:
-                return load(view, **options)
+                return _load(view, **options)
         with self._locked():
-            return load(self._view(ref, build=True), **options)
+            return _load(self._view(ref, build=True), **options)
 
     def tag(self, source: str | Ref, target: str | Ref) -> str:
         """Point ``target`` at what ``source`` points at. Resolved and written under the lock, so a

@@ -42,10 +42,11 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
 
 
 def _pread(fd: int, length: int, offset: int) -> np.ndarray:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
+    """``length`` bytes at ``offset`` as a writable array of its own (read straight into it: no copy)."""
+    data = np.empty(length, dtype=np.uint8)
+    if length and os.preadv(fd, [data], offset) != length:
         raise CheckpointError(f"shard truncated while reading {length} bytes at offset {offset}")
-    return np.frombuffer(data, dtype=np.uint8)
+    return data
 
 
 def _row_blocks(info: TensorInfo):
@@ -79,19 +80,19 @@ def write_patch(fd: int, info: TensorInfo, patch: Patch, raw: np.ndarray) -> Non
     if raw.size != expected:
         raise CheckpointError(f"{patch.file}: patch bytes do not fit the slice of {patch.tensor}")
     if axis is None:
-        os.pwrite(fd, raw.tobytes(), info.start)
+        os.pwrite(fd, raw, info.start)
     elif axis == "rows":
         at = 0
         for a, b in _runs(indices):
-            os.pwrite(fd, raw[at:at + (b - a) * row_bytes].tobytes(), info.start + a * row_bytes)
+            os.pwrite(fd, raw[at:at + (b - a) * row_bytes], info.start + a * row_bytes)
             at += (b - a) * row_bytes
     else:  # columns are strided: read-modify-write blocks of whole rows, a few MiB at a time
         cols, item, idx = info.shape[1], info.dtype.itemsize, np.asarray(indices)
         values = raw.reshape(info.shape[0], len(indices), item)
         for first, count, offset in _row_blocks(info):
-            block = _pread(fd, count * row_bytes, offset).reshape(count, cols, item).copy()
-            block[:, idx, :] = values[first:first + count]
-            os.pwrite(fd, block.tobytes(), offset)
+            block = _pread(fd, count * row_bytes, offset)
+            block.reshape(count, cols, item)[:, idx, :] = values[first:first + count]
+            os.pwrite(fd, block, offset)
 
 
 def read_slice(source: CheckpointSource, name: str, support: tuple[str, np.ndarray]) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,7 @@ class CheckpointSource:
             if wrong or unlisted:
                 raise CheckpointError(f"{index}: index disagrees with the shards (e.g. {(wrong + unlisted)[0]})")
         self._handles: dict[Path, Any] = {}
+        self._opening = threading.Lock()
 
     # -- context management -------------------------------------------------------------------
     def __enter__(self) -> CheckpointSource:
@@ -178,18 +180,22 @@ class CheckpointSource:
         return read_config(self.directory)
 
     # -- reading --------------------------------------------------------------------------------
-    def _handle(self, file: Path):
-        fh = self._handles.get(file)
-        if fh is None:
-            fh = self._handles[file] = open(file, "rb")
-        return fh
+    # Reads are positional (pread), never seek + read, so threads may read and hash tensors at once.
+    def _fd(self, file: Path) -> int:
+        with self._opening:
+            fh = self._handles.get(file)
+            if fh is None:
+                fh = self._handles[file] = open(file, "rb")
+            return fh.fileno()
 
     def read_bytes(self, file: Path, start: int, nbytes: int) -> np.ndarray:
         buffer = np.empty(nbytes, dtype=np.uint8)
-        fh = self._handle(file)
-        fh.seek(start)
-        if nbytes and fh.readinto(buffer) != nbytes:
-            raise CheckpointError(f"{file}: truncated while reading (file changed underneath?)")
+        fd, done = self._fd(file), 0
+        while done < nbytes:  # a single pread stops at 2 GiB
+            got = os.preadv(fd, [memoryview(buffer)[done:]], start + done)
+            if got == 0:
+                raise CheckpointError(f"{file}: truncated while reading (file changed underneath?)")
+            done += got
         return buffer
 
     def array(self, name: str) -> np.ndarray:
@@ -216,10 +222,16 @@ class CheckpointSource:
     def sha256_of(self, name: str) -> str:
         """sha256 of the tensor's stored bytes (FORMAT §2), streamed from the file."""
         info = self.info(name)
-        fh = self._handle(info.file)
-        fh.seek(info.start)
+        fd, position = self._fd(info.file), info.start
+
+        def read(n: int) -> bytes:
+            nonlocal position
+            chunk = os.pread(fd, n, position)
+            position += len(chunk)
+            return chunk
+
         try:
-            return sha256_stream(fh.read, info.nbytes, what=str(info.file))
+            return sha256_stream(read, info.nbytes, what=str(info.file))
         except EOFError:
             raise CheckpointError(f"{info.file}: truncated while hashing {name}") from None
 

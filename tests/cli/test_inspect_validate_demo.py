@@ -36,7 +36,24 @@ def test_inspect_table_shows_every_target(tmp_path, monkeypatch):
     result = run("inspect", tmp_path / "s")
     assert result.exit_code == 0, result.output
     assert "mlp.down_proj" in result.output and "self_attn.q_proj" in result.output
-    assert "cols 3,7-8,30" in result.output
+    assert "4/40 cols: 3,7-8,30" in result.output
+
+
+def test_inspect_table_fits_a_narrow_terminal_and_lists_layers_in_model_order(tmp_path, monkeypatch):
+    """At 80 columns the long selection column is cut short with an ellipsis (its whole text is in --json);
+    no other cell is folded, and layer 2 comes before layer 10."""
+    monkeypatch.setattr(render.console, "_width", 80)
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (10, 2)]
+    base = {name: torch.zeros(8, 256) for name in names}
+    g = torch.Generator().manual_seed(0)
+    slices = {name: ("columns", list(range(0, 256, 3)), torch.randn(8, 86, generator=g)) for name in names}
+    s2reg.S2FTAdapter.from_slices(base, slices, base_name="tiny").save(tmp_path / "wide")
+    result = run("inspect", tmp_path / "wide")
+    assert result.exit_code == 0, result.output
+    table = result.output[result.output.index("┏"):]
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert "…" in table and "mlp.down_proj" in table
+    assert table.index("│ 2 ") < table.index("│ 10 ")
 
 
 def test_validate_against_the_right_and_the_wrong_base(tmp_path):

@@ -103,10 +103,8 @@ def s2ft_config(info, layers: list[int] | None, *, witnessed: bool = False) -> S
 
 
 def pisa_config(species: zoo.Species) -> PISAConfig:
-    common = {"block": 16, "coefficients": 4, "layers": [TRAINED_LAYER], "seed": 3}
-    if species.pisa_targets:
-        return PISAConfig(targets=species.pisa_targets, **common)
-    return PISAConfig(roles=("q", "v"), **common)
+    """The trainer's default targets (every projection that is a matmul layer of its own), small blocks."""
+    return PISAConfig(block=16, coefficients=4, layers=[TRAINED_LAYER], seed=3)
 
 
 def train(species, model, parameters, inputs, steps: int = 3, lr: float = 1e-2) -> list[float]:

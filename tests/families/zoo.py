@@ -69,7 +69,6 @@ class Species:
     config: dict[str, Any] = field(default_factory=dict)
     inputs: str = "tokens"  # "tokens" (input_ids) or "pixels" (pixel_values)
     objective: str = "causal"  # "causal", "masked", "classify" (ViT) or "none" (a bare encoder, no head)
-    pisa_targets: tuple[str, ...] = ()  # PISA modules when the family has no q/v roles (short names)
     notes: str = ""
 
     def make_config(self):
@@ -84,10 +83,9 @@ class Species:
         return getattr(transformers, self.model_class)
 
 
-def decoder(name: str, model_type: str, notes: str = "", pisa_targets: tuple[str, ...] = (), **overrides) -> Species:
+def decoder(name: str, model_type: str, notes: str = "", **overrides) -> Species:
     """A causal-LM species with the shared small decoder sizes, ``overrides`` on top."""
-    return Species(name, model_type, "AutoModelForCausalLM", {**_DECODER, **overrides}, notes=notes,
-                   pisa_targets=pisa_targets)
+    return Species(name, model_type, "AutoModelForCausalLM", {**_DECODER, **overrides}, notes=notes)
 
 
 def _drop(config: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -125,7 +123,7 @@ _SPECIES = [
     decoder("cohere", "cohere"),
     decoder("stablelm", "stablelm", use_qkv_bias=True, hidden_dropout=0.0),
     decoder("stablelm_qk_norm", "stablelm", notes="per-head q/k layernorm tensors: FFN channels only",
-            qk_layernorm=True, hidden_dropout=0.0, pisa_targets=("q_proj", "v_proj")),
+            qk_layernorm=True, hidden_dropout=0.0),
     decoder("smollm3", "smollm3"),
     decoder("glm4", "glm4"),
     decoder("ministral", "ministral", sliding_window=32),
@@ -163,7 +161,7 @@ _SPECIES = [
              notes="stacked experts [experts, in, out], gate/up interleaved; expert axes (FORMAT §4.5)"),
     decoder("deepseek_v3", "deepseek_v3", **_MOE, head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
              kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-             first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4, pisa_targets=("q_b_proj", "o_proj"),
+             first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4,
              notes="MLA attention (no head-aligned o_proj); layer 0 dense FFN, layer 1 MoE"),
     Species("bert", "bert", "BertForMaskedLM", dict(_ENCODER), objective="masked", notes="saved with the bert. prefix"),
     Species("bert_model", "bert", "BertModel", dict(_ENCODER), objective="none",

@@ -229,3 +229,27 @@ def test_exclude_keeps_heads_and_per_expert_channels_disjoint(tmp_path, name):
                 assert not set(channels) & set(before["channels"][expert]), (layer, expert)
         else:
             assert not set(chosen["channels"]) & set(before["channels"])
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("llama", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"}),
+    ("gpt2", {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}),  # fused q/k/v: the whole c_attn
+    ("gpt_oss", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}),  # experts are 3-D
+    # MLA attention has no roles (no head-aligned projections): --targets names it; layer 0 is a dense FFN
+    ("deepseek_v3", {"mlp.up_proj", "mlp.gate_proj", "mlp.down_proj",
+                     "mlp.shared_experts.up_proj", "mlp.shared_experts.gate_proj", "mlp.shared_experts.down_proj"}),
+])
+def test_pisa_trains_every_projection_that_is_a_matmul_layer_by_default(name, expected):
+    """PISA's default targets (docs/training.md): every role's module that is a 2-D matmul layer of its own."""
+    model = zoo.build_model(zoo.SPECIES[name])
+    prepared = prepare_pisa(model, PISAConfig(block=16, coefficients=3))
+    modules = {n.removesuffix(".pisa_coefficients") for n in prepared.parameters}
+    layers = model.config.num_hidden_layers
+    assert {m.split(".", 3)[-1] for m in modules} == expected
+    assert len({m.split(".")[2] for m in modules}) == layers
+
+
+def test_pisa_refuses_a_named_role_that_is_not_a_matmul_layer():
+    with pytest.raises(S2RegError, match="not a matmul layer of its own"):
+        prepare_pisa(zoo.build_model(zoo.SPECIES["gpt_oss"]), PISAConfig(block=16, coefficients=3, roles=("down",)))

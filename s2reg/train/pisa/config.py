@@ -11,9 +11,10 @@ class PISAConfig:
     """PISA hyper-parameters (spec/FORMAT.md §5; the PISA paper leaves these open; the choices are
     explained in docs/training.md).
 
-    ``roles`` (default q and v, like FourierFT) or explicit module ``targets`` (any model: full module
-    names such as ``encoder.layer.0.attn.proj``, or short ones such as ``q_proj`` meaning every module
-    whose name ends with it) get ``coefficients`` trainable rfft2 coefficients
+    ``roles`` (among q, k, v, o, up, gate, down; by default every projection of the family that is a
+    2-D matmul layer of its own, so stacked 3-D MoE experts are left out) or explicit module ``targets``
+    (any model: full module names such as ``encoder.layer.0.attn.proj``, or short ones such as ``q_proj``
+    meaning every module whose name ends with it) get ``coefficients`` trainable rfft2 coefficients
     per ``block x block`` tile at ``seed``-drawn positions. ``scale`` multiplies the inverse
     transform; by default ``sqrt(bh * bw / 2)`` for the block actually used, which makes the map from
     the real coefficients to the delta an isometry (a coefficient change of norm ``x`` moves the weight
@@ -23,7 +24,7 @@ class PISAConfig:
 
     block: int = 64
     coefficients: int = 32
-    roles: tuple[str, ...] = ("q", "v")
+    roles: tuple[str, ...] | None = None
     targets: tuple[str, ...] = ()
     scale: float | None = None
     seed: int = 0

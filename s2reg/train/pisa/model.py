@@ -32,7 +32,8 @@ def _matching(modules: dict[str, nn.Module], target: str) -> list[str]:
     return [name for name in modules if name.endswith(f".{target}")]
 
 
-def _chosen(model: nn.Module, config: PISAConfig, arch_file: str | Path | None) -> list[tuple[str, nn.Module]]:
+def chosen_targets(model: nn.Module, config: PISAConfig, arch_file: str | Path | None) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` matmul layers that ``config`` trains, sorted by name."""
     matmuls = {n: m for n, m in model.named_modules() if matmul_kind(m) is not None}
     layers = set(config.layers) if config.layers is not None else None
     if config.targets:
@@ -44,13 +45,17 @@ def _chosen(model: nn.Module, config: PISAConfig, arch_file: str | Path | None) 
             chosen.update((n, matmuls[n]) for n in names)
         return sorted(chosen.items())
     mapping = map_model(model, arch_file)
-    mapping.info.require_roles(config.roles)
+    if config.roles is not None:
+        mapping.info.require_roles(config.roles)
+    roles = set(config.roles if config.roles is not None else mapping.info.roles)
     chosen = {}
     for c in mapping.coupled.values():
-        if not set(c.roles) & set(config.roles) or (layers is not None and c.layer not in layers):
+        if not set(c.roles) & roles or (layers is not None and c.layer not in layers):
             continue
         module_name, _, attr = c.placement.parameter.rpartition(".")
         if c.placement.converted or attr != "weight" or module_name not in matmuls:
+            if config.roles is None:
+                continue  # by default, only what is a matmul layer of its own: not stacked experts
             raise S2RegError(f"{c.name} is part of {c.placement.parameter}, not a matmul layer of its own: "
                              "PISA trains 2-D projections; name them with --targets")
         chosen[module_name] = matmuls[module_name]
@@ -61,7 +66,7 @@ def prepare_pisa(model: nn.Module, config: PISAConfig | None = None, *, arch_fil
     """Freeze ``model`` and add trainable PISA coefficients (zero: the model is unchanged at first)."""
     config = config or PISAConfig()
     config.check()
-    chosen = _chosen(model, config, arch_file)
+    chosen = chosen_targets(model, config, arch_file)
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
