@@ -105,3 +105,14 @@ def test_a_refused_command_is_still_torch_free(setup, tmp_path):
     root, base, home = setup
     report = fresh("merge", base, root / "a", "-o", tmp_path / "m", "--in-place", env=home)
     assert report == {"status": 2, "heavy": []}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["ls"], ["ls", "--json"], ["tag", "math:v0", "math:stable"],
+                                  ["rm", "math:stable"]])
+def test_listing_and_tagging_load_not_even_numpy(setup, args):
+    """These only read refs and manifests (JSON): numpy's import alone is a third of their run time."""
+    _, _, home = setup
+    code = _RUN.replace("%r" % (HEAVY,), "('numpy', 'ml_dtypes', 'zstandard')")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env={**os.environ, **home}, timeout=300)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"status": 0, "heavy": []}, done.stderr
