@@ -60,6 +60,18 @@ def check_free(path: Path, *, overwrite: bool = False) -> None:
         raise FileExistsError(17, "output already exists (--overwrite replaces it)", str(path))
 
 
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (cheap for what is already on disk), so that what
+    the rename publishes is on disk too, small side files included."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = Path(directory) / name
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(Path(directory))
+
+
 @contextmanager
 def building(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """``with building(dest) as staging:`` fill ``staging``; it becomes ``dest`` only if the block succeeds.
@@ -74,7 +86,7 @@ def building(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     staging = staging_directory(path)
     try:
         yield staging
-        fsync_dir(staging)
+        _sync_tree(staging)
         if path.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, retired / "x")

@@ -78,11 +78,6 @@ def _write_shard(file: Path, specs: list[TensorSpec], produce: Callable[[TensorS
         os.fsync(fh.fileno())
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 def copy_side_files(source_dir: Path, dest_dir: Path, exclude: Iterable[str] = ()) -> list[str]:
     """Copy everything beside the weights (config, tokenizer, generation config, README, ...)."""
     copied, skip = [], set(exclude)
@@ -135,8 +130,6 @@ def write_checkpoint(
             _write_shard(staging / file, specs, produce, (metadata or {}).get(file), progress)
         if finalize is not None:
             finalize(staging)
-        for file in verbatim or {}:
-            _fsync_file(staging / file)
         layout_of = {**shards, **{file: specs for file, (_, specs) in (verbatim or {}).items()}}
         if len(layout_of) > 1:
             weight_map = {spec.name: file for file, specs in layout_of.items() for spec in specs}

@@ -128,6 +128,8 @@ def test_wrong_base_is_refused_unless_unverified_but_shapes_never(base, tmp_path
         merge(other, [adapter], tmp_path / "m")
     with pytest.raises(BaseMismatch, match="--skip-base-check"):  # overwriting an output never skips the check
         merge(other, [adapter], tmp_path / "m", overwrite=True)
+    # the shards were being copied while the check ran: no output, and no staging directory left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
     merge(other, [adapter], tmp_path / "m", verify_base=False)
     wide = tiny(tmp_path / "wide", hidden_size=32)
     with pytest.raises(ShapeError, match="adapter expects"):
