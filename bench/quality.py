@@ -8,10 +8,11 @@ Every contender is trained by s2reg's own loop (``s2reg.train.loop.train``: Adam
 default schedule and clipping) on the same examples in the same order, so only the method and its
 learning rate differ. Contenders (``METHODS``): S2FT with each selection strategy of the paper (R
 random, W weight, A activation, S weight x activation, G gradient) at the trainer's defaults for
-``--budget``; PISA at its defaults (q and v); PEFT LoRA on all seven projections and PEFT FourierFT on
-q and v, each sized to the same budget; and full fine-tuning (every parameter: the reference, not
-matched). A method can be given overrides, ``pisa:lr=5e-2,scale=40.96,coefficients=32``, which is how
-the PISA study (``--study pisa``) runs its variants.
+``--budget``; PISA at its defaults (every projection that is a matmul layer of its own); PEFT LoRA on
+all seven projections and PEFT FourierFT on q and v, each sized to the same budget; and full fine-tuning
+(every parameter: the reference, not matched). A method can be given overrides,
+``pisa:roles=q+v,lr=5e-2,scale=40.96,coefficients=32`` or ``fourierft:init=zero,lr=1e-3``, which is how
+the studies in docs/training.md ran their variants.
 
 Tasks (generated from a fixed seed, ``TASKS``):
 

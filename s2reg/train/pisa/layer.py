@@ -13,7 +13,7 @@ import types
 import torch
 from torch import nn
 
-from ...format.pisa import grid_of, half_width, reconstruct
+from ...format.pisa import grid_of, half_width, reconstruct, self_conjugate_columns
 from ..matmul import matmul, matmul_kind
 
 
@@ -25,11 +25,11 @@ def canonical_positions(block: tuple[int, int]) -> torch.Tensor:
     """
     bh, bw = block
     hw = half_width(block)
+    self_conjugate = set(self_conjugate_columns(bw))
     keep = []
     for u in range(bh):
         for v in range(hw):
-            self_conjugate = v == 0 or (bw % 2 == 0 and v == bw // 2)
-            if not self_conjugate or u <= (-u) % bh:
+            if v not in self_conjugate or u <= (-u) % bh:
                 keep.append(u * hw + v)
     return torch.tensor(keep, dtype=torch.long)
 
