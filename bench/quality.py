@@ -156,6 +156,8 @@ def prepare(model, method: Method, budget: int, seed: int, calibration):
             kwargs["roles"] = tuple(o["roles"].split("+"))
         kwargs.setdefault("coefficients", matched_coefficients(model, budget, PISAConfig(**kwargs)))
         prepared = prepare_pisa(model, PISAConfig(seed=seed, **kwargs))
+        if o.get("positions") == "low":
+            draw_low_frequencies(model)
         return model, prepared.num_trainable
     if method.kind == "lora":
         names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -169,6 +171,23 @@ def prepare(model, method: Method, budget: int, seed: int, calibration):
     elif method.kind != "full":
         raise SystemExit(f"unknown method {method.name}")
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def draw_low_frequencies(model) -> None:
+    """The study's alternative to the trainer's uniform draw: in every block, the coefficients' positions
+    are the lowest frequencies (smallest ``|u|^2 + v^2``, ``u`` taken signed); the adapter stores them as it
+    stores any positions (FORMAT §5.4)."""
+    from s2reg.train.pisa.layer import canonical_positions, is_attached
+
+    for module in model.modules():
+        if not is_attached(module):
+            continue
+        (bh, bw), (blocks, k) = module.pisa_block, module.pisa_indices.shape
+        offered = canonical_positions((bh, bw))
+        u, v = offered // (bw // 2 + 1), offered % (bw // 2 + 1)
+        radius = torch.minimum(u, bh - u) ** 2 + v ** 2
+        lowest = offered[torch.argsort(radius, stable=True)[:k]].sort().values
+        module.pisa_indices = lowest.expand(blocks, k).clone()
 
 
 def matched_coefficients(model, budget: int, config) -> int:
