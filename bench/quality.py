@@ -1,7 +1,7 @@
 """Tuning quality on SmolLM2-135M: held-out accuracy and forgetting, method against method at matched
 trainable parameters.
 
-    python bench/quality.py [--quick] [--steps 30] [--seeds 0 1 2] [--methods s2ft-R lora ...]
+    python bench/quality.py [--quick] [--steps 20] [--seeds 0 1 2] [--methods s2ft-R lora ...]
                             [--tasks skill facts] [--out bench/results/quality]
 
 Every contender is trained by s2reg's own loop (``s2reg.train.loop.train``: AdamW, the trainer's
@@ -361,10 +361,11 @@ def table(records: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, 12 steps, S2FT-R, PISA and LoRA only")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+",
-                        default=["s2ft-R", "s2ft-W", "s2ft-A", "s2ft-S", "s2ft-G", "pisa", "lora", "fourierft", "full"])
+                        default=["s2ft-R", "s2ft-W", "s2ft-A", "s2ft-S", "s2ft-G", "pisa", "lora", "fourierft:init=zero,lr=1e-3",
+                                 "full"])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--budget", type=int, help="trainable parameters to match (default: the S2FT default budget)")
     parser.add_argument("--report", action="store_true", help="only write the table of every run already in OUT.jsonl")

@@ -32,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Learning rates at which each method learns without wrecking the base (bench/quality.py;
 # docs/training.md gives the evidence). PISA's lr is on the isometric scale (PISAConfig.scale_for).
-DEFAULT_LR = {"s2ft": 1e-3, "pisa": 1.5e-3}
+DEFAULT_LR = {"s2ft": 1e-3, "pisa": 1.25e-3}
 
 
 def default_lr(method: str) -> float:
