@@ -27,10 +27,10 @@ API (train, zoo, ops, surgery, cli code against this)::
     info.unit_count(name, role); info.channel_count(layer, expert=None)
     info.stacked_experts(name)  # ["0", ...] for a tensor holding every expert on dimension 0 (gpt-oss), else []
     info.by_expert(name, indices); info.expert_units(name, indices)  # per expert (stacked tensors split)
-    info.unit_indices(name, role, units, expert=None) -> LongTensor  # THE unit -> stored-index expansion (fused offsets,
+    info.unit_indices(name, role, units, expert=None) -> int64 array  # THE unit -> stored-index expansion (fused offsets,
                            # grouped/interleaved layouts, GQA kv heads, transposed, experts), in unit order
     info.units_of(name, indices) -> {role: sorted units}  # the inverse (any index of a unit counts)
-    info.whole_units(name, indices) -> LongTensor       # indices widened to whole units, sorted
+    info.whole_units(name, indices) -> int64 array      # indices widened to whole units, sorted
     info.permute_index(name, layer_permutation) -> (FORMAT axis, gather index) | None
                            # layer_permutation has .order_for(role, expert) -> list | None
                            # (ops.permute.LayerPermutation); followers (OLMo 2 q_norm, sinks) move too

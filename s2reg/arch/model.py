@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
-import torch
+import numpy as np
 
 from .dims import Dims
 from .schema import CHANNEL_ROLES, FORMAT_HELP, HEAD_ROLES, ArchError, Family, Segment, TensorSpec
@@ -90,7 +90,7 @@ def match_name(family: Family, name: str) -> tuple[TensorSpec, re.Match[str]] | 
 class _Layout:
     """Per role of a stored axis: a [units, width] table of stored indices."""
 
-    tables: dict[str, torch.Tensor]
+    tables: dict[str, np.ndarray]
     length: int
 
 
@@ -119,7 +119,7 @@ def _layout(segment: Segment, length: int, dims: Dims, follower: bool, where: st
         offset = 0
         for role in segment.parts:
             n, w = counts[role], widths[role]
-            tables[role] = offset + torch.arange(n * w, dtype=torch.long).reshape(n, w)
+            tables[role] = offset + np.arange(n * w, dtype=np.int64).reshape(n, w)
             offset += n * w
     else:
         groups = dims.kv_heads if segment.groups == "kv_heads" else counts[channel_parts[0]] if channel_parts else 0
@@ -130,11 +130,18 @@ def _layout(segment: Segment, length: int, dims: Dims, follower: bool, where: st
         offset = 0
         for role in segment.parts:
             n, w = counts[role], widths[role]
-            unit = torch.arange(n, dtype=torch.long)
+            unit = np.arange(n, dtype=np.int64)
             start = (unit // per[role]) * block + offset + (unit % per[role]) * w
-            tables[role] = start[:, None] + torch.arange(w, dtype=torch.long)
+            tables[role] = start[:, None] + np.arange(w, dtype=np.int64)
             offset += per[role] * w
     return _Layout(tables, length)
+
+
+def _int64(values: Iterable[int] | np.ndarray) -> np.ndarray:
+    """Indices (a sequence, a range, an array, a torch tensor) as a flat int64 array."""
+    if not hasattr(values, "__array__") and not isinstance(values, (list, tuple)):
+        values = list(values)
+    return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
 def _expected_length(spec: TensorSpec, dims: Dims) -> int:
@@ -217,19 +224,19 @@ class ModelInfo:
         """How many units (heads, kv heads, channels) of ``role`` tensor ``name`` holds."""
         return int(self._table(name, role).shape[0])
 
-    def _table(self, name: str, role: str) -> torch.Tensor:
+    def _table(self, name: str, role: str) -> np.ndarray:
         c, layout = self._layout_of(name)
         if role not in layout.tables:
             raise ArchError(f"{name} holds {', '.join(c.roles)}, not {role!r}")
         return layout.tables[role]
 
-    def unit_indices(self, name: str, role: str, units: Iterable[int], expert: str | None = None) -> torch.Tensor:
+    def unit_indices(self, name: str, role: str, units: Iterable[int], expert: str | None = None) -> np.ndarray:
         """Stored indices (on ``coupled(name).axis``) of ``units`` of ``role``, unit by unit in the given order.
 
         In a stacked tensor the units are ``expert``'s: index ``e * n + k`` (FORMAT §4.5)."""
         table = self._table(name, role) + self._expert_offset(name, expert)
-        chosen = torch.as_tensor(list(units), dtype=torch.long)
-        if chosen.numel() and not (0 <= int(chosen.min()) and int(chosen.max()) < table.shape[0]):
+        chosen = _int64(units)
+        if chosen.size and not (0 <= int(chosen.min()) and int(chosen.max()) < table.shape[0]):
             raise ArchError(f"{name}: {role} unit {int(chosen.max()) if int(chosen.max()) >= table.shape[0] else int(chosen.min())} "
                             f"out of range 0..{table.shape[0] - 1}")
         return table[chosen].reshape(-1)
@@ -250,41 +257,41 @@ class ModelInfo:
         count = self.shapes[name][0] if self.shapes is not None and name in self.shapes else self.dims.experts
         return [str(e) for e in range(count)]
 
-    def by_expert(self, name: str, indices: Iterable[int] | torch.Tensor) -> dict[str | None, torch.Tensor]:
+    def by_expert(self, name: str, indices: Iterable[int] | np.ndarray) -> dict[str | None, np.ndarray]:
         """Stored indices of ``name`` per expert, local to that expert's matrix (one entry unless stacked)."""
         c, layout = self._layout_of(name)
-        wanted = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        wanted = _int64(indices)
         if not c.stacked:
             return {c.expert: wanted}
         return {str(e): wanted[wanted // layout.length == e] % layout.length
-                for e in torch.unique(wanted // layout.length).tolist()}
+                for e in np.unique(wanted // layout.length).tolist()}
 
-    def expert_units(self, name: str, indices: Iterable[int] | torch.Tensor) -> dict[str | None, dict[str, list[int]]]:
+    def expert_units(self, name: str, indices: Iterable[int] | np.ndarray) -> dict[str | None, dict[str, list[int]]]:
         """``units_of`` per expert: ``{coupled(name).expert: ...}``, or per expert of a stacked tensor."""
         c = self.coupled(name)
         return {(expert if c.stacked else c.expert): self.units_of(name, local)
                 for expert, local in self.by_expert(name, indices).items()}
 
-    def units_of(self, name: str, indices: Iterable[int] | torch.Tensor) -> dict[str, list[int]]:
+    def units_of(self, name: str, indices: Iterable[int] | np.ndarray) -> dict[str, list[int]]:
         """The inverse: per role, the sorted units that own any of ``indices`` (of any expert, when stacked)."""
         c, layout = self._layout_of(name)
-        wanted = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        wanted = _int64(indices)
         if c.stacked:
             wanted = wanted % layout.length
         found = {}
         for role, table in layout.tables.items():
-            hit = torch.isin(table, wanted).any(1).nonzero().reshape(-1).tolist()
+            hit = np.flatnonzero(np.isin(table, wanted).any(1)).tolist()
             if hit:
                 found[role] = hit
         return found
 
-    def whole_units(self, name: str, indices: Iterable[int] | torch.Tensor) -> torch.Tensor:
+    def whole_units(self, name: str, indices: Iterable[int] | np.ndarray) -> np.ndarray:
         """``indices`` widened to every stored index of the units they touch, sorted."""
         parts = [self.unit_indices(name, role, units, expert)
                  for expert, touched in self.expert_units(name, indices).items() for role, units in touched.items()]
-        return torch.unique(torch.cat(parts)) if parts else torch.empty(0, dtype=torch.long)
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
-    def permute_index(self, name: str, layer_order: LayerOrder | None) -> tuple[str, torch.Tensor] | None:
+    def permute_index(self, name: str, layer_order: LayerOrder | None) -> tuple[str, np.ndarray] | None:
         """``(FORMAT axis, gather index)`` that applies a layer's permutation to ``name``; None if it does not move.
 
         A stacked tensor gets one index over all its experts, each expert reordered by its own order."""
@@ -295,7 +302,7 @@ class ModelInfo:
             return None
         _, layout = self._layout_of(name)
         experts = self.stacked_experts(name) if c.stacked else [c.expert]
-        index = torch.arange(layout.length * len(experts), dtype=torch.long)
+        index = np.arange(layout.length * len(experts), dtype=np.int64)
         moved = False
         for e, expert in enumerate(experts):
             for role, table in layout.tables.items():
@@ -305,7 +312,7 @@ class ModelInfo:
                 if len(order) != table.shape[0]:
                     raise ArchError(f"{name}: the permutation orders {len(order)} {role} units, the tensor has {table.shape[0]}")
                 offset = e * layout.length
-                index[offset + table.reshape(-1)] = offset + table[torch.as_tensor(list(order), dtype=torch.long)].reshape(-1)
+                index[offset + table.reshape(-1)] = offset + table[_int64(order)].reshape(-1)
                 moved = True
         return (c.axis, index) if moved else None
 

@@ -186,7 +186,7 @@ def _analyse(name: str, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, in
     c = info.coupled(name) if info else None
     group = None
     if c is not None and c.stored_dim < mask.dim():
-        indices = info.whole_units(name, _changed_along(mask, c.axis))
+        indices = torch.from_numpy(info.whole_units(name, _changed_along(mask, c.axis)))
         selected, total = _unit_share(info, name, indices)
         axis, fits = c.axis, _allowed(selected, total, max_fraction)
         cheaper_axis, cheaper = _cheapest_slice(mask, c.axis)

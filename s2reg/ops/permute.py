@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..arch import CHANNEL_ROLES, ModelInfo, resolve_source
 from ..errors import S2RegError, ShapeError
 from ..format import Adapter, S2FTTarget
-from ..format.arrays import as_array, to_torch
+from ..format.arrays import as_array, is_torch, to_torch
 from ..format.s2ft import axis_dim, axis_length, gather
 from ..records import RECORD_VERSION, RecordError, checked, read_record
 from ..tensors.reader import PERMUTATION_NAME
@@ -142,7 +141,7 @@ class Permutation:
 
     def index_of(self, info: ModelInfo):
         """``name -> (FORMAT axis, gather index) | None``: this permutation for a permuted view of a tensor source."""
-        def index(name: str) -> tuple[int, torch.Tensor] | None:
+        def index(name: str) -> tuple[str, np.ndarray] | None:
             c = info.coupled(name)
             return info.permute_index(name, self.layers.get(c.layer)) if c else None
         return index
@@ -215,16 +214,19 @@ def selection_of(adapter: Adapter, info: ModelInfo) -> Selection:
     return heads, channels
 
 
-def permute_tensor(name: str, tensor: torch.Tensor, permutation: Permutation, info: ModelInfo) -> torch.Tensor:
-    """``tensor`` reordered by ``permutation`` (itself when the tensor is not coupled or not moved)."""
+def permute_tensor(name: str, tensor: Any, permutation: Permutation, info: ModelInfo) -> Any:
+    """``tensor`` reordered by ``permutation`` (itself when the tensor is not coupled or not moved).
+
+    A numpy array gives a numpy array, a torch tensor a torch tensor: the gather is numpy's either way."""
     found = permutation.index_of(info)(name)
     if found is None:
         return tensor
     axis, index = found
-    if axis_length(tuple(tensor.shape), axis) != index.numel():
+    if axis_length(tuple(tensor.shape), axis) != index.size:
         raise ShapeError(f"{name}: its {axis} are {axis_length(tuple(tensor.shape), axis)}, the permutation covers "
-                         f"{index.numel()}")
-    return to_torch(gather(as_array(tensor), axis, index))
+                         f"{index.size}")
+    moved = gather(as_array(tensor), axis, index)
+    return to_torch(moved) if is_torch(tensor) else moved
 
 
 def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation, info: ModelInfo) -> S2FTTarget:
@@ -235,7 +237,6 @@ def permute_s2ft_target(name: str, target: S2FTTarget, permutation: Permutation,
     axis, index = found
     if target.indices.size and axis != target.axis:
         raise S2RegError(f"{name}: a {target.axis} slice cannot be permuted along {axis}")
-    index = index.numpy()
     position = np.empty_like(index)
     position[index] = np.arange(index.size)
     moved = position[target.indices.astype(np.int64)]
@@ -270,8 +271,8 @@ class PermutationRecord:
             raise RecordError(str(exc)) from None
 
 
-def to_original(name: str, tensor: torch.Tensor, permutation: tuple[Permutation, ModelInfo] | None) -> torch.Tensor:
-    """A tensor of a co-permuted checkpoint in original coordinates (as it is when not permuted)."""
+def to_original(name: str, tensor: Any, permutation: tuple[Permutation, ModelInfo] | None) -> Any:
+    """A tensor (numpy or torch) of a co-permuted checkpoint in original coordinates (as it is when not permuted)."""
     if permutation is None:
         return tensor
     perm, info = permutation

@@ -12,11 +12,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from ..arch import ARCH_FILE, ModelInfo, resolve_source
 from ..errors import S2RegError
 from ..format import Adapter
+from ..format.arrays import bits
 from ..ops.permute import Permutation, PermutationRecord, permute_tensor, plan, read_permutation, selection_of
 from ..records import to_bytes
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
@@ -51,9 +52,9 @@ def _rewrite(source: CheckpointSource, output: Path, perm: Permutation, info: Mo
     changed = set()
 
     def produce(spec: TensorSpec):
-        before = source.get(spec.name)
+        before = source.array(spec.name)
         after = permute_tensor(spec.name, before, perm, info)
-        if after is not before and not torch.equal(after.view(torch.uint8), before.view(torch.uint8)):
+        if after is not before and not np.array_equal(bits(after), bits(before)):
             changed.add(spec.name)
         return after
 

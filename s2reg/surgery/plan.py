@@ -23,7 +23,6 @@ from ..errors import (
     ShapeError,
 )
 from ..format import Adapter, S2FTTarget, dtypes
-from ..format.arrays import as_array, to_torch
 from ..format.digest import tensor_sha256
 from ..format.s2ft import EXPERT_AXES, put, take
 from ..tensors import CheckpointSource, PermutedView, TensorSource
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
 
 def read_permutation(source: Any) -> tuple[Permutation, ModelInfo] | None:
     """The co-permutation ``source`` was written with, if any. Only a permuted checkpoint needs the model
-    family's description and torch (ops.permute); every other one is merged in numpy alone."""
+    family's description (ops.permute), so no other merge loads it."""
     if not (source.directory / PERMUTATION_NAME).is_file():
         return None
     from ..ops.permute import read_permutation as read
@@ -51,7 +50,7 @@ def to_original(name: str, tensor: np.ndarray, permutation: tuple[Permutation, M
         return tensor
     from ..ops.permute import to_original as back
 
-    return as_array(back(name, to_torch(tensor), permutation))
+    return back(name, tensor, permutation)
 
 
 def original_sha256(source: CheckpointSource, permutation: tuple[Permutation, ModelInfo] | None, name: str) -> str:
@@ -155,7 +154,7 @@ class Plan:
         from ..ops.permute import permute_tensor
 
         perm, info = self.permutation
-        return as_array(permute_tensor(name, to_torch(tensor), perm, info))
+        return permute_tensor(name, tensor, perm, info)
 
     def original_shas(self, names: Sequence[str]) -> dict[str, str]:
         """sha256 of each tensor in original coordinates, as it is now (streamed when unpermuted), hashed

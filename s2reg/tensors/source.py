@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..format.digest import tensor_sha256
-from ..format.arrays import as_array, to_torch
+from ..format.arrays import read_array, to_torch
 from ..format.s2ft import gather
 from .reader import CheckpointSource, check_rows
 from .memory import Closeable, MemorySource
@@ -83,24 +83,30 @@ class PermutedView(Closeable):
     def config(self) -> dict[str, Any] | None:
         return self.source.config()
 
-    def get(self, name: str) -> Any:
-        tensor = self.source.get(name)
+    def array(self, name: str) -> Any:
+        """The tensor ``name`` in the view's order, as a numpy array (torch is not needed to read one)."""
+        tensor = read_array(self.source, name)
         reorder = self._index_of(name)
         if reorder is None:
             return tensor
         axis, index = reorder
-        return to_torch(gather(as_array(tensor), axis, index))
+        return gather(tensor, axis, index)
+
+    def get(self, name: str) -> Any:
+        if self._index_of(name) is None:
+            return self.source.get(name)
+        return to_torch(self.array(name))
 
     def get_rows(self, name: str, start: int, stop: int) -> Any:
         if self._index_of(name) is None:
             return self.source.get_rows(name, start, stop)
         check_rows(name, self.shape(name), start, stop)
-        return self.get(name)[start:stop].clone()
+        return to_torch(self.array(name)[start:stop].copy())
 
     def sha256_of(self, name: str) -> str:
         if self._index_of(name) is None:
             return self.source.sha256_of(name)
-        return tensor_sha256(self.get(name))
+        return tensor_sha256(self.array(name))
 
     def __repr__(self) -> str:
         return f"PermutedView({self.source!r})"

@@ -46,7 +46,7 @@ def _slice_size(mapping: ModelMap, role: str, layer: int, expert) -> int:
     size = 0
     for c in mapping.tensors(role, layer, expert):
         per_index = math.prod(slice_shape(c.placement.shape, c.axis, 1))  # FORMAT §4.2, expert axes included
-        size += mapping.info.unit_indices(c.name, role, [0], expert).numel() * per_index
+        size += mapping.info.unit_indices(c.name, role, [0], expert).size * per_index
     return size
 
 

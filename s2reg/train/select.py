@@ -55,7 +55,7 @@ def _per_unit(mapping: ModelMap, unit: Unit, per_index: torch.Tensor) -> torch.T
     c = _scored_tensor(mapping, unit)
     role = SCORED_ROLE[unit[0]]
     count = mapping.info.unit_count(c.name, role)
-    table = mapping.info.unit_indices(c.name, role, range(count)).reshape(count, -1)  # unit by unit
+    table = torch.from_numpy(mapping.info.unit_indices(c.name, role, range(count)).reshape(count, -1))  # unit by unit
     return per_index[table].sum(1).sqrt()
 
 

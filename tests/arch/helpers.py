@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from s2reg.arch import CHANNEL_ROLES, HEAD_ROLES, ModelInfo, resolve_source
@@ -40,8 +41,8 @@ def selection_adapter(directory: Path, heads=(1,), channels=(2, 5), layers=None,
                             groups[name] = info.dims.head_dim
         slices = {}
         for name, parts in indices.items():
-            axis, index = info.coupled(name).axis, torch.unique(torch.cat(parts))
-            shape = slice_shape(tuple(source.shape(name)), axis, index.numel())
+            axis, index = info.coupled(name).axis, np.unique(np.concatenate(parts))
+            shape = slice_shape(tuple(source.shape(name)), axis, index.size)
             slices[name] = (axis, index, torch.randn(*shape, generator=g) * scale)
         return S2FTAdapter.from_slices(source, slices, base_name="zoo", group_sizes=groups)
 

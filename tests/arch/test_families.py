@@ -7,6 +7,7 @@ which fails for any wrong offset, interleaving, transposition or forgotten per-h
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -74,7 +75,7 @@ def test_description_fits_the_tiny_model(name, zoo_checkpoint):
             continue
         counts = {r: info.unit_count(tensor, r) for r in c.roles}
         for expert in info.stacked_experts(tensor) or [None]:  # a stacked tensor: every expert's units, in its range
-            index = torch.cat([info.unit_indices(tensor, r, range(n), expert) for r, n in counts.items()])
+            index = np.concatenate([info.unit_indices(tensor, r, range(n), expert) for r, n in counts.items()])
             first = int(expert or 0) * shape[c.stored_dim]
             assert sorted(index.tolist()) == list(range(first, first + shape[c.stored_dim])), tensor
         for role, n in counts.items():

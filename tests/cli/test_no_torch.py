@@ -116,3 +116,22 @@ def test_listing_and_tagging_load_not_even_numpy(setup, args):
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env={**os.environ, **home}, timeout=300)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"status": 0, "heavy": []}, done.stderr
+
+
+def test_permute_and_surgery_on_a_permuted_checkpoint_load_no_torch(setup, tmp_path):
+    """permute, merge/unmerge into the co-permuted checkpoint (adapters map onto it, spec/SURGERY.md §4),
+    validate against it, and unpermute: numpy only, and unpermute gives back every original bit."""
+    root, base, home = setup
+    permuted, merged, restored = tmp_path / "permuted", tmp_path / "merged", tmp_path / "restored"
+    steps = [
+        ["permute", base, "--plan", root / "a", "-o", permuted],
+        ["validate", root / "a", "--base", permuted],
+        ["merge", permuted, root / "a", "-o", merged],
+        ["unmerge", merged, root / "a", "-o", tmp_path / "unmerged"],
+        ["unpermute", tmp_path / "unmerged", "-o", restored],
+    ]
+    for args in steps:
+        assert fresh(*args, env=home) == {"status": 0, "heavy": []}, args
+    assert tensor_digests(permuted) != tensor_digests(base)  # the plan really moved heads and channels
+    assert tensor_digests(tmp_path / "unmerged") == tensor_digests(permuted)
+    assert tensor_digests(restored) == tensor_digests(base)

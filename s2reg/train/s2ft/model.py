@@ -109,7 +109,7 @@ def _wanted(mapping: ModelMap, layers: list[int], roles: tuple[str, ...], select
                 units = _units(role, e, selection[layer], mapping)
                 if not units:
                     continue
-                indices = mapping.info.unit_indices(c.name, role, units, e).long()  # a stacked tensor: e's units
+                indices = torch.from_numpy(mapping.info.unit_indices(c.name, role, units, e))  # a stacked tensor: e's units
                 _, had_roles, had = wanted.get(c.name, (c, set(), torch.empty(0, dtype=torch.long)))
                 wanted[c.name] = (c, had_roles | {role}, torch.cat([had, indices]).unique(sorted=True))
     return wanted
