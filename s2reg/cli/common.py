@@ -9,6 +9,8 @@ import click
 from ..errors import S2RegError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+sizes_option = click.option("--sizes", is_flag=True,
+                            help="Also compress each target alone for its share of the file (a zstd run per target).")
 
 
 def one_line_error(exc: S2RegError | OSError, *, exit_code: int = 1) -> click.ClickException:

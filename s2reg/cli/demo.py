@@ -25,7 +25,7 @@ def demo_command(workdir: Path | None, as_json: bool) -> None:
     """The tour on embedded defaults: fixture model, S2FT and PISA adapters, inspect, merge/unmerge,
     then train -> push (local registry) -> fuse -> merge."""
     workdir = workdir or default_workdir()
-    reports = run_demo(workdir, step=lambda text: None if as_json else render.console.print(f"[cyan]>[/] {text}"))
+    reports = run_demo(workdir, step=lambda text: None if as_json else render.line((">", "cyan"), f" {text}"))
     surgery, story = reports.pop("surgery"), reports.pop("story")
     if as_json:
         render.emit_json({"workdir": str(workdir), "adapters": reports, "surgery": surgery, "story": story})
@@ -35,15 +35,16 @@ def demo_command(workdir: Path | None, as_json: bool) -> None:
         show(report)
     render.console.print()
     render.console.print(render.table("surgery", ["check", "result"],
-                                      ([k.replace("_", " "), "[green]yes[/]" if v else "[red]no[/]"] for k, v in surgery.items())))
+                                      ([k.replace("_", " "), render.styled("yes", "green") if v else render.styled("no", "red")] for k, v in surgery.items())))
     render.console.print(render.table("train -> push -> fuse -> merge", ["", ""], [
         ["trained parameters", f"{story['trainable_parameters']:,}"],
         ["steps", story["steps"]],
         ["eval loss", f"{story['eval_loss_before']:.3f} -> {story['eval_loss_after']:.3f}"],
         ["registry", ", ".join(story["registry"])],
-        ["fused merge == merging both", "[green]yes[/]" if story["fused_merge_equals_merging_both"] else "[red]no[/]"],
+        ["fused merge == merging both", render.styled("yes", "green") if story["fused_merge_equals_merging_both"] else render.styled("no", "red")],
     ]))
-    render.console.print(f"\n[green]done[/]: everything is in {workdir}")
+    render.console.print()
+    render.line(("done", "green"), f": everything is in {workdir}")
 
 
 COMMANDS = [demo_command]

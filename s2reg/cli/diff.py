@@ -58,7 +58,7 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
              for r in report["tensors"]), right=["changed", "rows", "cols", "max |Δ|", "rel L2"]))
         for side in ("a", "b"):
             if report[f"only_in_{side}"]:
-                render.console.print(f"only in {side.upper()}: {', '.join(report[f'only_in_{side}'][:10])}")
+                render.line(f"only in {side.upper()}: {', '.join(report[f'only_in_{side}'][:10])}")
     raise SystemExit(0 if report["identical"] else 1)
 
 

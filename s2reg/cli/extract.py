@@ -42,9 +42,9 @@ def show_report(report: ExtractReport) -> None:
     render.console.print(render.table(f"{len(report.changes)} changed, {report.unchanged} unchanged", columns, rows,
                                       right=["changed", "stored", "rel. error", "noise"]))
     if report.note:
-        render.console.print(f"[yellow]note[/]: {report.note}")
+        render.line(("note", "yellow"), f": {report.note}")
     for warning in report.warnings:
-        render.console.print(f"[yellow]warning[/]: {warning}")
+        render.line(("warning", "yellow"), f": {warning}")
 
 
 @click.command("extract")
@@ -112,9 +112,9 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, allow_
         return
     show_report(report)
     if result.permutation is not None:
-        render.console.print(f"detected a co-permutation of {len(result.permutation.layers)} layer(s); undone")
-    render.console.print(
-        f"[green]wrote[/] {output}: {adapter.kind}, {len(adapter.targets)} targets, {adapter.num_params:,} parameters, "
+        render.line(f"detected a co-permutation of {len(result.permutation.layers)} layer(s); undone")
+    render.line(
+        ("wrote", "green"), f" {output}: {adapter.kind}, {len(adapter.targets)} targets, {adapter.num_params:,} parameters, "
         f"{render.human_bytes(stored.payload_bytes)} on disk, digest {stored.digest[:16]}"
     )
 

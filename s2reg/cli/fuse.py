@@ -62,7 +62,7 @@ def fuse_command(adapters, method, weights, density, seed, majority_sign, base, 
         f"fused {len(adapters)} adapters ({method})", ["tensor", "inputs", "overlapping", "overlap"],
         ([r["tensor"], r["inputs"], r["overlapping"], f"{100 * r['overlap_fraction']:.1f}%"] for r in report),
         right=["inputs", "overlapping", "overlap"]))
-    render.console.print(f"[green]wrote[/] {output} ({fused.num_params:,} parameters, digest {stored.digest[:16]})")
+    render.line(("wrote", "green"), f" {output} ({fused.num_params:,} parameters, digest {stored.digest[:16]})")
 
 
 COMMANDS = [fuse_command]

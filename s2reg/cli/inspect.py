@@ -8,7 +8,7 @@ from ..format.stats import ranges
 from ..ops.describe import describe
 from ..tensors import open_source
 from . import render
-from .common import adapter_argument, arch_option, json_option
+from .common import adapter_argument, arch_option, json_option, sizes_option
 
 UNIT_NAMES = {"q": "heads", "o": "heads", "k": "kv heads", "v": "kv heads", "up": "channels", "gate": "channels",
               "down": "channels"}
@@ -36,9 +36,10 @@ def _selection(row: dict) -> str:
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also draw a layers x modules heatmap and the selection (PNG).")
 @click.option("--base", "base", type=click.Path(exists=True, file_okay=False),
               help="The base checkpoint: show S2FT selections as heads and channels of its model family.")
+@sizes_option
 @arch_option
 @json_option
-def inspect_command(adapter, plot: str | None, base: str | None, arch, as_json: bool) -> None:
+def inspect_command(adapter, plot: str | None, base: str | None, sizes: bool, arch, as_json: bool) -> None:
     """Show an adapter's targets, selections, sizes and norms.
 
     With --base, S2FT selections are shown as heads, kv heads and channels (per expert) as the
@@ -48,16 +49,17 @@ def inspect_command(adapter, plot: str | None, base: str | None, arch, as_json: 
     Example:
       s2reg inspect ./my-adapter
       s2reg inspect ./my-adapter --base ./base-model
+      s2reg inspect ./my-adapter --sizes
       s2reg inspect ./my-adapter --json | jq '.targets[].indices'
       s2reg inspect ./my-adapter --plot adapter.png
     """
     info = None
     if base is not None:
-        from ..arch import resolve_source  # the family tables run in torch: only with --base
+        from ..arch import resolve_source  # the families' descriptions: only with --base
 
         with open_source(base) as source:
             info = resolve_source(source, arch)
-    report = describe(adapter, info)
+    report = describe(adapter, info, sizes=sizes)
     if plot:
         from ..plot import plot_adapter
 
@@ -76,21 +78,19 @@ def _in_model_order(row: dict) -> tuple:
 def show(report: dict) -> None:
     """Render a :func:`describe` report: a summary, then one row per target."""
     s = report["summary"]
-    lines = [
-        f"[bold]{s['kind']}[/] adapter for [bold]{s['base']['name']}[/]"
-        + (f" @ {s['base']['revision']}" if s["base"]["revision"] else ""),
-        f"{s['targets']} targets, {s['params']:,} parameters ({s['percent_of_targeted']:.2f}% of the targeted tensors)",
-    ]
+    render.line((s["kind"], "bold"), " adapter for ", (s["base"]["name"], "bold"),
+                f" @ {s['base']['revision']}" if s["base"]["revision"] else "")
+    render.line(f"{s['targets']} targets, {s['params']:,} parameters ({s['percent_of_targeted']:.2f}% of the targeted tensors)")
     if "digest" in s:
-        lines.append(
+        render.line(
             f"payload {render.human_bytes(s['bytes_on_disk'])} on disk ({s['encoding']}), "
             f"{render.human_bytes(s['raw_bytes'])} raw, ratio {s['compression_ratio']:.2f}x; digest {s['digest'][:16]}"
         )
-    render.console.print("\n".join(lines))
+    sizes = all("compressed_bytes" in r for r in report["targets"])
     render.console.print(
         render.table(
             None,
-            ["layer", "module", "selection", "params", "% base", "‖Δ‖", "zstd"],
+            ["layer", "module", "selection", "params", "% base", "‖Δ‖"] + (["zstd"] if sizes else []),
             (
                 [
                     "" if r["layer"] is None else r["layer"],
@@ -99,8 +99,7 @@ def show(report: dict) -> None:
                     f"{r['params']:,}",
                     f"{r['percent_of_base']:.2f}",
                     f"{r['delta_norm']:.4g}",
-                    render.human_bytes(r["compressed_bytes"]),
-                ]
+                ] + ([render.human_bytes(r["compressed_bytes"])] if sizes else [])
                 for r in sorted(report["targets"], key=_in_model_order)
             ),
             right=["params", "% base", "‖Δ‖", "zstd"],

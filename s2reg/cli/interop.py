@@ -36,8 +36,8 @@ def export_command(adapter, target, output, rank, base, overwrite, as_json) -> N
     if as_json:
         render.emit_json(report)
         return
-    render.console.print(f"[green]exported[/] {report['modules']} modules to {output} (task type {report['task_type']}, "
-                         f"max rank {report['max_rank']}, max relative error {report['max_relative_error']:.2e})")
+    render.line(("exported", "green"), f" {report['modules']} modules to {output} (task type {report['task_type']}, "
+                f"max rank {report['max_rank']}, max relative error {report['max_relative_error']:.2e})")
 
 
 @click.command("import")
@@ -60,7 +60,7 @@ def import_command(peft_dir, base, output, overwrite, as_json) -> None:
     if as_json:
         render.emit_json({"output": str(output), "kind": adapter.kind, "targets": len(adapter.targets), "digest": stored.digest})
         return
-    render.console.print(f"[green]imported[/] {kind} as a {adapter.kind} adapter: {len(adapter.targets)} targets -> {output}")
+    render.line(("imported", "green"), f" {kind} as a {adapter.kind} adapter: {len(adapter.targets)} targets -> {output}")
 
 
 COMMANDS = [export_command, import_command]

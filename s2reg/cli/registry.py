@@ -8,7 +8,7 @@ import click
 
 from ..registry import Store, list_adapters
 from . import render
-from .common import json_option, overwrite_option
+from .common import json_option, overwrite_option, sizes_option
 
 HF = "hf://"
 
@@ -42,7 +42,7 @@ def push_command(source: str, destination: str, subfolder: str | None, private: 
     if as_json:
         render.emit_json(result)
     else:
-        render.console.print(f"[green]pushed[/] {source} -> {destination} ({result.get('digest', '')[:16]})")
+        render.line(("pushed", "green"), f" {source} -> {destination} ({result.get('digest', '')[:16]})")
 
 
 @click.command("pull")
@@ -79,7 +79,7 @@ def pull_command(source: str, ref: str | None, output: Path | None, subfolder: s
     if as_json:
         render.emit_json(result)
     else:
-        render.console.print(f"[green]pulled[/] {source} -> {result.get('output') or result['ref']}")
+        render.line(("pulled", "green"), f" {source} -> {result.get('output') or result['ref']}")
 
 
 @click.command("ls")
@@ -102,14 +102,15 @@ def ls_command(base: str | None, kind: str | None, as_json: bool) -> None:
 
 @click.command("show")
 @click.argument("ref")
+@sizes_option
 @json_option
-def show_command(ref: str, as_json: bool) -> None:
+def show_command(ref: str, sizes: bool, as_json: bool) -> None:
     """Show a stored adapter (verified), like `s2reg inspect`."""
     from ..ops.describe import describe
     from .inspect import show as show_report
 
     store = Store()
-    report = describe(store.load(ref))
+    report = describe(store.load(ref), sizes=sizes)
     report["summary"]["ref"] = ref
     if as_json:
         render.emit_json(report)
@@ -123,7 +124,7 @@ def show_command(ref: str, as_json: bool) -> None:
 def tag_command(source: str, target: str) -> None:
     """Point TARGET at the adapter SOURCE points at (no bytes copied)."""
     digest = Store().tag(source, target)
-    render.console.print(f"[green]tagged[/] {target} -> {digest[:16]}")
+    render.line(("tagged", "green"), f" {target} -> {digest[:16]}")
 
 
 @click.command("rm")
@@ -133,7 +134,7 @@ def rm_command(refs: tuple[str, ...]) -> None:
     store = Store()
     for ref in refs:
         store.remove(ref)
-        render.console.print(f"[green]removed[/] {ref}")
+        render.line(("removed", "green"), f" {ref}")
 
 
 @click.command("gc")
@@ -144,7 +145,7 @@ def gc_command(as_json: bool) -> None:
     if as_json:
         render.emit_json(result)
     else:
-        render.console.print(f"removed {result['blobs_removed']} blob(s), freed {render.human_bytes(result['bytes_freed'])}")
+        render.line(f"removed {result['blobs_removed']} blob(s), freed {render.human_bytes(result['bytes_freed'])}")
 
 
 @click.command("verify")
@@ -157,11 +158,11 @@ def verify_command(as_json: bool) -> None:
         render.emit_json(result)
     else:
         stale = len(result["stale_views_removed"])
-        render.console.print(f"checked {result['blobs_checked']} blob(s): {len(result['corrupt'])} corrupt; "
-                             f"{result['views_checked']} view(s)"
-                             + (f": {stale} stale, removed (rebuilt on the next load)" if stale else ""))
+        render.line(f"checked {result['blobs_checked']} blob(s): {len(result['corrupt'])} corrupt; "
+                    f"{result['views_checked']} view(s)"
+                    + (f": {stale} stale, removed (rebuilt on the next load)" if stale else ""))
         for broken in result["broken_refs"]:
-            render.errors.print(f"[red]broken[/] {broken['ref']}: {broken['error']}")
+            render.line(("broken", "red"), f" {broken['ref']}: {broken['error']}", stderr=True)
     if result["corrupt"] or result["broken_refs"]:
         raise SystemExit(1)
 

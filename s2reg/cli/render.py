@@ -1,4 +1,9 @@
-"""All terminal output of the CLI: rich tables and progress for people, JSON for scripts."""
+"""All terminal output of the CLI: rich tables and progress for people, JSON for scripts.
+
+Text that comes from users (paths, refs, model names, tensor names) is never parsed as rich markup:
+``[v2]`` in a name would vanish into a style and ``[/]`` would crash the print. Tables and
+:func:`line` take it as plain text; only the labels s2reg writes itself carry styles.
+"""
 
 from __future__ import annotations
 
@@ -31,17 +36,32 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def styled(text: str, style: str) -> Text:
+    """A table cell or :func:`line` part in a style of s2reg's own (``styled("yes", "green")``)."""
+    return Text(text, style=style)
+
+
+def line(*parts: str | tuple[str, str], stderr: bool = False) -> None:
+    """Print one line from plain strings and ``(text, style)`` pairs: ``line(("pushed", "green"), f" {ref}")``.
+
+    Long lines are left to the terminal to wrap, so a path or ref stays one piece of text when piped."""
+    (errors if stderr else console).print(Text.assemble(*parts), soft_wrap=True)
+
+
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, right: Sequence[str] = (),
           clip: Sequence[str] = ()) -> Table:
-    """A table; ``right`` columns are right-aligned, ``clip`` columns stay on one line and end in an
+    """A table of plain-text cells (or :func:`styled` ones); ``right`` columns are right-aligned, ``clip`` columns stay on one line and end in an
     ellipsis when the terminal is too narrow (their whole text is in ``--json``), the others fold."""
     t = Table(title=title, title_justify="left", header_style="bold")
     for c in columns:
         t.add_column(c, justify="right" if c in right else "left", overflow="fold")
     clipped = [c in clip for c in columns]
     for row in rows:
-        # a clipped cell is one line of text, but its column still gives way first (rich narrows the widest)
-        t.add_row(*(Text(str(x), no_wrap=True, overflow="ellipsis") if cut else str(x) for x, cut in zip(row, clipped)))
+        cells = [x.copy() if isinstance(x, Text) else Text(str(x)) for x in row]
+        for cell, cut in zip(cells, clipped):
+            if cut:  # one line of text, but its column still gives way first (rich narrows the widest)
+                cell.no_wrap, cell.overflow = True, "ellipsis"
+        t.add_row(*cells)
     return t
 
 
@@ -50,7 +70,7 @@ def progress(*, transient: bool = True) -> Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

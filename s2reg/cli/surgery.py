@@ -50,8 +50,8 @@ def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Pat
         return
     where = report.get("output") or report.get("in_place")
     size = f", {render.human_bytes(report['bytes_patched'])} patched" if "bytes_patched" in report else ""
-    render.console.print(
-        f"[green]{kind}d[/] {len(adapters)} adapter(s): {report['tensors']} tensors{size} in {report['seconds']:.2f}s -> {where}; "
+    render.line(
+        (f"{kind}d", "green"), f" {len(adapters)} adapter(s): {report['tensors']} tensors{size} in {report['seconds']:.2f}s -> {where}; "
         f"{len(report['merged_now'])} adapter(s) merged now"
     )
 
@@ -112,7 +112,7 @@ def recover_command(checkpoint, forward, as_json) -> None:
     if as_json:
         render.emit_json(report)
     else:
-        render.console.print(f"[green]{report['action']}[/]: {report['checkpoint']}")
+        render.line((report["action"], "green"), f": {report['checkpoint']}")
 
 
 def _selection(value: str):
@@ -154,9 +154,9 @@ def permute_command(checkpoint, plan_from, output, overwrite, arch, as_json) -> 
         render.emit_json(report)
         return
     if report["note"]:
-        render.console.print(f"[yellow]note[/]: {report['note']}")
-    render.console.print(f"[green]permuted[/] {report['layers_permuted']} layer(s), {report['tensors_changed']} tensor(s) "
-                         f"changed ({report['family']} layout) -> {output}")
+        render.line(("note", "yellow"), f": {report['note']}")
+    render.line(("permuted", "green"), f" {report['layers_permuted']} layer(s), {report['tensors_changed']} tensor(s) "
+                f"changed ({report['family']} layout) -> {output}")
 
 
 @click.command("unpermute")
@@ -174,8 +174,8 @@ def unpermute_command(checkpoint, output, overwrite, arch, as_json) -> None:
     if as_json:
         render.emit_json(report)
     else:
-        render.console.print(f"[green]restored[/] {report['layers_restored']} layer(s), {report['tensors_changed']} "
-                             f"tensor(s) changed -> {output}")
+        render.line(("restored", "green"), f" {report['layers_restored']} layer(s), {report['tensors_changed']} "
+                    f"tensor(s) changed -> {output}")
 
 
 COMMANDS = [merge_command, unmerge_command, recover_command, permute_command, unpermute_command]

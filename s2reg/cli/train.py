@@ -129,8 +129,7 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
         run = run_training(base, data, method, method_config=method_config, train_config=train_config,
                            max_length=max_length, dtype=dtype, device=device, eval_fraction=eval_fraction,
                            state_dir=state_dir, resume=resume, on_step=on_step, arch_file=arch_file, budget=budget,
-                           on_warning=lambda message: render.errors.print(f"[yellow]warning[/]: {message}",
-                                                                          highlight=False, soft_wrap=True))
+                           on_warning=lambda message: render.line(("warning", "yellow"), f": {message}", stderr=True))
     if rank != 0:
         return
     stored = run.adapter.save(output, overwrite=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import click
 
 from ..format import load
-from ..surgery.plan import original_coordinates
-from ..tensors import CheckpointSource
 from . import render
 from .common import json_option
 
@@ -29,6 +27,9 @@ def validate_command(path: str, base_dir: str | None, allow_nonfinite: bool, as_
     """
     adapter = load(path, allow_nonfinite=allow_nonfinite)
     if base_dir is not None:
+        from ..surgery.plan import original_coordinates  # the surgery package, only when a base is checked
+        from ..tensors import CheckpointSource
+
         with CheckpointSource(base_dir) as source:
             adapter.verify_base(original_coordinates(source))
     result = {
@@ -43,7 +44,7 @@ def validate_command(path: str, base_dir: str | None, allow_nonfinite: bool, as_
         render.emit_json(result)
     else:
         base_note = f"; fingerprints match {base_dir}" if base_dir else ""
-        render.console.print(f"[green]OK[/] {path}: {adapter.kind}, {len(adapter.targets)} targets, digest {adapter.stored.digest[:16]}{base_note}")
+        render.line(("OK", "green"), f" {path}: {adapter.kind}, {len(adapter.targets)} targets, digest {adapter.stored.digest[:16]}{base_note}")
 
 
 COMMANDS = [validate_command]

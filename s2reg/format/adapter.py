@@ -16,7 +16,7 @@ from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
 from ..fsatomic import write_directory
 from . import codec, dtypes, limits, manifest, payload
 from .arrays import as_array, read_array
-from .digest import sha256_bytes, tensor_sha256
+from .digest import on_every_core, sha256_bytes, tensor_sha256
 from .pisa import PISATarget
 from .s2ft import S2FTTarget, add_exact, exact_difference, take
 
@@ -139,7 +139,8 @@ class Adapter:
         Reads headers and streamed hashes only: no base tensor is decoded for a checkpoint source.
         """
         present = set(base.names())
-        for name, fp in sorted(self.base.fingerprints.items()):
+        expected = sorted(self.base.fingerprints.items())
+        for name, fp in expected:
             if name not in present:
                 raise BaseMismatch(f"base model has no tensor {name!r} (adapter made for {self.base.name!r})")
             shape, dtype = tuple(base.shape(name)), base.dtype(name)
@@ -148,7 +149,9 @@ class Adapter:
                     f"{name}: base tensor is {list(shape)} {dtypes.name_of(dtype)}, adapter expects "
                     f"{list(fp.shape)} {fp.dtype} (made for {self.base.name!r})"
                 )
-            if hashes and base.sha256_of(name) != fp.sha256:
+        found = on_every_core(base.sha256_of, [name for name, _ in expected]) if hashes else {}
+        for name, fp in expected:
+            if hashes and found[name] != fp.sha256:
                 raise BaseMismatch(
                     f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r})"
                 )
@@ -181,11 +184,12 @@ class Adapter:
     def num_params(self) -> int:
         return sum(t.num_params for t in self.targets.values())
 
-    def stats(self) -> list[dict[str, Any]]:
-        """One row per target: kind-specific selection, params, share of the base tensor, norm, bytes."""
+    def stats(self, *, sizes: bool = False) -> list[dict[str, Any]]:
+        """One row per target: kind-specific selection, params, share of the base tensor, norm, bytes
+        (with ``sizes``, also each target's zstd-compressed size: a compression run per target)."""
         from .stats import target_rows
 
-        return target_rows(self)
+        return target_rows(self, sizes=sizes)
 
     # -- serialisation ----------------------------------------------------------------------
     def payload_bytes(self) -> bytes:

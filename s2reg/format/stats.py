@@ -10,7 +10,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from . import codec, dtypes, payload
+from . import codec, dtypes
 from .arrays import dot
 from .s2ft import S2FTTarget, axis_length
 
@@ -61,7 +61,9 @@ def with_units(rows: list[dict[str, Any]], info: Any) -> list[dict[str, Any]]:
     return out
 
 
-def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
+def target_rows(adapter: Adapter, *, sizes: bool = False) -> list[dict[str, Any]]:
+    """One row per target (``Adapter.stats``); ``sizes`` adds ``compressed_bytes``, each target compressed
+    alone, which costs a zstd run per target: most of an ``inspect`` when it is always done."""
     rows = []
     for name, t in adapter.targets.items():
         layer, module = layer_and_module(name)
@@ -77,9 +79,9 @@ def target_rows(adapter: Adapter) -> list[dict[str, Any]]:
             "params": t.num_params,
             "percent_of_base": 100.0 * t.num_params / dense_size,
             "payload_bytes": sum(x.nbytes for x in tensors.values()),
-            # This target alone through the payload codec: its share of the compressed file.
-            "compressed_bytes": len(codec.encode(payload.dump(tensors, {}))),
         }
+        if sizes:  # the payload file of an adapter holding this target alone
+            row["compressed_bytes"] = len(codec.encode(type(adapter)({name: t}, adapter.base).payload_bytes()))
         if isinstance(t, S2FTTarget):
             row.update(
                 axis=t.axis,

@@ -8,12 +8,14 @@ from ..format import Adapter
 from ..format.stats import with_units
 
 
-def describe(adapter: Adapter, info: Any = None) -> dict[str, Any]:
+def describe(adapter: Adapter, info: Any = None, *, sizes: bool = False) -> dict[str, Any]:
     """Summary and per-target statistics of an adapter (a loaded one also reports its disk bytes).
 
-    With ``info`` (the base's ``s2reg.arch.ModelInfo``), S2FT rows also say which heads and channels they hold.
+    With ``info`` (the base's ``s2reg.arch.ModelInfo``), S2FT rows also say which heads and channels they hold;
+    with ``sizes``, each target's compressed size (``Adapter.stats``).
     """
-    rows = adapter.stats() if info is None else with_units(adapter.stats(), info)
+    rows = adapter.stats(sizes=sizes)
+    rows = rows if info is None else with_units(rows, info)
     base_numel = sum(r["params"] / (r["percent_of_base"] / 100) for r in rows if r["percent_of_base"])
     stored = adapter.stored
     summary: dict[str, Any] = {

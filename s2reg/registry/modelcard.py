@@ -7,7 +7,8 @@ from ..ops.describe import describe
 
 
 def model_card(adapter: Adapter, ref: str) -> str:
-    s = describe(adapter)["summary"]
+    report = describe(adapter)
+    s = report["summary"]
     front = [
         "---",
         "library_name: s2reg",
@@ -24,7 +25,7 @@ def model_card(adapter: Adapter, ref: str) -> str:
         "| layer | module | selection | params | % of base |",
         "|---|---|---|---:|---:|",
     ]
-    for r in describe(adapter)["targets"]:
+    for r in report["targets"]:
         if r["kind"] == "s2ft":
             what = f"{r['axis']} {r['count']}/{r['of']}"
         else:

@@ -9,7 +9,7 @@ from .ledger import Ledger
 from .rewrite import merge, unmerge
 
 
-# co-permutation needs the model family's description, which runs in torch: imported when used
+# co-permutation needs the model families' descriptions: imported when used
 __getattr__ = exports(__name__, dict.fromkeys(("permute_checkpoint", "unpermute_checkpoint"), ".permute"), globals())
 
 __all__ = [

@@ -7,9 +7,7 @@ per-tensor math, which is exact for S2FT (FORMAT §4.3) and permutation-aware.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +21,7 @@ from ..errors import (
     ShapeError,
 )
 from ..format import Adapter, S2FTTarget, dtypes
-from ..format.digest import tensor_sha256
+from ..format.digest import on_every_core, tensor_sha256
 from ..format.s2ft import EXPERT_AXES, put, take
 from ..tensors import CheckpointSource, PermutedView, TensorSource
 from ..tensors.reader import PERMUTATION_NAME
@@ -158,9 +156,8 @@ class Plan:
 
     def original_shas(self, names: Sequence[str]) -> dict[str, str]:
         """sha256 of each tensor in original coordinates, as it is now (streamed when unpermuted), hashed
-        on every core at once: hashlib lets go of the GIL, and the base check is most of a merge's work."""
-        with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1) or 1) as pool:
-            return dict(zip(names, pool.map(lambda n: original_sha256(self.source, self.permutation, n), names)))
+        on every core at once (``digest.on_every_core``)."""
+        return on_every_core(lambda n: original_sha256(self.source, self.permutation, n), names)
 
 
 def _check_finite(name: str, after: np.ndarray, before: np.ndarray) -> None:

@@ -39,6 +39,42 @@ def test_inspect_table_shows_every_target(tmp_path, monkeypatch):
     assert "4/40 cols: 3,7-8,30" in result.output
 
 
+def test_inspect_sizes_compresses_each_target_alone(tmp_path, monkeypatch):
+    """--sizes adds each target's compressed size: what the payload codec makes of that target alone, i.e.
+    the payload file of an adapter holding only it. Without the flag no target is compressed."""
+    monkeypatch.setattr(render.console, "_width", 200)
+    adapter = s2ft_adapter()
+    adapter.save(tmp_path / "s")
+    plain = json.loads(run("inspect", tmp_path / "s", "--json").output)
+    assert all("compressed_bytes" not in t for t in plain["targets"])
+    assert "zstd ┃" not in run("inspect", tmp_path / "s").output
+    sized = json.loads(run("inspect", tmp_path / "s", "--json", "--sizes").output)
+    for row in sized["targets"]:
+        alone = s2reg.S2FTAdapter({row["name"]: adapter.targets[row["name"]]}, adapter.base)
+        stored = alone.save(tmp_path / row["name"])
+        assert row["compressed_bytes"] == stored.payload_bytes, row["name"]
+    table = run("inspect", tmp_path / "s", "--sizes").output
+    assert "zstd ┃" in table and render.human_bytes(sized["targets"][0]["compressed_bytes"]) in table
+
+
+def test_text_from_users_is_never_read_as_markup(tmp_path, monkeypatch):
+    """Names and paths with brackets print as they are: ``[v2]`` does not vanish into a style and ``[/]``
+    does not crash the print (inspect's header, ls's table, validate's line, push's line)."""
+    monkeypatch.setattr(render.console, "_width", 200)
+    monkeypatch.setenv("S2REG_HOME", str(tmp_path / "home"))
+    base = {"model.layers.0.mlp.down_proj.weight": torch.zeros(8, 16)}
+    slices = {"model.layers.0.mlp.down_proj.weight": ("columns", [1, 2], torch.ones(8, 2))}
+    name = "org/model[v2][/]"
+    folder = tmp_path / "[bold]adapter[/]"
+    s2reg.S2FTAdapter.from_slices(base, slices, base_name=name).save(folder)
+    runner = CliRunner(env={"S2REG_HOME": str(tmp_path / "home")})
+    for args, expected in ((["inspect", folder], name), (["validate", folder], str(folder)),
+                           (["push", folder, "t:v1"], str(folder)), (["ls"], name)):
+        result = runner.invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, (args, result.output)
+        assert expected in result.output, (args, result.output)
+
+
 def test_inspect_table_fits_a_narrow_terminal_and_lists_layers_in_model_order(tmp_path, monkeypatch):
     """At 80 columns the long selection column is cut short with an ellipsis (its whole text is in --json);
     no other cell is folded, and layer 2 comes before layer 10."""
