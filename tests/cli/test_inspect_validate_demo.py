@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -111,6 +112,7 @@ def test_inspect_of_a_missing_adapter_is_one_clean_line(tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
 
 
+@pytest.mark.filterwarnings("error::s2reg.train.change.LargeStepWarning")  # the tour trains as we advise
 def test_demo_runs_end_to_end(tmp_path):
     result = run("demo", "--workdir", tmp_path / "demo", "--json")
     assert result.exit_code == 0, result.output
