@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapter_size import saved_s2ft_adapters
-from measure import ROOT
+from measure import command_env
 
 from fixtures.smollm2 import build_smollm2
 from s2reg.registry import Store
@@ -69,8 +69,7 @@ def main() -> None:
         for i in range(100):  # 100 refs over 4 adapters: ls reads every ref and its manifest
             store.push(adapters[i % 4], f"task{i % 4}:v{i // 4}")
         (tmp / "hf").mkdir()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "S2REG_HOME": str(tmp / "home"), "HF_HUB_CACHE": str(tmp / "hf"),
-               "HF_HUB_OFFLINE": "1"}
+        env = {**command_env(), "S2REG_HOME": str(tmp / "home"), "HF_HUB_CACHE": str(tmp / "hf"), "HF_HUB_OFFLINE": "1"}
         s2reg = [sys.executable, "-m", "s2reg"]
         commands = {
             "s2reg --help": s2reg + ["--help"],

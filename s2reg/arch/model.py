@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..format.arrays import unique
 from .dims import Dims
 from .schema import CHANNEL_ROLES, FORMAT_HELP, HEAD_ROLES, ArchError, Family, Segment, TensorSpec
 
@@ -264,7 +265,7 @@ class ModelInfo:
         if not c.stacked:
             return {c.expert: wanted}
         return {str(e): wanted[wanted // layout.length == e] % layout.length
-                for e in np.unique(wanted // layout.length).tolist()}
+                for e in unique(wanted // layout.length).tolist()}
 
     def expert_units(self, name: str, indices: Iterable[int] | np.ndarray) -> dict[str | None, dict[str, list[int]]]:
         """``units_of`` per expert: ``{coupled(name).expert: ...}``, or per expert of a stacked tensor."""
@@ -289,7 +290,7 @@ class ModelInfo:
         """``indices`` widened to every stored index of the units they touch, sorted."""
         parts = [self.unit_indices(name, role, units, expert)
                  for expert, touched in self.expert_units(name, indices).items() for role, units in touched.items()]
-        return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+        return unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
     def permute_index(self, name: str, layer_order: LayerOrder | None) -> tuple[str, np.ndarray] | None:
         """``(FORMAT axis, gather index)`` that applies a layer's permutation to ``name``; None if it does not move.

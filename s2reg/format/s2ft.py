@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import FormatError, NonFiniteError, S2RegError, ShapeError
 from . import dtypes
-from .arrays import as_array, bits
+from .arrays import as_array, bits, unique
 from .manifest import require, require_dtype, require_shape, warn_unknown
 
 AXES = ("rows", "columns", "expert_rows", "expert_columns")
@@ -87,7 +87,7 @@ def gather(array: np.ndarray, axis: str, index: np.ndarray) -> np.ndarray:
 
 def whole_groups(indices: np.ndarray, size: int) -> np.ndarray:
     """Every index of the aligned groups of ``size`` that ``indices`` touch, sorted (FORMAT §4.1 group_size)."""
-    groups = np.unique(np.asarray(indices, dtype=np.int64) // size)
+    groups = unique(np.asarray(indices, dtype=np.int64) // size)
     return (groups[:, None] * size + np.arange(size)).reshape(-1)
 
 

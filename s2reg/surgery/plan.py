@@ -21,6 +21,7 @@ from ..errors import (
     ShapeError,
 )
 from ..format import Adapter, S2FTTarget, dtypes
+from ..format.arrays import unique
 from ..format.digest import on_every_core, tensor_sha256
 from ..format.s2ft import EXPERT_AXES, put, take
 from ..tensors import CheckpointSource, PermutedView, TensorSource
@@ -140,7 +141,7 @@ class Plan:
 
             perm, info = self.permutation
             targets = [permute_s2ft_target(name, t, perm, info) for t in targets]
-        indices = np.unique(np.concatenate([t.indices.astype(np.int64) for t in targets]))
+        indices = unique(np.concatenate([t.indices.astype(np.int64) for t in targets]))
         return targets[0].axis, indices
 
     def _to_original(self, name: str, tensor: np.ndarray) -> np.ndarray:
