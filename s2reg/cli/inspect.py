@@ -6,7 +6,6 @@ import click
 
 from ..format.stats import ranges
 from ..ops.describe import describe
-from ..tensors import open_source
 from . import render
 from .common import adapter_argument, arch_option, json_option, sizes_option
 
@@ -56,6 +55,7 @@ def inspect_command(adapter, plot: str | None, base: str | None, sizes: bool, ar
     info = None
     if base is not None:
         from ..arch import resolve_source  # the families' descriptions: only with --base
+        from ..tensors import open_source
 
         with open_source(base) as source:
             info = resolve_source(source, arch)

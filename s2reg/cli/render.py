@@ -19,8 +19,9 @@ from rich.text import Text
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-console = Console()
-errors = Console(stderr=True)
+# No ":name:" emoji codes: s2reg never writes them, and their table is an import of its own.
+console = Console(emoji=False)
+errors = Console(stderr=True, emoji=False)
 
 
 def emit_json(obj: Any) -> None:
