@@ -135,3 +135,17 @@ def test_permute_and_surgery_on_a_permuted_checkpoint_load_no_torch(setup, tmp_p
     assert tensor_digests(permuted) != tensor_digests(base)  # the plan really moved heads and channels
     assert tensor_digests(tmp_path / "unmerged") == tensor_digests(permuted)
     assert tensor_digests(restored) == tensor_digests(base)
+
+
+def test_push_pull_and_the_hub_remote_load_no_torch(setup, tmp_path):
+    """The registry's writes (push, pull -o) in a fresh interpreter, and the Hub remote's module."""
+    root, _, home = setup
+    assert fresh("push", root / "b", "other:v1", env=home) == {"status": 0, "heavy": []}
+    assert fresh("pull", "other:v1", "-o", tmp_path / "out", env=home) == {"status": 0, "heavy": []}
+    assert adapter_files(tmp_path / "out") == adapter_files(root / "b")
+    code = f"import sys, s2reg.registry.hub; print([m for m in {HEAVY!r} if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def adapter_files(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.iterdir()}
