@@ -1,12 +1,12 @@
 """Merge an adapter into a checkpoint: s2reg merge -o and --in-place vs the PEFT path, side by side.
 
-    python bench/merge.py [--big] [--channels 32]
+    python bench/merge.py [--big] [--channels 32] [--repeats 3]
 
 For SmolLM2-135M (and with --big a ~1.7 GB synthetic Llama from make_big_checkpoint.py): an S2FT
 adapter of ``--channels`` down_proj channels per layer, and a PEFT LoRA on down_proj with the same
-trainable parameter count. Each command runs as its own process under /usr/bin/time: wall time
-(until its output is on disk: s2reg fsyncs, PEFT does not, so a ``sync`` ends every timing) and
-peak RSS. The PEFT path is what users do today: load the model, PeftModel.from_pretrained,
+trainable parameter count. Each command runs as its own process under /usr/bin/time, ``--repeats``
+times in turn with the others: the median wall time (until its output is on disk: s2reg fsyncs, PEFT
+does not, so a ``sync`` ends every timing) and the largest peak RSS. The PEFT path is what users do today: load the model, PeftModel.from_pretrained,
 merge_and_unload, save_pretrained.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +57,7 @@ def make_lora(base: Path, out: Path, rank: int) -> int:
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
-def bench(label: str, base: Path, work: Path, channels: int) -> list[tuple]:
+def bench(label: str, base: Path, work: Path, channels: int, repeats: int) -> list[tuple]:
     with CheckpointSource(base) as source:
         dims = resolve_source(source).dims
         adapter = s2ft_adapter(source, dims, channels, torch.Generator().manual_seed(0))
@@ -67,17 +68,24 @@ def bench(label: str, base: Path, work: Path, channels: int) -> list[tuple]:
     for f in base.iterdir():  # warm the page cache so every contender reads from memory
         f.read_bytes() if f.stat().st_size < 2**31 else None
     s2reg = [sys.executable, "-m", "s2reg"]
-    rows = []
-    wall, rss = run(s2reg + ["merge", str(base), str(work / "s2ft"), "-o", str(work / "merged-s2reg")])
-    rows.append((f"s2reg merge -o ({adapter.num_params:,} params)", wall, rss))
-    wall, rss = run(s2reg + ["merge", str(work / "inplace"), str(work / "s2ft"), "--in-place"])
-    rows.append(("s2reg merge --in-place", wall, rss))
-    wall, rss = run(python(PEFT_MERGE, str(base), str(work / "lora"), str(work / "merged-peft")))
-    rows.append((f"PEFT LoRA r={rank} merge_and_unload + save ({lora_params:,} params)", wall, rss))
-    wall, rss = run(["cp", "-r", str(base), str(work / "copied")])
-    rows.append(("cp -r of the same checkpoint (the disk's floor for -o)", wall, rss))
-    wall, rss = run([sys.executable, "-c", "import s2reg.cli"])
-    rows.append(("floor: start Python and import s2reg.cli (no torch)", wall, rss))
+    contenders = {
+        f"s2reg merge -o ({adapter.num_params:,} params)":
+            (s2reg + ["merge", str(base), str(work / "s2ft"), "-o", str(work / "merged-s2reg")], work / "merged-s2reg"),
+        "s2reg merge --in-place": (s2reg + ["merge", str(work / "inplace"), str(work / "s2ft"), "--in-place"], None),
+        f"PEFT LoRA r={rank} merge_and_unload + save ({lora_params:,} params)":
+            (python(PEFT_MERGE, str(base), str(work / "lora"), str(work / "merged-peft")), work / "merged-peft"),
+        "cp -r of the same checkpoint (the disk's floor for -o)": (["cp", "-r", str(base), str(work / "copied")], work / "copied"),
+        "floor: start Python and import s2reg.cli (no torch)": ([sys.executable, "-c", "import s2reg.cli"], None),
+    }
+    timings = {name: [] for name in contenders}
+    for _ in range(repeats):  # in turn, so that a busy disk's drift hits every contender alike
+        for name, (argv, output) in contenders.items():
+            timings[name].append(run(argv))
+            if output is not None:
+                shutil.rmtree(output)
+            elif "--in-place" in argv:  # back to the base for the next round (untimed)
+                run(s2reg + ["unmerge", str(work / "inplace"), str(work / "s2ft"), "--in-place"])
+    rows = [(name, statistics.median(w for w, _ in runs), max(r for _, r in runs)) for name, runs in timings.items()]
     peft_wall, peft_rss = rows[2][1], rows[2][2]
     shard_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e6
     print(f"\n### {label}\n")
@@ -93,15 +101,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big", action="store_true", help="also the ~1.7 GB synthetic checkpoint")
     parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender (the median is shown)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "smol").mkdir()
-        bench("SmolLM2-135M (bf16, 3 shards, 270 MB)", build_smollm2(), tmp / "smol", args.channels)
+        bench("SmolLM2-135M (bf16, 3 shards, 270 MB)", build_smollm2(), tmp / "smol", args.channels, args.repeats)
         if args.big:
             (tmp / "big").mkdir()
             base = make(tmp / "big-base")
-            bench("synthetic Llama, 16 layers, hidden 2048 (bf16, 4 shards, 1.7 GB)", base, tmp / "big", args.channels)
+            bench("synthetic Llama, 16 layers, hidden 2048 (bf16, 4 shards, 1.7 GB)", base, tmp / "big", args.channels,
+                  args.repeats)
 
 
 if __name__ == "__main__":

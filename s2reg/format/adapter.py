@@ -16,7 +16,8 @@ from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
 from ..fsatomic import write_directory
 from . import codec, dtypes, limits, manifest, payload
 from .arrays import as_array, read_array
-from .digest import on_every_core, sha256_bytes, tensor_sha256
+from ..parallel import on_every_core
+from .digest import sha256_bytes, tensor_sha256
 from .pisa import PISATarget
 from .s2ft import S2FTTarget, add_exact, exact_difference, take
 
@@ -149,7 +150,8 @@ class Adapter:
                     f"{name}: base tensor is {list(shape)} {dtypes.name_of(dtype)}, adapter expects "
                     f"{list(fp.shape)} {fp.dtype} (made for {self.base.name!r})"
                 )
-        found = on_every_core(base.sha256_of, [name for name, _ in expected]) if hashes else {}
+        names = [name for name, _ in expected]
+        found = dict(zip(names, on_every_core(base.sha256_of, names))) if hashes else {}
         for name, fp in expected:
             if hashes and found[name] != fp.sha256:
                 raise BaseMismatch(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +50,3 @@ def tensor_bytes(tensor: Any) -> memoryview:
 def tensor_sha256(tensor: Any) -> str:
     return sha256_bytes(tensor_bytes(tensor))
 
-
-def on_every_core(digest: Callable[[str], str], names: Sequence[str]) -> dict[str, str]:
-    """``{name: digest(name)}``, hashed on every core at once: hashlib lets go of the GIL while it hashes,
-    and checking a base's fingerprints is most of what validate and merge do. ``digest`` must be thread-safe
-    (every tensor source's ``sha256_of`` is: checkpoints are read with positional reads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if len(names) < 2:
-        return {n: digest(n) for n in names}
-    with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
-        return dict(zip(names, pool.map(digest, names)))

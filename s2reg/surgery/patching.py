@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..format.digest import tensor_bytes
 from ..format.s2ft import take
+from ..parallel import on_every_core
 from ..tensors import CheckpointSource
 from ..tensors.header import TensorInfo
 from .journal import Patch
@@ -112,23 +113,44 @@ def _as_bytes(array: np.ndarray) -> np.ndarray:
     return np.frombuffer(tensor_bytes(array), dtype=np.uint8)
 
 
+def _slice_only(plan: Plan, name: str, support: tuple[str, np.ndarray] | None) -> bool:
+    """Whether the patch of ``name`` is computed from its slice alone (else from the whole tensor)."""
+    return support is not None and plan.permutation is None and name not in plan.expect_sha
+
+
+def _prepare_one(plan: Plan, name: str) -> tuple[Patch, np.ndarray, np.ndarray]:
+    source, support = plan.source, plan.support(name)
+    if _slice_only(plan, name, support):
+        before = read_slice(source, name, support)  # only the slice: the cost follows the delta
+        after = plan.transform_slice(name, before, support)
+    else:
+        whole = source.array(name)
+        new = plan.transform(name, whole)
+        before, after = (whole, new) if support is None else (take(whole, *support), take(new, *support))
+    patch = (Patch(name, source.info(name).file.name, None, None) if support is None
+             else Patch(name, source.info(name).file.name, support[0], tuple(support[1].tolist())))
+    return patch, _as_bytes(before), _as_bytes(after)
+
+
 def prepare(plan: Plan, progress: Callable[[str], None]) -> Patches:
-    """Every patch of ``plan`` with its before/after bytes; raises (NaN, inexact unmerge) before any write."""
-    source = plan.source
-    patches, blobs = [], {}
-    for i, name in enumerate(sorted(plan.touched)):
-        support = plan.support(name)
-        if support is not None and plan.permutation is None and name not in plan.expect_sha:
-            before = read_slice(source, name, support)  # only the slice: the cost follows the delta
-            after = plan.transform_slice(name, before, support)
-        else:
-            whole = source.array(name)
-            new = plan.transform(name, whole)
-            before, after = (whole, new) if support is None else (take(whole, *support), take(new, *support))
-        blobs[f"{i}.before"], blobs[f"{i}.after"] = _as_bytes(before), _as_bytes(after)
-        patches.append(Patch(name, source.info(name).file.name, None, None) if support is None
-                       else Patch(name, source.info(name).file.name, support[0], tuple(support[1].tolist())))
+    """Every patch of ``plan`` with its before/after bytes; raises (NaN, inexact unmerge) before any write.
+
+    Slices are read and computed on every core (reads, copies and the float math let go of the GIL);
+    patches that need whole tensors go one at a time, so peak memory stays one tensor."""
+    names = sorted(plan.touched)
+    sliced = [n for n in names if _slice_only(plan, n, plan.support(n))]
+
+    def one(name: str) -> tuple[Patch, np.ndarray, np.ndarray]:
+        done = _prepare_one(plan, name)
         progress(name)
+        return done
+
+    found = dict(zip(sliced, on_every_core(one, sliced)))
+    found.update((n, one(n)) for n in names if n not in found)
+    patches, blobs = [], {}
+    for i, name in enumerate(names):
+        patch, blobs[f"{i}.before"], blobs[f"{i}.after"] = found[name]
+        patches.append(patch)
     return patches, blobs
 
 

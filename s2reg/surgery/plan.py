@@ -7,6 +7,7 @@ per-tensor math, which is exact for S2FT (FORMAT §4.3) and permutation-aware.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,8 @@ from ..errors import (
 )
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.arrays import unique
-from ..format.digest import on_every_core, tensor_sha256
+from ..format.digest import tensor_sha256
+from ..parallel import on_every_core
 from ..format.s2ft import EXPERT_AXES, put, take
 from ..tensors import CheckpointSource, PermutedView, TensorSource
 from ..tensors.reader import PERMUTATION_NAME
@@ -86,6 +88,7 @@ class Plan:
     permutation: tuple[Permutation, ModelInfo] | None = None
     stacked: set[str] = field(default_factory=set)  # tensors an earlier merge already changed
     unverified: set[str] = field(default_factory=set)  # tensors merged without checking their fingerprint (--skip-base-check)
+    _ledger_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # tensors are computed in parallel
 
     def _step(self, name: str, i: int, target: S2FTTarget, current: np.ndarray) -> np.ndarray:
         """One S2FT delta on the slice values ``current``, with the checks of spec/SURGERY.md §2 rule 3.
@@ -96,7 +99,8 @@ class Plan:
         stacked = not self.subtract and bool(i or name in self.stacked)
         shifted = target.shifted(current, name=name, subtract=self.subtract, check_reversible=stacked)
         if not self.subtract and not stacked and name in self.unverified and not target.undoes(current, shifted):
-            self.ledger_after = self.ledger_after.with_inexact(name)
+            with self._ledger_lock:
+                self.ledger_after = self.ledger_after.with_inexact(name)
         return shifted
 
     def transform(self, name: str, tensor: np.ndarray) -> np.ndarray:
@@ -157,8 +161,8 @@ class Plan:
 
     def original_shas(self, names: Sequence[str]) -> dict[str, str]:
         """sha256 of each tensor in original coordinates, as it is now (streamed when unpermuted), hashed
-        on every core at once (``digest.on_every_core``)."""
-        return on_every_core(lambda n: original_sha256(self.source, self.permutation, n), names)
+        on every core at once: hashlib lets go of the GIL, and the base check is most of a merge's work."""
+        return dict(zip(names, on_every_core(lambda n: original_sha256(self.source, self.permutation, n), names)))
 
 
 def _check_finite(name: str, after: np.ndarray, before: np.ndarray) -> None:
