@@ -14,9 +14,9 @@ import numpy as np
 from .._version import __version__
 from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
 from ..fsatomic import write_directory
+from ..parallel import on_every_core
 from . import codec, dtypes, limits, manifest, payload
 from .arrays import as_array, read_array
-from ..parallel import on_every_core
 from .digest import sha256_bytes, tensor_sha256
 from .pisa import PISATarget
 from .s2ft import S2FTTarget, add_exact, exact_difference, take
@@ -150,10 +150,11 @@ class Adapter:
                     f"{name}: base tensor is {list(shape)} {dtypes.name_of(dtype)}, adapter expects "
                     f"{list(fp.shape)} {fp.dtype} (made for {self.base.name!r})"
                 )
+        if not hashes:
+            return
         names = [name for name, _ in expected]
-        found = dict(zip(names, on_every_core(base.sha256_of, names))) if hashes else {}
-        for name, fp in expected:
-            if hashes and found[name] != fp.sha256:
+        for (name, fp), sha in zip(expected, on_every_core(base.sha256_of, names)):
+            if sha != fp.sha256:
                 raise BaseMismatch(
                     f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r})"
                 )

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from ..format.digest import tensor_sha256
 from ..format.arrays import read_array, to_torch
 from ..format.s2ft import gather
@@ -83,7 +85,7 @@ class PermutedView(Closeable):
     def config(self) -> dict[str, Any] | None:
         return self.source.config()
 
-    def array(self, name: str) -> Any:
+    def array(self, name: str) -> np.ndarray:
         """The tensor ``name`` in the view's order, as a numpy array (torch is not needed to read one)."""
         tensor = read_array(self.source, name)
         reorder = self._index_of(name)
