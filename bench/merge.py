@@ -6,8 +6,8 @@ For SmolLM2-135M (and with --big a ~1.7 GB synthetic Llama from make_big_checkpo
 adapter of ``--channels`` down_proj channels per layer, and a PEFT LoRA on down_proj with the same
 trainable parameter count. Each command runs as its own process under /usr/bin/time, ``--repeats``
 times in turn with the others: the median wall time (until its output is on disk: s2reg fsyncs, PEFT
-does not, so a ``sync`` ends every timing) and the largest peak RSS. The PEFT path is what users do today: load the model, PeftModel.from_pretrained,
-merge_and_unload, save_pretrained.
+does not, so a ``sync`` ends every timing) and the largest peak RSS. The PEFT path is what users do
+today: load the model, PeftModel.from_pretrained, merge_and_unload, save_pretrained.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def bench(label: str, base: Path, work: Path, channels: int, repeats: int) -> li
         "s2reg merge --in-place": (s2reg + ["merge", str(work / "inplace"), str(work / "s2ft"), "--in-place"], None),
         f"PEFT LoRA r={rank} merge_and_unload + save ({lora_params:,} params)":
             (python(PEFT_MERGE, str(base), str(work / "lora"), str(work / "merged-peft")), work / "merged-peft"),
-        "cp -r of the same checkpoint (the disk's floor for -o)": (["cp", "-r", str(base), str(work / "copied")], work / "copied"),
+        "cp -r of the same checkpoint (the disk's floor for -o)":
+            (["cp", "-r", str(base), str(work / "copied")], work / "copied"),
         "floor: start Python and import s2reg.cli (no torch)": ([sys.executable, "-c", "import s2reg.cli"], None),
     }
     timings = {name: [] for name in contenders}

@@ -17,6 +17,10 @@ def default_workdir() -> Path:
     return Path(os.environ.get("S2REG_HOME", Path.home() / ".cache" / "s2reg")) / "demo"
 
 
+def _verdict(ok: bool):
+    return render.styled("yes", "green") if ok else render.styled("no", "red")
+
+
 @click.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to build (replaced). Default: $S2REG_HOME/demo.")
@@ -35,13 +39,13 @@ def demo_command(workdir: Path | None, as_json: bool) -> None:
         show(report)
     render.console.print()
     render.console.print(render.table("surgery", ["check", "result"],
-                                      ([k.replace("_", " "), render.styled("yes", "green") if v else render.styled("no", "red")] for k, v in surgery.items())))
+                                      ([k.replace("_", " "), _verdict(v)] for k, v in surgery.items())))
     render.console.print(render.table("train -> push -> fuse -> merge", ["", ""], [
         ["trained parameters", f"{story['trainable_parameters']:,}"],
         ["steps", story["steps"]],
         ["eval loss", f"{story['eval_loss_before']:.3f} -> {story['eval_loss_after']:.3f}"],
         ["registry", ", ".join(story["registry"])],
-        ["fused merge == merging both", render.styled("yes", "green") if story["fused_merge_equals_merging_both"] else render.styled("no", "red")],
+        ["fused merge == merging both", _verdict(story["fused_merge_equals_merging_both"])],
     ]))
     render.console.print()
     render.line(("done", "green"), f": everything is in {workdir}")

@@ -51,8 +51,9 @@ def line(*parts: str | tuple[str, str], stderr: bool = False) -> None:
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, right: Sequence[str] = (),
           clip: Sequence[str] = ()) -> Table:
-    """A table of plain-text cells (or :func:`styled` ones); ``right`` columns are right-aligned, ``clip`` columns stay on one line and end in an
-    ellipsis when the terminal is too narrow (their whole text is in ``--json``), the others fold."""
+    """A table of plain-text cells (or :func:`styled` ones); ``right`` columns are right-aligned, ``clip``
+    columns stay on one line and end in an ellipsis when the terminal is too narrow (their whole text is
+    in ``--json``), the others fold."""
     t = Table(title=title, title_justify="left", header_style="bold")
     for c in columns:
         t.add_column(c, justify="right" if c in right else "left", overflow="fold")
