@@ -24,8 +24,8 @@ from ..errors import (
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.arrays import unique
 from ..format.digest import tensor_sha256
-from ..parallel import on_every_core
 from ..format.s2ft import EXPERT_AXES, put, take
+from ..parallel import on_every_core
 from ..tensors import CheckpointSource, PermutedView, TensorSource
 from ..tensors.reader import PERMUTATION_NAME
 from .ledger import Ledger, adapter_identity
