@@ -49,4 +49,3 @@ def tensor_bytes(tensor: Any) -> memoryview:
 
 def tensor_sha256(tensor: Any) -> str:
     return sha256_bytes(tensor_bytes(tensor))
-

@@ -62,7 +62,6 @@ def test_text_from_users_is_never_read_as_markup(tmp_path, monkeypatch):
     """Names and paths with brackets print as they are: ``[v2]`` does not vanish into a style and ``[/]``
     does not crash the print (inspect's header, ls's table, validate's line, push's line)."""
     monkeypatch.setattr(render.console, "_width", 200)
-    monkeypatch.setenv("S2REG_HOME", str(tmp_path / "home"))
     base = {"model.layers.0.mlp.down_proj.weight": torch.zeros(8, 16)}
     slices = {"model.layers.0.mlp.down_proj.weight": ("columns", [1, 2], torch.ones(8, 2))}
     name = "org/model[v2][/]"
