@@ -8,6 +8,11 @@ trainable parameter count. Each command runs as its own process under /usr/bin/t
 times in turn with the others: the median wall time (until its output is on disk: s2reg fsyncs, PEFT
 does not, so a ``sync`` ends every timing) and the largest peak RSS. The PEFT path is what users do
 today: load the model, PeftModel.from_pretrained, merge_and_unload, save_pretrained.
+
+Between rounds an untimed ``unmerge --in-place`` restores the base. Its first round, ``merge --in-place``
+hashes the base tensors for the base check; in later rounds it finds the hashes that unmerge remembered
+(spec/SURGERY.md §6), as when a user swaps adapters in one checkpoint. The ``S2REG_HASH_CACHE=0`` row
+hashes every time: the cost of a first merge into a checkpoint.
 """
 
 from __future__ import annotations
@@ -68,26 +73,30 @@ def bench(label: str, base: Path, work: Path, channels: int, repeats: int) -> li
     for f in base.iterdir():  # warm the page cache so every contender reads from memory
         f.read_bytes() if f.stat().st_size < 2**31 else None
     s2reg = [sys.executable, "-m", "s2reg"]
+    home = {"S2REG_HOME": str(work / "home")}  # hashes remembered here, never the user's own (spec/SURGERY.md §6)
+    in_place = s2reg + ["merge", str(work / "inplace"), str(work / "s2ft"), "--in-place"]
     contenders = {
         f"s2reg merge -o ({adapter.num_params:,} params)":
-            (s2reg + ["merge", str(base), str(work / "s2ft"), "-o", str(work / "merged-s2reg")], work / "merged-s2reg"),
-        "s2reg merge --in-place": (s2reg + ["merge", str(work / "inplace"), str(work / "s2ft"), "--in-place"], None),
+            (s2reg + ["merge", str(base), str(work / "s2ft"), "-o", str(work / "merged-s2reg")], work / "merged-s2reg", home),
+        "s2reg merge --in-place": (in_place, None, home),
+        "s2reg merge --in-place, hashing the base every time (S2REG_HASH_CACHE=0)":
+            (in_place, None, {**home, "S2REG_HASH_CACHE": "0"}),
         f"PEFT LoRA r={rank} merge_and_unload + save ({lora_params:,} params)":
-            (python(PEFT_MERGE, str(base), str(work / "lora"), str(work / "merged-peft")), work / "merged-peft"),
+            (python(PEFT_MERGE, str(base), str(work / "lora"), str(work / "merged-peft")), work / "merged-peft", home),
         "cp -r of the same checkpoint (the disk's floor for -o)":
-            (["cp", "-r", str(base), str(work / "copied")], work / "copied"),
-        "floor: start Python and import s2reg.cli (no torch)": ([sys.executable, "-c", "import s2reg.cli"], None),
+            (["cp", "-r", str(base), str(work / "copied")], work / "copied", home),
+        "floor: start Python and import s2reg.cli (no torch)": ([sys.executable, "-c", "import s2reg.cli"], None, home),
     }
     timings = {name: [] for name in contenders}
     for _ in range(repeats):  # in turn, so that a busy disk's drift hits every contender alike
-        for name, (argv, output) in contenders.items():
-            timings[name].append(run(argv))
+        for name, (argv, output, env) in contenders.items():
+            timings[name].append(run(argv, env=env))
             if output is not None:
                 shutil.rmtree(output)
             elif "--in-place" in argv:  # back to the base for the next round (untimed)
-                run(s2reg + ["unmerge", str(work / "inplace"), str(work / "s2ft"), "--in-place"])
+                run(s2reg + ["unmerge", str(work / "inplace"), str(work / "s2ft"), "--in-place"], env=home)
     rows = [(name, statistics.median(w for w, _ in runs), max(r for _, r in runs)) for name, runs in timings.items()]
-    peft_wall, peft_rss = rows[2][1], rows[2][2]
+    _, peft_wall, peft_rss = next(row for row in rows if row[0].startswith("PEFT"))
     shard_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e6
     print(f"\n### {label}\n")
     print("| path | wall s | MB/s of shards | peak RSS MiB | time vs PEFT | RSS vs PEFT |")

@@ -6,7 +6,9 @@ Each command is its own process, started ``--runs`` times in turn with the other
 machine hits them all alike); the table gives the median wall time, the ratio to ``hf cache ls``
 (huggingface_hub's own CLI, on an empty cache so that it runs), and the largest peak RSS, which
 ``os.wait4`` reports per child. ``s2reg ls`` lists a temporary store of 100 refs; ``inspect`` and
-``validate`` read a SmolLM2-135M S2FT adapter (32 down_proj channels x 30 layers).
+``validate`` read a SmolLM2-135M S2FT adapter (32 down_proj channels x 30 layers). ``validate --base``
+remembers the base's tensor hashes on its first run (spec/SURGERY.md §6) and finds them on the
+others; the ``S2REG_HASH_CACHE=0`` row hashes every time, as a first check of a checkpoint does.
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ def main() -> None:
             "s2reg ls (100 refs)": s2reg + ["ls"],
             "s2reg inspect ADAPTER": s2reg + ["inspect", str(adapters[0])],
             "s2reg validate ADAPTER": s2reg + ["validate", str(adapters[0])],
-            "s2reg validate ADAPTER --base SmolLM2 (hashes 30 tensors)": s2reg + ["validate", str(adapters[0]), "--base",
-                                                                                str(base)],
+            "s2reg validate ADAPTER --base SmolLM2 (30 tensor hashes remembered)":
+                s2reg + ["validate", str(adapters[0]), "--base", str(base)],
+            "s2reg validate ADAPTER --base SmolLM2 (hashing 30 tensors: S2REG_HASH_CACHE=0)":
+                ["env", "S2REG_HASH_CACHE=0", *s2reg, "validate", str(adapters[0]), "--base", str(base)],
             "hf cache ls (empty cache)": ["hf", "cache", "ls"],
             'python -c "import numpy, click, rich"': [sys.executable, "-c", "import numpy, click, rich"],
             'python -c "import torch"': [sys.executable, "-c", "import torch"],

@@ -9,6 +9,15 @@ import pytest
 from fixtures.smollm2 import build_smollm2
 
 
+@pytest.fixture(autouse=True)
+def s2reg_home(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh ``$S2REG_HOME`` per test: the registry and the remembered hashes (spec/SURGERY.md §6) of
+    one test never meet another's, nor the user's own."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("S2REG_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a sharded bf16 HF checkpoint directory (config, tokenizer).

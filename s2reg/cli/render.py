@@ -8,20 +8,46 @@ Text that comes from users (paths, refs, model names, tensor names) is never par
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress
+    from rich.table import Table
+    from rich.text import Text
 
-# No ":name:" emoji codes: s2reg never writes them, and their table is an import of its own.
-console = Console(emoji=False)
-errors = Console(stderr=True, emoji=False)
+_consoles: dict[bool, Console] = {}
+
+
+def _console(stderr: bool = False) -> Console:
+    """stdout's console (or stderr's), made on first use: a command that prints one plain line into a pipe
+    never imports rich. No ":name:" emoji codes: s2reg never writes them, and their table is an import of its own."""
+    if stderr not in _consoles:
+        from rich.console import Console
+
+        _consoles[stderr] = Console(stderr=stderr, emoji=False)
+    return _consoles[stderr]
+
+
+def __getattr__(name: str) -> Console:  # ``render.console`` / ``render.errors``, for printing tables
+    if name in ("console", "errors"):
+        return _console(stderr=name == "errors")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _styled_stream(stream: Any) -> bool:
+    """Whether rich would style or animate ``stream`` (its rules: TTY_COMPATIBLE, FORCE_COLOR, then isatty)."""
+    if os.environ.get("TTY_COMPATIBLE") in ("0", "1"):
+        return os.environ["TTY_COMPATIBLE"] == "1"
+    if "FORCE_COLOR" in os.environ:
+        return os.environ["FORCE_COLOR"] != ""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def emit_json(obj: Any) -> None:
@@ -38,15 +64,24 @@ def human_bytes(n: float) -> str:
 
 
 def styled(text: str, style: str) -> Text:
-    """A table cell or :func:`line` part in a style of s2reg's own (``styled("yes", "green")``)."""
+    """A table cell in a style of s2reg's own (``styled("yes", "green")``)."""
+    from rich.text import Text
+
     return Text(text, style=style)
 
 
 def line(*parts: str | tuple[str, str], stderr: bool = False) -> None:
     """Print one line from plain strings and ``(text, style)`` pairs: ``line(("pushed", "green"), f" {ref}")``.
 
-    Long lines are left to the terminal to wrap, so a path or ref stays one piece of text when piped."""
-    (errors if stderr else console).print(Text.assemble(*parts), soft_wrap=True)
+    Long lines are left to the terminal to wrap, so a path or ref stays one piece of text when piped
+    (where there are no styles to draw, it is written as it is, without rich)."""
+    stream = sys.stderr if stderr else sys.stdout
+    if not _styled_stream(stream):
+        stream.write("".join(p if isinstance(p, str) else p[0] for p in parts) + "\n")
+        return
+    from rich.text import Text
+
+    _console(stderr).print(Text.assemble(*parts), soft_wrap=True)
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, right: Sequence[str] = (),
@@ -54,6 +89,9 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     """A table of plain-text cells (or :func:`styled` ones); ``right`` columns are right-aligned, ``clip``
     columns stay on one line and end in an ellipsis when the terminal is too narrow (their whole text is
     in ``--json``), the others fold."""
+    from rich.table import Table
+    from rich.text import Text
+
     t = Table(title=title, title_justify="left", header_style="bold")
     for c in columns:
         t.add_column(c, justify="right" if c in right else "left", overflow="fold")
@@ -67,8 +105,26 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     return t
 
 
-def progress(*, transient: bool = True) -> Progress:
+class _Unseen:
+    """A transient progress bar on a stderr that is not a terminal: rich's would show nothing either."""
+
+    def __enter__(self) -> _Unseen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, **_: Any) -> int:
+        return 0
+
+    def update(self, task: int, **_: Any) -> None:
+        return None
+
+
+def progress(*, transient: bool = True) -> Progress | _Unseen:
     """The one progress bar style of s2reg (on stderr, so stdout stays clean for --json)."""
+    if transient and not _styled_stream(sys.stderr):
+        return _Unseen()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
@@ -77,6 +133,6 @@ def progress(*, transient: bool = True) -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=errors,
+        console=_console(stderr=True),
         transient=transient,
     )

@@ -30,7 +30,7 @@ def validate_command(path: str, base_dir: str | None, allow_nonfinite: bool, as_
         from ..surgery.plan import original_coordinates  # the surgery package, only when a base is checked
         from ..tensors import CheckpointSource
 
-        with CheckpointSource(base_dir) as source:
+        with CheckpointSource(base_dir, remember_hashes=True) as source:
             adapter.verify_base(original_coordinates(source))
     result = {
         "ok": True,

@@ -23,21 +23,36 @@ from ..format import Adapter, payload
 from ..format.digest import sha256_bytes
 from ..fsatomic import fsync_dir, write_file
 from ..tensors import CheckpointSource
+from ..tensors.hashcache import Stamp
 from ..tensors.reader import leftovers
 from . import patching
 from .journal import Journal
+from .lock import checkpoint_lock, directory_of
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
 from ..records import read_record, to_bytes
 
 Progress = Callable[[str], None]
 
 
-def _apply(directory: Path, journal: Journal, blobs: dict[str, np.ndarray], which: str) -> None:
-    """Write the ``before`` or ``after`` bytes of every patch and set the matching ledger."""
+def _apply(directory: Path, journal: Journal, blobs: dict[str, np.ndarray], which: str) -> dict[str, Stamp]:
+    """Write the ``before`` or ``after`` bytes of every patch and set the matching ledger; the shards' stamps."""
     with CheckpointSource(directory, allow_pending_journal=True) as source:
         infos = {p.tensor: source.info(p.tensor) for p in journal.patches}
-    patching.write(directory, infos, journal.patches, blobs, which)
+    stamps = patching.write(directory, infos, journal.patches, blobs, which)
     (journal.ledger_after if which == "after" else journal.ledger_before).write(directory)
+    return stamps
+
+
+def _remember_restored(plan: Plan, stamps: dict[str, Stamp]) -> None:
+    """An unmerge that gave tensors their original bytes back knows their sha256 (checked before writing,
+    spec/SURGERY.md §2 rule 5): remembered for the next base check (§6). A permuted checkpoint's
+    stored bytes are not the original order those hashes are of."""
+    cache = plan.source.hash_cache
+    if cache is None or plan.permutation is not None:
+        return
+    for name, sha in plan.expect_sha.items():
+        info = plan.source.info(name)
+        cache.remember(info.file, stamps[info.file.name], (info.start, info.end), sha)
 
 
 def _drop_journal(directory: Path) -> None:
@@ -66,7 +81,7 @@ def _patch(plan: Plan, progress: Progress) -> dict[str, Any]:
     write_file(directory / Journal.PAYLOAD_NAME, data)
     write_file(directory / Journal.NAME, to_bytes(journal))  # from here on, recoverable
     try:
-        _apply(directory, journal, blobs, "after")
+        stamps = _apply(directory, journal, blobs, "after")
     except BaseException as failure:
         try:
             _apply(directory, journal, blobs, "before")
@@ -77,6 +92,7 @@ def _patch(plan: Plan, progress: Progress) -> dict[str, Any]:
         _drop_journal(directory)
         raise
     _drop_journal(directory)
+    _remember_restored(plan, stamps)
     return {**describe_plan(plan), "in_place": str(directory), "bytes_patched": patching.patched_bytes(blobs),
             "seconds": time.perf_counter() - started}
 
@@ -84,20 +100,15 @@ def _patch(plan: Plan, progress: Progress) -> dict[str, Any]:
 def merge_in_place(base: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
                    progress: Progress = lambda _: None) -> dict[str, Any]:
     """Merge ``adapters`` into the checkpoint ``base`` by patching its shards (journaled)."""
-    with CheckpointSource(base) as source:
+    with checkpoint_lock(base, exclusive=True), CheckpointSource(base, remember_hashes=True) as source:
         return _patch(plan_merge(source, adapters, verify_base=verify_base), progress)
 
 
 def unmerge_in_place(merged: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
                      progress: Progress = lambda _: None) -> dict[str, Any]:
     """Take ``adapters`` out of the checkpoint ``merged`` in place (journaled; exact for S2FT)."""
-    with CheckpointSource(merged) as source:
+    with checkpoint_lock(merged, exclusive=True), CheckpointSource(merged, remember_hashes=True) as source:
         return _patch(plan_unmerge(source, adapters, verify_base=verify_base), progress)
-
-
-def _directory(checkpoint: str | os.PathLike) -> Path:
-    path = Path(checkpoint)
-    return path if path.is_dir() else path.parent
 
 
 def _remove(files: Sequence[Path], directory: Path) -> list[str]:
@@ -114,29 +125,31 @@ def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> dict[str
     the operation had committed): the journal payload and temp files are just removed. With nothing
     left over, nothing is written (a read-only checkpoint is fine).
     """
-    directory = _directory(checkpoint)
-    found = leftovers(directory)
-    if not found:
-        return {"checkpoint": str(directory), "action": "nothing to recover"}
-    file = directory / Journal.NAME
-    if not file.exists():
-        return {"checkpoint": str(directory), "action": "cleaned", "removed": _remove(found, directory)}
-    journal = read_record(file, Journal.from_json)
-    try:
-        data = (directory / Journal.PAYLOAD_NAME).read_bytes()
-    except OSError:
-        raise CheckpointError(f"{file}: its payload {Journal.PAYLOAD_NAME} is missing; restore the checkpoint from a copy") from None
-    if sha256_bytes(data) != journal.payload_sha256:
-        raise IntegrityError(f"{directory / Journal.PAYLOAD_NAME}: journal payload corrupted; restore the checkpoint from a copy")
-    tensors, _ = payload.load(data)
-    which = "after" if forward else "before"
-    _apply(directory, journal, tensors, which)
-    removed = _remove([f for f in found if f.name not in (Journal.NAME, Journal.PAYLOAD_NAME)], directory)
-    _drop_journal(directory)
-    return {"checkpoint": str(directory), "action": "rolled forward" if forward else "rolled back",
-            "operation": journal.operation, "tensors": len(journal.patches), "removed": removed}
+    with checkpoint_lock(checkpoint, exclusive=True) as directory:  # never under a live in-place command
+        found = leftovers(directory)
+        if not found:
+            return {"checkpoint": str(directory), "action": "nothing to recover"}
+        file = directory / Journal.NAME
+        if not file.exists():
+            return {"checkpoint": str(directory), "action": "cleaned", "removed": _remove(found, directory)}
+        journal = read_record(file, Journal.from_json)
+        try:
+            data = (directory / Journal.PAYLOAD_NAME).read_bytes()
+        except OSError:
+            raise CheckpointError(f"{file}: its payload {Journal.PAYLOAD_NAME} is missing; "
+                                  "restore the checkpoint from a copy") from None
+        if sha256_bytes(data) != journal.payload_sha256:
+            raise IntegrityError(f"{directory / Journal.PAYLOAD_NAME}: journal payload corrupted; "
+                                 "restore the checkpoint from a copy")
+        tensors, _ = payload.load(data)
+        which = "after" if forward else "before"
+        _apply(directory, journal, tensors, which)
+        removed = _remove([f for f in found if f.name not in (Journal.NAME, Journal.PAYLOAD_NAME)], directory)
+        _drop_journal(directory)
+        return {"checkpoint": str(directory), "action": "rolled forward" if forward else "rolled back",
+                "operation": journal.operation, "tensors": len(journal.patches), "removed": removed}
 
 
 def pending(checkpoint: str | os.PathLike) -> bool:
     """Whether an interrupted command left something that :func:`recover` must deal with first."""
-    return bool(leftovers(_directory(checkpoint)))
+    return bool(leftovers(directory_of(checkpoint)))

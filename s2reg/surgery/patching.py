@@ -19,8 +19,10 @@ import numpy as np
 from ..errors import CheckpointError
 from ..format.digest import tensor_bytes
 from ..format.s2ft import take
-from ..parallel import on_every_core
+from ..fsatomic import start_flush
+from ..parallel import on_every_core, side_by_side
 from ..tensors import CheckpointSource
+from ..tensors.hashcache import Stamp
 from ..tensors.header import TensorInfo
 from .journal import Patch
 from .plan import Plan
@@ -154,20 +156,31 @@ def prepare(plan: Plan, progress: Callable[[str], None]) -> Patches:
     return patches, blobs
 
 
-def write(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch],
-          blobs: dict[str, np.ndarray], which: str) -> None:
-    """Write the ``before`` or ``after`` bytes of every patch into the shards in ``directory``, and fsync."""
-    fds: dict[str, int] = {}
+def _write_shard(path: Path, jobs: Sequence[tuple[TensorInfo, Patch, np.ndarray]]) -> Stamp:
+    fd = os.open(path, os.O_RDWR)
     try:
-        for i, patch in enumerate(patches):
-            if patch.file not in fds:
-                fds[patch.file] = os.open(directory / patch.file, os.O_RDWR)
-            write_patch(fds[patch.file], infos[patch.tensor], patch, blobs[f"{i}.{which}"])
-        for fd in fds.values():
-            os.fsync(fd)  # the patched bytes reach the disk before anyone says they did
+        for info, patch, raw in jobs:
+            write_patch(fd, info, patch, raw)
+            start_flush(fd, info.start, info.nbytes)
+        os.fsync(fd)  # the patched bytes reach the disk before anyone says they did
+        return Stamp.of(fd)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        os.close(fd)
+
+
+def write(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch],
+          blobs: dict[str, np.ndarray], which: str) -> dict[str, Stamp]:
+    """Write the ``before`` or ``after`` bytes of every patch into the shards in ``directory``, and fsync;
+    return the stamp of each shard written (spec/SURGERY.md §6) as it is then.
+
+    Each shard is written and flushed on a thread of its own, and each patch's range is sent to the
+    disk as soon as it is written: scattered columns dirty every page of their tensors, so the flush
+    is most of an in-place merge, and this way it overlaps the writing."""
+    by_file: dict[str, list[tuple[TensorInfo, Patch, np.ndarray]]] = {}
+    for i, patch in enumerate(patches):
+        by_file.setdefault(patch.file, []).append((infos[patch.tensor], patch, blobs[f"{i}.{which}"]))
+    files = list(by_file)
+    return dict(zip(files, side_by_side(lambda file: _write_shard(directory / file, by_file[file]), files)))
 
 
 def patched_bytes(blobs: dict[str, np.ndarray]) -> int:

@@ -22,6 +22,7 @@ from ..fsatomic import check_free
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
 from . import patching
 from .ledger import LEDGER_NAME
+from .lock import checkpoint_lock
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
 
 Progress = Callable[[str], None]
@@ -75,7 +76,7 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os
     adapter that is already merged, and any result holding NaN/Inf. ``overwrite`` only allows
     replacing an existing ``output``. Returns a report (tensors touched, timing).
     """
-    with CheckpointSource(base) as source:
+    with checkpoint_lock(base, exclusive=False), CheckpointSource(base, remember_hashes=True) as source:
         return _rewrite(source, lambda: plan_merge(source, adapters, verify_base=verify_base), Path(output),
                         overwrite=overwrite, progress=progress)
 
@@ -83,6 +84,6 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os
 def unmerge(merged: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *,
             verify_base: bool = True, overwrite: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
     """Write ``merged`` with ``adapters`` taken out to ``output``: bit-identical to the base for S2FT."""
-    with CheckpointSource(merged) as source:
+    with checkpoint_lock(merged, exclusive=False), CheckpointSource(merged, remember_hashes=True) as source:
         return _rewrite(source, lambda: plan_unmerge(source, adapters, verify_base=verify_base), Path(output),
                         overwrite=overwrite, progress=progress)

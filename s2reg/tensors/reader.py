@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..errors import CheckpointError, NotFound
 from ..format.arrays import to_torch
 from ..format.digest import sha256_stream
 from ..fsatomic import is_temp_name
+from .hashcache import HashCache, Stamp
 from .header import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -102,11 +104,14 @@ class CheckpointSource:
     ``names()``, ``shape()``, ``dtype()`` (numpy's) come from the headers; ``array()`` reads one
     tensor as a numpy array, ``get()`` as a torch tensor (importing torch, for the code that runs
     it), ``get_rows()`` a range of its rows; ``info()`` gives the absolute byte range in its file,
-    which is what in-place surgery patches.
+    which is what in-place surgery patches. With ``remember_hashes``, ``sha256_of`` remembers what it
+    hashes between commands, for as long as the file is provably the same (spec/SURGERY.md §6): the
+    base checks of surgery and ``validate --base`` open checkpoints this way.
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_pending_journal: bool = False):
+    def __init__(self, path: str | os.PathLike, *, allow_pending_journal: bool = False, remember_hashes: bool = False):
         self.path = Path(path)
+        self.hash_cache = HashCache.default() if remember_hashes else None
         self.files = _shard_files(self.path)
         if not allow_pending_journal:
             refuse_leftovers(self.directory)
@@ -140,6 +145,8 @@ class CheckpointSource:
         for fh in self._handles.values():
             fh.close()
         self._handles.clear()
+        if self.hash_cache is not None:
+            self.hash_cache.save()
 
     # -- what is in it --------------------------------------------------------------------------
     @property
@@ -220,9 +227,25 @@ class CheckpointSource:
         return to_torch(self.array_rows(name, start, stop))
 
     def sha256_of(self, name: str) -> str:
-        """sha256 of the tensor's stored bytes (FORMAT §2), streamed from the file."""
+        """sha256 of the tensor's stored bytes (FORMAT §2), streamed from the file, or remembered by
+        ``hash_cache`` from a time the file was provably the same (spec/SURGERY.md §6)."""
         info = self.info(name)
-        fd, position = self._fd(info.file), info.start
+        fd, where = self._fd(info.file), (info.start, info.end)
+        if self.hash_cache is None:
+            return self._hash(fd, info)
+        stamp = Stamp.of(fd)
+        known = self.hash_cache.lookup(stamp, where)
+        if known is not None:
+            return known
+        started = time.time_ns()
+        sha = self._hash(fd, info)
+        if stamp.hashed_in_time(started) and Stamp.of(fd) == stamp:
+            self.hash_cache.remember(info.file, stamp, where, sha)
+        return sha
+
+    @staticmethod
+    def _hash(fd: int, info: TensorInfo) -> str:
+        position = info.start
 
         def read(n: int) -> bytes:
             nonlocal position
@@ -233,7 +256,7 @@ class CheckpointSource:
         try:
             return sha256_stream(read, info.nbytes, what=str(info.file))
         except EOFError:
-            raise CheckpointError(f"{info.file}: truncated while hashing {name}") from None
+            raise CheckpointError(f"{info.file}: truncated while hashing {info.name}") from None
 
     def __repr__(self) -> str:
         return f"CheckpointSource({str(self.path)!r}, {len(self._info)} tensors in {len(self.files)} files)"

@@ -356,3 +356,33 @@ def test_read_only_shard_is_refused_before_the_journal(pristine, tmp_path, monke
 def test_recover_with_nothing_pending(pristine, tmp_path):
     ckpt, _ = fresh(pristine, tmp_path)
     assert recover(ckpt)["action"] == "nothing to recover"
+
+
+def test_a_checkpoint_being_changed_in_place_is_refused_by_every_other_surgery(pristine, adapter_on_disk, tmp_path):
+    """spec/SURGERY.md §3: one in-place change at a time, and no copy taken during one."""
+    from s2reg.surgery.lock import checkpoint_lock
+
+    ckpt, adapter = fresh(pristine, tmp_path)
+    before = file_digests(ckpt)
+    attempts = {
+        "merge --in-place": lambda: merge_in_place(ckpt, [adapter]),
+        "unmerge --in-place": lambda: unmerge_in_place(ckpt, [adapter], verify_base=False),
+        "recover": lambda: recover(ckpt),
+        "merge -o": lambda: merge(ckpt, [adapter], tmp_path / "out"),
+        "permute": lambda: permute_checkpoint(ckpt, adapter, tmp_path / "permuted"),
+    }
+    with checkpoint_lock(ckpt, exclusive=True):  # what an in-place merge holds while it runs
+        for what, attempt in attempts.items():
+            with pytest.raises(CheckpointError, match="another s2reg command is .* this checkpoint in place") as caught:
+                attempt()
+            assert "\n" not in str(caught.value), what
+        result = CliRunner().invoke(main, ["merge", str(ckpt), str(adapter_on_disk), "--in-place"])
+        assert result.exit_code == 1 and result.output.count("Error: ") == 1, result.output
+    assert file_digests(ckpt) == before and not (tmp_path / "out").exists() and not (tmp_path / "permuted").exists()
+    with checkpoint_lock(ckpt, exclusive=False):  # copies may run side by side; an in-place change may not
+        merge(ckpt, [adapter], tmp_path / "out")
+        with pytest.raises(CheckpointError, match="another s2reg command"):
+            merge_in_place(ckpt, [adapter])
+    assert file_digests(ckpt) == before
+    merge_in_place(ckpt, [adapter])  # the lock went with its holder
+    assert shards(file_digests(ckpt)) == shards(pristine[3])
