@@ -10,6 +10,7 @@ stale): exclusive for in-place surgery and recovery, shared for commands that co
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CheckpointError
+
+_NO_LOCKS_HERE = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def directory_of(checkpoint: str | os.PathLike) -> Path:
@@ -37,6 +40,10 @@ def checkpoint_lock(checkpoint: str | os.PathLike, *, exclusive: bool) -> Iterat
             doing = "changing" if exclusive else "reading or changing"
             raise CheckpointError(f"{directory}: another s2reg command is {doing} this checkpoint in place; "
                                   "run this one when it has finished") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS_HERE:
+                raise
+            # a file system without flock (some FUSE mounts): the work goes on unguarded, as any other tool's would
         yield directory
     finally:
         os.close(fd)  # closing the last descriptor releases the lock

@@ -72,7 +72,7 @@ def _parse(data: bytes, stamp: Stamp) -> dict[Range, str]:
     """The hashes of a record written for ``stamp``; empty for any other stamp or a malformed record."""
     try:
         record = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return {}
     if not (isinstance(record, dict) and record.get("format") == FORMAT and record.get("version") == VERSION
             and record.get("stamp") == list(astuple(stamp)) and isinstance(record.get("ranges"), list)):

@@ -386,3 +386,16 @@ def test_a_checkpoint_being_changed_in_place_is_refused_by_every_other_surgery(p
     assert file_digests(ckpt) == before
     merge_in_place(ckpt, [adapter])  # the lock went with its holder
     assert shards(file_digests(ckpt)) == shards(pristine[3])
+
+
+def test_a_file_system_without_flock_still_gets_surgery(pristine, tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def unsupported(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    ckpt, adapter = fresh(pristine, tmp_path)
+    merge_in_place(ckpt, [adapter])
+    assert shards(file_digests(ckpt)) == shards(pristine[3])

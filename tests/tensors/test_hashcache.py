@@ -248,3 +248,11 @@ def test_an_unmerge_from_a_permuted_checkpoint_remembers_only_true_hashes(base_a
     unmerge_in_place(permuted, [adapter])
     remembered(permuted)
     assert_every_remembered_hash_is_true(s2reg_home)
+
+
+def test_a_record_nested_past_the_parsers_depth_is_ignored(ckpt, not_racy, s2reg_home):
+    stamp = Stamp.of(ckpt / "model.safetensors")
+    path = HashCache(s2reg_home / "hashes")._record_path(stamp)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    assert remembered(ckpt) == truth(ckpt)
