@@ -37,8 +37,10 @@ def checkpoint_lock(checkpoint: str | os.PathLike, *, exclusive: bool) -> Iterat
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            doing = "changing" if exclusive else "reading or changing"
-            raise CheckpointError(f"{directory}: another s2reg command is {doing} this checkpoint in place; "
+            # only an exclusive holder keeps a shared lock out; either kind keeps an exclusive one out
+            doing = ("using this checkpoint (copying it or changing it in place)" if exclusive
+                     else "changing this checkpoint in place")
+            raise CheckpointError(f"{directory}: another s2reg command is {doing}; "
                                   "run this one when it has finished") from None
         except OSError as exc:
             if exc.errno not in _NO_LOCKS_HERE:
