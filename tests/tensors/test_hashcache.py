@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def assert_every_remembered_hash_is_true(home) -> None:
         file = record["file"]
         if list(vars(Stamp.of(file)).values()) != record["stamp"]:
             continue
-        data = open(file, "rb").read()
+        data = Path(file).read_bytes()
         for start, stop, sha in record["ranges"]:
             assert sha256_bytes(data[start:stop]) == sha, (file, start, stop)
             checked += 1
