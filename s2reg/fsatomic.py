@@ -134,21 +134,37 @@ def write_directory(path: Path, files: Mapping[str, bytes], *, overwrite: bool =
             _write_synced(staging / name, data)
 
 
-def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """Replace the file at ``path`` with ``data`` atomically (temp file beside it, fsync, rename).
-
-    The file gets ``mode``, or by default what a plain ``open()`` would give it (not mkstemp's 0600).
-    """
+def _replace(path: Path, fill: Callable[[Path], None], mode: int | None) -> None:
+    """Replace the entry ``path`` with a file that ``fill`` writes and fsyncs, atomically (temp file beside
+    it, rename over it, fsync of the directory). The file gets ``mode``, or by default what a plain
+    ``open()`` would give it (not mkstemp's 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
+        finally:
+            os.close(fd)
+        fill(Path(tmp))
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Replace the file at ``path`` with ``data`` atomically (temp file beside it, fsync, rename)."""
+    _replace(path, lambda tmp: _write_synced(tmp, data), mode)
+
+
+def _copy_synced(source: Path, path: Path) -> None:
+    shutil.copyfile(source, path)  # in-kernel copy (copy_file_range / sendfile); follows a link at source
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def replace_with_copy(path: Path) -> None:
+    """Give the entry ``path`` (a symbolic link, or one of several hard links) a file of its own holding the
+    same bytes, atomically: a write through ``path`` then changes no other name's file."""
+    _replace(path, lambda tmp: _copy_synced(path, tmp), None)

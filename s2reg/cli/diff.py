@@ -9,6 +9,7 @@ import click
 from ..errors import S2RegError
 from ..format import MANIFEST_NAME
 from ..ops.diff import diff_adapters, diff_checkpoints
+from ..surgery.lock import locked_for_reading
 from ..tensors import CheckpointSource
 from . import render
 from .common import AdapterType, json_option, one_line_error
@@ -65,7 +66,9 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
 def _compare(a: str, b: str) -> tuple[str, dict]:
     if _is_adapter(a) and _is_adapter(b):
         return "adapters", diff_adapters(AdapterType().convert(a, None, None), AdapterType().convert(b, None, None))
-    with CheckpointSource(a) as x, CheckpointSource(b) as y, render.progress() as bar:
+    # the shared locks: an in-place merge cannot change either side while it is compared
+    with locked_for_reading(a, CheckpointSource) as x, locked_for_reading(b, CheckpointSource) as y, \
+            render.progress() as bar:
         task = bar.add_task("comparing", total=len(set(x.names()) & set(y.names())))
         return "checkpoints", diff_checkpoints(x, y, progress=lambda n: bar.update(task, advance=1, description=n))
 

@@ -8,6 +8,7 @@ import click
 
 from ..fsatomic import check_free
 from ..ops.extract import ExtractRefused, ExtractReport, extract_pisa, extract_s2ft
+from ..surgery.lock import locked_for_reading
 from ..tensors import open_source
 from . import render
 from .common import arch_option, json_option, overwrite_option
@@ -88,7 +89,9 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, allow_
     if kind == "pisa" and detect_permutation:
         raise click.UsageError("--detect-permutation works with --kind s2ft only (PISA coefficients have no heads to reorder)")
     check_free(Path(output), overwrite=overwrite)
-    with open_source(base) as b, open_source(tuned) as t, render.progress() as bar:
+    # the shared locks: an in-place merge cannot change either checkpoint while it is compared
+    with locked_for_reading(base, open_source) as b, locked_for_reading(tuned, open_source) as t, \
+            render.progress() as bar:
         task = bar.add_task("comparing", total=len(b.names()))
         step = lambda name: bar.update(task, advance=1, description=name)
         name = base_name or str(Path(base).resolve())

@@ -18,6 +18,11 @@ checkpoint_argument = click.argument("checkpoint", type=click.Path(exists=True, 
 adapters_argument = click.argument("adapters", type=AdapterType(), nargs=-1, required=True)
 output_option = click.option("-o", "--output", type=click.Path(path_type=Path), help="Write a new checkpoint here.")
 in_place_option = click.option("--in-place", is_flag=True, help="Patch the checkpoint's own files (journaled).")
+break_links_option = click.option(
+    "--break-links", is_flag=True,
+    help="With --in-place: a shard that another path also reaches (a symbolic link, as in a Hugging Face cache "
+         "snapshot, or a hard link, as `cp -al` makes) is first copied into CHECKPOINT, so that only it changes. "
+         "Without it, such shards are refused.")
 skip_base_check_option = click.option(
     "--skip-base-check", is_flag=True,
     help="DANGEROUS. merge: do not compare the checkpoint with the adapters' base fingerprints; unmerge: also "
@@ -30,17 +35,20 @@ def _count(checkpoint: Path) -> int:
 
 
 def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Path | None, in_place: bool,
-         overwrite: bool, skip_base_check: bool, as_json: bool) -> None:
+         break_links: bool, overwrite: bool, skip_base_check: bool, as_json: bool) -> None:
     if bool(output) == in_place:
         raise click.UsageError("give exactly one of -o/--output and --in-place")
     if overwrite and in_place:
         raise click.UsageError("--overwrite is for -o/--output; --in-place patches CHECKPOINT itself")
+    if break_links and not in_place:
+        raise click.UsageError("--break-links is for --in-place; -o/--output never writes CHECKPOINT's files")
     with render.progress() as bar:
         task = bar.add_task(kind, total=None)  # ticks per touched tensor; how many is known only after the checks
         step = lambda name: bar.update(task, advance=1, description=name)
         if in_place:
             fn = merge_in_place if kind == "merge" else unmerge_in_place
-            report = fn(checkpoint, list(adapters), verify_base=not skip_base_check, progress=step)
+            report = fn(checkpoint, list(adapters), verify_base=not skip_base_check, break_links=break_links,
+                        progress=step)
         else:
             fn = merge if kind == "merge" else unmerge
             report = fn(checkpoint, list(adapters), output, verify_base=not skip_base_check, overwrite=overwrite,
@@ -50,24 +58,25 @@ def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Pat
         return
     where = report.get("output") or report.get("in_place")
     size = f", {render.human_bytes(report['bytes_patched'])} patched" if "bytes_patched" in report else ""
+    copied = f" (copied {len(report['links_broken'])} linked shard(s) in first)" if report.get("links_broken") else ""
     render.line(
-        (f"{kind}d", "green"), f" {len(adapters)} adapter(s): {report['tensors']} tensors{size} in {report['seconds']:.2f}s -> {where}; "
+        (f"{kind}d", "green"), f" {len(adapters)} adapter(s): {report['tensors']} tensors{size} in {report['seconds']:.2f}s -> {where}{copied}; "
         f"{len(report['merged_now'])} adapter(s) merged now"
     )
 
 
 def surgery_options(command):
-    """The arguments merge and unmerge share: CHECKPOINT ADAPTERS... (-o OUT [--overwrite] | --in-place)
-    [--skip-base-check] [--json]."""
+    """The arguments merge and unmerge share: CHECKPOINT ADAPTERS... (-o OUT [--overwrite] | --in-place
+    [--break-links]) [--skip-base-check] [--json]."""
     for decorate in reversed((checkpoint_argument, adapters_argument, output_option, overwrite_option, in_place_option,
-                              skip_base_check_option, json_option)):
+                              break_links_option, skip_base_check_option, json_option)):
         command = decorate(command)
     return command
 
 
 @click.command("merge")
 @surgery_options
-def merge_command(checkpoint, adapters, output, overwrite, in_place, skip_base_check, as_json) -> None:
+def merge_command(checkpoint, adapters, output, overwrite, in_place, break_links, skip_base_check, as_json) -> None:
     """Merge ADAPTERS (in order) into CHECKPOINT (the base).
 
     With -o, a new checkpoint is written: the shards are copied in-kernel, then only the touched
@@ -76,19 +85,21 @@ def merge_command(checkpoint, adapters, output, overwrite, in_place, skip_base_c
     of CHECKPOINT's own shards are patched, behind an undo journal. Refused before any write: names,
     shapes or dtypes that do not fit, a base that is not the adapter's (unless --skip-base-check), an
     adapter already merged, NaN/Inf in the result. --overwrite replaces an existing OUTPUT and skips
-    no check.
+    no check. --in-place refuses a shard that another path also reaches (a Hugging Face cache
+    snapshot's links into blobs/, a `cp -al` copy's hard links), since patching it would change
+    every copy; --break-links copies such shards into CHECKPOINT first.
 
     \b
     Example:
       s2reg merge ./SmolLM2-135M ./math-adapter ./code-adapter -o ./merged
       s2reg merge ./SmolLM2-135M ./math-adapter --in-place
     """
-    _run("merge", checkpoint, adapters, output, in_place, overwrite, skip_base_check, as_json)
+    _run("merge", checkpoint, adapters, output, in_place, break_links, overwrite, skip_base_check, as_json)
 
 
 @click.command("unmerge")
 @surgery_options
-def unmerge_command(checkpoint, adapters, output, overwrite, in_place, skip_base_check, as_json) -> None:
+def unmerge_command(checkpoint, adapters, output, overwrite, in_place, break_links, skip_base_check, as_json) -> None:
     """Take ADAPTERS out of CHECKPOINT (a merged one) again.
 
     For S2FT the result is bit-identical to the base (every tensor's sha256 is checked against the
@@ -99,7 +110,7 @@ def unmerge_command(checkpoint, adapters, output, overwrite, in_place, skip_base
     Example:
       s2reg unmerge ./merged ./math-adapter -o ./base-again
     """
-    _run("unmerge", checkpoint, adapters, output, in_place, overwrite, skip_base_check, as_json)
+    _run("unmerge", checkpoint, adapters, output, in_place, break_links, overwrite, skip_base_check, as_json)
 
 
 @click.command("recover")

@@ -27,10 +27,14 @@ def validate_command(path: str, base_dir: str | None, allow_nonfinite: bool, as_
     """
     adapter = load(path, allow_nonfinite=allow_nonfinite)
     if base_dir is not None:
-        from ..surgery.plan import original_coordinates  # the surgery package, only when a base is checked
+        from functools import partial
+
+        from ..surgery.lock import locked_for_reading  # the surgery package, only when a base is checked
+        from ..surgery.plan import original_coordinates
         from ..tensors import CheckpointSource
 
-        with CheckpointSource(base_dir, remember_hashes=True) as source:
+        # the shared lock: an in-place merge cannot change the bytes while their hashes are checked
+        with locked_for_reading(base_dir, partial(CheckpointSource, remember_hashes=True)) as source:
             adapter.verify_base(original_coordinates(source))
     result = {
         "ok": True,

@@ -13,6 +13,11 @@ checkpoint the model was loaded from (FORMAT §3.2) and turns its targets into l
 merge's exact result, so ``out x in`` numbers in the model's dtype per target). At most
 ``max_resident`` adapters hold their deltas at once; the least recently used one gives them up
 and builds them again (from the adapter it keeps) when a batch asks for it.
+
+The server holds the checkpoint's shared lock (spec/SURGERY.md §3) from loading the model until
+:meth:`AdapterServer.close`: it reads the checkpoint's bytes all that time (fingerprints and deltas
+when an adapter is attached), so an in-place merge or unmerge of it is refused meanwhile instead of
+changing them under the served model.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +36,8 @@ from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter
 from ..ops.permute import read_permutation
 from ..registry import load_adapter
+from ..surgery.lock import locked_for_reading
 from ..tensors import CheckpointSource
-from ..tensors.reader import refuse_leftovers
 from ..train.layout import placements
 from .deltas import Delta, live_deltas
 from .routing import Routing
@@ -82,10 +87,10 @@ class AdapterServer:
         self.model = model.eval()
         self.base = Path(base)
         self.max_resident = max_resident
-        refuse_leftovers(self.base)
-        self.source = CheckpointSource(self.base)
+        self._held = ExitStack()
+        self.source = self._held.enter_context(locked_for_reading(self.base, CheckpointSource))
         if read_permutation(self.source) is not None:
-            self.source.close()
+            self._held.close()
             raise S2RegError(f"{self.base} was written by `s2reg permute`: serve adapters on the original checkpoint "
                              "(`s2reg unpermute` gives it back)")
         self._fingerprints = _HashedOnce(self.source)
@@ -103,14 +108,14 @@ class AdapterServer:
         base = Path(base)
         if not (base / "config.json").is_file():
             raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
-        refuse_leftovers(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
-        return cls(model, base, max_resident=max_resident)
+        with locked_for_reading(base, CheckpointSource):  # the weights are loaded under it; the server then holds its own
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+            return cls(model, base, max_resident=max_resident)
 
     def close(self) -> None:
         for name in list(self._attached):
             self.detach(name)
-        self.source.close()
+        self._held.close()  # closes the source and lets go of the lock
 
     def __enter__(self) -> AdapterServer:
         return self

@@ -27,8 +27,9 @@ from ..tensors.hashcache import Stamp
 from ..tensors.reader import leftovers
 from . import patching
 from .journal import Journal
-from .lock import checkpoint_lock, directory_of
+from .lock import checkpoint_lock, directory_of, shard_locks
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
+from .sharing import own_shards
 from ..records import read_record, to_bytes
 
 Progress = Callable[[str], None]
@@ -61,10 +62,10 @@ def _drop_journal(directory: Path) -> None:
     fsync_dir(directory)
 
 
-def _patch(plan: Plan, progress: Progress) -> dict[str, Any]:
+def _journaled(plan: Plan, progress: Progress) -> dict[str, np.ndarray]:
+    """Compute the patches, write the journal, patch the shards (rolled back at once on failure); the blobs."""
     source = plan.source
     directory = source.directory
-    started = time.perf_counter()
     patches, blobs = patching.prepare(plan, progress)
     for file in {source.info(n).file for n in plan.touched}:
         if not os.access(file, os.W_OK):
@@ -93,22 +94,38 @@ def _patch(plan: Plan, progress: Progress) -> dict[str, Any]:
         raise
     _drop_journal(directory)
     _remember_restored(plan, stamps)
+    return blobs
+
+
+def _patch(plan: Plan, progress: Progress, break_links: bool) -> dict[str, Any]:
+    """Patch the shards the plan touches, each reached by this checkpoint's name alone (spec/SURGERY.md §3,
+    "Shared shard files") and locked against every other command that reaches it."""
+    started = time.perf_counter()
+    directory = plan.source.directory
+    files = sorted({plan.source.info(n).file for n in plan.touched})
+    copied = own_shards(directory, files, break_links=break_links, operation="unmerge" if plan.subtract else "merge")
+    with shard_locks(files, exclusive=True):
+        blobs = _journaled(plan, progress)
     return {**describe_plan(plan), "in_place": str(directory), "bytes_patched": patching.patched_bytes(blobs),
-            "seconds": time.perf_counter() - started}
+            "links_broken": copied, "seconds": time.perf_counter() - started}
 
 
 def merge_in_place(base: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
-                   progress: Progress = lambda _: None) -> dict[str, Any]:
-    """Merge ``adapters`` into the checkpoint ``base`` by patching its shards (journaled)."""
+                   break_links: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
+    """Merge ``adapters`` into the checkpoint ``base`` by patching its shards (journaled).
+
+    A shard another name also reaches (a symbolic or hard link) is refused, or with ``break_links``
+    first copied into ``base``."""
     with checkpoint_lock(base, exclusive=True), CheckpointSource(base, remember_hashes=True) as source:
-        return _patch(plan_merge(source, adapters, verify_base=verify_base), progress)
+        return _patch(plan_merge(source, adapters, verify_base=verify_base), progress, break_links)
 
 
 def unmerge_in_place(merged: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
-                     progress: Progress = lambda _: None) -> dict[str, Any]:
-    """Take ``adapters`` out of the checkpoint ``merged`` in place (journaled; exact for S2FT)."""
+                     break_links: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
+    """Take ``adapters`` out of the checkpoint ``merged`` in place (journaled; exact for S2FT; shared
+    shards as :func:`merge_in_place`)."""
     with checkpoint_lock(merged, exclusive=True), CheckpointSource(merged, remember_hashes=True) as source:
-        return _patch(plan_unmerge(source, adapters, verify_base=verify_base), progress)
+        return _patch(plan_unmerge(source, adapters, verify_base=verify_base), progress, break_links)
 
 
 def _remove(files: Sequence[Path], directory: Path) -> list[str]:
@@ -143,7 +160,9 @@ def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> dict[str
                                  "restore the checkpoint from a copy")
         tensors, _ = payload.load(data)
         which = "after" if forward else "before"
-        _apply(directory, journal, tensors, which)
+        # no sharing check: the interrupted command already changed these bytes, and restoring them fixes every name
+        with shard_locks(sorted({directory / p.file for p in journal.patches}), exclusive=True):
+            _apply(directory, journal, tensors, which)
         removed = _remove([f for f in found if f.name not in (Journal.NAME, Journal.PAYLOAD_NAME)], directory)
         _drop_journal(directory)
         return {"checkpoint": str(directory), "action": "rolled forward" if forward else "rolled back",

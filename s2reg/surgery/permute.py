@@ -21,7 +21,7 @@ from ..format.arrays import bits
 from ..ops.permute import Permutation, PermutationRecord, permute_tensor, plan, read_permutation, selection_of
 from ..records import to_bytes
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
-from .lock import checkpoint_lock
+from .lock import locked_for_reading
 
 Progress = Callable[[str], None]
 
@@ -72,7 +72,7 @@ def permute_checkpoint(base: str | os.PathLike, selection: Adapter | Mapping[str
                        arch_file: str | os.PathLike | None = None, overwrite: bool = False,
                        progress: Progress = lambda _: None) -> dict[str, Any]:
     """Write ``base`` co-permuted so that ``selection`` is contiguous; the model's function is unchanged."""
-    with checkpoint_lock(base, exclusive=False), CheckpointSource(base) as source:
+    with locked_for_reading(base, CheckpointSource) as source:
         if read_permutation(source, arch_file) is not None:
             raise S2RegError(f"{source.directory} is already permuted; unpermute it first")
         perm, info = plan_for(source, selection, arch_file)
@@ -88,7 +88,7 @@ def unpermute_checkpoint(permuted: str | os.PathLike, output: str | os.PathLike,
                          arch_file: str | os.PathLike | None = None, overwrite: bool = False,
                          progress: Progress = lambda _: None) -> dict[str, Any]:
     """Write the permuted checkpoint back in original order: bit-identical to the original."""
-    with checkpoint_lock(permuted, exclusive=False), CheckpointSource(permuted) as source:
+    with locked_for_reading(permuted, CheckpointSource) as source:
         found = read_permutation(source, arch_file)
         if found is None:
             raise S2RegError(f"{source.directory} has no {PermutationRecord.NAME}: it is not a permuted checkpoint")

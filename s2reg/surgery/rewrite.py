@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from ..fsatomic import check_free
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
 from . import patching
 from .ledger import LEDGER_NAME
-from .lock import checkpoint_lock
+from .lock import locked_for_reading
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
 
 Progress = Callable[[str], None]
@@ -76,7 +77,7 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os
     adapter that is already merged, and any result holding NaN/Inf. ``overwrite`` only allows
     replacing an existing ``output``. Returns a report (tensors touched, timing).
     """
-    with checkpoint_lock(base, exclusive=False), CheckpointSource(base, remember_hashes=True) as source:
+    with locked_for_reading(base, partial(CheckpointSource, remember_hashes=True)) as source:
         return _rewrite(source, lambda: plan_merge(source, adapters, verify_base=verify_base), Path(output),
                         overwrite=overwrite, progress=progress)
 
@@ -84,6 +85,6 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os
 def unmerge(merged: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *,
             verify_base: bool = True, overwrite: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
     """Write ``merged`` with ``adapters`` taken out to ``output``: bit-identical to the base for S2FT."""
-    with checkpoint_lock(merged, exclusive=False), CheckpointSource(merged, remember_hashes=True) as source:
+    with locked_for_reading(merged, partial(CheckpointSource, remember_hashes=True)) as source:
         return _rewrite(source, lambda: plan_unmerge(source, adapters, verify_base=verify_base), Path(output),
                         overwrite=overwrite, progress=progress)
