@@ -8,6 +8,8 @@ anything else escaping is a bug.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class S2RegError(Exception):
     """Base class of every error s2reg raises on purpose."""
@@ -51,3 +53,28 @@ class RegistryError(S2RegError):
 
 class NotFound(RegistryError):
     """A name, tag or file that was asked for does not exist."""
+
+
+# A message is one line of bounded length whatever a file holds: a hostile payload can name 150,000 tensors,
+# a tensor name can be a megabyte long or hold a newline (issue 24).
+MAX_MESSAGE = 2000
+_BREAKS = str.maketrans({chr(c): " " for c in [*range(32), 0x7F, 0x85, 0x2028, 0x2029]})  # controls, line breaks
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line (control characters and line breaks become spaces) of at most ``limit`` characters;
+    a longer text keeps its beginning and its end (where a hint how to fix it usually is)."""
+    flat = text.translate(_BREAKS)
+    if len(flat) <= limit:
+        return flat
+    half = (limit - 5) // 2
+    return f"{flat[:half]} ... {flat[len(flat) - half:]}"
+
+
+def listing(items: Iterable[object], *, shown: int = 5, width: int = 100) -> str:
+    """``a, b, c, d, e and 149,995 more``: the first ``shown`` items, each cut to ``width`` characters
+    ("none" when there are none)."""
+    items = list(items)
+    head = ", ".join(one_line(str(item), width) for item in items[:shown])
+    more = f" and {len(items) - shown:,} more" if len(items) > shown else ""
+    return head + more if items else "none"

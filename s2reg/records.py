@@ -17,6 +17,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import CheckpointError
+from .fsread import read_json
 
 RECORD_VERSION = 1  # the version of every record below that this s2reg writes and reads
 AXES = ("rows", "columns")
@@ -56,10 +57,10 @@ def checked(data: Any, format_name: str) -> Mapping[str, Any]:
 def read_record(file: Path, from_json):
     """Parse ``file`` with ``from_json``; any defect becomes one line naming the file."""
     try:
-        return from_json(json.loads(file.read_bytes()))
+        return from_json(read_json(file, error=CheckpointError))  # a defect in the JSON itself names the file
     except RecordError as exc:
         raise CheckpointError(f"{file}: {exc} (spec/SURGERY.md)") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise CheckpointError(f"{file}: unreadable ({type(exc).__name__}); spec/SURGERY.md") from None
 
 

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..fsread import read_json
 from .dims import read_dims
 from .model import ModelInfo, match_name
 from .schema import FORMAT_HELP, ArchError, Family
@@ -19,11 +20,11 @@ ARCH_FILE = "s2reg-arch.json"
 
 def _read_json(path: Path, where: str) -> Any:
     try:
-        return json.loads(path.read_text())
+        return read_json(path, error=ArchError)
     except OSError as e:
         raise ArchError(f"{where}: cannot read ({e.strerror})") from None
-    except ValueError as e:
-        raise ArchError(f"{where}: not valid JSON ({e}) ({FORMAT_HELP})") from None
+    except ArchError as e:
+        raise ArchError(f"{e} ({FORMAT_HELP})") from None
 
 
 @lru_cache(maxsize=1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import S2RegError
+from ..errors import S2RegError, one_line
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 sizes_option = click.option("--sizes", is_flag=True,
@@ -17,9 +17,9 @@ def one_line_error(exc: S2RegError | OSError, *, exit_code: int = 1) -> click.Cl
     """A library or OS error as the CLI shows it: ``Error: <one line>``, exit status ``exit_code``."""
     if isinstance(exc, OSError):
         where = f": {exc.filename}" if exc.filename else ""
-        error = click.ClickException(f"{exc.strerror or exc}{where}")
+        error = click.ClickException(one_line(f"{exc.strerror or exc}{where}"))
     else:
-        error = click.ClickException(str(exc))
+        error = click.ClickException(one_line(str(exc)))
     error.exit_code = exit_code
     return error
 

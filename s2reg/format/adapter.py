@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Union
 import numpy as np
 
 from .._version import __version__
-from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError
+from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError, listing
 from ..fsatomic import write_directory
 from ..parallel import on_every_core
 from . import codec, dtypes, limits, manifest, payload
@@ -382,7 +382,8 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     expected = {n for name, entry in data["targets"].items() for n in cls.target_type.payload_names(name, entry)}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-        raise FormatError(f"{path}: payload tensors do not match the manifest (missing {missing}, unexpected {extra})")
+        raise FormatError(f"{path}: payload tensors do not match the manifest (missing {listing(map(repr, missing))}, "
+                          f"unexpected {listing(map(repr, extra))})")
     targets = {name: cls.target_type.from_manifest(name, entry, tensors) for name, entry in data["targets"].items()}
     base = data["base"]
     fingerprints = {

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, UnsupportedVersion
+from ..errors import FormatError, UnsupportedVersion, listing
 from . import boundedjson, dtypes
 from .safetensors_header import MAX_DIMENSION
 
@@ -89,7 +89,7 @@ def warn_unknown(obj: Mapping[str, Any], known: set[str], where: str) -> None:
     unknown = sorted(set(obj) - known)
     if unknown:
         warnings.warn(
-            f"manifest {where}: unknown keys {', '.join(unknown)} kept and ignored "
+            f"manifest {where}: unknown keys {listing(unknown)} kept and ignored "
             "(written by a newer s2reg?)",
             UnknownKeyWarning,
             stacklevel=3,
@@ -132,7 +132,7 @@ def parse(data: bytes) -> dict[str, Any]:
     require(provenance, "training", (dict, type(None)), "provenance")
     missing = sorted(set(targets) - set(manifest["base"]["fingerprints"]))
     if missing:
-        raise _fail("base.fingerprints", f"no fingerprint for target(s) {', '.join(missing)}")
+        raise _fail("base.fingerprints", f"no fingerprint for target(s) {listing(missing)}")
     return manifest
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..arch import ArchError, ModelInfo, resolve_source
-from ..errors import BaseMismatch, S2RegError, ShapeError
+from ..errors import BaseMismatch, S2RegError, ShapeError, listing
 from ..format import Adapter, PISAAdapter, S2FTAdapter, dtypes
 from ..format.arrays import as_array
 from ..format.pisa_fft import pisa_top_k, reconstruct
@@ -230,8 +230,7 @@ def _aligned(info: ModelInfo, name: str, indices: torch.Tensor) -> bool:
 
 def _refusal(report: ExtractReport, flag: str, why: str | None) -> ExtractRefused:
     bad = report.unstructured
-    listed = ", ".join(f"{c.name} ({100 * c.changed_fraction:.1f}% changed)" for c in bad[:4])
-    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+    listed = listing((f"{c.name} ({100 * c.changed_fraction:.1f}% changed)" for c in bad), shown=4)
     permuted = [w for w in report.warnings if "--detect-permutation" in w]
     wide = [c.needs_fraction for c in bad if c.needs_fraction is not None]
     fixes = permuted[:1]  # a co-permuted save is the cause: widening the slices would only store it densely
@@ -239,7 +238,7 @@ def _refusal(report: ExtractReport, flag: str, why: str | None) -> ExtractRefuse
         fixes.append(f"--max-fraction {max(wide):.2f} admits the head/channel selections")
     if not permuted and any(c.needs_fraction is None for c in bad):
         fixes.append(f"{flag} stores the rest anyway" + (f" (no family description: {why})" if why else ""))
-    return ExtractRefused(f"{len(bad)} tensor(s) changed outside a few slices of coupled projections: {listed}{more}; "
+    return ExtractRefused(f"{len(bad)} tensor(s) changed outside a few slices of coupled projections: {listed}; "
                           f"{' and '.join(fixes)}", report)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BaseMismatch, FormatError, S2RegError
+from ..errors import BaseMismatch, FormatError, S2RegError, listing
 from ..format import dtypes
 from ..format.arrays import as_array, to_torch
 from ..format.s2ft import Restore
@@ -150,7 +150,7 @@ def _check_one_base(adapters: Sequence[Adapter], base) -> None:
     if not _connected(adapters):
         named = sorted({a.base.name for a in adapters})
         raise BaseMismatch(f"nothing shows these adapters share a base model (they touch no common tensor; made for "
-                           f"{', '.join(map(repr, named))}); refused (--base CKPT checks them all against one checkpoint)")
+                           f"{listing(map(repr, named))}); refused (--base CKPT checks them all against one checkpoint)")
 
 
 def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None, method: str, density: float,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..arch import CHANNEL_ROLES, ModelInfo, resolve_source
-from ..errors import S2RegError, ShapeError
+from ..errors import S2RegError, ShapeError, listing
 from ..format import Adapter, S2FTTarget
 from ..format.arrays import as_array, is_torch, to_torch
 from ..format.s2ft import axis_dim, axis_length, gather
@@ -164,7 +164,8 @@ def plan(info: ModelInfo, heads: Mapping[int, Iterable[int]],
         if chosen:
             info.require_roles(["q"])
         if chosen and not 0 <= min(chosen) <= max(chosen) < dims.heads:
-            raise ShapeError(f"layer {layer}: head selection {sorted(chosen)} out of range 0..{dims.heads - 1}")
+            raise ShapeError(f"layer {layer}: head selection {listing(sorted(chosen))} "
+                             f"out of range 0..{dims.heads - 1}")
         kv_order = _selected_first({h // dims.group for h in chosen}, dims.kv_heads, f"layer {layer} kv head")
         head_order = []
         for kv in kv_order:

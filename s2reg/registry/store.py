@@ -11,7 +11,6 @@ opened without following links, only as regular files, and read no further than 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -30,6 +29,7 @@ from ..format.manifest import read_manifest
 from ..format.digest import sha256_bytes, sha256_stream
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..fsatomic import building, is_temp_name, write_file
+from ..fsread import open_regular, read_regular
 from .names import Ref, parse_ref
 
 if TYPE_CHECKING:
@@ -51,30 +51,13 @@ class _NotRegular(IntegrityError):
 
 
 def _open_regular(path: Path) -> int:
-    """A descriptor of ``path``, which must be a regular file reached without following a link.
-
-    O_NONBLOCK so that a FIFO put in a file's place cannot hang the open; regular files ignore it.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _NotRegular(f"{path} is a symbolic link, not a regular file") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise _NotRegular(f"{path} is not a regular file")
-    return fd
+    """A descriptor of ``path``, which must be a regular file reached without following a link."""
+    return open_regular(path, follow_links=False, error=_NotRegular)
 
 
 def _read_regular(path: Path, limit: int) -> bytes:
     """The bytes of the regular file ``path`` (see :func:`_open_regular`); IntegrityError past ``limit`` bytes."""
-    fd = _open_regular(path)
-    with os.fdopen(fd, "rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise IntegrityError(f"{path} is larger than the {limit} bytes recorded for it")
-    return data
+    return read_regular(path, limit, follow_links=False, error=_NotRegular)
 
 
 def _hash_regular(path: Path) -> str:

@@ -21,16 +21,16 @@ import numpy as np
 from ..errors import CheckpointError, IntegrityError
 from ..format import Adapter, payload
 from ..format.digest import sha256_bytes
-from ..fsatomic import fsync_dir, write_file
+from ..fsatomic import fsync_dir
 from ..tensors import CheckpointSource
 from ..tensors.hashcache import Stamp
 from ..tensors.reader import leftovers
 from . import patching
-from .journal import Journal
+from .journal import Journal, write_journal
 from .lock import checkpoint_lock, directory_of, shard_locks
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
 from .sharing import own_shards
-from ..records import read_record, to_bytes
+from ..records import read_record
 
 Progress = Callable[[str], None]
 
@@ -79,8 +79,7 @@ def _journaled(plan: Plan, progress: Progress) -> dict[str, np.ndarray]:
         patches=tuple(patches),
         payload_sha256=sha256_bytes(data),
     )
-    write_file(directory / Journal.PAYLOAD_NAME, data)
-    write_file(directory / Journal.NAME, to_bytes(journal))  # from here on, recoverable
+    write_journal(directory, journal, data)  # from here on, recoverable
     try:
         stamps = _apply(directory, journal, blobs, "after")
     except BaseException as failure:

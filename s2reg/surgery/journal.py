@@ -8,12 +8,15 @@ they are never taken for shards, and either one makes every command refuse the c
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ..fsatomic import write_file
 from ..tensors.reader import JOURNAL_NAME, JOURNAL_PAYLOAD_NAME
 from .ledger import Ledger
-from ..records import AXES, RECORD_VERSION, checked, int_list, require
+from ..records import AXES, RECORD_VERSION, checked, int_list, require, to_bytes
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,30 @@ class Journal:
         require(isinstance(patches, list), "journal patches must be a list")
         return cls(operation, created, Ledger.from_json(data.get("ledger_before")),
                    Ledger.from_json(data.get("ledger_after")), tuple(Patch.from_json(p) for p in patches), sha)
+
+
+def _removed(files: tuple[Path, ...]) -> bool:
+    try:
+        for file in files:
+            file.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
+
+
+def write_journal(directory: Path, journal: Journal, data: bytes) -> None:
+    """Write the journal payload ``data``, then the record ``journal``: from then on the change is recoverable.
+
+    If either write fails (a full disk), no shard byte has changed yet: whatever landed is removed again,
+    since a journal left behind would hold the checkpoint until ``s2reg recover``, and the error says so.
+    """
+    record, payload = directory / Journal.NAME, directory / Journal.PAYLOAD_NAME
+    try:
+        write_file(payload, data)
+        write_file(record, to_bytes(journal))
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        said = f"{reason} in {directory} while writing the undo journal; nothing was changed"
+        if not _removed((record, payload)):  # the record first: without it, the payload is a mere leftover
+            said += f", but it could not be removed: `s2reg recover {directory}` removes it"
+        raise OSError(exc.errno, said) from exc

@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from ..format.digest import tensor_bytes
 from ..format.s2ft import take
 from ..fsatomic import start_flush
+from ..fsread import open_regular
 from ..parallel import on_every_core, side_by_side
 from ..tensors import CheckpointSource
 from ..tensors.hashcache import Stamp
@@ -102,7 +103,7 @@ def read_slice(source: CheckpointSource, name: str, support: tuple[str, np.ndarr
     """The support slice of a tensor, read block by block from its file (never the whole tensor at once)."""
     info = source.info(name)
     axis, indices = support
-    fd = os.open(info.file, os.O_RDONLY)
+    fd = open_regular(info.file, error=CheckpointError)
     try:
         data = _read_bytes(fd, info, axis, indices.tolist())
     finally:

@@ -8,6 +8,7 @@ header can be laid out before any tensor is produced and the tensors then stream
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..errors import CheckpointError, FormatError
 from ..format import dtypes, safetensors_header
+from ..fsread import open_regular
 
 MAX_HEADER_BYTES = safetensors_header.CHECKPOINT_MAX_HEADER_BYTES
 
@@ -42,8 +44,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     The rules are those of every s2reg read path (:mod:`s2reg.format.safetensors_header`): in
     particular no two tensors may share bytes, so patching one in place never rewrites another.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path, error=CheckpointError), "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
 
         def read_at(offset: int, n: int) -> bytes:
             fh.seek(offset)

@@ -6,7 +6,6 @@ contiguous byte range), so peak memory is the tensors in hand, never the model.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -15,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, NotFound
+from ..errors import CheckpointError, NotFound, listing, one_line
 from ..format.arrays import to_torch
 from ..format.digest import sha256_stream
 from ..fsatomic import is_temp_name
+from ..fsread import json_type, open_regular, read_json, require_regular
 from .hashcache import HashCache, Stamp
 from .header import TensorInfo, read_header
 
@@ -53,31 +53,56 @@ def refuse_leftovers(directory: Path) -> None:
         )
 
 
-def _shard_files(path: Path) -> list[Path]:
-    if path.is_file():
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".")
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (tensor name -> shard file name), checked for shape: an object of
+    strings, each naming a file in the index's own directory (not a path, not a hidden name)."""
+    data = read_json(index, error=CheckpointError)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a shard index (no \"weight_map\" object)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(f"{index}: the shard of {one_line(repr(name), 100)} is {json_type(file)}, "
+                                  "not a file name")
+        if not _plain_name(file):
+            raise CheckpointError(f"{index}: shard name {one_line(repr(file), 100)} points outside the checkpoint")
+    return weight_map
+
+
+def indexed_shards(index: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shard files that ``index`` names, each a regular file, and its weight map (see :func:`read_index`)."""
+    weight_map = read_index(index)
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{index}: shard files missing: {listing(missing)}")
+    for file in files:
+        require_regular(file, error=CheckpointError)
+    return files, weight_map
+
+
+def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The shard files of the checkpoint at ``path`` (each a regular file, or a link to one) and its weight map."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint (expected a directory or a .safetensors file)")
+    if not path.is_dir():
+        require_regular(path, error=CheckpointError)
         if not _is_shard_name(path.name):
             raise CheckpointError(f"{path}: not a checkpoint shard (expected a visible *.safetensors file)")
-        return [path]
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint (expected a directory or a .safetensors file)")
+        return [path], None
     index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: unreadable shard index") from None
-        for name in files:
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint")
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
-        return [path / f for f in files]
+    if index.exists():
+        return indexed_shards(index)
     files = sorted(p for p in path.iterdir() if _is_shard_name(p.name))
     if not files:
         raise CheckpointError(f"{path}: no safetensors files (is this a Hugging Face checkpoint directory?)")
-    return files
+    for file in files:
+        require_regular(file, error=CheckpointError)
+    return files, None
 
 
 def check_rows(name: str, shape: tuple[int, ...], start: int, stop: int) -> None:
@@ -87,14 +112,14 @@ def check_rows(name: str, shape: tuple[int, ...], start: int, stop: int) -> None
 
 
 def read_config(directory: Path) -> dict[str, Any] | None:
-    """The parsed ``config.json`` in ``directory``, or None when there is none."""
+    """The parsed ``config.json`` in ``directory`` (a JSON object), or None when there is none."""
     file = directory / "config.json"
-    if not file.is_file():
+    if not file.exists():
         return None
-    try:
-        return json.loads(file.read_text())
-    except ValueError:
-        raise CheckpointError(f"{file}: not valid JSON") from None
+    config = read_json(file, error=CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: a model config must be a JSON object, not {json_type(config)}")
+    return config
 
 
 class CheckpointSource:
@@ -112,7 +137,7 @@ class CheckpointSource:
     def __init__(self, path: str | os.PathLike, *, allow_pending_journal: bool = False, remember_hashes: bool = False):
         self.path = Path(path)
         self.hash_cache = HashCache.default() if remember_hashes else None
-        self.files = _shard_files(self.path)
+        self.files, weight_map = _shard_files(self.path)
         if not allow_pending_journal:
             refuse_leftovers(self.directory)
         self._info: dict[str, TensorInfo] = {}
@@ -124,14 +149,13 @@ class CheckpointSource:
                 if name in self._info:
                     raise CheckpointError(f"{self.path}: tensor {name} is stored in both {self._info[name].file.name} and {file.name}")
                 self._info[name] = info
-        index = self.path / INDEX_NAME
-        if self.path.is_dir() and index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        if weight_map is not None:
+            index = self.path / INDEX_NAME
             wrong = sorted(n for n, f in weight_map.items() if n not in self._info or self._info[n].file.name != f)
             unlisted = sorted(set(self._info) - set(weight_map))
             if wrong or unlisted:
                 raise CheckpointError(f"{index}: index disagrees with the shards (e.g. {(wrong + unlisted)[0]})")
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, int] = {}
         self._opening = threading.Lock()
 
     # -- context management -------------------------------------------------------------------
@@ -142,8 +166,8 @@ class CheckpointSource:
         self.close()
 
     def close(self) -> None:
-        for fh in self._handles.values():
-            fh.close()
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         if self.hash_cache is not None:
             self.hash_cache.save()
@@ -190,10 +214,10 @@ class CheckpointSource:
     # Reads are positional (pread), never seek + read, so threads may read and hash tensors at once.
     def _fd(self, file: Path) -> int:
         with self._opening:
-            fh = self._handles.get(file)
-            if fh is None:
-                fh = self._handles[file] = open(file, "rb")
-            return fh.fileno()
+            fd = self._handles.get(file)
+            if fd is None:
+                fd = self._handles[file] = open_regular(file, error=CheckpointError)
+            return fd
 
     def read_bytes(self, file: Path, start: int, nbytes: int) -> np.ndarray:
         buffer = np.empty(nbytes, dtype=np.uint8)

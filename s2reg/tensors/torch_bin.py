@@ -14,7 +14,6 @@ each tied pair is dropped, so the names match the base checkpoint's.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .reader import read_config
+from .reader import indexed_shards, read_config
 from .memory import MemorySource
 
 BIN_NAME = "pytorch_model.bin"
@@ -40,17 +39,8 @@ def _bin_files(directory: Path) -> list[Path]:
         if not (directory / BIN_NAME).is_file():
             raise CheckpointError(f"{directory}: no {BIN_NAME} and no {BIN_INDEX_NAME}")
         return [directory / BIN_NAME]
-    try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{index}: unreadable shard index") from None
-    for name in files:
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-            raise CheckpointError(f"{index}: shard name {name!r} points outside the checkpoint")
-    missing = [f for f in files if not (directory / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
-    return [directory / f for f in files]
+    files, _ = indexed_shards(index)
+    return files
 
 
 def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:

@@ -8,10 +8,12 @@ directory is assembled beside its destination and renamed into place at the end,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,19 +80,41 @@ def _write_shard(file: Path, specs: list[TensorSpec], produce: Callable[[TensorS
         os.fsync(fh.fileno())
 
 
+def _special(directory: str, names: list[str]) -> list[str]:
+    """The names in ``directory`` that are neither regular files nor directories (links followed): a FIFO would
+    hang the copy and a device (a link to /dev/zero) would fill the disk, so they are left out."""
+    paths = {n: Path(directory, n) for n in names}
+    return [n for n, path in paths.items() if not (path.is_file() or path.is_dir())]
+
+
 def copy_side_files(source_dir: Path, dest_dir: Path, exclude: Iterable[str] = ()) -> list[str]:
-    """Copy everything beside the weights (config, tokenizer, generation config, README, ...)."""
+    """Copy everything beside the weights (config, tokenizer, generation config, README, ...); regular files and
+    directories only."""
     copied, skip = [], set(exclude)
     for item in sorted(Path(source_dir).iterdir()):
         if item.suffix == ".safetensors" or item.name == INDEX_NAME or item.name.startswith(".") or item.name in skip:
             continue
         target = dest_dir / item.name
         if item.is_dir():
-            shutil.copytree(item, target)
+            shutil.copytree(item, target, ignore=_special)
         elif item.is_file():
             shutil.copy2(item, target)
+        else:
+            continue  # a FIFO, socket or device: see _special
         copied.append(item.name)
     return copied
+
+
+@contextmanager
+def _full_disk_names(out: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing is reported as writing ``out``: the OS names the file it was writing,
+    a temp file about to be removed, or for an in-kernel copy the file it was reading, a shard of the input."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(exc.errno, f"{os.strerror(exc.errno)} while writing {out}") from exc
 
 
 def write_checkpoint(
@@ -117,7 +141,7 @@ def write_checkpoint(
     patch the copied shards).
     """
     out = Path(out_dir)
-    with building(out, overwrite=overwrite) as staging:
+    with _full_disk_names(out), building(out, overwrite=overwrite) as staging:
         if side_files_from is not None:
             copy_side_files(Path(side_files_from), staging, exclude=side_files_exclude)
         for name, data in (extra_files or {}).items():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -401,3 +403,52 @@ def test_a_file_system_without_flock_still_gets_surgery(pristine, tmp_path, monk
     ckpt, adapter = fresh(pristine, tmp_path)
     merge_in_place(ckpt, [adapter])
     assert shards(file_digests(ckpt)) == shards(pristine[3])
+
+
+def _disk_full_at(monkeypatch, name: str) -> None:
+    """Every fsync of the temp file of ``name`` fails as a full disk does (delayed allocation finds no room)."""
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("name", [Journal.PAYLOAD_NAME, Journal.NAME])
+def test_disk_full_while_writing_the_journal_leaves_nothing_and_says_so(pristine, adapter_on_disk, tmp_path,
+                                                                        monkeypatch, name):
+    _, _, base_digests, _ = pristine
+    ckpt, _ = fresh(pristine, tmp_path)
+    _disk_full_at(monkeypatch, name)
+    result = CliRunner().invoke(main, ["merge", str(ckpt), str(adapter_on_disk), "--in-place"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output == (f"Error: No space left on device in {ckpt} while writing the undo journal; "
+                             "nothing was changed\n")
+    assert leftovers(ckpt) == [] and file_digests(ckpt) == base_digests
+    monkeypatch.undo()
+    merge_in_place(ckpt, [pristine[1]])  # nothing holds the checkpoint
+
+
+def test_a_journal_that_cannot_be_removed_after_a_full_disk_is_left_to_recover(pristine, adapter_on_disk, tmp_path,
+                                                                               monkeypatch):
+    _, _, base_digests, _ = pristine
+    ckpt, _ = fresh(pristine, tmp_path)
+    _disk_full_at(monkeypatch, Journal.NAME)
+    unlink = Path.unlink
+
+    def payload_stays(path, missing_ok=False):
+        if path.name == Journal.PAYLOAD_NAME:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", payload_stays)
+    result = CliRunner().invoke(main, ["merge", str(ckpt), str(adapter_on_disk), "--in-place"])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: No space left on device in {ckpt} while writing the undo journal; nothing was "
+                             f"changed, but it could not be removed: `s2reg recover {ckpt}` removes it\n")
+    monkeypatch.undo()
+    assert recover(ckpt)["action"] == "cleaned"
+    assert leftovers(ckpt) == [] and file_digests(ckpt) == base_digests

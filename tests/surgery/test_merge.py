@@ -175,22 +175,24 @@ def test_truncated_base_shard_is_a_clear_error(base, tmp_path):
         merge(copy, [s2ft(base)], tmp_path / "m")
 
 
-def test_full_disk_leaves_no_output_and_inputs_untouched(base, tmp_path, monkeypatch):
-    from s2reg.tensors import writer
+def test_full_disk_leaves_no_output_and_inputs_untouched_and_names_the_output(base, tmp_path, monkeypatch):
+    """The in-kernel copy of the second shard finds the disk full; the OS error names the file it read."""
+    second = sorted(base.glob("*.safetensors"))[1].name
 
-    real = writer.shutil.copyfile
-    calls = []
+    def in_kernel_copy(real):
+        def copy(out_fd, in_fd, *args):
+            if os.readlink(f"/proc/self/fd/{in_fd}").endswith(second):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(out_fd, in_fd, *args)
+        return copy
 
-    def full_disk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the second shard does not fit
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(writer.shutil, "copyfile", full_disk)
+    for name in ("sendfile", "copy_file_range"):  # whichever shutil uses here
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, in_kernel_copy(getattr(os, name)))
     before = file_digests(base)
     result = CliRunner().invoke(main, ["merge", str(base), "-o", str(tmp_path / "m"), "--json", str(_saved(base, tmp_path))])
-    assert result.exit_code == 1 and "No space left" in result.output
+    assert result.exit_code == 1
+    assert result.output == f"Error: No space left on device while writing {tmp_path / 'm'}\n"
     assert not (tmp_path / "m").exists() and file_digests(base) == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
