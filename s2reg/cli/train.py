@@ -23,13 +23,15 @@ from . import render
 from .common import AdapterType, json_option, overwrite_option
 
 
-def _distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun / accelerate (WORLD_SIZE > 1)."""
+def _distributed(fsdp: bool) -> tuple[int, int]:
+    """Join the process group when launched by torchrun / accelerate (WORLD_SIZE > 1, or any size for FSDP)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if world > 1 or fsdp:
         import torch
         import torch.distributed as dist
 
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), world
@@ -73,17 +75,26 @@ def _distributed() -> tuple[int, int]:
 @click.option("--block", default=64, show_default=True, type=click.IntRange(min=1), help="pisa: block size.")
 @click.option("--coefficients", default=32, show_default=True, type=click.IntRange(min=1), help="pisa: per block.")
 @click.option("--targets", help="pisa: comma-separated module names, full or short (q_proj,v_proj), instead of --roles.")
+@click.option("--fsdp", is_flag=True,
+              help="Shard the model over the torchrun processes with FSDP2 (fully_shard on every decoder layer "
+                   "and the root): for bases that do not fit one device. bf16 computes in bf16 and reduces in fp32.")
+@click.option("--cpu-offload", is_flag=True, help="With --fsdp on CUDA: keep the shards in CPU memory between uses.")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute each decoder layer's activations in the backward (less memory, about a third more time).")
 @click.option("--arch", "arch_file", type=click.Path(exists=True, dir_okay=False),
               help="A family description (JSON, docs/families.md) for a layout s2reg does not know.")
 @overwrite_option
 @json_option
 def train_command(base, data, method, output, push_ref, epochs, max_steps, batch_size, grad_accum, lr, warmup_steps,
                   schedule, weight_decay, max_length, dtype, device, seed, eval_fraction, resume, channels, heads, budget, roles,
-                  strategy, order, exclude, block, coefficients, targets, arch_file, overwrite, as_json) -> None:
+                  strategy, order, exclude, block, coefficients, targets, fsdp, cpu_offload, gradient_checkpointing, arch_file,
+                  overwrite, as_json) -> None:
     """Fine-tune BASE on DATA with S2FT or PISA and write the adapter to OUTPUT.
 
     Multi-GPU / multi-node: launch with `torchrun --nproc-per-node N -m s2reg train ...`
-    (DDP; --batch-size is per process).
+    (DDP; --batch-size is per process). For a base that does not fit one device, add --fsdp: the
+    base, the slices and the optimizer state are sharded over the processes (FSDP2). --resume
+    continues on any number of processes that keeps the global batch (--batch-size x processes).
 
     \b
     Example:
@@ -95,10 +106,15 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
 
     if budget is not None and (channels is not None or heads is not None):
         raise click.UsageError("--budget chooses --channels and --heads; give one or the other")
+    if cpu_offload and not fsdp:
+        raise click.UsageError("--cpu-offload offloads FSDP shards; give --fsdp too")
+    if fsdp and "WORLD_SIZE" not in os.environ:
+        raise click.UsageError("--fsdp shards over the processes torchrun starts: "
+                               "torchrun --nproc-per-node N -m s2reg train --fsdp ...")
     if device:
         check_device(device)
     check_free(output, overwrite=overwrite or resume)
-    rank, world = _distributed()
+    rank, world = _distributed(fsdp)
     role_list = tuple(r.strip() for r in roles.split(",") if r.strip()) if roles else None
     if method == "s2ft":
         sizes = {k: v for k, v in (("channels", channels), ("heads", heads)) if v is not None}
@@ -112,7 +128,7 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
     train_config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                lr=lr or default_lr(method), warmup_steps=warmup_steps, schedule=schedule,
                                weight_decay=weight_decay, seed=seed)
-    if world > 1 and device is None:
+    if (world > 1 or fsdp) and device is None:
         import torch
 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -129,6 +145,7 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
         run = run_training(base, data, method, method_config=method_config, train_config=train_config,
                            max_length=max_length, dtype=dtype, device=device, eval_fraction=eval_fraction,
                            state_dir=state_dir, resume=resume, on_step=on_step, arch_file=arch_file, budget=budget,
+                           fsdp=fsdp, cpu_offload=cpu_offload, gradient_checkpointing=gradient_checkpointing,
                            on_warning=lambda message: render.line(("warning", "yellow"), f": {message}", stderr=True))
     if rank != 0:
         return

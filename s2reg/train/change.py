@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fsdp import whole
+
 # One optimizer step that moves a target by more than this share of its norm is a runaway: at the
 # trainer's default learning rates a step moves a SmolLM2 target by under 0.6% (bench/quality.py),
 # while the old PISA settings that wrecked the base moved a v projection by 44% in its first step.
@@ -72,7 +74,7 @@ def tracked(model: nn.Module) -> list[Tracked]:
             weight, delta, target = getattr(module, attr[len("s2ft_"):]), _identity, f"{module_name}.{attr[len('s2ft_'):]}"
         else:
             weight, delta, target = p, _identity, name
-        norm = float(weight.detach().double().norm())
+        norm = float(whole(weight.detach()).double().norm())
         if norm > 0:  # a zero-initialised factor (LoRA's B) has no scale to be relative to
             found.append(Tracked(target, p, norm, delta))
     return found
@@ -83,25 +85,26 @@ class WeightWatch:
 
     def __init__(self, model: nn.Module):
         self.targets = tracked(model)
-        self.start = [t.parameter.detach().clone() for t in self.targets]
+        self.start = [whole(t.parameter.detach()).clone() for t in self.targets]
         self.previous = [s.clone() for s in self.start]
         self.largest_step = 0.0
 
     def settle(self) -> None:
         """Measure the next step from the current values (after a resumed state was loaded)."""
         for t, previous in zip(self.targets, self.previous):
-            previous.copy_(t.parameter.detach())
+            previous.copy_(whole(t.parameter.detach()))
 
     def after_step(self, step: int) -> list[StepWarning]:
         """Targets that this step moved by more than ``STEP_LIMIT``."""
         warnings = []
         with torch.no_grad():
             for t, previous in zip(self.targets, self.previous):
-                moved = float(t.delta(t.parameter.detach() - previous).double().norm()) / t.weight_norm
+                current = whole(t.parameter.detach())
+                moved = float(t.delta(current - previous).double().norm()) / t.weight_norm
                 self.largest_step = max(self.largest_step, moved)
                 if moved > STEP_LIMIT:
                     warnings.append(StepWarning(step, t.target, moved))
-                previous.copy_(t.parameter.detach())
+                previous.copy_(current)
         return warnings
 
     def relative_change(self) -> float:
@@ -109,6 +112,6 @@ class WeightWatch:
         changed = total = 0.0
         with torch.no_grad():
             for t, start in zip(self.targets, self.start):
-                changed += float(t.delta(t.parameter.detach() - start).double().pow(2).sum())
+                changed += float(t.delta(whole(t.parameter.detach()) - start).double().pow(2).sum())
                 total += t.weight_norm ** 2
         return math.sqrt(changed / total) if total else 0.0

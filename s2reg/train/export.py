@@ -12,6 +12,7 @@ from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
 from ..format.arrays import as_array, to_torch
 from ..format.s2ft import put
 from ..ops.permute import Permutation, permute_s2ft_target, read_permutation, to_original
+from .fsdp import whole
 from .layout import placements, stored_name
 from .pisa import layer as pisa_layer
 from .s2ft import experts as s2ft_experts
@@ -72,7 +73,7 @@ def _trained_slices(model: nn.Module, prepared: PreparedS2FT, base):
         if base is not None:
             originals[key] = base.get(key)
         else:
-            stored = as_array(s.stored_value(model)).copy()
+            stored = as_array(whole(s.stored_value(model)).detach().cpu()).copy()
             put(stored, s.axis, as_array(s.indices), as_array(original))
             originals[key] = to_torch(stored)
         slices[key] = (s.axis, s.indices.cpu(), tuned.to(originals[key].dtype).cpu())
@@ -112,10 +113,10 @@ def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_n
     if pisa:
         stored = {p.parameter: name for name, p in placements(model, {f"{n}.weight" for n in pisa}).items()}
         keys = {n: _spelled(stored.get(f"{n}.weight", f"{n}.weight"), model, base) for n in pisa}
-        weights = base if base is not None else {keys[n]: m.weight.detach().cpu() for n, m in pisa.items()}
+        weights = base if base is not None else {keys[n]: whole(m.weight.detach()).cpu() for n, m in pisa.items()}
         coefficients, scales = {}, {}
         for name, m in pisa.items():
-            c = m.pisa_coefficients.detach().float().cpu()
+            c = whole(m.pisa_coefficients.detach()).float().cpu()
             coefficients[keys[name]] = (m.pisa_block, m.pisa_indices.cpu(), torch.complex(c[..., 0], c[..., 1]))
             scales[keys[name]] = m.pisa_scale
         params = {"method": "pisa"}

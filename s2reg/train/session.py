@@ -22,6 +22,7 @@ from .objective import CAUSAL, CLASSIFY, Objective
 from .objective import choose as choose_objective
 from .budget import fit_budget
 from .export import export_adapter
+from .fsdp import agree, shard
 from .loop import Progress, TrainConfig, TrainResult, train
 from .pisa.config import PISAConfig
 from .pisa.model import prepare_pisa
@@ -106,6 +107,15 @@ def read_tokenizer(base: Path):
     return AutoTokenizer.from_pretrained(base) if has_tokenizer else None
 
 
+def _check_enough(count: int, config: TrainConfig) -> None:
+    """Refuse, before any model is loaded, data that cannot fill one optimizer step on every process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    needed = config.batch_size * config.grad_accum * world
+    if count < needed:
+        raise S2RegError(f"{count} training examples do not fill one step of batch {config.batch_size} x "
+                         f"{config.grad_accum} accumulation x {world} processes ({needed} needed)")
+
+
 def run_training(
     base: str | os.PathLike,
     data: str | os.PathLike,
@@ -124,6 +134,9 @@ def run_training(
     on_warning: Callable[[str], None] | None = None,
     arch_file: str | os.PathLike | None = None,
     budget: int | None = None,
+    fsdp: bool = False,
+    cpu_offload: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> Run:
     """Load ``base``, tokenise ``data``, prepare ``method`` ("s2ft" | "pisa"), train, export the adapter.
 
@@ -131,6 +144,11 @@ def run_training(
     description for a layout s2reg does not know (docs/families.md; default: ``s2reg-arch.json`` beside
     the checkpoint, when there is one). ``budget`` (S2FT) replaces the config's heads and channels by the
     most that train at most that many parameters (``train/budget.py``).
+
+    ``fsdp`` (under ``torchrun``): every rank loads the base on the CPU, prepares it, and shards it with
+    FSDP2 (``fsdp.shard``: bf16 compute with fp32 reductions for ``dtype="bf16"``; ``cpu_offload`` keeps
+    the shards in CPU memory); the adapter is gathered on every rank (write it from rank 0).
+    ``gradient_checkpointing`` recomputes each decoder layer's activations in the backward.
     """
     train_config = train_config or TrainConfig(lr=default_lr(method))
     device = check_device(device) if device else default_device()
@@ -138,14 +156,24 @@ def run_training(
         raise S2RegError("--eval-fraction must be in [0, 1)")
     if budget is not None and method != "s2ft":
         raise S2RegError("--budget sizes S2FT selections; PISA's size is --coefficients per --block")
+    if cpu_offload and not fsdp:
+        raise S2RegError("--cpu-offload offloads FSDP shards; give --fsdp too")
+    if cpu_offload and torch.device(device).type != "cuda":
+        raise S2RegError("--cpu-offload keeps CUDA shards in CPU memory; on the CPU there is nothing to offload")
     records = read_jsonl(data)
     checkpoint_config = read_config(Path(base))
     if checkpoint_config is None:
         raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
+    refuse_leftovers(Path(base))
+    _check_enough(len(records) - int(len(records) * eval_fraction), train_config)
     objective = choose_objective(checkpoint_config, records)
     if arch_file is None and (Path(base) / ARCH_FILE).is_file():  # a description saved beside the checkpoint
         arch_file = Path(base) / ARCH_FILE
-    model, tokenizer = load_base(base, dtype, device, objective, seed=train_config.seed)
+    # FSDP loads on the CPU and moves each rank's shards to the device (the whole model never goes there)
+    load_device = "cpu" if fsdp else device
+    model, tokenizer = load_base(base, dtype, load_device, objective, seed=train_config.seed)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = tokenize(records, tokenizer, max_length, objective, seed=train_config.seed)
     random.Random(train_config.seed).shuffle(examples)
     held = int(len(examples) * eval_fraction)
@@ -159,13 +187,16 @@ def run_training(
             from .data import collate
 
             pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-            calibration = [{k: v.to(device) for k, v in collate(train_examples[i:i + 4], pad).items()}
+            calibration = [{k: v.to(load_device) for k, v in collate(train_examples[i:i + 4], pad).items()}
                            for i in range(0, min(len(train_examples), 32), 4)]
         prepared = prepare_s2ft(model, config, calibration=calibration, arch_file=arch_file)
+        agree(prepared.selection, "S2FT slices")
     elif method == "pisa":
         prepared = prepare_pisa(model, method_config or PISAConfig(), arch_file=arch_file)
     else:
         raise S2RegError(f"unknown method {method!r} (s2ft or pisa)")
+    if fsdp:
+        shard(model, device=device, mixed_precision=dtype == "bf16", cpu_offload=cpu_offload)
     pad_id = 0
     if tokenizer is not None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -175,6 +206,7 @@ def run_training(
         "method": method, "objective": objective.as_json(), "data": str(data), "examples": len(train_examples),
         "eval_examples": len(eval_examples),
         "dtype": dtype, "device": device, "max_length": max_length, **vars(train_config), **result.summary(),
+        "processes": int(os.environ.get("WORLD_SIZE", "1")), **({"fsdp": True} if fsdp else {}),
     }
     with CheckpointSource(base) as stored:  # the adapter fits the checkpoint as stored (its dtypes)
         adapter = export_adapter(model, base=stored, base_name=base_name or str(Path(base).resolve()), training=training)

@@ -69,6 +69,8 @@ def block_delta(shape: tuple[int, int], block: tuple[int, int], indices: torch.T
     """The dense delta (FORMAT §5.3) of real ``[blocks, k, 2]`` coefficients, differentiable."""
     if precision == torch.complex128:
         coefficients = coefficients.double()
+    elif coefficients.dtype != torch.float32:  # bf16 under FSDP's mixed precision: no complex bf16
+        coefficients = coefficients.float()
     return reconstruct(shape, block, indices, torch.complex(coefficients[..., 0], coefficients[..., 1]), scale,
                        precision=precision)
 

@@ -10,7 +10,9 @@ The experts module keeps its class, its parameters (frozen: ``requires_grad=Fals
 ``.grad``) and its kernel; its forward becomes one autograd node whose output is transformers' own
 experts forward, computed without a graph, so logits and routing are exactly the untouched model's.
 The trainable values are one small vector per 3-D parameter, ``s2ft_<parameter>``, in checkpoint order
-(``train/layout.py``), written into the frozen parameter whenever the optimizer changed them.
+(``train/layout.py``). The frozen parameter is never written (as in ``layer.py``, so that FSDP's
+gathered shards stay the truth): the forward runs the kernel on the effective weight, the frozen one
+with the trained values put in, and the backward rebuilds each reached expert's effective matrices.
 
 The forward saves only the layer's input and routing. The backward walks the experts the batch
 reached, one at a time as transformers' eager kernel does, recomputes that expert's activations and
@@ -26,12 +28,14 @@ from __future__ import annotations
 
 import inspect
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ...errors import S2RegError
+from ..fsdp import whole
 from ..matmul import matmul
 from .layer import input_gradient, master, slice_gradient
 
@@ -98,13 +102,12 @@ def attach_experts(module: nn.Module, name: str, positions: torch.Tensor) -> nn.
     index = positions.to(device=param.device, dtype=torch.long).reshape(-1)
     original = param.detach().reshape(-1).index_select(0, index).clone()
     if not hasattr(module, "s2ft_positions"):
-        module.s2ft_positions, module.s2ft_blocks, module._s2ft_written = {}, {}, {}
+        module.s2ft_positions, module.s2ft_blocks = {}, {}
         module._s2ft_inner_forward = module.forward
         module._s2ft_signature = inspect.signature(module.forward)
         module.forward = types.MethodType(_forward, module)
     module.s2ft_positions[name] = (index, original)
     module.s2ft_blocks[name] = _blocks(param.shape, index, where)
-    module._s2ft_written[name] = -1
     values = master(original)
     module.register_parameter(f"s2ft_{name}", values)
     return values
@@ -112,24 +115,23 @@ def attach_experts(module: nn.Module, name: str, positions: torch.Tensor) -> nn.
 
 def carried_slices(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``{parameter name: (flat positions, original values, tuned values in the parameter's dtype)}``."""
-    return {name: (index, original, getattr(module, f"s2ft_{name}").detach().to(original.dtype))
+    return {name: (index, original, whole(getattr(module, f"s2ft_{name}").detach()).to(original.dtype))
             for name, (index, original) in getattr(module, "s2ft_positions", {}).items()}
 
 
-def _sync(module: nn.Module) -> None:
-    # Only when the optimizer changed the values: rewriting a weight that an earlier forward's graph
-    # still holds would trip autograd's in-place check for nothing.
-    for name, (index, _) in module.s2ft_positions.items():
-        values = getattr(module, f"s2ft_{name}")
-        if values._version != module._s2ft_written[name]:
-            param = module._parameters[name]
-            with torch.no_grad():
-                param.view(-1).index_copy_(0, index, values.detach().to(param.dtype))
-            module._s2ft_written[name] = values._version
+def _effective(param: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``param`` with the trained ``values`` at flat positions ``index`` (a copy in the parameter's dtype)."""
+    return param.reshape(-1).index_copy(0, index, values.detach().to(param.dtype)).view(param.shape)
+
+
+def _effective_expert(weight: torch.Tensor, expert: int, block: _Block | None, values: torch.Tensor) -> torch.Tensor:
+    """One expert's effective matrix: ``weight[expert]`` with its trained slice (if any) put in."""
+    if block is None:
+        return weight[expert]
+    return weight[expert].index_copy(block.dim - 1, block.indices, values[block.order].to(weight.dtype))
 
 
 def _forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
-    _sync(module)
     bound = module._s2ft_signature.bind(*args, **kwargs)
     bound.apply_defaults()
     hidden, top_k_index, top_k_weights = list(bound.arguments.values())[:3]
@@ -140,6 +142,18 @@ def _forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
     names = list(module.s2ft_positions)
     return _PartialExperts.apply(module, names, hidden, top_k_index, top_k_weights,
                                  *(getattr(module, f"s2ft_{n}") for n in names))
+
+
+@contextmanager
+def _effective_parameters(module: nn.Module, trainables: dict[str, torch.Tensor]):
+    """transformers' kernel reads ``module.<name>``: the effective weights stand in for the block."""
+    frozen = {name: module._parameters[name] for name in trainables}
+    try:
+        for name, values in trainables.items():
+            module._parameters[name] = _effective(frozen[name], module.s2ft_positions[name][0], values)
+        yield
+    finally:
+        module._parameters.update(frozen)
 
 
 def _gate(module: nn.Module, first: torch.Tensor) -> torch.Tensor:
@@ -160,14 +174,16 @@ class _PartialExperts(torch.autograd.Function):
         ctx.first = "gate_up_proj" if module.has_gate else "up_proj"
         # the frozen weights are saved so that autograd catches an in-place change before the backward
         ctx.save_for_backward(hidden, top_k_index, top_k_weights, module._parameters[ctx.first],
-                              module._parameters[_SECOND])
-        return module._s2ft_inner_forward(hidden, top_k_index, top_k_weights)
+                              module._parameters[_SECOND], *trainables)
+        with _effective_parameters(module, dict(zip(names, trainables, strict=True))):
+            return module._s2ft_inner_forward(hidden, top_k_index, top_k_weights)
 
     @staticmethod
     def backward(ctx, grad_out):
         module = ctx.module
         transposed = bool(module.is_transposed)
-        hidden, top_k_index, top_k_weights, w_first, w_second = ctx.saved_tensors
+        hidden, top_k_index, top_k_weights, w_first, w_second, *trainables = ctx.saved_tensors
+        values = dict(zip(ctx.names, trainables, strict=True))
         need_x, need_w = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
         grad_x = torch.zeros_like(hidden) if need_x else None
         grad_w = torch.zeros_like(top_k_weights) if need_w else None
@@ -181,14 +197,16 @@ class _PartialExperts(torch.autograd.Function):
                 continue  # an expert-parallel sentinel, or nothing of this expert is asked for
             token, slot = torch.where(top_k_index == expert)
             x = hidden[token].to(w_first.dtype)
+            first_weight = _effective_expert(w_first, expert, first_block, values.get(ctx.first))
+            second_weight = _effective_expert(w_second, expert, second_block, values.get(_SECOND))
             through_gate = need_x or first_block is not None
             with torch.enable_grad():
-                first = matmul(x, w_first[expert], _bias(module, ctx.first, expert), transposed)
+                first = matmul(x, first_weight, _bias(module, ctx.first, expert), transposed)
                 mid = _gate(module, first.requires_grad_(through_gate))
             # the down projection's output matters only to a post-expert norm and to the routing
             # gradient; otherwise the gradient at it does not depend on it, and a stand-in serves
             if need_w or module.has_post_expert_norm:
-                second = matmul(mid.detach(), w_second[expert], _bias(module, _SECOND, expert), transposed)
+                second = matmul(mid.detach(), second_weight, _bias(module, _SECOND, expert), transposed)
             else:
                 second = mid.new_zeros(len(token), hidden.shape[-1])
             with torch.enable_grad():
@@ -201,12 +219,12 @@ class _PartialExperts(torch.autograd.Function):
                 _put(grads[_SECOND], second_block, _block_gradient(second_block, mid.detach(), g_second, transposed))
             if not through_gate:
                 continue
-            (g_first,) = torch.autograd.grad(mid, first, input_gradient(g_second, w_second[expert], transposed))
+            (g_first,) = torch.autograd.grad(mid, first, input_gradient(g_second, second_weight, transposed))
             if first_block is not None:
                 _put(grads[ctx.first], first_block, _block_gradient(first_block, x, g_first, transposed))
             if need_x:
                 # (index_put_ accumulates several times faster than index_add_ on CPU)
-                grad_x.index_put_((token,), input_gradient(g_first, w_first[expert], transposed).to(grad_x.dtype),
+                grad_x.index_put_((token,), input_gradient(g_first, first_weight, transposed).to(grad_x.dtype),
                                   accumulate=True)
         return (None, None, grad_x, None, grad_w, *grads.values())
 

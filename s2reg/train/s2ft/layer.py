@@ -1,8 +1,12 @@
 """Training only a slice of a frozen matmul weight: partial back-propagation.
 
 The trainable slice is an ordinary small ``nn.Parameter`` (a master copy, at least float32), so any
-optimizer, gradient accumulation, clipping, AMP and DDP work unchanged; its values are written into
-the frozen weight whenever the optimizer changed them, so the model always computes with one weight.
+optimizer, gradient accumulation, clipping, AMP, DDP and FSDP work unchanged. The frozen weight is
+never written: each forward computes with the effective weight, the frozen one with the slice (rounded
+to the weight's dtype) put in its place, which is bit for bit the weight ``s2reg merge`` writes. Under
+FSDP both are all-gathered shards, so a write into the weight would be lost at the next gather; a
+functional forward is correct whoever owns the storage. The price is one weight-sized temporary per
+layer while it computes (FSDP holds the gathered layer anyway).
 
 Matmul layers (``nn.Linear`` ``[out, in]`` and GPT-2's ``Conv1D``, stored transposed ``[in, out]``):
 the slice is rows or columns of the STORED tensor (FORMAT §4). The backward computes the input
@@ -19,6 +23,7 @@ import types
 import torch
 from torch import nn
 
+from ..fsdp import whole
 from ..matmul import matmul, matmul_kind
 
 
@@ -43,23 +48,31 @@ def slice_gradient(grad_y: torch.Tensor, read: torch.Tensor, indices: torch.Tens
     return grad.transpose(0, 1) if transposed else grad  # back to the stored orientation
 
 
+def effective_weight(weight: torch.Tensor, trainable: torch.Tensor, indices: torch.Tensor, dim: int) -> torch.Tensor:
+    """``weight`` with its ``dim`` slice ``indices`` replaced by ``trainable`` in the weight's dtype (a copy)."""
+    return weight.index_copy(dim, indices, trainable.detach().to(weight.dtype))
+
+
 class _SliceMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, trainable, indices, outputs: bool, transposed: bool):
-        ctx.outputs, ctx.transposed = outputs, transposed
+    def forward(ctx, x, weight, bias, trainable, indices, dim: int, outputs: bool, transposed: bool):
+        ctx.dim, ctx.outputs, ctx.transposed = dim, outputs, transposed
         saved = x if outputs else x.index_select(-1, indices)  # a slice of inputs needs only those inputs
-        ctx.save_for_backward(saved, weight, indices)
+        # the frozen weight and the slice, not the effective weight: FSDP frees and re-gathers the former
+        ctx.save_for_backward(saved, weight, trainable, indices)
         ctx.trainable_dtype = trainable.dtype
         ctx.has_bias = bias is not None
-        return matmul(x, weight, bias, transposed)
+        return matmul(x, effective_weight(weight, trainable, indices, dim), bias, transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
-        saved, weight, indices = ctx.saved_tensors
-        grad_x = input_gradient(grad_y, weight, ctx.transposed) if ctx.needs_input_grad[0] else None
+        saved, weight, trainable, indices = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = input_gradient(grad_y, effective_weight(weight, trainable, indices, ctx.dim), ctx.transposed)
         grad_slice = slice_gradient(grad_y, saved, indices, ctx.outputs, ctx.transposed)
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, grad_slice.to(ctx.trainable_dtype), None, None, None
+        return grad_x, None, grad_bias, grad_slice.to(ctx.trainable_dtype), None, None, None, None
 
 
 def master(values: torch.Tensor) -> nn.Parameter:
@@ -73,7 +86,7 @@ def attach(module: nn.Module, axis: str, indices: torch.Tensor) -> nn.Parameter:
 
     The module keeps its class and its ``weight`` name (checkpoints, ``s2reg.apply`` and DDP see the
     same model); it gains the parameter ``s2ft_slice`` and a forward with partial back-propagation.
-    ``weight`` itself is frozen and only ever changes on the slice.
+    ``weight`` itself is frozen and never changes.
     """
     if axis not in ("rows", "columns"):
         raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
@@ -90,7 +103,6 @@ def attach(module: nn.Module, axis: str, indices: torch.Tensor) -> nn.Parameter:
     module.register_buffer("s2ft_indices", index, persistent=False)
     module.register_buffer("s2ft_original", original, persistent=False)
     module.s2ft_slice = master(original)
-    module._s2ft_written = -1
     module.forward = types.MethodType(_forward, module)
     return module.s2ft_slice
 
@@ -101,24 +113,13 @@ def is_attached(module: nn.Module) -> bool:
 
 def tuned_slice(module: nn.Module) -> torch.Tensor:
     """The slice as the model uses it: the trainable values rounded to the weight's dtype."""
-    return module.s2ft_slice.detach().to(module.weight.dtype)
-
-
-def _sync(module: nn.Module) -> None:
-    # Only when the optimizer changed the slice: rewriting the weight while an earlier forward's
-    # graph still holds it would trip autograd's in-place check for nothing.
-    version = module.s2ft_slice._version
-    if version != module._s2ft_written:
-        with torch.no_grad():
-            module.weight.index_copy_(0 if module.s2ft_axis == "rows" else 1, module.s2ft_indices, tuned_slice(module))
-        module._s2ft_written = version
+    return whole(module.s2ft_slice.detach()).to(module.weight.dtype)
 
 
 def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    _sync(module)
     weight = module.weight
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
     outputs = (module.s2ft_axis == "rows") != module.s2ft_transposed  # a slice of output features?
-    return _SliceMatmul.apply(x, weight, module.bias, module.s2ft_slice, module.s2ft_indices, outputs,
-                              module.s2ft_transposed)
+    return _SliceMatmul.apply(x, weight, module.bias, module.s2ft_slice, module.s2ft_indices,
+                              0 if module.s2ft_axis == "rows" else 1, outputs, module.s2ft_transposed)
