@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Union
 import numpy as np
 
 from .._version import __version__
-from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError, listing
+from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeError, listing, one_line
 from ..fsatomic import write_directory
 from ..parallel import on_every_core
 from . import codec, dtypes, limits, manifest, payload
@@ -199,8 +199,7 @@ class Adapter:
         tensors: dict[str, np.ndarray] = {}
         for name, target in self.targets.items():
             tensors.update(target.payload_tensors(name))
-        meta = {"s2reg.format_version": str(self.format_version), "s2reg.kind": self.kind}
-        return payload.dump(tensors, meta)
+        return payload.dump(tensors, payload_metadata(self.format_version, self.kind))
 
     def manifest_for(self, raw: bytes, blob: bytes, encoding: str, level: int | None) -> dict[str, Any]:
         payload_entry: dict[str, Any] = {
@@ -350,6 +349,11 @@ def _numpy_dtype(dtype: Any) -> np.dtype:
     return dtypes.to_numpy(dtypes.name_of(dtype))
 
 
+def payload_metadata(format_version: int, kind: str) -> dict[str, str]:
+    """The payload's ``__metadata__`` (FORMAT §6.1): the manifest's version (as a string) and kind."""
+    return {"s2reg.format_version": str(format_version), "s2reg.kind": kind}
+
+
 ADAPTER_TYPES: dict[str, type[Adapter]] = {"s2ft": S2FTAdapter, "pisa": PISAAdapter}
 
 
@@ -377,13 +381,16 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     """Read and fully check the adapter directory at ``path`` (FORMAT §7)."""
     path = Path(path)
     data, text = manifest.read_manifest(path)
-    tensors, _ = payload.load(read_payload(path, data["payload"]))
+    tensors, metadata = payload.load(read_payload(path, data["payload"]))
     cls = ADAPTER_TYPES[data["kind"]]
     expected = {n for name, entry in data["targets"].items() for n in cls.target_type.payload_names(name, entry)}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
         raise FormatError(f"{path}: payload tensors do not match the manifest (missing {listing(map(repr, missing))}, "
                           f"unexpected {listing(map(repr, extra))})")
+    if metadata != payload_metadata(data["format_version"], data["kind"]):
+        raise FormatError(f"{path}: the payload's __metadata__ {one_line(str(metadata), 200)} does not say the manifest's "
+                          f"format_version {data['format_version']} and kind {data['kind']!r} (FORMAT §6.1 rule 7)")
     targets = {name: cls.target_type.from_manifest(name, entry, tensors) for name, entry in data["targets"].items()}
     base = data["base"]
     fingerprints = {
@@ -397,9 +404,10 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     adapter.provenance = data["provenance"]
     adapter.extra = {k: v for k, v in data.items() if k not in manifest.TOP_KEYS}
     adapter.check(allow_nonfinite=allow_nonfinite)
-    if adapter.format_version > data["format_version"]:
+    if adapter.format_version != data["format_version"]:
         raise FormatError(f"{path}: its targets need format_version {adapter.format_version} (restore lists: 2, "
-                          f"expert axes: 3), the manifest says {data['format_version']} (FORMAT §3.6)")
+                          f"expert axes: 3, else 1), the manifest says {data['format_version']} (FORMAT §3.6: "
+                          "the lowest version that holds the adapter)")
     adapter.stored = Stored(path, sha256_bytes(text), data["payload"]["encoding"], data["payload"]["bytes"],
                             data["payload"]["raw_bytes"])
     return adapter

@@ -3,8 +3,8 @@
 ``json.loads`` recurses once per nesting level (a deep enough document raises RecursionError),
 turns a 5,000-digit literal into a ValueError and a 400-digit one into an int that later
 arithmetic overflows on. Here the nesting depth is measured before parsing, and integer literals
-longer than :data:`MAX_INT_DIGITS`, NaN/Infinity and non-finite floats are refused while parsing,
-so every failure is a :class:`~s2reg.errors.FormatError` (or the caller's subclass of S2RegError).
+longer than :data:`MAX_INT_DIGITS`, NaN/Infinity, non-finite floats and an object naming one key
+twice (FORMAT §3: JSON leaves its meaning to the reader) are refused while parsing, so every failure is a :class:`~s2reg.errors.FormatError` (or the caller's subclass of S2RegError).
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ def _parse_constant(text: str) -> float:
     raise _Refused(f"{text} is not JSON")
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise _Refused(f"an object names the key {twice[:100]!r} twice (FORMAT §3)")
+    return obj
+
+
 def depth(data: bytes) -> int:
     """The deepest nesting of arrays and objects in ``data`` (brackets inside strings do not count)."""
     brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
@@ -62,7 +71,8 @@ def loads(data: bytes, *, what: str, error: type[S2RegError] = FormatError, max_
     if nesting > max_depth:
         raise error(f"{what} nests {nesting} levels deep, over the limit of {max_depth}")
     try:
-        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        return json.loads(text, object_pairs_hook=_object, parse_int=_parse_int, parse_float=_parse_float,
+                          parse_constant=_parse_constant)
     except _Refused as exc:
         raise error(f"{what} is refused: {exc}") from None
     except json.JSONDecodeError as exc:

@@ -65,8 +65,8 @@ def decode(blob: bytes, raw_bytes: int) -> bytes:
     """Decompress a zstd-byteplane payload of declared size ``raw_bytes`` (FORMAT §6.2).
 
     Every bound is checked before anything is allocated: the frame must be the only one in the
-    file and declare ``raw_bytes`` as its content size, which must be within :data:`MAX_RATIO`
-    times the compressed size and within :data:`~s2reg.format.limits.MAX_DECOMPRESSED`.
+    file, declare ``raw_bytes`` as its content size, which must be within :data:`MAX_RATIO` times the
+    compressed size and within :data:`~s2reg.format.limits.MAX_DECOMPRESSED`, and carry a content checksum.
     """
     MAX_DECOMPRESSED.check(raw_bytes, "the compressed payload declares")
     if raw_bytes > MAX_RATIO * len(blob):
@@ -86,6 +86,8 @@ def decode(blob: bytes, raw_bytes: int) -> bytes:
             f"compressed payload's frame declares {'no' if declared < 0 else declared} content size, the manifest "
             f"says raw_bytes {raw_bytes} (refused: truncated, or a possible decompression bomb)"
         )
+    if not zstandard.get_frame_parameters(blob).has_checksum:
+        raise FormatError("compressed payload's zstd frame has no content checksum (FORMAT §6.2 requires one)")
     try:
         planes = zstandard.ZstdDecompressor().decompress(blob)
     except zstandard.ZstdError as exc:

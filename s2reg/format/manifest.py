@@ -161,6 +161,10 @@ def _check_payload(payload: Mapping[str, Any]) -> None:
     require_sha256(payload, "raw_sha256", "payload")
     if encoding == "raw" and (payload["bytes"], payload["sha256"]) != (payload["raw_bytes"], payload["raw_sha256"]):
         raise _fail("payload", "a raw payload must have bytes == raw_bytes and sha256 == raw_sha256")
+    if encoding == "zstd-byteplane":
+        require(payload, "zstd_level", int, "payload")
+    elif "zstd_level" in payload:
+        raise _fail("payload", f"'zstd_level' is present only when 'encoding' is 'zstd-byteplane', not {encoding!r}")
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:

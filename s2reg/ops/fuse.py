@@ -46,10 +46,13 @@ def random_mask(tasks: torch.Tensor, density: float, generator: torch.Generator)
     return torch.rand(tasks.shape, generator=generator, dtype=torch.float64) < density
 
 
+SIGN_RULES = ("total", "frequency")  # spec/FUSE.md §1, TIES' sign election
+
+
 def elect_sign(tasks: torch.Tensor, method: str = "total") -> torch.Tensor:
-    """TIES sign election: per entry, the sign of the summed mass (``total``) or of the vote count."""
+    """TIES sign election: per entry, the sign of the summed mass (``total``) or of the vote count (``frequency``)."""
     signs = tasks.sign()
-    votes = tasks.sum(0) if method == "total" else signs.sum(0)
+    votes = {"total": tasks, "frequency": signs}[method].sum(0)
     majority = torch.where(votes >= 0, 1.0, -1.0).to(tasks.dtype)
     return signs == majority
 
@@ -154,11 +157,13 @@ def _check_one_base(adapters: Sequence[Adapter], base) -> None:
 
 
 def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None, method: str, density: float,
-                  base) -> torch.Tensor:
+                  majority_sign: str, base) -> torch.Tensor:
     if len(adapters) < 2:
         raise S2RegError("fuse needs at least two adapters")
     if method not in METHODS:
         raise S2RegError(f"unknown fuse method {method!r} (choose from {', '.join(METHODS)})")
+    if majority_sign not in SIGN_RULES:
+        raise S2RegError(f"unknown sign rule {str(majority_sign)[:40]!r} (choose from {', '.join(SIGN_RULES)}; spec/FUSE.md)")
     kinds = {a.kind for a in adapters}
     if len(kinds) > 1:
         raise FormatError(f"cannot fuse adapters of different kinds ({', '.join(sorted(kinds))}); fuse each kind separately")
@@ -179,7 +184,7 @@ def fuse(adapters: Sequence[Adapter], *, method: str = "linear", weights: Sequen
     S2FT outputs must be exact differences (FORMAT §4.3): when fused values are not simply copied
     from one input (overlaps, or weights other than 1), ``base`` (a checkpoint reader) is required.
     """
-    w = _check_inputs(adapters, weights, method, density, base)
+    w = _check_inputs(adapters, weights, method, density, majority_sign, base)
     options = FuseOptions(w, density, seed, majority_sign)
     generator = torch.Generator().manual_seed(seed)
     params = {"method": "fuse", "fuse_method": method, "weights": w.tolist(), "density": density, "seed": seed,

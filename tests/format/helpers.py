@@ -13,6 +13,7 @@ import torch
 
 from s2reg import PISAAdapter, S2FTAdapter
 from s2reg.format import codec, manifest, payload
+from s2reg.format.adapter import payload_metadata
 from s2reg.format.digest import sha256_bytes
 
 DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -90,7 +91,7 @@ def pisa_adapter(base=None, seed=2, block=(4, 8), k=5, **kwargs) -> PISAAdapter:
 
 def forge(path: Path, manifest_obj: dict, tensors: dict[str, torch.Tensor], *, compress: bool = False) -> Path:
     """Write ``manifest_obj`` (payload entry recomputed) and ``tensors`` as an adapter directory."""
-    raw = payload.dump(tensors, {"s2reg.format_version": "1", "s2reg.kind": manifest_obj.get("kind", "s2ft")})
+    raw = payload.dump(tensors, payload_metadata(manifest_obj.get("format_version", 1), manifest_obj.get("kind", "s2ft")))
     blob = codec.encode(raw) if compress else raw
     encoding = "zstd-byteplane" if compress else "raw"
     manifest_obj = json.loads(json.dumps(manifest_obj))
@@ -101,6 +102,7 @@ def forge(path: Path, manifest_obj: dict, tensors: dict[str, torch.Tensor], *, c
         "sha256": sha256_bytes(blob),
         "raw_bytes": len(raw),
         "raw_sha256": sha256_bytes(raw),
+        **({"zstd_level": codec.DEFAULT_LEVEL} if compress else {}),
     }
     path.mkdir(parents=True, exist_ok=True)
     (path / manifest.MANIFEST_NAME).write_bytes(manifest.dump(manifest_obj))

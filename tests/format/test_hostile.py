@@ -258,7 +258,7 @@ def _with_zstd_payload(path, blob: bytes, data: dict, raw: bytes, raw_bytes: int
     data = json.loads(json.dumps(data))
     data["payload"].update(
         file="payload.safetensors.zst", encoding="zstd-byteplane", bytes=len(blob), sha256=sha256_bytes(blob),
-        raw_bytes=len(raw) if raw_bytes is None else raw_bytes, raw_sha256=sha256_bytes(raw),
+        raw_bytes=len(raw) if raw_bytes is None else raw_bytes, raw_sha256=sha256_bytes(raw), zstd_level=codec.DEFAULT_LEVEL,
     )
     path.mkdir()
     (path / "payload.safetensors.zst").write_bytes(blob)
