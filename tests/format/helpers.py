@@ -89,10 +89,14 @@ def pisa_adapter(base=None, seed=2, block=(4, 8), k=5, **kwargs) -> PISAAdapter:
     return PISAAdapter.from_coefficients(base, coefficients, base_name="tiny", scale=0.5, **kwargs)
 
 
-def forge(path: Path, manifest_obj: dict, tensors: dict[str, torch.Tensor], *, compress: bool = False) -> Path:
-    """Write ``manifest_obj`` (payload entry recomputed) and ``tensors`` as an adapter directory."""
-    raw = payload.dump(tensors, payload_metadata(manifest_obj.get("format_version", 1), manifest_obj.get("kind", "s2ft")))
-    blob = codec.encode(raw) if compress else raw
+def forge(path: Path, manifest_obj: dict, tensors: dict[str, torch.Tensor] | bytes, *, compress: bool = False,
+          blob: bytes | None = None, **payload_entry) -> Path:
+    """Write ``manifest_obj`` (payload entry recomputed, then updated with ``payload_entry``) and ``tensors`` as an
+    adapter directory. ``tensors`` may be raw payload bytes instead, and ``blob`` a compressed form of them."""
+    raw = tensors if isinstance(tensors, bytes) else payload.dump(
+        tensors, payload_metadata(manifest_obj.get("format_version", 1), manifest_obj.get("kind", "s2ft")))
+    compress = compress or blob is not None
+    blob = blob if blob is not None else codec.encode(raw) if compress else raw
     encoding = "zstd-byteplane" if compress else "raw"
     manifest_obj = json.loads(json.dumps(manifest_obj))
     manifest_obj["payload"] = {
@@ -103,6 +107,7 @@ def forge(path: Path, manifest_obj: dict, tensors: dict[str, torch.Tensor], *, c
         "raw_bytes": len(raw),
         "raw_sha256": sha256_bytes(raw),
         **({"zstd_level": codec.DEFAULT_LEVEL} if compress else {}),
+        **payload_entry,
     }
     path.mkdir(parents=True, exist_ok=True)
     (path / manifest.MANIFEST_NAME).write_bytes(manifest.dump(manifest_obj))
