@@ -89,12 +89,19 @@ def check_free(path: Path, *, overwrite: bool = False) -> None:
 
 def _sync_tree(root: Path) -> None:
     """fsync every file and directory under ``root`` (cheap for what is already on disk), so that what
-    the rename publishes is on disk too, small side files included."""
+    the rename publishes is on disk too, small side files included.
+
+    A file made here alone (one link) also gets what a plain ``open()`` gives: writers such as
+    safetensors' ``save_file`` create owner-only files, which an engine in another account could not
+    read. Hard links into the store keep the mode of the blob they share."""
+    mode = 0o666 & ~_umask()
     for directory, _, files in os.walk(root):
         for name in files:
             path = Path(directory) / name
             if path.is_file() and not path.is_symlink():
                 with open(path, "rb") as fh:
+                    if os.fstat(fh.fileno()).st_nlink == 1:
+                        os.fchmod(fh.fileno(), mode)
                     os.fsync(fh.fileno())
         fsync_dir(Path(directory))
 

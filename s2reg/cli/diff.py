@@ -42,9 +42,11 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
         raise one_line_error(exc, exit_code=2) from exc
     if as_json:
         render.emit_json(report)
+    elif report["identical"]:  # the verdict alone: a table of equal rows (or of none) says nothing more
+        render.line(("identical", "green"), f" {kind}")
     elif kind == "adapters":
         render.console.print(render.table(
-            "identical" if report["identical"] else "adapters differ",
+            "adapters differ",
             ["tensor", "only in", "jaccard", "cosine", "rel L2"],
             ([r["tensor"], r.get("only_in", ""), f"{r['jaccard']:.3f}" if "jaccard" in r else "",
               f"{r['cosine']:.4f}" if r.get("cosine") is not None else "—",
@@ -52,7 +54,7 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
              for r in report["tensors"]), right=["jaccard", "cosine", "rel L2"]))
     else:
         render.console.print(render.table(
-            "identical" if report["identical"] else "checkpoints differ",
+            "checkpoints differ",
             ["tensor", "changed", "rows", "cols", "max |Δ|", "rel L2"],
             ([r["tensor"], f"{r['changed']:,}/{r['of']:,}", r["rows"], r["columns"] if r["columns"] is not None else "",
               f"{r['max_abs']:.3g}", f"{r['relative_l2']:.3g}"] if "changed" in r else [r["tensor"], "shape/dtype", "", "", "", ""]

@@ -92,9 +92,13 @@ def ls_command(base: str | None, kind: str | None, as_json: bool) -> None:
     if as_json:
         render.emit_json(rows)
         return
+    if not rows:
+        filters = " matching --base/--kind" if base or kind else ""
+        render.line(f"no adapters{filters} in {Store().root}; store one with `s2reg push DIR NAME[:TAG]`")
+        return
     render.console.print(render.table(
         None, ["ref", "kind", "base", "targets", "bytes", "digest", "created"],
-        ([r["ref"], r["kind"], r["base"], r["targets"], render.human_bytes(r["bytes"]), r["digest"][:8],
+        ([r["ref"], r["kind"], r["base"], r["targets"], render.human_bytes(r["bytes"]), r["digest"][:16],
           (r["created"] or "")[:10]]
          for r in rows),
         right=["targets", "bytes"], clip=["base"]))

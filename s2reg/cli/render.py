@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 _consoles: dict[bool, Console] = {}
+PIPE_WIDTH = 10_000  # columns of a console that writes into a pipe: wider than any table s2reg prints
 
 
 def _console(stderr: bool = False) -> Console:
@@ -28,7 +29,11 @@ def _console(stderr: bool = False) -> Console:
     if stderr not in _consoles:
         from rich.console import Console
 
-        _consoles[stderr] = Console(stderr=stderr, emoji=False)
+        stream = sys.stderr if stderr else sys.stdout
+        # into a pipe or a log there is no terminal to fit: rich's default of 80 columns would clip and fold
+        # cells, so a table is as wide as its text (COLUMNS still sets a width when given)
+        wide = not _styled_stream(stream) and "COLUMNS" not in os.environ
+        _consoles[stderr] = Console(stderr=stderr, emoji=False, width=PIPE_WIDTH if wide else None)
     return _consoles[stderr]
 
 
@@ -88,11 +93,12 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
           clip: Sequence[str] = ()) -> Table:
     """A table of plain-text cells (or :func:`styled` ones); ``right`` columns are right-aligned, ``clip``
     columns stay on one line and end in an ellipsis when the terminal is too narrow (their whole text is
-    in ``--json``), the others fold."""
+    in ``--json``; into a pipe nothing is too narrow), the others fold. Columns all named "" show no header."""
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(title=title, title_justify="left", header_style="bold")
+    # key/value tables have no column names: no header row of blanks
+    t = Table(title=title, title_justify="left", header_style="bold", show_header=any(columns))
     for c in columns:
         t.add_column(c, justify="right" if c in right else "left", overflow="fold")
     clipped = [c in clip for c in columns]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ..format import load
+from ..registry import load_adapter
 from . import render
 from .common import json_option
 
 
 @click.command("validate")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", metavar="ADAPTER")  # resolved in the body, where --allow-nonfinite is known
 @click.option("--base", "base_dir", type=click.Path(exists=True), help="Also check the fingerprints against this checkpoint.")
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf deltas (refused by default).")
 @json_option
@@ -24,8 +24,9 @@ def validate_command(path: str, base_dir: str | None, allow_nonfinite: bool, as_
     \b
     Example:
       s2reg validate ./my-adapter --base ./SmolLM2-135M
+      s2reg validate math-s2ft:v1
     """
-    adapter = load(path, allow_nonfinite=allow_nonfinite)
+    adapter = load_adapter(path, allow_nonfinite=allow_nonfinite)
     if base_dir is not None:
         from functools import partial
 

@@ -96,11 +96,11 @@ def warn_unknown(obj: Mapping[str, Any], known: set[str], where: str) -> None:
         )
 
 
-def parse(data: bytes) -> dict[str, Any]:
+def parse(data: bytes, what: str = "manifest") -> dict[str, Any]:
     """Parse and structurally check manifest bytes (FORMAT §3, §7 step 1)."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-    manifest = boundedjson.loads(data, what="manifest")
+    manifest = boundedjson.loads(data, what=what)
     if not isinstance(manifest, dict):
         raise FormatError("manifest is not a JSON object")
     if manifest.get("format") != FORMAT:
@@ -178,4 +178,4 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:
     if file.stat().st_size > MAX_MANIFEST_BYTES:
         raise FormatError(f"{file}: larger than the {MAX_MANIFEST_BYTES}-byte manifest limit")
     text = file.read_bytes()
-    return parse(text), text
+    return parse(text, what=f"manifest {file}"), text  # the file named: users have many adapters

@@ -10,6 +10,7 @@ streamed one tensor pair at a time, which tensors, rows and columns differ, and 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -78,10 +79,16 @@ def _compare(name: str, ta, tb) -> tuple[int, int, float, float, float, float, b
     return (s2ft.count * _slice_numel(s2ft), math.prod(ta.shape), *_sums(x, y))
 
 
+def _natural(name: str) -> list:
+    """Sort key putting layers.2 before layers.10: runs of digits compare as numbers (``re.split`` keeps them
+    at the odd positions, so a number is only ever compared with a number)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
+
+
 def diff_adapters(a: Adapter, b: Adapter) -> dict[str, Any]:
     """Per-tensor comparison; ``identical`` is true when every tensor's delta matches exactly."""
     rows = []
-    for name in sorted(set(a.targets) | set(b.targets)):
+    for name in sorted(set(a.targets) | set(b.targets), key=_natural):
         ta, tb = a.targets.get(name), b.targets.get(name)
         if ta is None or tb is None:
             rows.append({"tensor": name, "only_in": "a" if tb is None else "b"})
@@ -113,7 +120,7 @@ def diff_checkpoints(a, b, progress: Callable[[str], None] = lambda _: None) -> 
     """Which tensors, rows and columns of two checkpoints differ (bitwise), and by how much."""
     names_a, names_b = set(a.names()), set(b.names())
     rows = []
-    for name in sorted(names_a & names_b):
+    for name in sorted(names_a & names_b, key=_natural):
         progress(name)
         if tuple(a.shape(name)) != tuple(b.shape(name)) or dtypes.name_of(a.dtype(name)) != dtypes.name_of(b.dtype(name)):
             rows.append({"tensor": name, "shape_or_dtype_differs": True})
@@ -134,5 +141,5 @@ def diff_checkpoints(a, b, progress: Callable[[str], None] = lambda _: None) -> 
             "max_abs": float(np.abs(delta).max()),
             "relative_l2": delta_norm / norm if norm else delta_norm,
         })
-    return {"identical": not rows and names_a == names_b, "only_in_a": sorted(names_a - names_b),
-            "only_in_b": sorted(names_b - names_a), "tensors": rows}
+    return {"identical": not rows and names_a == names_b, "only_in_a": sorted(names_a - names_b, key=_natural),
+            "only_in_b": sorted(names_b - names_a, key=_natural), "tensors": rows}

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, RegistryError
+from ..errors import FormatError, NotFound, RegistryError
 from ..format import Adapter, load
 from .names import parse_ref
 from .store import Store
@@ -21,4 +21,7 @@ def load_adapter(spec: str | os.PathLike, **options: Any) -> Adapter:
         ref = parse_ref(str(spec))
     except RegistryError:
         raise FormatError(f"{spec}: no such adapter directory, and not a valid NAME[:TAG] either") from None
-    return Store().load(ref, **options)
+    try:
+        return Store().load(ref, **options)
+    except NotFound as exc:  # a mistyped directory reads as a stored name too: say it is neither
+        raise NotFound(f"{spec}: no such adapter directory, and {exc}") from None

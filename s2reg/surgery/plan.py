@@ -173,6 +173,13 @@ def _check_finite(name: str, after: np.ndarray, before: np.ndarray) -> None:
         raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
 
 
+def _named(adapter: Adapter) -> str:
+    """An adapter as messages name it: by the manifest digest that inspect, ls and push show (the payload's
+    for one never saved), then the base it was made for, so neither reads as the other."""
+    digest = adapter.stored.digest if adapter.stored is not None else adapter_identity(adapter)
+    return f"adapter {digest[:16]} (made for base {adapter.base.name!r})"
+
+
 def _check_shapes(source: CheckpointSource, adapter: Adapter) -> None:
     for name, target in adapter.targets.items():
         if name not in source:
@@ -195,7 +202,7 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_
     for adapter in adapters:
         identity = adapter_identity(adapter)
         if identity in seen or ledger.find(identity) is not None:
-            raise S2RegError(f"adapter {identity[:16]} ({adapter.base.name!r}) is already merged into {source.directory}; refused")
+            raise S2RegError(f"{_named(adapter)} is already merged into checkpoint {source.directory}; refused")
         seen.add(identity)
         _check_shapes(source, adapter)
         originals = {}
@@ -234,7 +241,7 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, verif
     missing = [a for a, i in zip(adapters, identities) if ledger.find(i) is None]
     if missing and verify_base:
         raise BaseMismatch(
-            f"adapter for {missing[0].base.name!r} is not recorded as merged into {source.directory}; refused "
+            f"{_named(missing[0])} is not recorded as merged into checkpoint {source.directory}; refused "
             "(--skip-base-check subtracts it anyway)"
         )
     position = {i: (ledger.find(i) if ledger.find(i) is not None else -1) for i in identities}
