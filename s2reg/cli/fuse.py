@@ -7,10 +7,14 @@ from pathlib import Path
 import click
 
 from ..fsatomic import check_free
-from ..ops.fuse import METHODS, fuse
 from ..tensors import CheckpointSource
 from . import render
 from .common import AdapterType, json_option, overwrite_option
+
+
+# s2reg.ops.fuse.METHODS, named here so that --help and a bad --method never import torch (that module's
+# does); tests/cli/test_no_torch.py keeps the two equal
+METHODS = ("dare_linear", "dare_ties", "linear", "magnitude_prune", "ties")
 
 
 def _weights(value: str | None) -> list[float] | None:
@@ -24,7 +28,7 @@ def _weights(value: str | None) -> list[float] | None:
 
 @click.command("fuse")
 @click.argument("adapters", type=AdapterType(), nargs=-1, required=True)
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="linear", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="linear", show_default=True)
 @click.option("--weights", help="One weight per adapter, comma-separated (default: 1 each).")
 @click.option("--density", type=float, default=1.0, show_default=True, help="ties/dare/magnitude_prune: share kept.")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: the drop seed (recorded in the manifest).")
@@ -46,6 +50,8 @@ def fuse_command(adapters, method, weights, density, seed, majority_sign, base, 
       s2reg fuse math:v1 code:v1 -o fused
       s2reg fuse math:v1 code:v1 --method ties --density 0.5 --weights 0.6,0.4 --base ./SmolLM2 -o fused
     """
+    from ..ops.fuse import fuse  # torch: once the options are known to be good
+
     check_free(output, overwrite=overwrite)
     if base:
         with CheckpointSource(base) as source:

@@ -6,19 +6,12 @@ import os
 from pathlib import Path
 
 import click
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from ..fsatomic import check_free
-from ..train.loop import TrainConfig
+from ..train.data import read_jsonl
 from ..train.pisa.config import PISAConfig
-from ..train.session import DEFAULT_LR
 from ..train.s2ft.config import STRATEGIES, S2FTConfig
+from ..train.settings import DEFAULT_LR, TrainConfig, default_lr
 from . import render
 from .common import AdapterType, json_option, overwrite_option
 
@@ -38,6 +31,37 @@ def _distributed(fsdp: bool) -> tuple[int, int]:
     return 0, 1
 
 
+class _StepBar:
+    """The training progress bar, started by the first optimizer step: a run refused while it loads (bad
+    data, bad base) prints no empty bar."""
+
+    def __init__(self, shown: bool):
+        self.shown = shown
+        self.bar = None
+        self.task = None
+
+    def __enter__(self) -> _StepBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, p) -> None:
+        if not self.shown:
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=render.errors)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=p.total, loss=p.loss, lr=p.lr, tps=p.tokens_per_second)
+        self.bar.update(self.task, completed=p.step, total=p.total, loss=p.loss, lr=p.lr, tps=p.tokens_per_second)
+
+
 @click.command("train")
 @click.option("--base", "base", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint directory.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -47,7 +71,8 @@ def _distributed(fsdp: bool) -> tuple[int, int]:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Adapter directory to write.")
 @click.option("--push", "push_ref", help="Also store the adapter in the local registry as NAME[:TAG].")
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
+@click.option("--max-steps", type=click.IntRange(min=1),
+              help="Train this many optimizer steps, passing over the data as often as needed (overrides --epochs).")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Per process.")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True),
@@ -102,8 +127,6 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
       s2reg train --base ./SmolLM2-135M --data chat.jsonl --method pisa --block 64 --coefficients 32 \\
                   --max-steps 200 --eval-fraction 0.1 -o ./adapter --push chat-pisa:v1
     """
-    from ..train.session import check_device, default_lr, run_training
-
     if budget is not None and (channels is not None or heads is not None):
         raise click.UsageError("--budget chooses --channels and --heads; give one or the other")
     if cpu_offload and not fsdp:
@@ -111,10 +134,6 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
     if fsdp and "WORLD_SIZE" not in os.environ:
         raise click.UsageError("--fsdp shards over the processes torchrun starts: "
                                "torchrun --nproc-per-node N -m s2reg train --fsdp ...")
-    if device:
-        check_device(device)
-    check_free(output, overwrite=overwrite or resume)
-    rank, world = _distributed(fsdp)
     role_list = tuple(r.strip() for r in roles.split(",") if r.strip()) if roles else None
     if method == "s2ft":
         sizes = {k: v for k, v in (("channels", channels), ("heads", heads)) if v is not None}
@@ -128,24 +147,24 @@ def train_command(base, data, method, output, push_ref, epochs, max_steps, batch
     train_config = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                lr=lr or default_lr(method), warmup_steps=warmup_steps, schedule=schedule,
                                weight_decay=weight_decay, seed=seed)
+    check_free(output, overwrite=overwrite or resume)
+    records = read_jsonl(data)  # a bad line is reported before torch is imported or a model loads
+    from ..train.session import check_device, run_training  # torch and transformers: every option is good
+
+    if device:
+        check_device(device)
+    rank, world = _distributed(fsdp)
     if (world > 1 or fsdp) and device is None:
         import torch
 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     state_dir = output.parent / f".{output.name}.train-state"
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                   TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=render.errors, disable=rank != 0)
-    with bar:
-        task = bar.add_task("train", total=None, loss=float("nan"), lr=0.0, tps=0.0)
-
-        def on_step(p):
-            bar.update(task, completed=p.step, total=p.total, loss=p.loss, lr=p.lr, tps=p.tokens_per_second)
-
+    with _StepBar(shown=rank == 0) as bar:
         run = run_training(base, data, method, method_config=method_config, train_config=train_config,
                            max_length=max_length, dtype=dtype, device=device, eval_fraction=eval_fraction,
-                           state_dir=state_dir, resume=resume, on_step=on_step, arch_file=arch_file, budget=budget,
+                           state_dir=state_dir, resume=resume, on_step=bar.update, arch_file=arch_file, budget=budget,
                            fsdp=fsdp, cpu_offload=cpu_offload, gradient_checkpointing=gradient_checkpointing,
+                           records=records,
                            on_warning=lambda message: render.line(("warning", "yellow"), f": {message}", stderr=True))
     if rank != 0:
         return

@@ -9,10 +9,14 @@ as transformers holds it (fused MoE experts, renamed modules), so adapters alway
 tensors. transformers is needed only to load models and tokenizers and to follow its load-time conversions.
 """
 
-from .export import export_adapter
-from .pisa.config import PISAConfig
-from .pisa.model import PreparedPISA, prepare_pisa
-from .s2ft.config import S2FTConfig
-from .s2ft.model import PreparedS2FT, prepare_s2ft
+from .._lazy import exports
 
-__all__ = ["PISAConfig", "PreparedPISA", "PreparedS2FT", "S2FTConfig", "export_adapter", "prepare_pisa", "prepare_s2ft"]
+# imported on first use: s2reg.train.settings and the configs stay importable without torch (s2reg train
+# checks its options before importing it)
+_EXPORTS = {
+    "PISAConfig": ".pisa.config", "PreparedPISA": ".pisa.model", "PreparedS2FT": ".s2ft.model",
+    "S2FTConfig": ".s2ft.config", "export_adapter": ".export", "prepare_pisa": ".pisa.model",
+    "prepare_s2ft": ".s2ft.model",
+}
+__getattr__ = exports(__name__, _EXPORTS, globals())
+__all__ = sorted(_EXPORTS)

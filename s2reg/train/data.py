@@ -11,12 +11,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import S2RegError
 from .objective import CAUSAL, CLASSIFY, MASKED, Objective
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 
@@ -41,7 +42,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise S2RegError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                raise S2RegError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.pos + 1})") from None
             if not isinstance(record, dict):
                 raise S2RegError(f"{path}:{number}: expected a JSON object")
             _check(record, f"{path}:{number}")
@@ -129,6 +130,8 @@ MASK_SHARE = 0.15
 def _masked(sequences: list[list[int]], tokenizer, seed: int) -> list[Example]:
     """Masked-LM examples: a seeded 15% of the ordinary tokens (at least one) chosen; of those, 80% become
     the mask token, 10% a random token, 10% stay; the loss is taken on the chosen ones only."""
+    import torch  # here, not at import: reading and checking the data file runs before torch is loaded
+
     mask_id = getattr(tokenizer, "mask_token_id", None)
     if mask_id is None:
         raise S2RegError("masked-LM needs the tokenizer's mask token: the base checkpoint has no tokenizer with one")
@@ -157,6 +160,8 @@ def _masked(sequences: list[list[int]], tokenizer, seed: int) -> list[Example]:
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (padding takes no loss; one class id
     per example for classification)."""
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)

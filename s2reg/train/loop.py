@@ -29,29 +29,7 @@ from ..fsatomic import building
 from .change import LargeStepWarning, WeightWatch
 from .data import IGNORE, Example, collate
 from .fsdp import is_sharded, like, whole
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    schedule: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 50
-
-    def check(self) -> None:
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise S2RegError(f"unknown schedule {self.schedule!r} (linear, cosine or constant)")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
-            raise S2RegError("batch size, gradient accumulation and epochs must be at least 1")
-        if self.lr <= 0:
-            raise S2RegError("the learning rate must be positive")
+from .settings import TrainConfig
 
 
 @dataclass
@@ -237,7 +215,7 @@ def train(
     if per_epoch == 0:
         raise S2RegError(f"{len(examples)} examples do not fill one step of batch {config.batch_size} x "
                          f"{config.grad_accum} accumulation x {_rank_world()[1]} processes")
-    total = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
+    total = config.total_steps(per_epoch)
     state_dir = Path(state_dir) if state_dir else None
     watch = WeightWatch(model)  # before resuming, so the change is measured from the base weights
     start = _load_state(state_dir, parameters, optimizer, config) if resume and state_dir and state_dir.is_dir() else 0
@@ -253,7 +231,7 @@ def train(
     model.train()
     started = time.perf_counter()
     step = 0
-    for epoch in range(config.epochs):
+    for epoch in range(math.ceil(total / per_epoch)):  # --max-steps may need more passes than --epochs
         batches = _batches(examples, config, epoch)
         for first in range(0, per_epoch * config.grad_accum, config.grad_accum):
             if step >= total:

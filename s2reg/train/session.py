@@ -23,23 +23,14 @@ from .objective import choose as choose_objective
 from .budget import fit_budget
 from .export import export_adapter
 from .fsdp import agree, shard
-from .loop import Progress, TrainConfig, TrainResult, train
+from .loop import Progress, TrainResult, train
 from .pisa.config import PISAConfig
 from .pisa.model import prepare_pisa
 from .s2ft.config import S2FTConfig
 from .s2ft.model import prepare_s2ft
+from .settings import TrainConfig, default_lr
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-# Learning rates at which each method learns without wrecking the base (bench/quality.py;
-# docs/training.md gives the evidence). PISA's lr is on the isometric scale (PISAConfig.scale_for).
-DEFAULT_LR = {"s2ft": 1e-3, "pisa": 1.25e-3}
-
-
-def default_lr(method: str) -> float:
-    if method not in DEFAULT_LR:
-        raise S2RegError(f"unknown method {method!r} (s2ft or pisa)")
-    return DEFAULT_LR[method]
 
 
 @dataclass
@@ -53,6 +44,7 @@ class Run:
 
 
 def default_device() -> str:
+    """The device of every command that loads a model when none is named (train, generate): CUDA when available."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -137,6 +129,7 @@ def run_training(
     fsdp: bool = False,
     cpu_offload: bool = False,
     gradient_checkpointing: bool = False,
+    records: list[dict[str, Any]] | None = None,
 ) -> Run:
     """Load ``base``, tokenise ``data``, prepare ``method`` ("s2ft" | "pisa"), train, export the adapter.
 
@@ -149,6 +142,7 @@ def run_training(
     FSDP2 (``fsdp.shard``: bf16 compute with fp32 reductions for ``dtype="bf16"``; ``cpu_offload`` keeps
     the shards in CPU memory); the adapter is gathered on every rank (write it from rank 0).
     ``gradient_checkpointing`` recomputes each decoder layer's activations in the backward.
+    ``records`` are ``data`` already read with ``read_jsonl`` (the CLI reads them before importing torch).
     """
     train_config = train_config or TrainConfig(lr=default_lr(method))
     device = check_device(device) if device else default_device()
@@ -160,7 +154,7 @@ def run_training(
         raise S2RegError("--cpu-offload offloads FSDP shards; give --fsdp too")
     if cpu_offload and torch.device(device).type != "cuda":
         raise S2RegError("--cpu-offload keeps CUDA shards in CPU memory; on the CPU there is nothing to offload")
-    records = read_jsonl(data)
+    records = records if records is not None else read_jsonl(data)
     checkpoint_config = read_config(Path(base))
     if checkpoint_config is None:
         raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")

@@ -157,3 +157,40 @@ def test_push_pull_and_the_hub_remote_load_no_torch(setup, tmp_path):
 
 def adapter_files(path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+@pytest.mark.parametrize(("args", "status"), [
+    (["train", "--help"], 0),
+    (["fuse", "--help"], 0),
+    (["train", "--base", "{base}", "--data", "{data}", "--method", "lora", "-o", "{out}"], 2),  # issue 24: took 17-20 s
+    (["train", "--base", "{base}", "--data", "{data}", "--method", "s2ft", "-o", "{out}", "--budget", 9, "--heads", 1], 2),
+    (["train", "--base", "{base}", "--data", "{data}", "--method", "s2ft", "-o", "{out}", "--cpu-offload"], 2),
+    (["train", "--base", "{base}", "--data", "{bad}", "--method", "s2ft", "-o", "{out}"], 1),  # a malformed line
+    (["fuse", "{a}", "{a}", "--method", "slerp", "-o", "{out}"], 2),
+])
+def test_train_and_fuse_refuse_bad_options_and_data_before_importing_torch(setup, tmp_path, args, status):
+    root, base, home = setup
+    (tmp_path / "d.jsonl").write_text('{"input_ids": [1, 2]}\n' * 4)
+    (tmp_path / "bad.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 2],\n')
+    places = {"base": base, "data": tmp_path / "d.jsonl", "bad": tmp_path / "bad.jsonl", "out": tmp_path / "out",
+              "a": root / "a"}
+    report = fresh(*[str(a).format(**places) for a in args], env=home)
+    assert report == {"status": status, "heavy": []}, args
+
+
+def test_a_malformed_data_line_is_one_whole_reason_and_no_progress_line(setup, tmp_path):
+    root, base, home = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 2],\n')
+    result = CliRunner(env=home).invoke(main, ["train", "--base", str(base), "--data", str(bad), "--method", "s2ft",
+                                               "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {bad}:2: not valid JSON (Expecting property name enclosed in double quotes " \
+                            "at column 23)\n"
+
+
+def test_fuse_lists_the_methods_of_the_library():
+    from s2reg.cli.fuse import METHODS as listed
+    from s2reg.ops.fuse import METHODS
+
+    assert sorted(listed) == sorted(METHODS)

@@ -54,7 +54,7 @@ def test_train_writes_an_adapter_for_the_stored_base(tiny, tmp_path, monkeypatch
 def test_bad_training_inputs_are_clear_errors(tiny, tmp_path):
     base, data = tiny
     text = tmp_path / "text.jsonl"
-    text.write_text('{"text": "needs a tokenizer"}\n')
+    text.write_text('{"text": "needs a tokenizer"}\n' * 4)  # one full batch: the tokenizer is what is missing
     no_tok = run("train", "--base", base, "--data", text, "--method", "s2ft", "-o", tmp_path / "a")
     assert no_tok.exit_code == 1 and "no tokenizer" in no_tok.output
     broken = tmp_path / "broken.jsonl"

@@ -148,3 +148,57 @@ def test_ddp_with_two_processes_equals_one_process_with_the_same_global_batch(tm
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-10, atol=1e-12, msg=name)
     reduced = json.loads((tmp_path / "reduced.json").read_text())
     assert steps >= 2 and reduced and set(reduced.values()) == {steps}, reduced  # each bucket once per optimizer step
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny checkpoint and 10 pre-tokenised examples (no tokenizer needed)."""
+    root = tmp_path_factory.mktemp("steps")
+    _, base = tiny_model(root / "base", dtype=torch.float32)
+    data = write(root / "d.jsonl", [{"input_ids": e.input_ids} for e in _examples(count=10, length=5)])
+    return base, data
+
+
+@pytest.mark.parametrize(("max_steps", "epochs", "grad_accum", "eval_fraction", "steps"), [
+    # 10 examples, batch 2; eval holds out int(10 * fraction); steps per epoch = batches // grad_accum
+    (None, 1, 1, 0.0, 5),
+    (None, 3, 1, 0.0, 15),
+    (None, 2, 2, 0.0, 4),   # 2 steps of 2 x 2 per epoch
+    (None, 1, 1, 0.2, 4),   # 8 left: 4 steps
+    (None, 2, 3, 0.2, 2),   # 4 batches // 3 = 1 step per epoch
+    (3, 1, 1, 0.0, 3),      # max_steps inside one epoch
+    (6, 1, 1, 0.2, 6),      # issue 24: was capped at one epoch (4); max_steps overrides epochs
+    (12, 1, 1, 0.0, 12),    # 2.4 epochs
+    (3, 5, 2, 0.2, 3),      # fewer than epochs x steps per epoch: max_steps still wins
+    (4, 1, 3, 0.2, 4),      # 1 step per epoch: four passes
+])
+def test_max_steps_overrides_epochs(tiny_run, max_steps, epochs, grad_accum, eval_fraction, steps):
+    from s2reg.train.session import run_training
+
+    base, data = tiny_run
+    config = TrainConfig(max_steps=max_steps, epochs=epochs, batch_size=2, grad_accum=grad_accum, lr=1e-4)
+    seen = []
+    run = run_training(base, data, "s2ft", method_config=S2FTConfig(channels=2, heads=0), train_config=config,
+                       eval_fraction=eval_fraction, device="cpu", on_step=lambda p: seen.append((p.step, p.total)))
+    assert run.result.steps == steps and seen == [(i, steps) for i in range(1, steps + 1)]
+
+
+def test_a_run_longer_than_an_epoch_resumes_to_the_same_result(tmp_path):
+    """--max-steps past the data: the interrupted run picks up in its second pass, in the same seeded order."""
+    model, _ = tiny_model(tmp_path / "m", dtype=torch.float32)
+    prepare_s2ft(model, S2FTConfig(channels=4, heads=1, seed=0))
+    reference = copy.deepcopy(model)
+    config = TrainConfig(max_steps=7, batch_size=2, lr=1e-3, save_every=2)
+    train(reference, _examples(count=8), config)
+
+    def crash(progress):
+        if progress.step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, _examples(count=8), config, state_dir=tmp_path / "state", on_step=crash)
+    result = train(model, _examples(count=8), config, state_dir=tmp_path / "state", resume=True)
+    assert result.resumed_from == 6 and result.steps == 7
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
