@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from functools import cache
 from pathlib import Path
@@ -60,13 +63,13 @@ def call_times(fn, repeats: int) -> list[float]:
     return times
 
 
-def training_step_times(model, optimizer, ids, steps: int, cuda: bool) -> list[float]:
-    """Wall seconds of ``steps`` causal-LM training steps on ``ids`` (after one untimed warm-up step);
-    CUDA work is synchronised so each time covers its step."""
+def training_step_times(model, optimizer, ids, steps: int, cuda: bool, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``steps`` causal-LM training steps on ``ids`` (after ``warmup`` untimed warm-up
+    steps); CUDA work is synchronised so each time covers its step."""
     import torch
 
     times = []
-    for _ in range(steps + 1):
+    for _ in range(steps + warmup):
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -76,4 +79,79 @@ def training_step_times(model, optimizer, ids, steps: int, cuda: bool) -> list[f
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return times[1:]
+    return times[warmup:]
+
+
+def available_mib() -> float:
+    """MemAvailable of this machine now, in MiB."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
+
+
+class MemoryGuard(threading.Thread):
+    """Kills (SIGKILL) process ``pid`` as soon as its resident memory passes ``limit_mib``, so a contender
+    that needs more than the machine has fails alone instead of calling the OOM killer on everything
+    else. ``RLIMIT_AS`` would not do: torch and safetensors map far more address space than they touch.
+    With ``anon`` the limit is on anonymous memory only (``RssAnon``: what the kernel cannot drop; pages
+    of memory-mapped files can be). ``most`` is the most it saw, ``killed_at`` what it saw when it killed."""
+
+    def __init__(self, pid: int, limit_mib: float, *, anon: bool = False, poll_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.pid, self.limit_mib, self.poll_s = pid, limit_mib, poll_s
+        self.field = "RssAnon:" if anon else "VmRSS:"
+        self.most, self.killed_at = 0.0, None
+        self.start()
+
+    def run(self) -> None:
+        while True:  # until it is gone (or a zombie, whose status has no memory lines)
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    used = next(int(line.split()[1]) for line in f if line.startswith(self.field)) / 1024
+            except (FileNotFoundError, StopIteration, ProcessLookupError):
+                return
+            self.most = max(self.most, used)
+            if used > self.limit_mib:
+                self.killed_at = used
+                os.kill(self.pid, signal.SIGKILL)
+                return
+            time.sleep(self.poll_s)
+
+
+def run_limited(argv: list[str], limit_mib: float, *, env: dict[str, str] | None = None, durable: bool = False,
+                anon: bool = False) -> dict:
+    """Run ``argv`` as its own process under a :class:`MemoryGuard`. Returns wall seconds (to the data on
+    disk with ``durable``), peak RSS in MiB and the bytes it wrote to files (``/usr/bin/time``'s, as
+    :func:`run`: a small process starts it, so no pages forked from this one are counted), the most
+    memory the guard saw, the return code, whether the limit killed it, and its output."""
+    if durable:
+        os.sync()
+    started = time.perf_counter()
+    report = tempfile.NamedTemporaryFile(mode="r", suffix=".time")
+    proc = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%M %O", "-o", report.name, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**command_env(), **(env or {})})
+    out: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k, f: out.__setitem__(k, f.read()), args=(k, f), daemon=True)
+               for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for t in readers:
+        t.start()
+    child = None
+    while child is None and proc.poll() is None:  # the command, once /usr/bin/time has started it
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            pids = f.read().split()
+        child = int(pids[0]) if pids else time.sleep(0.01)
+    guard = MemoryGuard(child, limit_mib, anon=anon) if child else None
+    proc.wait()
+    if guard:
+        guard.join()
+    for t in readers:
+        t.join()
+    if durable:
+        os.sync()
+    wall = time.perf_counter() - started
+    fields = report.read().split()
+    peak_kib, blocks = (int(fields[-2]), int(fields[-1])) if len(fields) >= 2 else (0, 0)
+    killed = guard.killed_at if guard else None
+    return {"wall_s": wall, "peak_rss_mib": peak_kib / 1024, "rc": -9 if killed else proc.returncode,
+            "most_anon_mib" if anon else "most_rss_mib": guard.most if guard else 0.0, "written_bytes": blocks * 512,
+            "killed_at_mib": killed, "limit_mib": limit_mib, "stdout": out.get("stdout", ""),
+            "stderr": out.get("stderr", "")}

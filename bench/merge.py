@@ -48,18 +48,22 @@ model.save_pretrained(sys.argv[3])
 
 
 def make_lora(base: Path, out: Path, rank: int) -> int:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    """A PEFT LoRA adapter of ``rank`` on down_proj for ``base``, saved by PEFT, with random factors. The
+    model is built on the meta device, so a base of any size costs no memory."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base), dtype=torch.bfloat16)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["down_proj"]))
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
-    peft_model.save_pretrained(out)
-    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    state = {name: torch.randn(t.shape, generator=g) * 1e-3  # fp32, as PEFT keeps and saves its factors
+             for name, t in sorted(get_peft_model_state_dict(peft_model).items())}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    peft_model.peft_config["default"].save_pretrained(out)
+    return sum(t.numel() for t in state.values())
 
 
 def bench(label: str, base: Path, work: Path, channels: int, repeats: int) -> list[tuple]:
