@@ -27,3 +27,11 @@ def smollm2_dir() -> Path:
     build. Treat it as read-only: copy it before modifying anything in place.
     """
     return build_smollm2()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the real SmolLM2 fixture is also ``slow`` (a 135M model, built from the GGUF by the first
+    one): ``-m "not slow"`` is the quick subset the README names; CI runs everything."""
+    for item in items:
+        if item.get_closest_marker("smollm2"):
+            item.add_marker(pytest.mark.slow)

@@ -25,6 +25,12 @@ def test_ci_runs_the_readme_test_command():
     assert ci[-1] == readme_commands()[1]
 
 
+def test_readme_says_how_long_the_suite_takes_and_names_a_quick_subset():
+    """Issue 24: the whole suite ran 68 minutes with no word of it; the quick subset leaves out the slow marker."""
+    section = (ROOT / "README.md").read_text().split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    assert "over an hour" in section and '`python -m pytest -n 2 -m "not slow"`' in section
+
+
 def headline() -> str:
     """The README's paragraph of measured numbers (the one that cites bench/README.md)."""
     text = (ROOT / "README.md").read_text()

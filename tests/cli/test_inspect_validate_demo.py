@@ -111,6 +111,7 @@ def test_inspect_of_a_missing_adapter_is_one_clean_line(tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 @pytest.mark.filterwarnings("error::s2reg.train.change.LargeStepWarning")  # the tour trains as we advise
 def test_demo_runs_end_to_end(tmp_path):
     result = run("demo", "--workdir", tmp_path / "demo", "--json")

@@ -229,6 +229,7 @@ def test_every_fp32_bit_pattern_pair_merges_and_unmerges_bit_for_bit(data):
     _check_exact_pairs(base_bits, tuned_bits, torch.float32)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 def test_exhaustive_bf16_changes_of_signed_zeros_and_subnormals():
     """Every bf16 pattern against the ones where the arithmetic alone fails most: -0.0, +0.0, the tiniest subnormals."""
     every = list(range(0x10000))

@@ -87,6 +87,7 @@ print(s2ft_adapter().save(sys.argv[1] + "/s").digest, pisa_adapter().save(sys.ar
 """
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 def test_digest_stable_across_processes(tmp_path):
     """FORMAT §3.7: the same adapter serialises to the same bytes in separate runs."""
     env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000", "PYTHONHASHSEED": "random"}

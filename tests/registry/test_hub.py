@@ -145,6 +145,7 @@ def test_offline_pull_from_the_hub_cache_and_with_an_empty_cache(env):
     assert len(empty.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 def test_timeout_is_a_clear_error(env):
     store, hub, tmp = env
     push_to_hub(store, "math:v1", "hf://org/math", endpoint=hub.endpoint)

@@ -126,6 +126,7 @@ def _push_many(root, source, worker):
         store.push(source, f"worker{worker}:v{i}")
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 def test_concurrent_pushes_from_several_processes(store, bases, tmp_path):
     source = adapter_dir(bases[0], tmp_path / "a")
     ctx = multiprocessing.get_context("spawn")

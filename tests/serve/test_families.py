@@ -36,6 +36,7 @@ def state_bytes(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 @pytest.mark.parametrize("name", ROWS)
 def test_mixed_batch_equals_merged_checkpoints(name, zoo_checkpoint, tmp_path):
     species = zoo.SPECIES[name]

@@ -30,6 +30,7 @@ def bits_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 def test_thousand_bf16_cycles_leave_the_weights_bit_identical(base):
     model = model_of(base)
     first, second = s2ft(base, seed=1), s2ft(base, seed=2, heads=(0,), channels=(7, 8))

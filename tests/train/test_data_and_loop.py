@@ -128,6 +128,7 @@ def _ddp_worker(rank, world, init_file, model_dir, out, grad_accum):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_ddp_with_two_processes_equals_one_process_with_the_same_global_batch(tmp_path, grad_accum):
     """Two ranks of batch 2 train what one process of batch 4 trains, with or without accumulation; with

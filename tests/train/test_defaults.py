@@ -81,6 +81,7 @@ def short_run(base, method, **options):
     return run.result, prose_loss(tuned) - before
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 @pytest.mark.parametrize("method", ["s2ft", "pisa"])
 def test_defaults_learn_the_task_without_wrecking_the_base(base, method):
     result, prose_rise = short_run(base, method)
@@ -89,6 +90,7 @@ def test_defaults_learn_the_task_without_wrecking_the_base(base, method):
     assert result.large_steps == 0
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 def test_the_bound_catches_the_old_pisa_convention(base):
     result, prose_rise = short_run(base, "pisa", method_config=PISAConfig(scale=64 * 64 / 100), lr=5e-2)
     assert prose_rise > PROSE_RISE_BOUND

@@ -49,6 +49,7 @@ def test_delta_is_the_format_reconstruction_and_starts_at_zero(tmp_path):
         torch.testing.assert_close(to_torch(target.to_dense()).double(), independent, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 def test_training_lowers_the_loss_and_export_reproduces_the_model(tmp_path):
     model, base_dir = tiny_model(tmp_path / "m", dtype=torch.float32)
     prepared = prepare_pisa(model, PISAConfig(block=16, coefficients=8))
