@@ -31,20 +31,33 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The full value of a tensor that may be an FSDP shard (a collective: every rank must call it)."""
+    """The full value of a tensor that may be an FSDP shard (a collective: every rank must call it).
+
+    Shards offloaded to CPU memory (``CPUOffloadPolicy``) are gathered on the mesh's device: NCCL
+    gathers device tensors only.
+    """
     from torch.distributed.tensor import DTensor
 
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    mesh, local = tensor.device_mesh, tensor.to_local()
+    if local.device.type != mesh.device_type:
+        tensor = DTensor.from_local(local.to(mesh.device_type), mesh, tensor.placements, shape=tensor.shape,
+                                    stride=tensor.stride())
+    return tensor.full_tensor()
 
 
 def like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out as ``reference`` is: sharded the same way when it is a DTensor, else as it is."""
+    """``full`` laid out as ``reference`` is: sharded the same way, each shard where the reference's is
+    (CPU memory for offloaded shards), when it is a DTensor; else as it is."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if not isinstance(reference, DTensor):
         return full.to(device=reference.device, dtype=reference.dtype)
-    return distribute_tensor(full.to(device=reference.to_local().device, dtype=reference.dtype),
-                             reference.device_mesh, reference.placements)
+    mesh = reference.device_mesh
+    spread = distribute_tensor(full.to(dtype=reference.dtype), mesh, reference.placements)
+    local = spread.to_local().to(reference.to_local().device)
+    return DTensor.from_local(local, mesh, reference.placements, shape=reference.shape, stride=reference.stride())
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
