@@ -211,10 +211,8 @@ def train(
     if not parameters:
         raise S2RegError("nothing to train: call prepare_s2ft or prepare_pisa first")
     optimizer = torch.optim.AdamW(parameters.values(), lr=config.lr, weight_decay=config.weight_decay)
+    config.check_fills_a_step(len(examples), _rank_world()[1])
     per_epoch = len(_batches(examples, config, 0)) // config.grad_accum
-    if per_epoch == 0:
-        raise S2RegError(f"{len(examples)} examples do not fill one step of batch {config.batch_size} x "
-                         f"{config.grad_accum} accumulation x {_rank_world()[1]} processes")
     total = config.total_steps(per_epoch)
     state_dir = Path(state_dir) if state_dir else None
     watch = WeightWatch(model)  # before resuming, so the change is measured from the base weights

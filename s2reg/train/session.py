@@ -99,15 +99,6 @@ def read_tokenizer(base: Path):
     return AutoTokenizer.from_pretrained(base) if has_tokenizer else None
 
 
-def _check_enough(count: int, config: TrainConfig) -> None:
-    """Refuse, before any model is loaded, data that cannot fill one optimizer step on every process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    needed = config.batch_size * config.grad_accum * world
-    if count < needed:
-        raise S2RegError(f"{count} training examples do not fill one step of batch {config.batch_size} x "
-                         f"{config.grad_accum} accumulation x {world} processes ({needed} needed)")
-
-
 def run_training(
     base: str | os.PathLike,
     data: str | os.PathLike,
@@ -159,7 +150,9 @@ def run_training(
     if checkpoint_config is None:
         raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
     refuse_leftovers(Path(base))
-    _check_enough(len(records) - int(len(records) * eval_fraction), train_config)
+    # before any model is loaded (the process group is not joined yet: torchrun's WORLD_SIZE says how many)
+    train_config.check_fills_a_step(len(records) - int(len(records) * eval_fraction),
+                                    int(os.environ.get("WORLD_SIZE", "1")))
     objective = choose_objective(checkpoint_config, records)
     if arch_file is None and (Path(base) / ARCH_FILE).is_file():  # a description saved beside the checkpoint
         arch_file = Path(base) / ARCH_FILE

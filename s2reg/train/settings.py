@@ -43,6 +43,13 @@ class TrainConfig:
         if self.lr <= 0:
             raise S2RegError("the learning rate must be positive")
 
+    def check_fills_a_step(self, examples: int, processes: int) -> None:
+        """Refuse ``examples`` that cannot give every process one whole optimizer step."""
+        needed = self.batch_size * self.grad_accum * processes
+        if examples < needed:
+            raise S2RegError(f"{examples} training examples do not fill one step of batch {self.batch_size} x "
+                             f"{self.grad_accum} accumulation x {processes} processes ({needed} needed)")
+
     def total_steps(self, per_epoch: int) -> int:
         """Optimizer steps of the run, at ``per_epoch`` steps per pass over the data: ``max_steps`` wins."""
         return self.max_steps or per_epoch * self.epochs
