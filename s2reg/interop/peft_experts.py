@@ -24,6 +24,7 @@ from ..errors import S2RegError
 from ..format import S2FTTarget
 from ..format.arrays import to_torch
 from ..train.layout import Placement, placements
+from .peft_files import architecture
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,11 @@ def memory_layout(directory: str | os.PathLike) -> MemoryLayout:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(Path(directory))
-    architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
+    name = architecture(config.to_dict())
+    cls = getattr(transformers, name, None) if name else None
     if cls is None:
-        raise S2RegError(f"{directory}: config.json names no transformers model class (architectures)")
+        raise S2RegError(f"{directory}: config.json names no transformers model class (architectures, or a model_type "
+                         "with a causal or masked LM class)")
     with torch.device("meta"):
         model = cls(config)
     modules = dict(model.named_modules())

@@ -14,6 +14,22 @@ from ..format.arrays import to_torch
 PREFIX = "base_model.model."
 
 
+def architecture(config: dict[str, Any] | None) -> str | None:
+    """The transformers model class a checkpoint is for: its config's ``architectures[0]``, or, for a config
+    without one (a checkpoint converted from GGUF), the class ``s2reg train`` loads it with: the causal-LM
+    Auto class of its ``model_type``, else the masked-LM one (encoders)."""
+    architectures = (config or {}).get("architectures") or []
+    if architectures:
+        return architectures[0]
+    from transformers.models.auto import modeling_auto as auto
+
+    model_type = (config or {}).get("model_type")
+    for mapping in (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        if model_type in mapping:
+            return mapping[model_type]
+    return None
+
+
 def recorded_base(directory: Path) -> Path:
     """The checkpoint a PEFT adapter names as its base (``base_model_name_or_path``), when that is local.
 

@@ -30,7 +30,7 @@ from ..format import Adapter, S2FTAdapter, S2FTTarget, limits
 from ..format.arrays import to_torch
 from ..fsatomic import building
 from .peft_experts import MemoryLayout, expert_factors, lora_keys, memory_layout, module_of
-from .peft_files import PREFIX, read_peft
+from .peft_files import PREFIX, architecture, read_peft
 
 
 def _module(name: str) -> str:
@@ -104,8 +104,8 @@ def _fused_on_load(model_type: str | None, name: str) -> bool:
 def task_type_of(config: dict[str, Any] | None) -> str | None:
     """PEFT's ``task_type`` for a base saved as ``config["architectures"][0]``, by transformers' own class
     mappings; None (a plain PeftModel) for masked-LM heads, which PEFT has no task for, and unknown classes."""
-    architectures = (config or {}).get("architectures") or []
-    if not architectures:
+    name = architecture(config)
+    if name is None:
         return None
     from transformers.models.auto import modeling_auto as auto
 
@@ -116,7 +116,7 @@ def task_type_of(config: dict[str, Any] | None) -> str | None:
                           (auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, "QUESTION_ANS"),
                           (auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "SEQ_2_SEQ_LM"),
                           (auto.MODEL_MAPPING_NAMES, "FEATURE_EXTRACTION")):
-        if architectures[0] in {c for v in mapping.values() for c in ((v,) if isinstance(v, str) else v)}:
+        if name in {c for v in mapping.values() for c in ((v,) if isinstance(v, str) else v)}:
             return task
     return None
 
