@@ -47,7 +47,7 @@ def test_slice_gradients_equal_full_autograd_restricted_to_the_slice(tmp_path, f
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_training_changes_nothing_outside_the_slices_and_export_reproduces_the_model(tmp_path, dtype):
     model, base_dir = tiny_model(tmp_path / "m", dtype=dtype)
-    before = {n: t.clone() for n, t in model.state_dict().items()}
+    before = {n: t.detach().clone() for n, t in model.named_parameters()}
     prepared = prepare_s2ft(model, S2FTConfig(channels=6, heads=1, roles=("q", "o", "down"), seed=1))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(5):
@@ -56,9 +56,10 @@ def test_training_changes_nothing_outside_the_slices_and_export_reproduces_the_m
         optimizer.zero_grad()
     trained = model(**batch(model, seed=99)).logits.detach()
     # the frozen weights never change (the forward puts the slice in a copy: FSDP-safe); every slice moved
-    after = model.state_dict()
+    # (the parameters themselves: state_dict() reports the trained weights, tests/train/test_ways_out.py)
+    after = dict(model.named_parameters())
     for name, tensor in before.items():
-        assert torch.equal(after[name].view(torch.uint8), tensor.view(torch.uint8)), name
+        assert torch.equal(after[name].detach().view(torch.uint8), tensor.view(torch.uint8)), name
     originals = {n: m.s2ft_original for n, m in model.named_modules() if hasattr(m, "s2ft_slice")}
     moved = [n for n, o in originals.items() if not torch.equal(o, dict(model.named_modules())[n].s2ft_slice.detach().to(o.dtype))]
     assert len(moved) == len(prepared.parameters)

@@ -4,6 +4,8 @@ Frequency positions are drawn once (seeded) and kept as a buffer, then stored ex
 exported adapter (FORMAT §5). The coefficients start at zero, so training starts from the base
 model. The delta is rebuilt once per forward for all blocks at once, with the format's own
 reconstruction (``s2reg.format.pisa.reconstruct``), so training and merging agree exactly.
+``state_dict()`` (and so ``save_pretrained``) holds that effective weight under the weight's own name
+and no coefficients (``ways_out.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 from torch import nn
 
 from ...format.pisa import grid_of, half_width, reconstruct, self_conjugate_columns
+from ..fsdp import whole
 from ..matmul import matmul, matmul_kind
+from ..ways_out import report_trained_weight
 
 
 def canonical_positions(block: tuple[int, int]) -> torch.Tensor:
@@ -57,6 +61,7 @@ def attach(linear: nn.Module, block: tuple[int, int], k: int, scale: float, gene
     dtype = torch.promote_types(linear.weight.dtype, torch.float32)
     linear.pisa_coefficients = nn.Parameter(torch.zeros(blocks, k, 2, device=linear.weight.device, dtype=dtype))
     linear.forward = types.MethodType(_forward, linear)
+    report_trained_weight(linear, "weight", "pisa_coefficients", _trained_weight, None)
     return linear.pisa_coefficients
 
 
@@ -75,13 +80,24 @@ def block_delta(shape: tuple[int, int], block: tuple[int, int], indices: torch.T
                        precision=precision)
 
 
+def effective_weight(weight: torch.Tensor, coefficients: torch.Tensor, indices: torch.Tensor, block: tuple[int, int],
+                     scale: float) -> torch.Tensor:
+    """``W + delta`` in the weight's dtype: what the forward computes with, and what ``state_dict`` reports."""
+    precision = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
+    d = block_delta(tuple(weight.shape), block, indices, coefficients, scale, precision)
+    return weight + d.to(weight.dtype)
+
+
 def pisa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coefficients: torch.Tensor,
                 indices: torch.Tensor, block: tuple[int, int], scale: float, transposed: bool = False) -> torch.Tensor:
     """``x @ (W + delta)^T + b`` (``x @ (W + delta) + b`` for a transposed ``W``) in one matmul (a
     weight-sized temporary, instead of a second matmul)."""
-    precision = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
-    d = block_delta(tuple(weight.shape), block, indices, coefficients, scale, precision)
-    return matmul(x, weight + d.to(weight.dtype), bias, transposed)
+    return matmul(x, effective_weight(weight, coefficients, indices, block, scale), bias, transposed)
+
+
+def _trained_weight(linear: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    return effective_weight(weight, whole(linear.pisa_coefficients.detach()), linear.pisa_indices, linear.pisa_block,
+                            linear.pisa_scale)
 
 
 def delta(linear: nn.Linear) -> torch.Tensor:

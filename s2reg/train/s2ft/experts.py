@@ -22,6 +22,9 @@ weights' gradient when the router's input needs one; an expert with none of thes
 weight-sized gradient is ever formed: the largest temporaries are one expert's activations. The price
 is one more forward matmul per reached expert (the recomputation), which full fine-tuning saves by
 keeping every expert's activations.
+
+As on matmul layers, ``state_dict()`` holds the effective 3-D parameter under its own name and no
+``s2ft_<parameter>`` (``ways_out.py``), and the backward replays the forward's autocast.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import inspect
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -37,7 +41,8 @@ from torch import nn
 from ...errors import S2RegError
 from ..fsdp import whole
 from ..matmul import matmul
-from .layer import input_gradient, master, slice_gradient
+from ..ways_out import report_trained_weight
+from .layer import autocast_state, input_gradient, master, replay_autocast, slice_gradient
 
 # The weight names of transformers' ``use_experts_implementation`` modules: the first projection
 # (gate and up fused, or up alone for experts without a gate) and the second.
@@ -110,7 +115,20 @@ def attach_experts(module: nn.Module, name: str, positions: torch.Tensor) -> nn.
     module.s2ft_blocks[name] = _blocks(param.shape, index, where)
     values = master(original)
     module.register_parameter(f"s2ft_{name}", values)
+    report_trained_weight(module, name, f"s2ft_{name}", partial(_trained, name), partial(_split, name))
     return values
+
+
+def _trained(name: str, module: nn.Module, param: torch.Tensor) -> torch.Tensor:
+    return _effective(param, module.s2ft_positions[name][0], whole(getattr(module, f"s2ft_{name}").detach()))
+
+
+def _split(name: str, module: nn.Module, trained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trained 3-D parameter (a state dict's) split into the frozen one (original values put back) and the values."""
+    index, original = module.s2ft_positions[name]
+    index = index.to(trained.device)
+    flat = trained.reshape(-1)
+    return flat.index_copy(0, index, original.to(trained)).view(trained.shape), flat.index_select(0, index)
 
 
 def carried_slices(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -172,6 +190,7 @@ class _PartialExperts(torch.autograd.Function):
         ctx.module, ctx.names = module, names
         ctx.trainable_dtypes = [t.dtype for t in trainables]
         ctx.first = "gate_up_proj" if module.has_gate else "up_proj"
+        ctx.autocast = autocast_state(hidden.device.type)
         # the frozen weights are saved so that autograd catches an in-place change before the backward
         ctx.save_for_backward(hidden, top_k_index, top_k_weights, module._parameters[ctx.first],
                               module._parameters[_SECOND], *trainables)
@@ -180,6 +199,11 @@ class _PartialExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with replay_autocast(ctx.autocast):
+            return _PartialExperts._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         module = ctx.module
         transposed = bool(module.is_transposed)
         hidden, top_k_index, top_k_weights, w_first, w_second, *trainables = ctx.saved_tensors

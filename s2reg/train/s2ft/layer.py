@@ -13,18 +13,25 @@ the slice is rows or columns of the STORED tensor (FORMAT §4). The backward com
 gradient as usual and the weight gradient only for the slice, from the only activations it needs: the
 input itself for a slice of output features (``grad_y[:, outs]^T x``), the input features the slice
 reads for a slice of input features (``grad_y^T x[:, ins]``). The fused 3-D experts of an MoE layer
-use the same two rules per expert (``experts.py``).
+use the same two rules per expert (``experts.py``). Under autocast (transformers' ``bf16=True``) the
+backward runs under the forward's autocast state, so its matmuls take the dtypes an ``nn.Linear``'s
+would.
+
+Every way out of the model sees the trained weights: ``state_dict()`` (and so ``save_pretrained``)
+holds the effective weight under the weight's own name and no ``s2ft_slice`` (``ways_out.py``).
 """
 
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from ..fsdp import whole
 from ..matmul import matmul, matmul_kind
+from ..ways_out import report_trained_weight
 
 
 def input_gradient(grad_y: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -53,6 +60,17 @@ def effective_weight(weight: torch.Tensor, trainable: torch.Tensor, indices: tor
     return weight.index_copy(dim, indices, trainable.detach().to(weight.dtype))
 
 
+def autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
+    """The autocast a forward ran under, for its backward to replay (autograd runs backwards without it)."""
+    return (device_type, torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
+
+
+@contextmanager
+def replay_autocast(state: tuple[str, torch.dtype] | None):
+    with torch.autocast(state[0], dtype=state[1]) if state else nullcontext():
+        yield
+
+
 class _SliceMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, trainable, indices, dim: int, outputs: bool, transposed: bool):
@@ -62,10 +80,16 @@ class _SliceMatmul(torch.autograd.Function):
         ctx.save_for_backward(saved, weight, trainable, indices)
         ctx.trainable_dtype = trainable.dtype
         ctx.has_bias = bias is not None
+        ctx.autocast = autocast_state(x.device.type)
         return matmul(x, effective_weight(weight, trainable, indices, dim), bias, transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
+        with replay_autocast(ctx.autocast):
+            return _SliceMatmul._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
         saved, weight, trainable, indices = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -104,7 +128,23 @@ def attach(module: nn.Module, axis: str, indices: torch.Tensor) -> nn.Parameter:
     module.register_buffer("s2ft_original", original, persistent=False)
     module.s2ft_slice = master(original)
     module.forward = types.MethodType(_forward, module)
+    report_trained_weight(module, "weight", "s2ft_slice", _trained_weight, _frozen_weight)
     return module.s2ft_slice
+
+
+def _trained_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    return effective_weight(weight, whole(module.s2ft_slice.detach()), module.s2ft_indices, _dim(module))
+
+
+def _frozen_weight(module: nn.Module, trained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trained weight (a state dict's) split into the frozen weight (the original slice put back) and the slice."""
+    dim = _dim(module)
+    index = module.s2ft_indices.to(trained.device)
+    return trained.index_copy(dim, index, module.s2ft_original.to(trained)), trained.index_select(dim, index)
+
+
+def _dim(module: nn.Module) -> int:
+    return 0 if module.s2ft_axis == "rows" else 1
 
 
 def is_attached(module: nn.Module) -> bool:
@@ -121,5 +161,5 @@ def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
     outputs = (module.s2ft_axis == "rows") != module.s2ft_transposed  # a slice of output features?
-    return _SliceMatmul.apply(x, weight, module.bias, module.s2ft_slice, module.s2ft_indices,
-                              0 if module.s2ft_axis == "rows" else 1, outputs, module.s2ft_transposed)
+    return _SliceMatmul.apply(x, weight, module.bias, module.s2ft_slice, module.s2ft_indices, _dim(module), outputs,
+                              module.s2ft_transposed)
