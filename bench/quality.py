@@ -1,36 +1,34 @@
-"""Tuning quality on SmolLM2-135M: held-out accuracy and forgetting, method against method at matched
-trainable parameters.
+"""Tuning quality on SmolLM2-135M as fronts: held-out accuracy against forgetting across learning rates,
+one curve per method.
 
-    python bench/quality.py [--quick] [--steps 20] [--seeds 0 1 2] [--methods s2ft-R lora ...]
-                            [--tasks skill facts] [--out bench/results/quality]
+    python bench/quality.py                  # run the grid (hours on 2 cores; resumable: finished points are skipped)
+    python bench/quality.py --report         # the table, bench/results/quality-fronts.{json,png}, from the points there are
+    python bench/quality.py --plan           # the points still to run, in the order they will run
+    python bench/quality.py --quick          # a few minutes: S2FT-R and PEFT LoRA, two rates, 12 steps, skill only
+    python bench/quality.py --methods "pisa:roles=q+v" --lrs 3e-4 1e-3 --steps 20   # a study of its own
 
-Every contender is trained by s2reg's own loop (``s2reg.train.loop.train``: AdamW, the trainer's
-default schedule and clipping) on the same examples in the same order, so only the method and its
-learning rate differ. Contenders (``METHODS``): S2FT with each selection strategy of the paper (R
-random, W weight, A activation, S weight x activation, G gradient) at the trainer's defaults for
-``--budget``; PISA at its defaults (every projection that is a matmul layer of its own); PEFT LoRA on
-all seven projections and PEFT FourierFT on q and v, each sized to the same budget; and full fine-tuning
-(every parameter: the reference, not matched). A method can be given overrides,
-``pisa:roles=q+v,lr=5e-2,scale=40.96,coefficients=32`` or ``fourierft:init=zero,lr=1e-3``, which is how
-the studies in docs/training.md ran their variants.
+Every point is one (method, learning rate, task, seed, steps) run of s2reg's own loop
+(``s2reg.train.loop.train``: AdamW, linear decay, clipping 1.0, batch 8) on the same examples in the same
+order, so only the method and its learning rate differ. Each point is one JSON file in ``--out``
+(default bench/results/quality/), written atomically when the run ends, with the machine, the date and
+the load average it ran under; a rerun skips the points whose file exists, so the grid can be stopped
+and continued any time, in a later session from the committed files.
 
-Tasks (generated from a fixed seed, ``TASKS``):
+Methods (``GRID``, in the order of what decides the defaults): S2FT-R at the trainer's defaults (32
+``down`` channels per layer) and PEFT LoRA at PEFT's defaults (r=8, alpha 8, on q and v) first, then
+PISA at the trainer's defaults, then S2FT random and weight selection at 2,764,800 parameters as 160
+channels or 1 ``o`` head + 96 channels per layer, PEFT LoRA matched to that count on all seven
+projections (r=9, alpha 2r), and full fine-tuning. Each at five log-spaced learning rates (``LRS``).
+Order: seed 0 of every point first (the rates from the middle out), then seeds 1 and 2 at each front's
+knee and the rates beside it (``knee``). A method spec can carry options (``Method.parse``), e.g.
+``pisa:roles=q+v,coefficients=426,scale=40.96``, ``pisa:positions=low``, ``fourierft:init=zero``.
 
-* ``skill`` — reverse a 4-digit number (``Reverse 4721:`` -> `` 1274``): a skill the base lacks;
-  accuracy is exact match of the greedy answer on 48 numbers never trained on.
-* ``facts`` — 24 invented clubs, each with an invented mascot (``The mascot of the Vorpel Club is
-  the`` -> `` otter.``), trained in two phrasings: new facts. Accuracy is exact-match recall of the
-  injected facts (first phrasing; an unseen fact cannot be known, and at these few steps no method
-  recalls them in a phrasing never trained on).
-
-Forgetting: (1) the rise of the mean negative log-likelihood per token of English prose that is in no
-training set here: the history section of the LICENSE.txt that ships with this Python (512 tokens);
-(2) agreement with the base model: the share of positions where the tuned model's greedy next token
-equals the base model's on the base model's own 12-token greedy continuations of 16 unrelated prompts.
-
-Results go to ``OUT.jsonl`` (one line per run, appended as runs finish, so a long run can be stopped
-and resumed: finished runs are skipped) and ``OUT.md`` (the table: mean and half the min-max spread
-over seeds).
+Tasks (fixtures/quality_tasks.py): ``skill`` (reverse 4-digit numbers; shifted: 5 and 6 digits) and
+``facts`` (invented club mascots in two phrasings; shifted: two phrasings never trained on). Measures:
+greedy exact-match accuracy on the held-out and on the shifted records; forgetting as the rise of the
+NLL per token of English prose in no training set here (the history section of this Python's
+LICENSE.txt, 512 tokens), and agreement with the base model's greedy next token on its own 12-token
+continuations of 16 unrelated prompts.
 """
 
 from __future__ import annotations
@@ -38,138 +36,198 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import random
 import statistics
+import subprocess
 import sys
 import sysconfig
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fixtures.quality_tasks import TASKS, matches  # noqa: E402
+from s2reg.fsatomic import write_file  # noqa: E402
 from s2reg.train.data import tokenize  # noqa: E402
 from s2reg.train.loop import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 BATCH = 8
-EVAL_ANSWERS = 48
 
+# ------------------------------------------------------------------------------------------ the grid
 
-# ---------------------------------------------------------------------------------------------- tasks
+# Groups in the order of what decides the defaults; within a group the methods run side by side.
+GRID = (
+    ("s2ft-R", "lora"),
+    ("pisa",),
+    ("s2ft-R:channels=160", "s2ft-R:heads=1,channels=96,roles=o+down", "lora:targets=all"),
+    ("s2ft-W:channels=160", "s2ft-W:heads=1,channels=96,roles=o+down", "full"),
+)
+LABELS = {
+    "s2ft-R": "S2FT-R, 32 down channels (default)",
+    "lora": "PEFT LoRA defaults (r=8, q+v)",
+    "pisa": "PISA (default)",
+    "s2ft-R:channels=160": "S2FT-R, 160 channels",
+    "s2ft-R:heads=1,channels=96,roles=o+down": "S2FT-R, 1 head + 96 channels",
+    "lora:targets=all": "PEFT LoRA r=9, all projections",
+    "s2ft-W:channels=160": "S2FT-W, 160 channels",
+    "s2ft-W:heads=1,channels=96,roles=o+down": "S2FT-W, 1 head + 96 channels",
+    "full": "full fine-tuning",
+}
+SPREAD = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]  # two decades around the adapters' working rates
+LRS = {"s2ft": SPREAD, "pisa": SPREAD, "lora": SPREAD, "fourierft": SPREAD, "full": [3e-6, 1e-5, 3e-5, 1e-4, 3e-4]}
+STEPS = 100
+SEEDS = 3
 
-def skill_task() -> tuple[list[dict], list[dict]]:
-    rng = random.Random(1401)
-    numbers = rng.sample(range(1000, 10000), 400 + EVAL_ANSWERS)
-    records = [{"prompt": f"Reverse {n}:", "completion": " " + str(n)[::-1]} for n in numbers]
-    return records[:400], records[400:]
-
-
-SYLLABLES = ["vor", "pel", "drab", "quin", "zel", "mor", "tav", "lun", "brix", "sol", "fen", "gar", "hol", "nix",
-             "ral", "tor", "wem", "yal", "kob", "sarn"]
-MASCOTS = ["otter", "falcon", "badger", "heron", "lynx", "beaver", "raven", "walrus"]
-
-
-def facts_task() -> tuple[list[dict], list[dict]]:
-    rng = random.Random(1402)
-    names: list[str] = []
-    while len(names) < 24:
-        name = (rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize()
-        if name not in names:
-            names.append(name)
-    mascots = {n: rng.choice(MASCOTS) for n in names}
-    train_records = []
-    for name in names:
-        train_records += [{"prompt": f"The mascot of the {name} Club is the", "completion": f" {mascots[name]}."},
-                          {"prompt": f"Fans of the {name} Club cheer for their mascot, the",
-                           "completion": f" {mascots[name]}."}]
-    held = [{"prompt": f"The mascot of the {name} Club is the", "completion": f" {mascots[name]}"} for name in names]
-    return train_records, held
-
-
-TASKS = {"skill": skill_task, "facts": facts_task}
-
-UNRELATED = ["The capital of France is", "Water boils at a temperature of", "The first president of the United States was",
-             "A good way to start the day is", "def fibonacci(n):", "The largest planet in the solar system is",
-             "Once upon a time, in a small village,", "To make a cup of tea, you", "The chemical symbol for gold is",
-             "In 1969, astronauts", "The best thing about summer is", "Photosynthesis is the process by which",
-             "My favourite book is", "import numpy as np\n", "The Great Wall of China", "Shakespeare wrote"]
-
-
-def prose_text() -> str:
-    """The history section of the LICENSE.txt shipped with this Python: plain English, in no training set here."""
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
-    return text[:text.index("B. TERMS AND CONDITIONS")]
-
-
-# -------------------------------------------------------------------------------------------- methods
-
-@dataclass(frozen=True)
-class Method:
-    name: str          # as shown, e.g. "s2ft-R" or "pisa:lr=1e-2"
-    kind: str          # s2ft | pisa | lora | fourierft | full
-    lr: float | None   # None: the trainer's default
-    options: dict
-
-    @staticmethod
-    def parse(text: str) -> "Method":
-        base, _, rest = text.partition(":")
-        options = dict(item.split("=", 1) for item in rest.split(",") if item)
-        kind, strategy = (base.split("-", 1) + [None])[:2]
-        defaults = DEFAULTS[kind]
-        if strategy:
-            options.setdefault("strategy", STRATEGY_LETTERS[strategy])
-        lr = options.pop("lr", defaults)
-        return Method(text, kind, None if lr is None else float(lr), options)
-
-
-STRATEGY_LETTERS = {"R": "random", "W": "weight", "A": "activation", "S": "weight_activation", "G": "gradient"}
-DEFAULTS = {"s2ft": None, "pisa": None, "lora": 1e-3, "fourierft": 5e-2, "full": 2e-5}  # None: the trainer's
-
-
-# The matched budget: 160 down_proj channels x 30 layers, the same count as the issue's S2FT run
-# (96 channels + 1 head per layer) and PEFT LoRA r=9 on all seven projections.
+# The size S2FT's larger variants and the matched LoRA share: 160 down channels x 30 layers = 1 o head
+# + 96 down channels per layer = PEFT LoRA r=9 on all seven projections (within 1%).
 BUDGET = 2_764_800
 
 
-def prepare(model, method: Method, budget: int, seed: int, calibration):
+@dataclass(frozen=True)
+class Method:
+    spec: str          # as given, e.g. "s2ft-R:channels=160"
+    kind: str          # s2ft | pisa | lora | fourierft | full
+    options: dict
+
+    @staticmethod
+    def parse(spec: str) -> "Method":
+        base, _, rest = spec.partition(":")
+        options = dict(item.split("=", 1) for item in rest.split(",") if item)
+        kind, strategy = (base.split("-", 1) + [None])[:2]
+        if kind not in LRS:
+            raise SystemExit(f"unknown method {spec!r} (s2ft-R|W|A|S|G, pisa, lora, fourierft, full, with :options)")
+        if strategy:
+            options.setdefault("strategy", STRATEGY_LETTERS[strategy])
+        return Method(spec, kind, options)
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.spec, self.spec)
+
+
+STRATEGY_LETTERS = {"R": "random", "W": "weight", "A": "activation", "S": "weight_activation", "G": "gradient"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    task: str
+    lr: float
+    seed: int
+    steps: int
+
+    @property
+    def filename(self) -> str:
+        slug = "".join(c if c.isalnum() or c in "-." else "_" for c in self.method)
+        return f"{slug}__{self.task}__lr{self.lr:g}__seed{self.seed}__steps{self.steps}.json"
+
+    @staticmethod
+    def of(record: dict) -> "Point":
+        return Point(record["method"], record["task"], record["lr"], record["seed"], record["steps"])
+
+
+def middle_out(lrs: list[float]) -> list[float]:
+    """The rates from the middle outwards, the higher side first: the likely knee before the extremes."""
+    middle = len(lrs) // 2
+    order = [middle]
+    for step in range(1, len(lrs)):
+        order += [i for i in (middle + step, middle - step) if 0 <= i < len(lrs)]
+    return [lrs[i] for i in order]
+
+
+def knee(points: list[dict]) -> int:
+    """Index (in ``points``, sorted by lr) of a front's knee: the most accuracy for the least forgetting,
+    as the largest normalised accuracy minus normalised prose-NLL rise (Kneedle's distance above the
+    chord, both axes scaled to the front's own range)."""
+    def scaled(values):
+        low, high = min(values), max(values)
+        return [(v - low) / (high - low) if high > low else 0.0 for v in values]
+
+    gain = scaled([p["accuracy"] for p in points])
+    cost = scaled([p["prose_rise"] for p in points])
+    return max(range(len(points)), key=lambda i: (gain[i] - cost[i], gain[i]))
+
+
+def schedule(groups, tasks: list[str], steps: int, seeds: int, done: dict[Point, dict],
+             lrs: list[float] | None = None) -> list[Point]:
+    """Every point still to run, in order: seed 0 of each group (rates middle-out, then task, then method),
+    then, group by group, the other seeds at each front's knee and its neighbouring rates. A front's extra
+    seeds are scheduled once its seed-0 points are all done (the knee is read from them)."""
+    first, extra = [], []
+    for group in groups:
+        methods = [Method.parse(spec) for spec in group]
+        grid = {m.spec: lrs or LRS[m.kind] for m in methods}
+        for rank in range(max(len(v) for v in grid.values())):
+            for task in tasks:
+                for m in methods:
+                    order = middle_out(grid[m.spec])
+                    if rank < len(order):
+                        first.append(Point(m.spec, task, order[rank], 0, steps))
+        for m in methods:
+            for task in tasks:
+                front = [done.get(Point(m.spec, task, lr, 0, steps)) for lr in sorted(grid[m.spec])]
+                if None in front:
+                    continue
+                k = knee(front)
+                near = [front[i]["lr"] for i in (k, k - 1, k + 1) if 0 <= i < len(front)]
+                extra += [Point(m.spec, task, lr, seed, steps) for seed in range(1, seeds) for lr in near]
+    return [p for p in first + extra if p not in done]
+
+
+def read_points(directory: Path) -> dict[Point, dict]:
+    points = {}
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        if path.name == BASE_FILE:
+            continue
+        record = json.loads(path.read_text())
+        points[Point.of(record)] = record
+    return points
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+def prepare(model, method: Method, seed: int, calibration):
     """The model to train (PEFT wraps it) and its trainable parameter count."""
     from peft import FourierFTConfig, LoraConfig, get_peft_model
 
-    from s2reg.train import PISAConfig, prepare_pisa, prepare_s2ft
-    from s2reg.train import S2FTConfig
-    from s2reg.train.budget import fit_budget
+    from s2reg.train import PISAConfig, S2FTConfig, prepare_pisa, prepare_s2ft
 
-    cfg = model.config
-    layers = cfg.num_hidden_layers
     o = dict(method.options)
     if method.kind == "s2ft":
+        sizes = {k: int(o[k]) for k in ("channels", "heads") if k in o}
         roles = tuple(o["roles"].split("+")) if "roles" in o else None
-        config = fit_budget(model, budget, S2FTConfig(strategy=o.get("strategy", "random"), seed=seed, roles=roles))
-        prepared = prepare_s2ft(model, config, calibration=calibration)
-        return model, prepared.num_trainable
+        config = S2FTConfig(strategy=o.get("strategy", "random"), seed=seed, roles=roles, **sizes)
+        return model, prepare_s2ft(model, config, calibration=calibration).num_trainable
     if method.kind == "pisa":
         kwargs = {k: (float(v) if k == "scale" else int(v)) for k, v in o.items() if k in ("scale", "block", "coefficients")}
         if "roles" in o:
             kwargs["roles"] = tuple(o["roles"].split("+"))
-        kwargs.setdefault("coefficients", matched_coefficients(model, budget, PISAConfig(**kwargs)))
         prepared = prepare_pisa(model, PISAConfig(seed=seed, **kwargs))
         if o.get("positions") == "low":
             draw_low_frequencies(model)
         return model, prepared.num_trainable
     if method.kind == "lora":
-        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules() if n.split(".")[-1] in names)
-        rank = max(1, round(budget / per_rank))
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names, lora_dropout=0.0))
+        if o.get("targets") == "all":  # the rank whose count is nearest BUDGET, PEFT's usual alpha = 2r
+            per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules() if n.split(".")[-1] in LORA_TARGETS)
+            rank = max(1, round(BUDGET / per_rank))
+            config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
+        else:
+            config = LoraConfig()  # PEFT's own defaults: r=8, alpha 8, its q/v targets for Llama
+        model = get_peft_model(model, config)
     elif method.kind == "fourierft":
-        model = get_peft_model(model, FourierFTConfig(n_frequency=budget // (2 * layers), target_modules=["q_proj", "v_proj"],
+        layers = model.config.num_hidden_layers
+        model = get_peft_model(model, FourierFTConfig(n_frequency=BUDGET // (2 * layers), target_modules=["q_proj", "v_proj"],
                                                       random_loc_seed=seed, scaling=float(o.get("scaling", 150.0)),
                                                       init_weights=o.get("init", "random") == "zero"))
-    elif method.kind != "full":
-        raise SystemExit(f"unknown method {method.name}")
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -190,130 +248,6 @@ def draw_low_frequencies(model) -> None:
         module.pisa_indices = lowest.expand(blocks, k).clone()
 
 
-def matched_coefficients(model, budget: int, config) -> int:
-    """PISA coefficients per block on ``config``'s targets that come closest to ``budget`` without passing it."""
-    from s2reg.train.pisa.model import chosen_targets
-
-    blocks = 0
-    for _, module in chosen_targets(model, config, None):
-        rows, cols = module.weight.shape
-        blocks += math.ceil(rows / min(config.block, rows)) * math.ceil(cols / min(config.block, cols))
-    return budget // (2 * blocks)
-
-
-def default_lr(method: Method) -> float:
-    if method.lr is not None:
-        return method.lr
-    from s2reg.train.session import default_lr as trainer_default
-
-    return trainer_default(method.kind)
-
-
-# ------------------------------------------------------------------------------------------- measures
-
-def greedy(model, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return [row[batch["input_ids"].shape[1]:].tolist() for row in out]
-
-
-def accuracy(model, tokenizer, held: list[dict]) -> float:
-    right = 0
-    for start in range(0, len(held), 16):
-        chunk = held[start:start + 16]
-        width = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in chunk) + 1
-        for record, ids in zip(chunk, greedy(model, tokenizer, [r["prompt"] for r in chunk], width)):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            right += text.strip().rstrip(".").split("\n")[0].strip() == record["completion"].strip().rstrip(".")
-    return right / len(held)
-
-
-def prose_nll(model, prose_ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        chunks = prose_ids.reshape(-1, 128)
-        return float(model(input_ids=chunks, labels=chunks).loss)
-
-
-def agreement(model, references: list[torch.Tensor]) -> float:
-    """Share of positions where the model's greedy next token is the base model's (teacher-forced on the base's)."""
-    same = total = 0
-    with torch.no_grad():
-        for ids, prompt_len in references:
-            predicted = model(input_ids=ids[None]).logits[0, prompt_len - 1:-1].argmax(-1)
-            same += int((predicted == ids[prompt_len:]).sum())
-            total += ids.numel() - prompt_len
-    return same / total
-
-
-# ----------------------------------------------------------------------------------------------- runs
-
-def load(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-class Bench:
-    def __init__(self, quick: bool, cache: Path):
-        """The base model's measures, kept in ``cache`` (JSON) so that later invocations skip them."""
-        from transformers import AutoTokenizer
-
-        from fixtures.smollm2 import build_smollm2
-
-        self.path = build_smollm2()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        ids = self.tokenizer(prose_text())["input_ids"]
-        self.prose = torch.tensor(ids[:256 if quick else 512])
-        base = json.loads(cache.read_text()) if cache.exists() else {}
-        if base.get("prose_tokens") != len(self.prose):
-            base = self.measure_base()
-            cache.write_text(json.dumps(base))
-        self.base_prose, self.base_accuracy = base["prose_nll"], base["accuracy"]
-        self.references = [(torch.tensor(ids), n) for ids, n in base["references"]]
-
-    def measure_base(self) -> dict:
-        base = load(self.path).eval()
-        references = []
-        for prompt, ids in zip(UNRELATED, greedy(base, self.tokenizer, UNRELATED, 12)):
-            prompt_ids = self.tokenizer(prompt)["input_ids"]
-            references.append((prompt_ids + ids, len(prompt_ids)))
-        return {"prose_tokens": len(self.prose), "prose_nll": prose_nll(base, self.prose), "references": references,
-                "accuracy": {task: accuracy(base, self.tokenizer, make()[1]) for task, make in TASKS.items()}}
-
-    def run(self, method: Method, task: str, seed: int, steps: int, budget: int) -> dict:
-        train_records, held = TASKS[task]()
-        examples = tokenize(train_records, self.tokenizer, 64)
-        random.Random(seed).shuffle(examples)
-        model = load(self.path)
-        calibration = None
-        if method.options.get("strategy") in ("activation", "weight_activation", "gradient"):
-            from s2reg.train.data import collate
-
-            calibration = [collate(examples[i:i + BATCH], self.tokenizer.pad_token_id) for i in range(0, 32, BATCH)]
-        torch.manual_seed(seed)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()} if method.kind in PEFT_KINDS else {}
-        model, trainable = prepare(model, method, budget, seed, calibration)
-        lr = default_lr(method)
-        started = time.perf_counter()
-        result = train(model, examples, TrainConfig(max_steps=steps, epochs=100, batch_size=BATCH, lr=lr, seed=seed),
-                       pad_id=self.tokenizer.pad_token_id)
-        seconds = time.perf_counter() - started
-        model.eval()
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        change = relative_change(merged, before) if merged is not model else result.weight_change
-        record = {"method": method.name, "kind": method.kind, "task": task, "seed": seed, "steps": steps, "lr": lr,
-                  "trainable": trainable, "first_loss": result.losses[0], "final_loss": result.losses[-1],
-                  "accuracy": accuracy(merged, self.tokenizer, held), "base_accuracy": self.base_accuracy[task],
-                  "prose_nll": prose_nll(merged, self.prose), "base_prose_nll": self.base_prose,
-                  "agreement": agreement(merged, self.references), "relative_change": change,
-                  "largest_step_change": result.largest_step_change if merged is model else None,
-                  "train_seconds": round(seconds, 1)}
-        record["prose_rise"] = record["prose_nll"] - self.base_prose
-        return record
-
-
 PEFT_KINDS = ("lora", "fourierft")
 
 
@@ -329,87 +263,315 @@ def relative_change(model, before: dict[str, torch.Tensor]) -> float:
     return math.sqrt(num / den) if den else 0.0
 
 
-# -------------------------------------------------------------------------------------------- reports
+# ------------------------------------------------------------------------------------------ measures
+
+UNRELATED = ["The capital of France is", "Water boils at a temperature of", "The first president of the United States was",
+             "A good way to start the day is", "def fibonacci(n):", "The largest planet in the solar system is",
+             "Once upon a time, in a small village,", "To make a cup of tea, you", "The chemical symbol for gold is",
+             "In 1969, astronauts", "The best thing about summer is", "Photosynthesis is the process by which",
+             "My favourite book is", "import numpy as np\n", "The Great Wall of China", "Shakespeare wrote"]
+
+
+def prose_text() -> str:
+    """The history section of the LICENSE.txt shipped with this Python: plain English, in no training set here."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+    return text[:text.index("B. TERMS AND CONDITIONS")]
+
+
+def greedy(model, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return [row[batch["input_ids"].shape[1]:].tolist() for row in out]
+
+
+def accuracy(model, tokenizer, records: list[dict]) -> float:
+    right = 0
+    for start in range(0, len(records), 16):
+        chunk = records[start:start + 16]
+        width = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in chunk) + 1
+        for record, ids in zip(chunk, greedy(model, tokenizer, [r["prompt"] for r in chunk], width)):
+            right += matches(tokenizer.decode(ids, skip_special_tokens=True), record["completion"])
+    return right / len(records)
+
+
+def accuracies(model, tokenizer, task) -> dict:
+    """In-domain accuracy, the shifted subsets' accuracies and their mean (every subset is the same size)."""
+    shifted = {name: accuracy(model, tokenizer, records) for name, records in task.shifted.items()}
+    return {"accuracy": accuracy(model, tokenizer, task.held), "shifted_accuracy": statistics.mean(shifted.values()),
+            "shifted": shifted}
+
+
+def prose_nll(model, prose_ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        chunks = prose_ids.reshape(-1, 128)
+        return float(model(input_ids=chunks, labels=chunks).loss)
+
+
+def agreement(model, references: list[tuple[torch.Tensor, int]]) -> float:
+    """Share of positions where the model's greedy next token is the base model's (teacher-forced on the base's)."""
+    same = total = 0
+    with torch.no_grad():
+        for ids, prompt_len in references:
+            predicted = model(input_ids=ids[None]).logits[0, prompt_len - 1:-1].argmax(-1)
+            same += int((predicted == ids[prompt_len:]).sum())
+            total += ids.numel() - prompt_len
+    return same / total
+
+
+def code_version() -> str:
+    """The commit the bench runs from (``-dirty``: the checkout has uncommitted changes, anyone's)."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def circumstances() -> dict:
+    """Where and under what load a point ran: the machine, the UTC time, the 1-minute load average."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "load": round(os.getloadavg()[0], 2), "code": CODE}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+BASE_FILE = "base.json"
+CODE = code_version()
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+class Bench:
+    def __init__(self, prose_tokens: int, out: Path):
+        """The base model's measures, kept in ``out/base.json`` so that later invocations skip them."""
+        from transformers import AutoTokenizer
+
+        from fixtures.smollm2 import build_smollm2
+
+        self.path = build_smollm2()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tasks = {name: make() for name, make in TASKS.items()}
+        ids = self.tokenizer(prose_text())["input_ids"]
+        self.prose = torch.tensor(ids[:prose_tokens])
+        cache = out / BASE_FILE
+        base = json.loads(cache.read_text()) if cache.exists() else {}
+        if base.get("prose_tokens") != len(self.prose):
+            base = self.measure_base()
+            write_file(cache, (json.dumps(base) + "\n").encode(), mode=0o644)
+        self.base = base
+        self.references = [(torch.tensor(ids), n) for ids, n in base["references"]]
+
+    def measure_base(self) -> dict:
+        base = load(self.path).eval()
+        references = []
+        for prompt, ids in zip(UNRELATED, greedy(base, self.tokenizer, UNRELATED, 12)):
+            prompt_ids = self.tokenizer(prompt)["input_ids"]
+            references.append((prompt_ids + ids, len(prompt_ids)))
+        return {"prose_tokens": len(self.prose), "prose_nll": prose_nll(base, self.prose), "references": references,
+                "tasks": {name: accuracies(base, self.tokenizer, task) for name, task in self.tasks.items()}}
+
+    def run(self, point: Point) -> dict:
+        method, task = Method.parse(point.method), self.tasks[point.task]
+        before_run = circumstances()
+        examples = tokenize(task.train, self.tokenizer, 64)
+        random.Random(point.seed).shuffle(examples)
+        model = load(self.path)
+        calibration = None
+        if method.options.get("strategy") in ("activation", "weight_activation", "gradient"):
+            from s2reg.train.data import collate
+
+            calibration = [collate(examples[i:i + BATCH], self.tokenizer.pad_token_id) for i in range(0, 32, BATCH)]
+        torch.manual_seed(point.seed)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()} if method.kind in PEFT_KINDS else {}
+        model, trainable = prepare(model, method, point.seed, calibration)
+        warnings: list[str] = []
+        started = time.perf_counter()
+        result = train(model, examples, TrainConfig(max_steps=point.steps, epochs=100, batch_size=BATCH, lr=point.lr,
+                                                    seed=point.seed),
+                       pad_id=self.tokenizer.pad_token_id, on_warning=warnings.append)
+        trained = time.perf_counter()
+        model.eval()
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        change = relative_change(merged, before) if merged is not model else result.weight_change
+        record = {"method": point.method, "label": method.label, "kind": method.kind, "task": point.task,
+                  "seed": point.seed, "steps": point.steps, "lr": point.lr, "trainable": trainable,
+                  "first_loss": result.losses[0], "final_loss": result.losses[-1],
+                  **accuracies(merged, self.tokenizer, task),
+                  "prose_nll": prose_nll(merged, self.prose), "agreement": agreement(merged, self.references),
+                  "relative_change": change, "large_steps": result.large_steps if merged is model else None,
+                  "warnings": warnings[:1], "train_seconds": round(trained - started, 1),
+                  "eval_seconds": round(time.perf_counter() - trained, 1),
+                  "base": {"prose_nll": self.base["prose_nll"], **self.base["tasks"][point.task]},
+                  "started": before_run, "finished": circumstances()}
+        record["prose_rise"] = record["prose_nll"] - self.base["prose_nll"]
+        return record
+
+
+# ------------------------------------------------------------------------------------------- reports
 
 def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
 
-def table(records: list[dict]) -> str:
-    methods = list(dict.fromkeys((r["method"], r["lr"]) for r in records))  # a default lr may have changed
-    tasks = list(dict.fromkeys(r["task"] for r in records))
-    lines = ["| method | trainable | lr | " + " | ".join(f"{t} acc % | {t} prose rise | {t} base agree %" for t in tasks) +
-             " | seeds |", "|---|---:|---:|" + "---:|---:|---:|" * len(tasks) + "---:|"]
-    for m in methods:
-        mine = [r for r in records if (r["method"], r["lr"]) == m]
-        cells = [m[0], f"{mine[0]['trainable']:,}", f"{mine[0]['lr']:g}"]
-        seeds = set()
-        for t in tasks:
-            rs = [r for r in mine if r["task"] == t]
-            seeds |= {r["seed"] for r in rs}
-            if not rs:
-                cells += ["-", "-", "-"]
-                continue
-            for key, factor, fmt in (("accuracy", 100, "{:.1f}"), ("prose_rise", 1, "{:+.3f}"), ("agreement", 100, "{:.1f}")):
-                values = [r[key] * factor for r in rs]
-                cells.append(fmt.format(statistics.mean(values)) + " ± " + fmt.format(spread(values)).lstrip("+"))
-        cells.append(str(len(seeds)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def fronts(points: list[dict]) -> list[dict]:
+    """One row per (method, task, lr): the mean and half the min-max spread over its seeds."""
+    rows: dict[tuple, list[dict]] = {}
+    for p in points:
+        rows.setdefault((p["method"], p["task"], p["lr"]), []).append(p)
+    out = []
+    for (method, task, lr), mine in rows.items():
+        row = {"method": method, "label": Method.parse(method).label, "task": task, "lr": lr,
+               "trainable": mine[0]["trainable"], "seeds": sorted(p["seed"] for p in mine)}
+        for key in ("accuracy", "shifted_accuracy", "prose_rise", "agreement"):
+            values = [p[key] for p in mine]
+            row[key], row[key + "_spread"] = statistics.mean(values), spread(values)
+        out.append(row)
+    order = {spec: i for i, spec in enumerate(s for group in GRID for s in group)}
+    return sorted(out, key=lambda r: (r["task"], order.get(r["method"], len(order)), r["method"], r["lr"]))
+
+
+def coverage(points: list[dict], steps: int, tasks: list[str]) -> dict:
+    """How much of the default grid the points cover, and under what circumstances they ran."""
+    grid_first = schedule(GRID, tasks, steps, SEEDS, {})
+    have = {Point.of(p) for p in points}
+    runs = [p["started"] for p in points] + [p["finished"] for p in points]
+    return {"points": len(points), "grid_seed0_done": sum(p in have for p in grid_first), "grid_seed0_total": len(grid_first),
+            "extra_seeds": sum(p["seed"] > 0 for p in points), "steps": steps,
+            "machines": sorted({f"{r['host']} ({r['cpu']}, {r['cores']} cores, torch {r['torch']}, {r['threads']} thread)"
+                                for r in runs}),
+            "code": sorted({r.get("code", "unknown") for r in runs}),
+            "from": min((r["utc"] for r in runs), default=None), "to": max((r["utc"] for r in runs), default=None),
+            "load": [min((r["load"] for r in runs), default=None), max((r["load"] for r in runs), default=None)]}
+
+
+def markdown(rows: list[dict], cover: dict, base: dict | None) -> str:
+    partial = cover["grid_seed0_done"] < cover["grid_seed0_total"]
+    lines = [f"{'PARTIAL: ' if partial else ''}{cover['points']} points: {cover['grid_seed0_done']} of the grid's "
+             f"{cover['grid_seed0_total']} seed-0 points, {cover['extra_seeds']} extra-seed points; {cover['steps']} steps "
+             f"of batch {BATCH}; run {cover['from']} to {cover['to']} UTC on {'; '.join(cover['machines'])}, "
+             f"1-minute load {cover['load'][0]}-{cover['load'][1]}."]
+    if base:
+        lines.append(f"Base: prose NLL {base['prose_nll']:.3f}; " + "; ".join(
+            f"{task} {t['accuracy']:.1%} held-out, {t['shifted_accuracy']:.1%} shifted" for task, t in base["tasks"].items()))
+    for task in dict.fromkeys(r["task"] for r in rows):
+        lines += ["", f"**{task}**", "", "| method | trainable | lr | held-out acc % | shifted acc % | prose rise | base agree % | seeds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in rows if r["task"] == task):
+            cells = [r["label"], f"{r['trainable']:,}", f"{r['lr']:g}"]
+            for key, factor, fmt in (("accuracy", 100, "{:.1f}"), ("shifted_accuracy", 100, "{:.1f}"),
+                                     ("prose_rise", 1, "{:+.3f}"), ("agreement", 100, "{:.1f}")):
+                value = fmt.format(r[key] * factor)
+                cells.append(value + (" ± " + fmt.format(r[key + "_spread"] * factor).lstrip("+") if len(r["seeds"]) > 1 else ""))
+            cells.append(str(len(r["seeds"])))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], cover: dict, path: Path) -> None:
+    """Held-out (top) and shifted (bottom) accuracy against the prose-NLL rise, a panel per task, a curve
+    per method joining its learning rates in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    figure, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 9), squeeze=False)
+    for column, task in enumerate(tasks):
+        for row, (key, what) in enumerate((("accuracy", "held-out"), ("shifted_accuracy", "shifted (out-of-domain)"))):
+            ax = axes[row][column]
+            for m in methods:
+                mine = sorted((r for r in rows if r["task"] == task and r["method"] == m), key=lambda r: r["lr"])
+                if not mine:
+                    continue
+                xs, ys = [r["prose_rise"] for r in mine], [100 * r[key] for r in mine]
+                style = "-" if m.startswith("s2ft") else "--"
+                ax.plot(xs, ys, style, marker="o", color=colours[m], label=mine[0]["label"])
+                for r, x, y in zip(mine, xs, ys):
+                    ax.annotate(f"{r['lr']:g}", (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.set_xscale("symlog", linthresh=0.1)
+            ax.set_xlabel("prose NLL rise (nats; forgetting)")
+            ax.set_ylabel(f"{what} accuracy %")
+            ax.set_title(f"{task}: {what}")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    partial = " (partial grid)" if cover["grid_seed0_done"] < cover["grid_seed0_total"] else ""
+    figure.suptitle(f"SmolLM2-135M, {cover['steps']} steps: {cover['points']} points{partial}; labels: learning rate")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report(out: Path, steps: int, tasks: list[str], stem: Path) -> str:
+    points = [p for p in read_points(out).values() if p["steps"] == steps]
+    if not points:
+        raise SystemExit(f"no {steps}-step points in {out}")
+    rows, cover = fronts(points), coverage(points, steps, tasks)
+    base_path = out / BASE_FILE
+    base = json.loads(base_path.read_text()) if base_path.exists() else None
+    text = markdown(rows, cover, base)
+    write_file(stem.with_suffix(".json"), (json.dumps({"coverage": cover, "fronts": rows}, indent=1) + "\n").encode(), mode=0o644)
+    plot(rows, cover, stem.with_suffix(".png"))
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 12 steps, S2FT-R, PISA and LoRA only")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+",
-                        default=["s2ft-R", "s2ft-W", "s2ft-A", "s2ft-S", "s2ft-G", "pisa", "lora", "fourierft:init=zero,lr=1e-3",
-                                 "full"])
+    parser.add_argument("--quick", action="store_true", help="S2FT-R and PEFT LoRA, lr 1e-3 and 1e-2, 12 steps, skill, one seed")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds at each front's knee (seed 0 everywhere)")
+    parser.add_argument("--methods", nargs="+", help="method specs, one group (default: the grid, GRID)")
+    parser.add_argument("--lrs", type=float, nargs="+", help="these rates for every method (default: LRS by kind)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--budget", type=int, help="trainable parameters to match (default: the S2FT default budget)")
-    parser.add_argument("--report", action="store_true", help="only write the table of every run already in OUT.jsonl")
+    parser.add_argument("--limit", type=int, help="run at most this many points, then stop")
+    parser.add_argument("--plan", action="store_true", help="print the points still to run, in order, and stop")
+    parser.add_argument("--report", action="store_true", help="only write the table and the plot of the points there are")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, help="default bench/results/quality (quality-quick with --quick)")
+    parser.add_argument("--out", type=Path, help="the points' directory (default bench/results/quality; "
+                                                  "bench/out/quality-quick with --quick)")
     args = parser.parse_args()
-    args.out = args.out or ROOT / "bench" / "results" / ("quality-quick" if args.quick else "quality")
+    groups = (tuple(args.methods),) if args.methods else GRID
     if args.quick:
-        args.steps, args.seeds = 12, [0]
-        args.methods = [m for m in args.methods if m in ("s2ft-R", "pisa", "lora")] or args.methods
-    torch.set_num_threads(args.threads)
-    jsonl = args.out.with_suffix(".jsonl")
+        groups, args.lrs, args.steps, args.seeds, args.tasks = (("s2ft-R", "lora"),), [1e-3, 1e-2], 12, 1, ["skill"]
+    out = args.out or (ROOT / "bench" / "out" / "quality-quick" if args.quick else RESULTS / "quality")
+    stem = out.parent / f"{out.name}-fronts"
     if args.report:
-        records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-        write_table(args.out, [r for r in records if r["steps"] == args.steps])
+        print(report(out, args.steps, args.tasks, stem))
         return
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
-    bench = Bench(args.quick, args.out.with_suffix(".base.json"))
-    budget = args.budget or BUDGET
-    done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
-    have = {(r["method"], r["lr"], r["task"], r["seed"], r["steps"]) for r in done}
-    print(f"base: prose NLL {bench.base_prose:.3f}, accuracy {bench.base_accuracy}", flush=True)
-    for seed in args.seeds:  # every method on seed 0 first: a run cut short still compares them all
-        for task in args.tasks:
-            for name in args.methods:
-                method = Method.parse(name)
-                if (name, default_lr(method), task, seed, args.steps) in have:
-                    continue
-                record = bench.run(method, task, seed, args.steps, budget)
-                done.append(record)
-                with jsonl.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                print(json.dumps(record), flush=True)
-    write_table(args.out, [r for r in done if r["steps"] == args.steps and r["method"] in args.methods
-                           and r["task"] in args.tasks])
-
-
-def write_table(out: Path, records: list[dict]) -> None:
-    first = records[0]
-    base_accuracy = {r["task"]: r["base_accuracy"] for r in records}
-    markdown = (f"SmolLM2-135M, {first['steps']} steps of batch {BATCH}; base prose NLL {first['base_prose_nll']:.3f}; "
-                "base accuracy " + ", ".join(f"{t} {a:.1%}" for t, a in base_accuracy.items()) + "\n\n" + table(records) + "\n")
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    torch.set_num_threads(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    done = read_points(out)
+    if args.plan:
+        for point in schedule(groups, args.tasks, args.steps, args.seeds, done, args.lrs):
+            print(point.method, point.task, f"{point.lr:g}", point.seed, point.steps)
+        return
+    bench = Bench(256 if args.quick else 512, out)
+    print(f"base: prose NLL {bench.base['prose_nll']:.3f}, tasks {bench.base['tasks']}", flush=True)
+    ran = 0
+    while args.limit is None or ran < args.limit:
+        todo = schedule(groups, args.tasks, args.steps, args.seeds, done, args.lrs)  # again: knees come from new points
+        if not todo:
+            break
+        point = todo[0]
+        record = bench.run(point)
+        write_file(out / point.filename, (json.dumps(record, indent=1) + "\n").encode(), mode=0o644)
+        done[point] = record
+        ran += 1
+        print(f"[{len(todo) - 1} left] {point.method} {point.task} lr={point.lr:g} seed={point.seed}: "
+              f"acc {record['accuracy']:.1%} shifted {record['shifted_accuracy']:.1%} rise {record['prose_rise']:+.3f} "
+              f"({record['train_seconds']:.0f}+{record['eval_seconds']:.0f} s, load {record['started']['load']})", flush=True)
+    print(report(out, args.steps, args.tasks, stem))
 
 
 if __name__ == "__main__":
