@@ -134,15 +134,14 @@ def _pattern_data(path: Path, count: int = 256, length: int = 16) -> Path:
 def _train_push_fuse_merge(workdir: Path, base_dir: Path, known: Adapter, step: Step) -> dict[str, Any]:
     """Train an S2FT adapter disjoint from ``known``, store both, fuse them, merge the fusion."""
     from .train import S2FTConfig
-    from .train.loop import TrainConfig
     from .train.session import run_training
+    from .train.settings import TrainConfig, TrainOptions
 
     step("training an S2FT adapter (2 heads and 32 FFN channels per layer, disjoint from the first one)")
-    run = run_training(base_dir, _pattern_data(workdir / "pattern.jsonl"), "s2ft",
-                       method_config=S2FTConfig(channels=32, heads=2, roles=("o", "down"), exclude=[known]),
-                       train_config=TrainConfig(epochs=2, batch_size=8, lr=5e-4), eval_fraction=0.25,
-                       base_name="s2reg-demo/tiny-llama", device="cpu")
-    run.adapter.save(workdir / "trained-adapter")
+    options = TrainOptions(S2FTConfig(channels=32, heads=2, roles=("o", "down"), exclude=(known,)),
+                           loop=TrainConfig(epochs=2, batch_size=8, lr=5e-4), eval_fraction=0.25,
+                           base_name="s2reg-demo/tiny-llama", device="cpu")
+    run = run_training(base_dir, _pattern_data(workdir / "pattern.jsonl"), options, output=workdir / "trained-adapter")
     step("pushing both adapters to the local registry (registry/ in the work directory)")
     store = Store(workdir / "registry")
     store.push(workdir / "s2ft-adapter", "demo/known:v1")

@@ -142,3 +142,34 @@ def progress(*, transient: bool = True) -> Progress | _Unseen:
         console=_console(stderr=True),
         transient=transient,
     )
+
+
+class StepBar:
+    """A training run's progress bar, started by its first optimizer step (a run refused while it loads prints
+    no empty bar); ``update`` takes the loop's ``Progress``."""
+
+    def __init__(self, shown: bool):
+        self.shown = shown
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> StepBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, p: Any) -> None:
+        if not self.shown:
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=_console(stderr=True))
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=p.total, loss=p.loss, lr=p.lr, tps=p.tokens_per_second)
+        self.bar.update(self.task, completed=p.step, total=p.total, loss=p.loss, lr=p.lr, tps=p.tokens_per_second)

@@ -105,10 +105,13 @@ class AdapterServer:
         """Load ``base`` (a Hugging Face checkpoint directory) as a causal LM with transformers, once."""
         from transformers import AutoModelForCausalLM
 
+        from ..train.session import loading_quietly
+
         base = Path(base)
         if not (base / "config.json").is_file():
             raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
-        with locked_for_reading(base, CheckpointSource):  # the weights are loaded under it; the server then holds its own
+        # the weights are loaded under the lock; the server then holds its own
+        with locked_for_reading(base, CheckpointSource), loading_quietly():
             model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
             return cls(model, base, max_resident=max_resident)
 

@@ -1,5 +1,5 @@
-"""How far training moves the weights it trains: per optimizer step (a warning past ``STEP_LIMIT``) and
-over the whole run (the training summary's relative weight change).
+"""How far training moves the weights it trains: per optimizer step (capped, and reported) and over the
+whole run (the training summary's relative weight change).
 
 A trained parameter stands for a target weight ``W`` (its module's stored weight): an S2FT slice
 moves ``W`` by its own change, a PISA coefficient vector by the reconstructed delta of its change
@@ -16,16 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fsdp import whole
+from .fsdp import like, whole
 
 # One optimizer step that moves a target by more than this share of its norm is a runaway: at the
 # trainer's default learning rates a step moves a SmolLM2 target by under 0.6% (bench/quality.py),
-# while the old PISA settings that wrecked the base moved a v projection by 44% in its first step.
+# while the old PISA settings that wrecked the base moved a v projection by 44% in its first step, and
+# S2FT at its default lr on the real Gemma-3-270M (one KV head: --heads 1 trains all of k and v) by 2.5% a
+# step, five of which turned its answers into repetition. Uncapped runs are warned past it.
 STEP_LIMIT = 0.02
 
 
 class LargeStepWarning(UserWarning):
-    """A training step moved a target weight by more than ``STEP_LIMIT`` of its norm."""
+    """A training step moved a target weight by more than ``STEP_LIMIT`` of its norm, or was capped."""
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,12 @@ class StepWarning:
     step: int
     target: str
     relative: float
+    cap: float = 0.0  # the share the step was scaled back to (0: it was not)
 
     def message(self) -> str:
+        if self.cap:
+            return (f"step {self.step} would have moved {self.target} by {self.relative:.1%} of its norm: capped at "
+                    f"{self.cap:.1%} (--max-step-change); the learning rate is likely too high for this method")
         return (f"step {self.step} moved {self.target} by {self.relative:.1%} of its norm (more than "
                 f"{STEP_LIMIT:.0%} in one step): the learning rate is likely too high for this method")
 
@@ -94,16 +100,22 @@ class WeightWatch:
         for t, previous in zip(self.targets, self.previous):
             previous.copy_(whole(t.parameter.detach()))
 
-    def after_step(self, step: int) -> list[StepWarning]:
-        """Targets that this step moved by more than ``STEP_LIMIT``."""
+    def after_step(self, step: int, cap: float = 0.0) -> list[StepWarning]:
+        """Targets this step moved too far. With ``cap``, a step that moved a target by more than ``cap`` of
+        its norm is scaled back to exactly that (the parameter is rewritten: the change is linear in it);
+        without, steps past ``STEP_LIMIT`` are only reported."""
         warnings = []
         with torch.no_grad():
             for t, previous in zip(self.targets, self.previous):
                 current = whole(t.parameter.detach())
                 moved = float(t.delta(current - previous).double().norm()) / t.weight_norm
-                self.largest_step = max(self.largest_step, moved)
-                if moved > STEP_LIMIT:
+                if cap and moved > cap:
+                    current = previous + (current - previous) * (cap / moved)
+                    t.parameter.copy_(like(current, t.parameter))
+                    warnings.append(StepWarning(step, t.target, moved, cap))
+                elif not cap and moved > STEP_LIMIT:
                     warnings.append(StepWarning(step, t.target, moved))
+                self.largest_step = max(self.largest_step, min(moved, cap) if cap else moved)
                 previous.copy_(current)
         return warnings
 

@@ -99,7 +99,7 @@ def test_the_cli_reports_the_exact_count_the_budget_chose(tmp_path):
     assert both.exit_code != 0 and "give one or the other" in both.output
     pisa = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(data), "--method", "pisa", "--budget",
                                      "5000", "-o", str(tmp_path / "c")])
-    assert pisa.exit_code == 1 and "--budget sizes S2FT selections" in pisa.output
+    assert pisa.exit_code == 2 and "--budget sizes S2FT selections" in pisa.output
 
 
 @pytest.mark.parametrize("family", sorted(zoo.SPECIES))

@@ -14,6 +14,7 @@ from s2reg.errors import S2RegError
 from s2reg.train import S2FTConfig, prepare_s2ft
 from s2reg.train.data import IGNORE, Example, collate, read_jsonl, tokenize
 from s2reg.train.loop import TrainConfig, train
+from s2reg.train.settings import TrainOptions
 
 from .helpers import tiny_model
 
@@ -179,8 +180,8 @@ def test_max_steps_overrides_epochs(tiny_run, max_steps, epochs, grad_accum, eva
     base, data = tiny_run
     config = TrainConfig(max_steps=max_steps, epochs=epochs, batch_size=2, grad_accum=grad_accum, lr=1e-4)
     seen = []
-    run = run_training(base, data, "s2ft", method_config=S2FTConfig(channels=2, heads=0), train_config=config,
-                       eval_fraction=eval_fraction, device="cpu", on_step=lambda p: seen.append((p.step, p.total)))
+    options = TrainOptions(S2FTConfig(channels=2, heads=0), loop=config, eval_fraction=eval_fraction, device="cpu")
+    run = run_training(base, data, options, on_step=lambda p: seen.append((p.step, p.total)))
     assert run.result.steps == steps and seen == [(i, steps) for i in range(1, steps + 1)]
 
 

@@ -21,7 +21,8 @@ import s2reg
 from s2reg.synth import build_checkpoint
 from s2reg.train.loop import TrainConfig
 from s2reg.train.pisa.config import PISAConfig
-from s2reg.train.session import default_lr, run_training
+from s2reg.train.session import run_training
+from s2reg.train.settings import TrainOptions, method_config_class
 
 # nats. Measured here: S2FT +0.004, PISA +0.0005 at the defaults; the old PISA convention +0.54.
 PROSE_RISE_BOUND = 0.02
@@ -70,11 +71,11 @@ def base(tmp_path_factory):
     return root / "base", data
 
 
-def short_run(base, method, **options):
+def short_run(base, method, method_config=None, lr=None):
     directory, data = base
-    train_config = TrainConfig(max_steps=40, epochs=10, batch_size=8, lr=options.pop("lr", default_lr(method)))
-    run = run_training(directory, data, method, train_config=train_config, eval_fraction=0.25, device="cpu",
-                       on_warning=lambda _: None, **options)
+    options = TrainOptions(method_config or method_config_class(method)(),
+                           loop=TrainConfig(max_steps=40, epochs=10, batch_size=8, lr=lr), eval_fraction=0.25, device="cpu")
+    run = run_training(directory, data, options, on_warning=lambda _: None)
     tuned = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
     before = prose_loss(tuned)
     s2reg.apply(tuned, run.adapter)

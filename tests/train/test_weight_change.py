@@ -19,6 +19,7 @@ from s2reg.cli import main
 from s2reg.synth import build_checkpoint
 from s2reg.train.change import STEP_LIMIT
 from s2reg.train.loop import TrainConfig
+from s2reg.train.settings import TrainOptions
 from s2reg.train.pisa.config import PISAConfig
 from s2reg.train.s2ft.config import S2FTConfig
 from s2reg.train.session import run_training
@@ -57,8 +58,8 @@ def applied_change(base, adapter) -> float:
 def test_the_summary_reports_the_relative_change_of_the_trained_weights(tiny, method, config):
     base, data = tiny
     seen = []
-    run = run_training(base, data, method, method_config=config, device="cpu", on_warning=seen.append,
-                       train_config=TrainConfig(max_steps=3, batch_size=4, lr=1e-4))
+    run = run_training(base, data, TrainOptions(config, loop=TrainConfig(max_steps=3, batch_size=4, lr=1e-4), device="cpu"),
+                       on_warning=seen.append)
     assert seen == [] and run.result.large_steps == 0
     assert run.result.weight_change > 0
     assert run.result.weight_change == pytest.approx(applied_change(base, run.adapter), rel=1e-3)
@@ -66,15 +67,57 @@ def test_the_summary_reports_the_relative_change_of_the_trained_weights(tiny, me
 
 
 @pytest.mark.parametrize("method", ["s2ft", "pisa"])
-def test_a_huge_learning_rate_warns_once_in_one_line(tiny, method):
+def test_a_huge_learning_rate_is_capped_and_reported_once_in_one_line(tiny, method):
     base, data = tiny
     config = S2FTConfig(channels=16) if method == "s2ft" else PISAConfig(block=16, coefficients=8)
     seen = []
-    run = run_training(base, data, method, method_config=config, device="cpu", on_warning=seen.append,
-                       train_config=TrainConfig(max_steps=3, batch_size=4, lr=30.0))
+    loop = TrainConfig(max_steps=3, batch_size=4, lr=30.0)
+    run = run_training(base, data, TrainOptions(config, loop=loop, device="cpu"), on_warning=seen.append)
     assert len(seen) == 1 and "\n" not in seen[0]
-    assert seen[0].startswith("step 1 moved model.layers.") and "of its norm (more than 2% in one step)" in seen[0]
+    assert seen[0].startswith("step 1 would have moved model.layers.") and "capped at 1.0% (--max-step-change)" in seen[0]
+    assert run.result.large_steps == 3 and run.result.largest_step_change == pytest.approx(loop.max_step_change)
+    # the adapter itself, applied to the base: three capped steps move no target by more than three caps
+    assert 0 < applied_change(base, run.adapter) <= 3 * loop.max_step_change * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("method", ["s2ft", "pisa"])
+def test_without_the_cap_a_huge_learning_rate_is_only_reported(tiny, method):
+    base, data = tiny
+    config = S2FTConfig(channels=16) if method == "s2ft" else PISAConfig(block=16, coefficients=8)
+    seen = []
+    loop = TrainConfig(max_steps=3, batch_size=4, lr=30.0, max_step_change=0)
+    run = run_training(base, data, TrainOptions(config, loop=loop, device="cpu"), on_warning=seen.append)
+    assert len(seen) == 1 and "of its norm (more than 2% in one step)" in seen[0]
     assert run.result.large_steps == 3 and run.result.largest_step_change > STEP_LIMIT
+    assert applied_change(base, run.adapter) > 3 * 0.01
+
+
+def test_every_step_of_a_slice_stays_within_the_cap(tmp_path):
+    """Measured outside the watch: the slice's own change per step against its weight's norm (S2FT moves the
+    weight by exactly the slice's change)."""
+    from s2reg.train import prepare_s2ft
+    from s2reg.train.data import Example
+    from s2reg.train.loop import train
+
+    from .helpers import tiny_model
+
+    model, _ = tiny_model(tmp_path / "m", dtype=torch.float32)
+    prepare_s2ft(model, S2FTConfig(channels=8, heads=1, roles=("o", "down", "v")))
+    slices = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    norms = {n: float(model.get_submodule(n.rpartition(".")[0]).weight.double().norm()) for n in slices}
+    before = {n: p.detach().clone() for n, p in slices.items()}
+    moved = []
+
+    def measure(progress):
+        for n, p in slices.items():
+            moved.append(float((p.detach() - before[n]).double().norm()) / norms[n])
+            before[n] = p.detach().clone()
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, ids) for ids in torch.randint(3, 250, (16, 9), generator=g).tolist()]
+    train(model, examples, TrainConfig(max_steps=4, batch_size=4, lr=1.0, max_step_change=0.005), on_step=measure,
+          on_warning=lambda _: None)
+    assert max(moved) == pytest.approx(0.005, rel=1e-5) and all(m <= 0.005 * (1 + 1e-5) for m in moved)
 
 
 def test_the_cli_prints_the_warning_and_the_change(tiny, tmp_path):
@@ -84,9 +127,10 @@ def test_the_cli_prints_the_warning_and_the_change(tiny, tmp_path):
                                        "--batch-size", "4", "-o", str(tmp_path / "a"), "--json"])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and "step 1 moved" in warnings[0]
+    assert len(warnings) == 1 and "step 1 would have moved" in warnings[0]
     summary = json.loads(result.stdout)
-    assert summary["large_steps"] == 2 and summary["weight_change"] > 0 and summary["largest_step_change"] > STEP_LIMIT
+    assert summary["large_steps"] == 2 and summary["weight_change"] > 0
+    assert summary["largest_step_change"] == pytest.approx(0.01)
     table = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(data), "--method", "s2ft",
                                       "--lr", "1e-4", "--max-steps", "2", "--batch-size", "4", "-o", str(tmp_path / "b")])
     assert table.exit_code == 0, table.output

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
+
+from ..settings import setting
 
 
-@dataclass
+@dataclass(frozen=True)
 class PISAConfig:
     """PISA hyper-parameters (spec/FORMAT.md §5; the PISA paper leaves these open; the choices are
     explained in docs/training.md).
@@ -22,13 +25,20 @@ class PISAConfig:
     S2FT or full fine-tuning, and does not have to shrink with the block area.
     """
 
-    block: int = 64
-    coefficients: int = 32
-    roles: tuple[str, ...] | None = None
-    targets: tuple[str, ...] = ()
-    scale: float | None = None
-    seed: int = 0
-    layers: list[int] | None = None
+    method: ClassVar[str] = "pisa"
+    # On the isometric scale (scale_for), so comparable with S2FT's (bench/quality.py; docs/training.md).
+    default_lr: ClassVar[float] = 1.25e-3
+
+    block: int = setting(64, "pisa: block size.", low=1)
+    coefficients: int = setting(32, "pisa: coefficients per block.", low=1)
+    roles: tuple[str, ...] | None = setting(
+        None, "pisa: default every projection that is a matmul layer of its own.", type="names")
+    targets: tuple[str, ...] = setting((), "pisa: comma-separated module names, full or short (q_proj,v_proj), "
+                                           "instead of --roles.", type="names")
+    scale: float | None = setting(None, "Multiplier of the inverse transform [default: the isometric one].",
+                                  type=float, cli=False)
+    seed: int = setting(0, None)
+    layers: tuple[int, ...] | None = setting(None, None, type="ints")
 
     def scale_for(self, block: tuple[int, int]) -> float:
         """The scale of a target tiled by ``block`` (the configured block, clipped to the matrix)."""
@@ -39,3 +49,5 @@ class PISAConfig:
 
         if self.block < 1 or self.coefficients < 1:
             raise S2RegError("block and coefficients must be positive")
+        if self.roles and self.targets:
+            raise S2RegError("--roles and --targets both choose what PISA trains; give one")

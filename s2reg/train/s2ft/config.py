@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...arch.schema import CHANNEL_ROLES, HEAD_ROLES, ROLES
+from ..settings import setting
 
 STRATEGIES = ("random", "weight", "activation", "weight_activation", "gradient")
-HEAD_ROLES = ("q", "k", "v", "o")
-CHANNEL_ROLES = ("up", "gate", "down")
 
 
-@dataclass
+def _adapter_digests(adapters) -> list[str]:
+    from ...format.digest import sha256_bytes
+
+    return [sha256_bytes(a.payload_bytes()) for a in adapters]
+
+
+@dataclass(frozen=True)
 class S2FTConfig:
     """S2FT hyper-parameters (the S2FT paper, §3).
 
@@ -22,14 +30,22 @@ class S2FTConfig:
     without overlap. ``layers`` limits training to some layers (default: all).
     """
 
-    channels: int = 32
-    heads: int = 0
-    roles: tuple[str, ...] | None = None
-    strategy: str = "random"
-    order: str = "largest"
-    seed: int = 0
-    exclude: list = field(default_factory=list)
-    layers: list[int] | None = None
+    method: ClassVar[str] = "s2ft"
+    # Learns without wrecking the base on every family tested (bench/quality.py; docs/training.md).
+    default_lr: ClassVar[float] = 1e-3
+
+    channels: int = setting(32, "s2ft: FFN channels per layer.", low=0)
+    heads: int = setting(0, "s2ft: attention heads per layer.", low=0)
+    roles: tuple[str, ...] | None = setting(
+        None, f"Projections to train, among the family's {','.join(ROLES)}; s2ft: default o for heads and down "
+              "for channels.", type="names")
+    strategy: str = setting("random", "s2ft: how units are selected.", choices=STRATEGIES)
+    order: str = setting("largest", "s2ft: take the largest or smallest scores.", choices=("largest", "smallest"))
+    seed: int = setting(0, None)
+    exclude: tuple = setting((), "s2ft: choose channels/heads disjoint from this adapter (repeatable).",
+                             type="adapters", record=_adapter_digests)
+    layers: tuple[int, ...] | None = setting(None, "Train only these layers (comma-separated indices) [default: all].",
+                                             type="ints")
 
     def check(self) -> None:
         from ...errors import S2RegError
@@ -42,6 +58,6 @@ class S2FTConfig:
             raise S2RegError("channels and heads must not be negative")
         unknown = set(self.roles or ()) - set(HEAD_ROLES) - set(CHANNEL_ROLES)
         if unknown:
-            raise S2RegError(f"unknown roles {sorted(unknown)} (choose from {', '.join(HEAD_ROLES + CHANNEL_ROLES)})")
+            raise S2RegError(f"unknown roles {sorted(unknown)} (choose from {', '.join(ROLES)})")
         if not self.channels and not self.heads:
             raise S2RegError("nothing to train: ask for some channels and/or heads")
