@@ -1,8 +1,9 @@
 """S2FT <-> PEFT LoRA. An S2FT delta is exactly a LoRA with a one-hot factor: rows ``R`` with delta
 ``D`` are ``B = E_R`` (one-hot columns), ``A = D``; columns ``C`` are ``B = D``, ``A = E_C^T``; the
-rank is the number of selected rows or columns and ``lora_alpha = r`` (scaling 1). PISA exports
-through a truncated SVD of its dense delta. LoRA factors are F32, so an F64 delta is rounded; either
-way the relative error of the exported delta is reported.
+rank is the number of selected rows or columns and ``lora_alpha = r`` (scaling 1). A PISA delta is
+generally of full rank: it exports through a low-rank factorization (pisa_lowrank.py) whose relative
+error must stay within a tolerance, at a given rank or the smallest rank that meets it. LoRA factors
+are F32, so an F64 delta is rounded; either way the relative error of the exported delta is reported.
 
 LoRA factors are in the ``nn.Linear`` convention (``B @ A`` is ``[out, in]``); a target on a weight
 stored transposed (GPT-2's ``Conv1D``, ``[in, out]``) is exported transposed, with
@@ -19,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +32,13 @@ from ..format.arrays import to_torch
 from ..fsatomic import building
 from .peft_experts import MemoryLayout, expert_factors, lora_keys, memory_layout, module_of
 from .peft_files import PREFIX, architecture, read_peft
+from .pisa_lowrank import DEFAULT_MAX_ERROR, pisa_low_rank
+
+
+class ExportProgress(Protocol):
+    """Told after each target is exported: ``done`` of ``total`` targets, ``name`` the one just finished."""
+
+    def __call__(self, done: int, total: int, name: str) -> None: ...
 
 
 def _module(name: str) -> str:
@@ -54,7 +62,8 @@ def _lora_error(target: S2FTTarget, stored: torch.Tensor) -> float:
     return float((stored.double() - true).norm()) / norm if norm else float((stored.double() - true).norm())
 
 
-def _factors(name: str, target, rank: int | None, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _factors(name: str, target, rank: int | None, max_error: float,
+             transposed: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A [r, in], B [out, r], relative error)`` for one target, in the ``nn.Linear`` convention."""
     if isinstance(target, S2FTTarget):
         if len(target.shape) != 2:
@@ -71,18 +80,8 @@ def _factors(name: str, target, rank: int | None, transposed: bool) -> tuple[tor
         if axis == "rows":
             return delta.contiguous(), one_hot, error
         return one_hot.t().contiguous(), delta.contiguous(), error
-    if rank is None:
-        raise S2RegError("PISA adapters export to LoRA through a truncated SVD: pass --rank")
-    limits.check_dense(target.shape, name)  # no base vouches for the declared shape here
-    dense = to_torch(target.to_dense()).double()
-    if transposed:
-        dense = dense.t()
-    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    b, a = u[:, :r] * root, root[:, None] * vh[:r]
-    error = float((dense - b @ a).norm() / dense.norm()) if float(dense.norm()) else 0.0
-    return a.float().contiguous(), b.float().contiguous(), error
+    low_rank = pisa_low_rank(name, target, rank=rank, max_error=max_error, transposed=transposed)
+    return low_rank.a, low_rank.b, low_rank.error
 
 
 def _fused_on_load(model_type: str | None, name: str) -> bool:
@@ -168,8 +167,15 @@ def base_layout(adapter: Adapter, base: str | os.PathLike | None) -> BaseLayout:
 
 
 def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None = None,
-                base: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
+                max_error: float = DEFAULT_MAX_ERROR, base: str | os.PathLike | None = None, overwrite: bool = False,
+                progress: ExportProgress | None = None) -> dict[str, Any]:
     """Write ``adapter`` as a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    PISA targets: ``rank`` is the LoRA rank of every target (clipped to the matrix); ``None`` gives each
+    target the smallest rank whose relative Frobenius error is at most ``max_error``. A target over the
+    tolerance refuses the export (``ToleranceError``, naming the error and the rank that would meet it) before
+    anything is written. S2FT targets export exactly at their own rank; neither argument applies to them.
+    ``progress(done, total, name)`` is called after each target.
 
     ``base``: the checkpoint directory the adapter is for (its task type and stored layouts); by
     default the adapter's recorded base name when that is a directory. MoE expert targets become LoRA on
@@ -183,15 +189,19 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
                          "one setting per adapter: export them separately")
     transposed = kinds == {True}
     memory = memory_layout(layout.directory) if layout.directory is not None else None
-    tensors, ranks, errors = {}, {}, {}
+    tensors, ranks, errors, target_ranks = {}, {}, {}, {}
+    tell = progress or (lambda done, total, name: None)
     for name, target in dense.items():
         module = _module(name) if memory is None else module_of(_module(name) + ".weight", memory)
-        a, b, error = _factors(name, target, rank, transposed)
+        a, b, error = _factors(name, target, rank, max_error, transposed)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b
-        ranks[module] = a.shape[0]
+        ranks[module] = target_ranks[name] = a.shape[0]
         errors[name] = error
+        tell(len(errors), len(adapter.targets), name)
     parameters = _expert_tensors(adapter, layout, memory, tensors, errors)
+    for done, name in enumerate(sorted(adapter.targets.keys() - dense.keys()), len(dense) + 1):
+        tell(done, len(adapter.targets), name)  # the experts are exported together, each exactly
     by_parameter = bool(parameters) or (memory is not None and any(p.converted for p in memory.placements.values()))
     if by_parameter:
         # PEFT translates target_modules of models with fused experts onto expert parameters by name (a
@@ -222,7 +232,8 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"output": str(output), "max_rank": top, "modules": len(ranks), "task_type": layout.task_type,
-            "fan_in_fan_out": transposed, "max_relative_error": max(errors.values()), "relative_error": errors}
+            "fan_in_fan_out": transposed, "max_relative_error": max(errors.values()), "relative_error": errors,
+            "rank": target_ranks, "max_error": max_error}
 
 
 def _expert_tensors(adapter: Adapter, layout: BaseLayout, memory: MemoryLayout | None, tensors: dict,
