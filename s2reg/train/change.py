@@ -51,6 +51,7 @@ class Tracked:
     parameter: nn.Parameter
     weight_norm: float
     delta: Callable[[torch.Tensor], torch.Tensor]    # parameter change -> weight change (linear)
+    capped: bool = True                              # s2reg's own (slices, coefficients); others only reported
 
 
 def _pisa_delta(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -78,11 +79,11 @@ def tracked(model: nn.Module) -> list[Tracked]:
             weight, delta, target = module.weight, _identity, f"{module_name}.weight"
         elif attr.startswith("s2ft_"):
             weight, delta, target = getattr(module, attr[len("s2ft_"):]), _identity, f"{module_name}.{attr[len('s2ft_'):]}"
-        else:
+        else:  # full fine-tuning, another method's factors: watched, not capped
             weight, delta, target = p, _identity, name
         norm = float(whole(weight.detach()).double().norm())
         if norm > 0:  # a zero-initialised factor (LoRA's B) has no scale to be relative to
-            found.append(Tracked(target, p, norm, delta))
+            found.append(Tracked(target, p, norm, delta, capped=weight is not p))
     return found
 
 
@@ -101,21 +102,21 @@ class WeightWatch:
             previous.copy_(whole(t.parameter.detach()))
 
     def after_step(self, step: int, cap: float = 0.0) -> list[StepWarning]:
-        """Targets this step moved too far. With ``cap``, a step that moved a target by more than ``cap`` of
-        its norm is scaled back to exactly that (the parameter is rewritten: the change is linear in it);
-        without, steps past ``STEP_LIMIT`` are only reported."""
+        """Targets this step moved too far. With ``cap``, a step that moved a slice's or coefficients' target by
+        more than ``cap`` of its norm is scaled back to exactly that (the parameter is rewritten: the change is
+        linear in it); other steps past ``STEP_LIMIT`` are only reported."""
         warnings = []
         with torch.no_grad():
             for t, previous in zip(self.targets, self.previous):
                 current = whole(t.parameter.detach())
                 moved = float(t.delta(current - previous).double().norm()) / t.weight_norm
-                if cap and moved > cap:
+                if cap and t.capped and moved > cap:
                     current = previous + (current - previous) * (cap / moved)
                     t.parameter.copy_(like(current, t.parameter))
                     warnings.append(StepWarning(step, t.target, moved, cap))
-                elif not cap and moved > STEP_LIMIT:
+                elif moved > STEP_LIMIT and not (cap and t.capped):
                     warnings.append(StepWarning(step, t.target, moved))
-                self.largest_step = max(self.largest_step, min(moved, cap) if cap else moved)
+                self.largest_step = max(self.largest_step, min(moved, cap) if cap and t.capped else moved)
                 previous.copy_(current)
         return warnings
 

@@ -94,8 +94,9 @@ class TrainConfig:
     schedule: str = setting("linear", "Learning-rate schedule after the warm-up.", choices=SCHEDULES)
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay.", low=0)
     max_grad_norm: float = setting(1.0, "Clip the gradients' global norm to this (0: no clipping).", low=0)
-    max_step_change: float = setting(0.01, "Cap every optimizer step's change of a trained weight at this share of "
-                                           "the weight's norm (0: no cap); a capped step is reported.", low=0)
+    max_step_change: float = setting(0.01, "Cap every optimizer step's change of a weight an S2FT slice or PISA "
+                                           "coefficients train at this share of the weight's norm (0: no cap); a "
+                                           "capped step is reported.", low=0)
     seed: int = setting(0, "Seed of the data order, the selection and any new head.")
     save_every: int = setting(50, "Keep a resumable state beside OUTPUT every N steps (0: never).", low=0)
 

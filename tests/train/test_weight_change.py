@@ -120,6 +120,25 @@ def test_every_step_of_a_slice_stays_within_the_cap(tmp_path):
     assert max(moved) == pytest.approx(0.005, rel=1e-5) and all(m <= 0.005 * (1 + 1e-5) for m in moved)
 
 
+def test_parameters_of_other_methods_are_watched_not_capped(tmp_path):
+    """Full fine-tuning (or a PEFT model's factors) trained by the same loop: reported, never rewritten."""
+    from s2reg.train.data import Example
+    from s2reg.train.loop import train
+
+    from .helpers import tiny_model
+
+    model, _ = tiny_model(tmp_path / "m", dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, ids) for ids in torch.randint(3, 250, (8, 9), generator=g).tolist()]
+    result = train(model, examples, TrainConfig(max_steps=1, batch_size=4, lr=0.5, max_grad_norm=0), on_warning=seen.append)
+    assert len(seen) == 1 and "more than 2% in one step" in seen[0]
+    moved = max(float((p.detach() - before[n]).double().norm() / before[n].double().norm())
+                for n, p in model.named_parameters() if before[n].norm() > 0)
+    assert moved > 0.05 and result.largest_step_change == pytest.approx(moved, rel=1e-6)
+
+
 def test_the_cli_prints_the_warning_and_the_change(tiny, tmp_path):
     base, data = tiny
     result = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(data), "--method", "pisa",
