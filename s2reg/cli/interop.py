@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..interop import export_lora, import_fourierft, import_lora
-from ..interop.peft_files import peft_config, recorded_base
+from ..interop import export_gguf_lora, export_lora, import_fourierft, import_lora
+from ..interop.peft_files import peft_config, recorded_base, with_portable_base
 from ..tensors import CheckpointSource
 from . import render
 from .common import adapter_argument, json_option, overwrite_option
@@ -15,7 +15,9 @@ from .common import adapter_argument, json_option, overwrite_option
 
 @click.command("export")
 @adapter_argument("adapter")
-@click.option("--to", "target", type=click.Choice(["peft-lora"]), default="peft-lora", show_default=True)
+@click.option("--to", "target", type=click.Choice(["peft-lora", "gguf-lora"]), default="peft-lora", show_default=True,
+              help="peft-lora: a PEFT directory (transformers, vLLM); gguf-lora: one llama.cpp adapter file "
+                   "(llama-cli --lora, llama-cpp-python lora_path, an Ollama Modelfile's ADAPTER).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @click.option("--rank", type=click.IntRange(min=1), help="PISA: rank of the truncated SVD.")
 @click.option("--base", "base", type=click.Path(exists=True, file_okay=False),
@@ -24,14 +26,26 @@ from .common import adapter_argument, json_option, overwrite_option
 @overwrite_option
 @json_option
 def export_command(adapter, target, output, rank, base, overwrite, as_json) -> None:
-    """Write ADAPTER as a PEFT LoRA directory (loads with PeftModel.from_pretrained; serve it with vLLM).
+    """Write ADAPTER as a PEFT LoRA directory (loads with PeftModel.from_pretrained; serve it with vLLM),
+    or as a llama.cpp LoRA GGUF (--to gguf-lora; the base GGUF must come from the same checkpoint).
 
     S2FT exports as one-hot factors (rank = selected rows/columns): exactly when its deltas are F32
     (the usual case); F64 deltas (some fp32 bases) are rounded to the LoRA's F32 factors. PISA
     exports through a truncated SVD of rank --rank. The relative error of each exported delta
     against the adapter's change is reported. The PEFT task type follows the base's
     model class (FEATURE_EXTRACTION for a bare encoder); GPT-2's Conv1D layers get fan_in_fan_out.
+    The GGUF holds the same factors under llama.cpp's tensor names (q/k rows in its rotary order),
+    padded to one rank so that one alpha scales every tensor by exactly 1.
     """
+    adapter, base = with_portable_base(adapter, base)
+    if target == "gguf-lora":
+        report = export_gguf_lora(adapter, output, base=base, rank=rank, overwrite=overwrite)
+        if as_json:
+            render.emit_json(report)
+            return
+        render.line(("exported", "green"), f" {report['tensors']} tensors to {output} ({report['family']} as llama.cpp's "
+                    f"{report['architecture']}, rank {report['rank']}, max relative error {report['max_relative_error']:.2e})")
+        return
     report = export_lora(adapter, output, rank=rank, base=base, overwrite=overwrite)
     if as_json:
         render.emit_json(report)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..basename import portable_base_name
 from ..errors import FormatError, S2RegError
 from ..format import boundedjson, payload
 from ..format.arrays import to_torch
@@ -28,6 +32,21 @@ def architecture(config: dict[str, Any] | None) -> str | None:
         if model_type in mapping:
             return mapping[model_type]
     return None
+
+
+def with_portable_base(adapter, base: str | os.PathLike | None):
+    """``(adapter, base)`` for an export read on another machine: the adapter named by its portable base name
+    (a Hub id or a directory's name, never a local path), and, when its old name was a local checkpoint and
+    no ``base`` is given, that checkpoint as the base (where export reads the base's layout from)."""
+    name = adapter.base.name
+    portable = portable_base_name(name)
+    if portable == name:
+        return adapter, base
+    if base is None and (Path(name) / "config.json").is_file():
+        base = name
+    renamed = copy.copy(adapter)
+    renamed.base = dataclasses.replace(adapter.base, name=portable)
+    return renamed, base
 
 
 def recorded_base(directory: Path) -> Path:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from ..basename import is_hub_id, portable_base_name
 from ..format import Adapter
 from ..ops.describe import describe
 
 
 def model_card(adapter: Adapter, ref: str) -> str:
+    """The card's front matter links the base (``base_model:``) only when the adapter names it by a Hub id; a
+    base named by a directory is shown by that directory's name, never by a path of the pushing machine."""
     report = describe(adapter)
     s = report["summary"]
+    base = portable_base_name(adapter.base.name)
+    linked = [f"base_model: {base}", "base_model_relation: adapter"] if is_hub_id(base) else []
     front = [
         "---",
         "library_name: s2reg",
-        f"base_model: {adapter.base.name}",
-        "base_model_relation: adapter",
+        *linked,
         "tags:",
         "- s2reg",
         f"- {adapter.kind}",
@@ -34,7 +38,7 @@ def model_card(adapter: Adapter, ref: str) -> str:
     body = [
         f"# {ref}",
         "",
-        f"A **{adapter.kind.upper()}** adapter for `{adapter.base.name}` in the s2reg adapter format "
+        f"A **{adapter.kind.upper()}** adapter for `{base}` in the s2reg adapter format "
         f"v{adapter.format_version}: "
         f"{s['targets']} target tensors, {s['params']:,} parameters.",
         "",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..basename import default_base_name, is_hub_id
 from ..errors import S2RegError
 from ..format import Adapter, PISAAdapter, S2FTAdapter, S2FTTarget, TensorReader
 from ..format.arrays import as_array, to_torch
@@ -20,9 +22,17 @@ from .s2ft import layer as s2ft_layer
 from .s2ft.model import PreparedS2FT
 
 
-def _base_name(model: nn.Module, base_name: str | None) -> str:
-    config = getattr(model, "config", None)
-    return base_name or getattr(config, "_name_or_path", None) or "unknown-base"
+def _base_name(model: nn.Module, base, base_name: str | None) -> str:
+    """``base_name``, else the base's portable name (basename.py): the checkpoint's own ``_name_or_path`` when it
+    is a Hub id, else the name of the directory it was read from."""
+    if base_name:
+        return base_name
+    loaded = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    own = ((base.config() if hasattr(base, "config") else None) or {}).get("_name_or_path")
+    directory = getattr(base, "directory", None)
+    if directory is None and loaded and Path(loaded).is_dir():
+        directory = loaded
+    return default_base_name(own if is_hub_id(own) else loaded, directory)
 
 
 def _to_original_coordinates(originals, slices, permutation: Permutation, info):
@@ -108,7 +118,7 @@ def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_n
             originals, slices = _to_original_coordinates(originals, slices, *permuted)
             params["trained_in_permuted_coordinates"] = permuted[0].as_json()
         group_sizes = {_spelled(n, model, base): g for n, g in prepared.group_sizes.items()}
-        return S2FTAdapter.from_tuned({k: v.cpu() for k, v in originals.items()}, slices, base_name=_base_name(model, base_name),
+        return S2FTAdapter.from_tuned({k: v.cpu() for k, v in originals.items()}, slices, base_name=_base_name(model, base, base_name),
                                       group_sizes=group_sizes, params=params, provenance=provenance)
     if pisa:
         stored = {p.parameter: name for name, p in placements(model, {f"{n}.weight" for n in pisa}).items()}
@@ -122,6 +132,6 @@ def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_n
         params = {"method": "pisa"}
         if prepared is not None:
             params.update(block=prepared.config.block, coefficients=prepared.config.coefficients, seed=prepared.config.seed)
-        return PISAAdapter.from_coefficients(weights, coefficients, base_name=_base_name(model, base_name), scale=scales,
+        return PISAAdapter.from_coefficients(weights, coefficients, base_name=_base_name(model, base, base_name), scale=scales,
                                              params=params, provenance=provenance)
     raise S2RegError("the model has no S2FT slices or PISA coefficients (call prepare_s2ft / prepare_pisa first)")

@@ -46,7 +46,8 @@ def test_push_then_pull_into_another_store(env):
     files = hub.repos["org/math"].files("main")
     assert {"s2reg.json", "payload.safetensors.zst", "README.md"} <= set(files)
     card = files["README.md"].decode()
-    assert card.startswith("---\nlibrary_name: s2reg\nbase_model: tiny\nbase_model_relation: adapter\n")
+    # "tiny" is no Hub id: the card names it in its text but links no base_model (test_export_portable.py)
+    assert card.startswith("---\nlibrary_name: s2reg\ntags:\n") and "adapter for `tiny`" in card
     assert "| 0 | mlp.down_proj.weight | columns 3/128 |" in card
     other = Store(tmp / "other")
     pulled = pull_from_hub(other, "hf://org/math", "math:from-hub", endpoint=hub.endpoint, token="t")

