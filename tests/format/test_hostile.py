@@ -458,7 +458,7 @@ def test_declared_group_size_costs_nothing(tmp_path):
 
 def test_dense_cap_flag_applies_to_every_command(tmp_path):
     pisa_adapter().save(tmp_path / "p")
-    export = ["export", str(tmp_path / "p"), "--rank", "2", "-o"]
+    export = ["export", str(tmp_path / "p"), "-o"]
     low = CliRunner().invoke(main, ["--max-dense", "10", *export, str(tmp_path / "out1")])
     assert low.exit_code == 1 and "a dense delta of 640 elements, over the limit of 10 (raise it with --max-dense" in low.output
     assert CliRunner().invoke(main, ["--max-dense", "640", *export, str(tmp_path / "out2")]).exit_code == 0

@@ -128,10 +128,10 @@ def test_lora_round_trip_and_refusal_of_a_general_lora(base, tmp_path):
 def test_pisa_exports_through_svd_with_its_error(base, tmp_path):
     adapter = pisa(base, k=3, roles=("down",))
     full = export_lora(adapter, tmp_path / "full", rank=64)
-    low = export_lora(adapter, tmp_path / "low", rank=2)
+    low = export_lora(adapter, tmp_path / "low", rank=2, max_error=1.0)
     assert full["max_relative_error"] < 1e-5 < low["max_relative_error"] < 1.0
-    with pytest.raises(S2RegError, match="--rank"):
-        export_lora(adapter, tmp_path / "none")
+    with pytest.raises(S2RegError, match="over the tolerance 0.001; rank"):  # more tests: test_export_lowrank.py
+        export_lora(adapter, tmp_path / "none", rank=2)
 
 
 def test_fourierft_imports_as_pisa_equal_to_peft_merge(base, tmp_path):
