@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import BinaryIO
 
 # Every temp file and staging directory this module makes is named ``.<target name>.<random><TEMP_SUFFIX>``,
 # so that whatever a killed process leaves behind is recognisable (``s2reg recover`` removes them).
@@ -163,6 +164,18 @@ def _replace(path: Path, fill: Callable[[Path], None], mode: int | None) -> None
 def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Replace the file at ``path`` with ``data`` atomically (temp file beside it, fsync, rename)."""
     _replace(path, lambda tmp: _write_synced(tmp, data), mode)
+
+
+def write_file_from(path: Path, fill: Callable[[BinaryIO], None], *, mode: int | None = None) -> None:
+    """Like :func:`write_file`, for content ``fill`` writes into the open file piece by piece (never whole in
+    memory); a failure in ``fill`` leaves ``path`` as it was."""
+    def synced(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _replace(path, synced, mode)
 
 
 def _copy_synced(source: Path, path: Path) -> None:

@@ -156,8 +156,26 @@ class PISATarget:
         return (dense.index_select(dim, where * size + selected % size) * self.scale).numpy()
 
     def merged(self, weight: np.ndarray, *, subtract: bool = False) -> np.ndarray:
-        """The whole merged (or unmerged) weight: cast_D(float32(W) +/- delta) (FORMAT §5.3)."""
-        return add_delta(as_array(weight), self.to_dense(), subtract=subtract)
+        """The whole merged (or unmerged) weight: cast_D(float32(W) +/- delta) (FORMAT §5.3).
+
+        Goes a few block rows at a time (``pisa_fft.deltas``), each pass added to its weight rows and
+        rounded into the result at once in torch, whose casts round to nearest-even as :func:`add_delta`
+        does; a pass whose result is not finite is redone by :func:`add_delta`, so NaN and Inf come out with
+        numpy's bits. No dense delta, and no float32 copy of the weight, is ever whole in memory.
+        """
+        import torch
+
+        weight = as_array(weight)
+        out = np.empty(weight.shape, dtype=weight.dtype)
+        source, result = to_torch(weight), to_torch(out)
+        for first, delta in _kernel().deltas(self.shape, self.block, to_torch(self.indices),
+                                             self.complex_coefficients(), self.scale):
+            rows = slice(first, first + delta.shape[0])
+            wide = (torch.sub if subtract else torch.add)(source[rows], delta)  # float32: the weight widened exactly
+            result[rows] = wide
+            if not bool(torch.isfinite(result[rows]).all()):
+                out[rows] = add_delta(weight[rows], delta.numpy(), subtract=subtract)
+        return out
 
     def manifest_entry(self) -> dict[str, Any]:
         return {

@@ -17,18 +17,18 @@ from .pisa import grid_of, half_width, self_conjugate_columns
 
 
 def _hermitian_columns(spectrum: torch.Tensor, bw: int) -> torch.Tensor:
-    """Replace the self-conjugate columns (v = 0, and v = bw/2 for even bw) by their Hermitian part.
+    """Replace the self-conjugate columns (v = 0, and v = bw/2 for even bw) by their Hermitian part, in place.
 
     FFT libraries disagree on what c2r does with non-Hermitian input there; FORMAT §5.3 defines it
-    as the Hermitian part, so we make the input Hermitian before calling one.
+    as the Hermitian part, so we make the input Hermitian before calling one. Only those columns are
+    rewritten (``spectrum`` is the caller's own fresh tensor; autograd records the in-place write).
     """
     bh = spectrum.shape[-2]
     mirror = (-torch.arange(bh)) % bh
-    out = spectrum.clone()
     for v in self_conjugate_columns(bw):
         col = spectrum[..., v]
-        out[..., v] = (col + col[..., mirror].conj()) / 2
-    return out
+        spectrum[..., v] = (col + col[..., mirror].conj()) / 2
+    return spectrum
 
 
 def blocks(
@@ -39,9 +39,46 @@ def blocks(
     hw = half_width(block)
     coefficients = coefficients.to(precision)
     spectrum = torch.zeros(indices.shape[0], bh * hw, dtype=precision, device=coefficients.device)
-    spectrum = spectrum.scatter(1, indices.to(device=coefficients.device, dtype=torch.long), coefficients)
-    spectrum = _hermitian_columns(spectrum.reshape(-1, bh, hw), bw)
+    spectrum.scatter_(1, indices.to(device=coefficients.device, dtype=torch.long), coefficients)
+    spectrum = _hermitian_columns(spectrum.view(-1, bh, hw), bw)
     return torch.fft.irfft2(spectrum, s=(bh, bw))
+
+
+# Reconstruction goes a few block rows at a time: the spectrum, the inverse FFT's output and its placed copy
+# of one pass stay small instead of each costing a pass over a whole tensor in memory, and a merge
+# adds each pass to its weight rows at once. Every caller goes through the same passes, so merging, the
+# dense delta and training agree bit for bit (an FFT library's batched result can depend on the batch).
+_PASS_ELEMENTS = 1 << 22  # float32 elements of a pass (16 MiB; fewer, larger calls: each FFT call has a set-up cost)
+
+
+def block_row_passes(shape: tuple[int, int], block: tuple[int, int]) -> list[tuple[int, int]]:
+    """The ranges ``[first, stop)`` of block rows that :func:`deltas` reconstructs in one pass each."""
+    gr, gc = grid_of(shape, block)
+    step = max(1, _PASS_ELEMENTS // (gc * block[0] * block[1]))
+    return [(first, min(first + step, gr)) for first in range(0, gr, step)]
+
+
+def deltas(
+    shape: tuple[int, int],
+    block: tuple[int, int],
+    indices: torch.Tensor,
+    coefficients: torch.Tensor,
+    scale: float,
+    *,
+    precision: torch.dtype = torch.complex64,
+):
+    """FORMAT §5.3's dense delta in passes of whole block rows: ``(first row, rows of the delta)`` each.
+
+    The rows are those of :func:`reconstruct` (which concatenates them), bit for bit; a pass that crops
+    columns is a view.
+    """
+    bh, bw = block
+    gc = grid_of(shape, block)[1]
+    for first, stop in block_row_passes(shape, block):
+        unplaced = blocks(block, indices[first * gc : stop * gc], coefficients[first * gc : stop * gc], precision)
+        unplaced.mul_(scale)  # before placing: the same products as after cropping, one pass fewer
+        placed = unplaced.view(stop - first, gc, bh, bw).permute(0, 2, 1, 3).reshape((stop - first) * bh, gc * bw)
+        yield first * bh, placed[: min(stop * bh, shape[0]) - first * bh, : shape[1]]
 
 
 def reconstruct(
@@ -59,11 +96,8 @@ def reconstruct(
     complex ``[blocks, k]`` tensor. Differentiable with respect to ``coefficients``. The format is
     defined in complex64 (float32 output); ``precision=torch.complex128`` exists for gradient checks.
     """
-    bh, bw = block
-    gr, gc = grid_of(shape, block)
-    unplaced = blocks(block, indices, coefficients, precision)
-    dense = unplaced.reshape(gr, gc, bh, bw).permute(0, 2, 1, 3).reshape(gr * bh, gc * bw)
-    return dense[: shape[0], : shape[1]] * scale
+    parts = [rows for _, rows in deltas(shape, block, indices, coefficients, scale, precision=precision)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
 
 
 # -- inner products and norms of deltas, from their coefficients -------------------------------------

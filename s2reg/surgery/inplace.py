@@ -2,7 +2,8 @@
 
 Patches are computed and written by :mod:`.patching`. Before the first byte changes, an undo
 journal (the original and the new bytes of every patch, the ledger before and after) is written
-and fsync'd beside the shards (spec/SURGERY.md §3).
+and fsync'd beside the shards (spec/SURGERY.md §3): each patch goes into it as soon as it is computed,
+and the shards are then written from it, a patch at a time, so memory never holds every patch.
 A failure while patching rolls back at once; a crash leaves the journal, every later command
 refuses the checkpoint, and :func:`recover` rolls it back (or forward): the checkpoint is always
 wholly the base or wholly the merged model, never a mixture.
@@ -12,21 +13,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CheckpointError, IntegrityError
-from ..format import Adapter, payload
-from ..format.digest import sha256_bytes
+from ..format import Adapter
+from ..format.digest import sha256_file
 from ..fsatomic import fsync_dir
 from ..tensors import CheckpointSource
 from ..tensors.hashcache import Stamp
 from ..tensors.reader import leftovers
 from . import patching
-from .journal import Journal, write_journal
+from .journal import Journal, JournalPayload, write_journal
 from .lock import checkpoint_lock, directory_of, shard_locks
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
 from .sharing import own_shards
@@ -35,7 +36,7 @@ from ..records import read_record
 Progress = Callable[[str], None]
 
 
-def _apply(directory: Path, journal: Journal, blobs: dict[str, np.ndarray], which: str) -> dict[str, Stamp]:
+def _apply(directory: Path, journal: Journal, blobs: Mapping[str, np.ndarray], which: str) -> dict[str, Stamp]:
     """Write the ``before`` or ``after`` bytes of every patch and set the matching ledger; the shards' stamps."""
     with CheckpointSource(directory, allow_pending_journal=True) as source:
         infos = {p.tensor: source.info(p.tensor) for p in journal.patches}
@@ -62,38 +63,49 @@ def _drop_journal(directory: Path) -> None:
     fsync_dir(directory)
 
 
-def _journaled(plan: Plan, progress: Progress) -> dict[str, np.ndarray]:
-    """Compute the patches, write the journal, patch the shards (rolled back at once on failure); the blobs."""
+def _journaled(plan: Plan, progress: Progress) -> dict[str, int]:
+    """Compute the patches into the journal, patch the shards from it (rolled back at once on failure); the
+    size of each patch's bytes (``i.before``, ``i.after``)."""
     source = plan.source
     directory = source.directory
-    patches, blobs = patching.prepare(plan, progress)
+    names = sorted(plan.touched)
+    patches = [patching.patch_of(plan, name) for name in names]
+    sizes = {f"{i}.{which}": patching.patch_nbytes(source.info(p.tensor), p)
+             for i, p in enumerate(patches) for which in ("before", "after")}
     for file in {source.info(n).file for n in plan.touched}:
         if not os.access(file, os.W_OK):
             raise PermissionError(13, "shard is not writable (in-place merge needs write access)", str(file))
-    data = payload.dump(blobs, {"s2reg.journal": "1"})
-    journal = Journal(
+    order = sorted(range(len(names)), key=str)  # the payload holds its tensors in name order: "10.after" < "2.after"
+    computed = patching.PatchBytes(plan, [names[i] for i in order], progress)
+
+    def blobs():
+        for i, (_, before, after) in zip(order, computed, strict=True):
+            yield f"{i}.after", after
+            yield f"{i}.before", before
+
+    journal = write_journal(directory, lambda sha: Journal(
         operation="unmerge" if plan.subtract else "merge",
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         ledger_before=plan.ledger_before,
         ledger_after=plan.ledger_after,
         patches=tuple(patches),
-        payload_sha256=sha256_bytes(data),
-    )
-    write_journal(directory, journal, data)  # from here on, recoverable
-    try:
-        stamps = _apply(directory, journal, blobs, "after")
-    except BaseException as failure:
+        payload_sha256=sha,
+    ), sizes, blobs())  # from here on, recoverable
+    with JournalPayload(directory / Journal.PAYLOAD_NAME) as written:
         try:
-            _apply(directory, journal, blobs, "before")
-        except BaseException:  # noqa: BLE001 - any failure here leaves the journal for recover
-            raise CheckpointError(
-                f"{directory}: in-place write failed ({failure}) and so did the rollback; run `s2reg recover {directory}`"
-            ) from failure
-        _drop_journal(directory)
-        raise
+            stamps = _apply(directory, journal, written, "after")
+        except BaseException as failure:
+            try:
+                _apply(directory, journal, written, "before")
+            except BaseException:  # noqa: BLE001 - any failure here leaves the journal for recover
+                raise CheckpointError(
+                    f"{directory}: in-place write failed ({failure}) and so did the rollback; run `s2reg recover {directory}`"
+                ) from failure
+            _drop_journal(directory)
+            raise
     _drop_journal(directory)
     _remember_restored(plan, stamps)
-    return blobs
+    return sizes
 
 
 def _patch(plan: Plan, progress: Progress, break_links: bool) -> dict[str, Any]:
@@ -104,8 +116,8 @@ def _patch(plan: Plan, progress: Progress, break_links: bool) -> dict[str, Any]:
     files = sorted({plan.source.info(n).file for n in plan.touched})
     copied = own_shards(directory, files, break_links=break_links, operation="unmerge" if plan.subtract else "merge")
     with shard_locks(files, exclusive=True):
-        blobs = _journaled(plan, progress)
-    return {**describe_plan(plan), "in_place": str(directory), "bytes_patched": patching.patched_bytes(blobs),
+        sizes = _journaled(plan, progress)
+    return {**describe_plan(plan), "in_place": str(directory), "bytes_patched": patching.patched_bytes(sizes),
             "links_broken": copied, "seconds": time.perf_counter() - started}
 
 
@@ -150,17 +162,17 @@ def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> dict[str
             return {"checkpoint": str(directory), "action": "cleaned", "removed": _remove(found, directory)}
         journal = read_record(file, Journal.from_json)
         try:
-            data = (directory / Journal.PAYLOAD_NAME).read_bytes()
+            sha = sha256_file(directory / Journal.PAYLOAD_NAME)  # streamed: the payload can be most of a model
         except OSError:
             raise CheckpointError(f"{file}: its payload {Journal.PAYLOAD_NAME} is missing; "
                                   "restore the checkpoint from a copy") from None
-        if sha256_bytes(data) != journal.payload_sha256:
+        if sha != journal.payload_sha256:
             raise IntegrityError(f"{directory / Journal.PAYLOAD_NAME}: journal payload corrupted; "
                                  "restore the checkpoint from a copy")
-        tensors, _ = payload.load(data)
         which = "after" if forward else "before"
         # no sharing check: the interrupted command already changed these bytes, and restoring them fixes every name
-        with shard_locks(sorted({directory / p.file for p in journal.patches}), exclusive=True):
+        with shard_locks(sorted({directory / p.file for p in journal.patches}), exclusive=True), \
+                JournalPayload(directory / Journal.PAYLOAD_NAME) as tensors:
             _apply(directory, journal, tensors, which)
         removed = _remove([f for f in found if f.name not in (Journal.NAME, Journal.PAYLOAD_NAME)], directory)
         _drop_journal(directory)

@@ -6,12 +6,15 @@ changed slice, before and after: rows of a row-major tensor are contiguous, colu
 targets whole. Row runs are single reads and writes; column slices are gathered and scattered in
 blocks of whole rows a few MiB at a time (a strided selection touches every row's pages anyway),
 so memory stays bounded and a scattered channel selection costs a handful of system calls.
+Patches of whole tensors are computed one at a time as they are written (:class:`PatchBytes`), so memory
+holds a couple of tensors, never every patch of a merge.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +30,6 @@ from ..tensors.hashcache import Stamp
 from ..tensors.header import TensorInfo
 from .journal import Patch
 from .plan import Plan
-
-Patches = tuple[list[Patch], dict[str, np.ndarray]]  # blobs: the bytes (U8) of each patch, before and after
-
 
 _BLOCK_BYTES = 4 * 1024 * 1024
 
@@ -75,13 +75,19 @@ def _read_bytes(fd: int, info: TensorInfo, axis: str | None, indices: list[int])
     return np.concatenate(parts)
 
 
+def patch_nbytes(info: TensorInfo, patch: Patch) -> int:
+    """How many bytes ``patch`` of the tensor ``info`` holds (before, and after)."""
+    if patch.axis is None:
+        return info.nbytes
+    row_bytes = info.nbytes // info.shape[0]
+    return len(patch.indices) * (row_bytes if patch.axis == "rows" else info.shape[0] * info.dtype.itemsize)
+
+
 def write_patch(fd: int, info: TensorInfo, patch: Patch, raw: np.ndarray) -> None:
     """Write one patch's bytes into the shard open as ``fd``; no byte outside the slice changes value."""
     axis, indices = patch.axis, patch.indices
     row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
-    expected = info.nbytes if axis is None else len(indices) * (
-        row_bytes if axis == "rows" else info.shape[0] * info.dtype.itemsize)
-    if raw.size != expected:
+    if raw.size != patch_nbytes(info, patch):
         raise CheckpointError(f"{patch.file}: patch bytes do not fit the slice of {patch.tensor}")
     if axis is None:
         os.pwrite(fd, raw, info.start)
@@ -121,7 +127,14 @@ def _slice_only(plan: Plan, name: str, support: tuple[str, np.ndarray] | None) -
     return support is not None and plan.permutation is None and name not in plan.expect_sha
 
 
-def _prepare_one(plan: Plan, name: str) -> tuple[Patch, np.ndarray, np.ndarray]:
+def patch_of(plan: Plan, name: str) -> Patch:
+    """The patch of tensor ``name``: its slice in the checkpoint's coordinates, or the whole tensor."""
+    support, file = plan.support(name), plan.source.info(name).file.name
+    return Patch(name, file, None, None) if support is None else Patch(name, file, support[0], tuple(support[1].tolist()))
+
+
+def _bytes_of(plan: Plan, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The patch's bytes before and after (checked: NaN, inexact unmerge raise)."""
     source, support = plan.source, plan.support(name)
     if _slice_only(plan, name, support):
         before = read_slice(source, name, support)  # only the slice: the cost follows the delta
@@ -130,38 +143,50 @@ def _prepare_one(plan: Plan, name: str) -> tuple[Patch, np.ndarray, np.ndarray]:
         whole = source.array(name)
         new = plan.transform(name, whole)
         before, after = (whole, new) if support is None else (take(whole, *support), take(new, *support))
-    patch = (Patch(name, source.info(name).file.name, None, None) if support is None
-             else Patch(name, source.info(name).file.name, support[0], tuple(support[1].tolist())))
-    return patch, _as_bytes(before), _as_bytes(after)
+    return _as_bytes(before), _as_bytes(after)
 
 
-def prepare(plan: Plan, progress: Callable[[str], None]) -> Patches:
-    """Every patch of ``plan`` with its before/after bytes; raises (NaN, inexact unmerge) before any write.
+class PatchBytes:
+    """The before and after bytes of the patches of ``names``, handed out in that order by iterating.
 
-    Slices are read and computed on every core (reads, copies and the float math let go of the GIL);
-    patches that need whole tensors go one at a time, so peak memory stays one tensor."""
-    names = sorted(plan.touched)
-    sliced = [n for n in names if _slice_only(plan, n, plan.support(n))]
+    Slices are computed when this is made, on every core (reads, copies and the float math let go of the
+    GIL); they are small and all held. Whole tensors (PISA, a permuted checkpoint, a checked unmerge) are
+    computed as the iteration reaches them, the next one on a thread while the caller writes this one, so at
+    most two are in memory. A failed check raises from the iteration, before its patch is handed out.
+    """
 
-    def one(name: str) -> tuple[Patch, np.ndarray, np.ndarray]:
-        done = _prepare_one(plan, name)
-        progress(name)
+    def __init__(self, plan: Plan, names: Sequence[str], progress: Callable[[str], None]) -> None:
+        self._plan, self._names, self._progress = plan, list(names), progress
+        sliced = [n for n in self._names if _slice_only(plan, n, plan.support(n))]
+        self._sliced = dict(zip(sliced, on_every_core(self._one, sliced)))
+
+    def _one(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        done = _bytes_of(self._plan, name)
+        self._progress(name)
         return done
 
-    found = dict(zip(sliced, on_every_core(one, sliced)))
-    found.update((n, one(n)) for n in names if n not in found)
-    patches, blobs = [], {}
-    for i, name in enumerate(names):
-        patch, blobs[f"{i}.before"], blobs[f"{i}.after"] = found[name]
-        patches.append(patch)
-    return patches, blobs
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        whole = iter([n for n in self._names if n not in self._sliced])
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            def ahead():
+                name = next(whole, None)
+                return None if name is None else pool.submit(self._one, name)
+
+            coming = ahead()
+            for name in self._names:
+                if name in self._sliced:
+                    yield name, *self._sliced.pop(name)
+                    continue
+                before, after = coming.result()
+                coming = ahead()
+                yield name, before, after
 
 
-def _write_shard(path: Path, jobs: Sequence[tuple[TensorInfo, Patch, np.ndarray]]) -> Stamp:
+def _write_shard(path: Path, jobs: Sequence[tuple[TensorInfo, Patch, Callable[[], np.ndarray]]]) -> Stamp:
     fd = os.open(path, os.O_RDWR)
     try:
         for info, patch, raw in jobs:
-            write_patch(fd, info, patch, raw)
+            write_patch(fd, info, patch, raw())
             start_flush(fd, info.start, info.nbytes)
         os.fsync(fd)  # the patched bytes reach the disk before anyone says they did
         return Stamp.of(fd)
@@ -170,19 +195,39 @@ def _write_shard(path: Path, jobs: Sequence[tuple[TensorInfo, Patch, np.ndarray]
 
 
 def write(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch],
-          blobs: dict[str, np.ndarray], which: str) -> dict[str, Stamp]:
+          blobs: Mapping[str, np.ndarray], which: str) -> dict[str, Stamp]:
     """Write the ``before`` or ``after`` bytes of every patch into the shards in ``directory``, and fsync;
     return the stamp of each shard written (spec/SURGERY.md §6) as it is then.
 
-    Each shard is written and flushed on a thread of its own, and each patch's range is sent to the
-    disk as soon as it is written: scattered columns dirty every page of their tensors, so the flush
-    is most of an in-place merge, and this way it overlaps the writing."""
-    by_file: dict[str, list[tuple[TensorInfo, Patch, np.ndarray]]] = {}
+    ``blobs`` (``i.before``, ``i.after``) is read a patch at a time as it is written (a journal payload file
+    hands out one tensor's bytes per read). Each shard is written and flushed on a thread of its own, and
+    each patch's range is sent to the disk as soon as it is written: scattered columns dirty every page of
+    their tensors, so the flush is most of an in-place merge, and this way it overlaps the writing."""
+    by_file: dict[str, list[tuple[TensorInfo, Patch, Callable[[], np.ndarray]]]] = {}
     for i, patch in enumerate(patches):
-        by_file.setdefault(patch.file, []).append((infos[patch.tensor], patch, blobs[f"{i}.{which}"]))
+        key = f"{i}.{which}"
+        by_file.setdefault(patch.file, []).append((infos[patch.tensor], patch, lambda key=key: blobs[key]))
     files = list(by_file)
     return dict(zip(files, side_by_side(lambda file: _write_shard(directory / file, by_file[file]), files)))
 
 
-def patched_bytes(blobs: dict[str, np.ndarray]) -> int:
-    return sum(b.size for k, b in blobs.items() if k.endswith(".after"))
+def write_each(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch],
+               after: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Write each patch's ``after`` bytes into its shard in ``directory`` as ``after`` yields them (in the order
+    of ``patches``: :class:`PatchBytes`), then fsync every shard written: nothing waits in memory."""
+    fds: dict[str, int] = {}
+    try:
+        for patch, (name, _, raw) in zip(patches, after, strict=True):
+            if patch.file not in fds:
+                fds[patch.file] = os.open(directory / patch.file, os.O_RDWR)
+            write_patch(fds[patch.file], infos[name], patch, raw)
+            start_flush(fds[patch.file], infos[name].start, infos[name].nbytes)
+        side_by_side(os.fsync, list(fds.values()))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def patched_bytes(sizes: Mapping[str, int]) -> int:
+    """The bytes a merge changes, from the sizes of its patches (``i.before`` / ``i.after``)."""
+    return sum(n for key, n in sizes.items() if key.endswith(".after"))

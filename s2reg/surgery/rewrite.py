@@ -2,9 +2,10 @@
 
 Only the touched slices are read and decoded. The shards are copied byte for byte (an in-kernel
 copy; the base's layout, dtypes and ``__metadata__`` come along unchanged) while the plan's checks
-hash the base on another thread, then the copies are patched where the adapters change them, next
-to copies of config, tokenizer and other files.
-Peak memory is the touched slices (a whole tensor only for PISA), never the model. The output
+hash the base and compute the slices on another thread, then the copies are patched where the
+adapters change them (whole tensors computed one at a time as they are written), next to copies of
+config, tokenizer and other files.
+Peak memory is the touched slices (and two whole tensors for PISA), never the model. The output
 appears by atomic rename, complete or not at all.
 """
 
@@ -42,9 +43,10 @@ def _rewrite(source: CheckpointSource, make_plan: Callable[[], Plan], output: Pa
         file: (source.directory / file, [TensorSpec(n, source.shape(n), source.dtype(n)) for n in names])
         for file, names in source.shard_names().items()
     }
-    def plan_and_read() -> tuple[Plan, list, dict]:
+    def plan_and_read() -> tuple[Plan, list, patching.PatchBytes]:
         plan = make_plan()
-        return (plan, *patching.prepare(plan, progress))
+        names = sorted(plan.touched)
+        return plan, [patching.patch_of(plan, n) for n in names], patching.PatchBytes(plan, names, progress)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         planned = pool.submit(plan_and_read)
@@ -54,8 +56,8 @@ def _rewrite(source: CheckpointSource, make_plan: Callable[[], Plan], output: Pa
                 raise planned.exception()
 
         def finalize(staged: Path) -> None:
-            plan, patches, blobs = planned.result()
-            patching.write(staged, {p.tensor: source.info(p.tensor) for p in patches}, patches, blobs, "after")
+            plan, patches, computed = planned.result()
+            patching.write_each(staged, {p.tensor: source.info(p.tensor) for p in patches}, patches, computed)
             if plan.ledger_after.merged:
                 (staged / LEDGER_NAME).write_bytes(plan.ledger_after.to_bytes())
 
@@ -64,9 +66,10 @@ def _rewrite(source: CheckpointSource, make_plan: Callable[[], Plan], output: Pa
                              side_files_exclude=[LEDGER_NAME], finalize=finalize, overwrite=overwrite, progress=stop_early)
         finally:
             planned.cancel()
-    plan, patches, blobs = planned.result()
+    plan, patches, _ = planned.result()
+    patched = sum(patching.patch_nbytes(source.info(p.tensor), p) for p in patches)
     return {**describe_plan(plan), "output": str(output), "tensors_patched": len(patches),
-            "bytes_patched": patching.patched_bytes(blobs), "seconds": time.perf_counter() - started}
+            "bytes_patched": patched, "seconds": time.perf_counter() - started}
 
 
 def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, verify_base: bool = True,
