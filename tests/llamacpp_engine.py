@@ -53,9 +53,6 @@ class LlamaCpp:
     source: Path
     record: dict
 
-    @property
-    def convert_hf_to_gguf(self) -> Path:
-        return self.source / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
 
 
 def _run(command: list[str], **kwargs) -> None:
@@ -134,6 +131,63 @@ def ensure() -> LlamaCpp:
         record = _wheel(root, sdist)
         python = _venv(root)
     return LlamaCpp(python, source, record)
+
+
+
+# Run inside the engine's venv (no s2reg there): token ids in, llama.cpp's logits and greedy continuations out.
+_EVALUATE = r"""
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+
+job = json.load(sys.stdin)
+kwargs = {"lora_path": job["lora"]} if job["lora"] else {}
+llm = Llama(job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"], logits_all=True, verbose=False, seed=0, **kwargs)
+result = {"logits": [], "continuations": []}
+for prompt in job["prompts"]:
+    llm.reset()
+    llm.eval(prompt)
+    if job["logits"]:
+        result["logits"].append(np.asarray(llm.scores[:len(prompt)], dtype=np.float64).tolist())
+    tokens = []
+    for _ in range(job["new_tokens"]):
+        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([tokens[-1]])
+    result["continuations"].append(tokens)
+json.dump(result, sys.stdout)
+"""
+
+
+def evaluate(engine: LlamaCpp, model: Path, lora: Path | None, prompts: list[list[int]], *, new_tokens: int,
+             logits: bool = True, n_ctx: int = 128) -> dict:
+    """llama-cpp-python's ``Llama(model, lora_path=lora)`` on token-id ``prompts``: the logits of every prompt
+    position (``logits``) and ``new_tokens`` greedy tokens after each prompt."""
+    job = {"model": str(model), "lora": str(lora) if lora else None, "prompts": prompts, "new_tokens": new_tokens,
+           "logits": logits, "n_ctx": n_ctx, "threads": min(4, os.cpu_count() or 1)}
+    done = subprocess.run([str(engine.python), "-c", _EVALUATE], input=json.dumps(job), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-cpp-python failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout)
+
+
+# Runs llama.cpp's converter scripts (which need torch, transformers and their vendored gguf-py: the project's
+# environment has the first two) several times in one process, so torch is imported once.
+_CONVERT = r"""
+import json, runpy, sys
+for argv in json.load(sys.stdin):
+    sys.argv = argv
+    sys.path.insert(0, argv[0].rsplit("/", 1)[0])
+    runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
+def convert(engine: LlamaCpp, script: str, runs: list[list[str]]) -> None:
+    """Run llama.cpp's ``script`` (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``) with each argument list."""
+    path = str(engine.source / "vendor" / "llama.cpp" / script)
+    done = subprocess.run([sys.executable, "-c", _CONVERT], input=json.dumps([[path, *run] for run in runs]),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr[-4000:]}")
 
 
 if __name__ == "__main__":

@@ -193,3 +193,122 @@ def test_a_base_without_config_is_asked_for(zoo_checkpoint, tmp_path):
     adapter.base = dataclasses.replace(adapter.base, name="HuggingFaceTB/SmolLM2-135M")
     with pytest.raises(S2RegError, match="pass --base CKPT"):
         export_gguf_lora(adapter, tmp_path / "a.gguf")
+
+
+# -- in llama.cpp itself ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama-cpp-python built from its PyPI sdist in a venv of its own (cached per machine: tests/llamacpp_engine.py)."""
+    import shutil
+
+    from .. import llamacpp_engine
+
+    missing = [tool for tool in ("c++", "cmake") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"llama-cpp-python builds from source and this machine has no {' or '.join(missing)}")
+    return llamacpp_engine.ensure()
+
+
+@pytest.mark.slow
+def test_llama_cpp_converter_agrees_with_the_writer(llama_cpp, zoo_checkpoint, tmp_path):
+    """llama.cpp's convert_lora_to_gguf.py on the PEFT export: the same tensors, the same product B @ A per tensor
+    (its alpha is one number for the file while s2reg's ranks differ per target, so only B @ A is compared)."""
+    from s2reg.interop import export_lora
+
+    from ..llamacpp_engine import convert
+
+    runs = []
+    for family in SUPPORTED:
+        base = zoo_checkpoint(family)
+        adapter = all_projections(base)
+        export_gguf_lora(adapter, tmp_path / f"{family}.gguf", base=base)
+        export_lora(adapter, tmp_path / f"{family}-peft", base=base)
+        runs.append(["--base", str(base), "--outfile", str(tmp_path / f"{family}-ref.gguf"), str(tmp_path / f"{family}-peft")])
+    convert(llama_cpp, "convert_lora_to_gguf.py", runs)
+    for family in SUPPORTED:
+        ours = {t.name: t for t in gguf.GGUFReader(tmp_path / f"{family}.gguf").tensors}
+        theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / f"{family}-ref.gguf").tensors}
+        assert set(ours) == set(theirs), family
+        for name in (n.removesuffix(".lora_a") for n in theirs if n.endswith(".lora_a")):
+            def product(tensors):
+                return np.asarray(tensors[f"{name}.lora_b"].data, np.float64) @ np.asarray(tensors[f"{name}.lora_a"].data, np.float64)
+            np.testing.assert_array_equal(product(ours), product(theirs), err_msg=f"{family} {name}")
+
+
+def _tokenizer_model() -> bytes:
+    """A tiny SentencePiece model: convert_hf_to_gguf needs a vocabulary; the tests feed token ids directly."""
+    import io
+
+    import sentencepiece
+
+    text = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs",
+            "a tiny model for llama.cpp tests"] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=100,
+                                             model_type="bpe", character_coverage=1.0, minloglevel=2, unk_id=0,
+                                             bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False)
+    return model.getvalue()
+
+
+def _transformers(directory, prompts, new_tokens):
+    """Logits of every prompt position and greedy continuations, float32 transformers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    logits, continuations = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            logits.append(model(ids).logits[0].double().numpy())
+            for _ in range(new_tokens):
+                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            continuations.append(ids[0, len(prompt):].tolist())
+    return logits, continuations
+
+
+# F32 in both engines, summed in different orders: logits agree to this, relative to the largest logit.
+LOGIT_TOLERANCE = 1e-4
+PROMPTS = [[1, 17, 42, 9, 88, 23], [1, 5, 5, 61, 30, 77, 12, 3, 95], [1, 64]]
+NEW_TOKENS = 12
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_adapter_like_transformers_on_the_merged_checkpoint(llama_cpp, tmp_path, monkeypatch):
+    """An S2FT adapter on q/k/v/up/gate rows and o/down columns of a tiny Llama, applied by llama-cpp-python to an F32
+    GGUF that llama.cpp's own converter made: the logits of transformers on the merged checkpoint, the same greedy
+    continuations. The same adapter written without the rotary row order on q/k is visibly wrong."""
+    import s2reg
+    from s2reg.interop import gguf_lora
+
+    from ..llamacpp_engine import convert, evaluate
+    from ..surgery.helpers import tiny
+
+    base = tiny(tmp_path / "base", dtype=torch.float32)
+    (base / "tokenizer.model").write_bytes(_tokenizer_model())
+    convert(llama_cpp, "convert_hf_to_gguf.py", [[str(base), "--outtype", "f32", "--outfile", str(tmp_path / "base.gguf")]])
+    adapter = all_projections(base, seed=3)
+    assert {n.split(".")[-2] for n in adapter.targets} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    adapter.save(tmp_path / "a")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "a"), "--to", "gguf-lora", "-o", str(tmp_path / "a.gguf")])
+    assert result.exit_code == 0, result.output
+    s2reg.merge(base, [adapter], tmp_path / "merged")
+
+    expected_logits, expected = _transformers(tmp_path / "merged", PROMPTS, NEW_TOKENS)
+    base_logits, base_continuations = _transformers(base, PROMPTS, NEW_TOKENS)
+    ran = evaluate(llama_cpp, tmp_path / "base.gguf", tmp_path / "a.gguf", PROMPTS, new_tokens=NEW_TOKENS)
+    plain = evaluate(llama_cpp, tmp_path / "base.gguf", None, PROMPTS, new_tokens=NEW_TOKENS)
+
+    def error(theirs, ours):
+        return max(float(np.abs(np.asarray(t) - o).max() / np.abs(o).max()) for t, o in zip(theirs, ours))
+
+    assert error(plain["logits"], base_logits) < LOGIT_TOLERANCE  # the base GGUF is the base
+    assert error(ran["logits"], expected_logits) < LOGIT_TOLERANCE
+    assert ran["continuations"] == expected
+    assert expected != base_continuations  # the adapter changes what the model says
+    assert error(expected_logits, base_logits) > 100 * LOGIT_TOLERANCE
+
+    monkeypatch.setitem(gguf_lora.FAMILIES, "llama", gguf_lora.GGUFFamily("LLAMA", permutes_qk=False))
+    export_gguf_lora(adapter, tmp_path / "unpermuted.gguf", base=base)
+    wrong = evaluate(llama_cpp, tmp_path / "base.gguf", tmp_path / "unpermuted.gguf", PROMPTS, new_tokens=0)
+    assert error(wrong["logits"], expected_logits) > 100 * LOGIT_TOLERANCE
