@@ -458,7 +458,7 @@ def markdown(rows: list[dict], cover: dict, base: dict | None) -> str:
     lines = [f"{'PARTIAL: ' if partial else ''}{cover['points']} points: {cover['grid_seed0_done']} of the grid's "
              f"{cover['grid_seed0_total']} seed-0 points, {cover['extra_seeds']} extra-seed points; {cover['steps']} steps "
              f"of batch {BATCH}; run {cover['from']} to {cover['to']} UTC on {'; '.join(cover['machines'])}, "
-             f"1-minute load {cover['load'][0]}-{cover['load'][1]}."]
+             f"1-minute load {cover['load'][0]}-{cover['load'][1]}, code {', '.join(cover['code'])}."]
     if base:
         lines.append(f"Base: prose NLL {base['prose_nll']:.3f}; " + "; ".join(
             f"{task} {t['accuracy']:.1%} held-out, {t['shifted_accuracy']:.1%} shifted" for task, t in base["tasks"].items()))
@@ -476,6 +476,9 @@ def markdown(rows: list[dict], cover: dict, base: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+RISE_TICKS = [0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]
+
+
 def plot(rows: list[dict], cover: dict, path: Path) -> None:
     """Held-out (top) and shifted (bottom) accuracy against the prose-NLL rise, a panel per task, a curve
     per method joining its learning rates in order."""
@@ -483,6 +486,7 @@ def plot(rows: list[dict], cover: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -500,7 +504,13 @@ def plot(rows: list[dict], cover: dict, path: Path) -> None:
                 ax.plot(xs, ys, style, marker="o", color=colours[m], label=mine[0]["label"])
                 for r, x, y in zip(mine, xs, ys):
                     ax.annotate(f"{r['lr']:g}", (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-            ax.set_xscale("symlog", linthresh=0.1)
+            rises = [r["prose_rise"] for r in rows if r["task"] == task]
+            ax.set_xscale("symlog", linthresh=0.05)  # linear near no forgetting, logarithmic past it
+            right = max(0.1, 1.3 * max(rises))
+            ax.set_xlim(min(0.0, min(rises)) - 0.005, right)
+            ax.set_xticks([t for t in RISE_TICKS if t <= right])
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_ylim(-3, 103)
             ax.set_xlabel("prose NLL rise (nats; forgetting)")
             ax.set_ylabel(f"{what} accuracy %")
             ax.set_title(f"{task}: {what}")
