@@ -17,11 +17,8 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,7 @@ from s2reg.registry import Store
 from s2reg.tensors import CheckpointSource
 from s2reg.vllm.lora_cache import LoRACache, NotServable, ServedBase
 
-from .vllm_env import unsupported_reason, vllm_environment
+from .vllm_env import unsupported_reason, vllm_environment, vllm_server
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
@@ -113,67 +110,27 @@ def world(smollm2_dir, tmp_path_factory) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"vLLM exited ({process.returncode}) while starting:\n{log.read_text()[-6000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(2)
-    raise AssertionError(f"vLLM did not answer in {STARTUP} s:\n{log.read_text()[-6000:]}")
-
-
 @pytest.fixture(scope="module")
-def server(world, tmp_path_factory):
-    """``http://127.0.0.1:PORT/v1`` of a vLLM serving ``world/base`` with s2reg's plugin; the whole process
-    group is killed at the end, whatever happened."""
+def server(world, tmp_path_factory) -> Iterator[str]:
+    """``http://127.0.0.1:PORT/v1`` of a vLLM serving ``world/base`` (fp32) with s2reg's plugin."""
     reason = unsupported_reason()
     if reason:
         pytest.skip(reason)
     venv = vllm_environment(REPO)
-    port, log = free_port(), tmp_path_factory.mktemp("vllm-log") / "server.log"
-    env = {**os.environ, "S2REG_HOME": str(world / "store"), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+    options = ["--dtype", "float32", "--max-model-len", "256", "--enable-lora", "--max-lora-rank", str(MAX_RANK),
+               "--max-loras", "4", "--seed", "0"]
+    env = {"S2REG_HOME": str(world / "store"), "VLLM_CPU_KVCACHE_SPACE": "1",
            "S2REG_VLLM_MAX_ERROR": str(SERVED_TOLERANCE)}
-    # vllm-cpu 0.32.0's `vllm` command asks for the version of a distribution named "vllm" and fails (its
-    # distribution is "vllm-cpu"); the API server's module takes the same arguments
-    command = [venv / "bin" / "python", "-m", "vllm.entrypoints.openai.api_server", "--model", world / "base",
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-               "--enable-lora", "--max-lora-rank", str(MAX_RANK), "--max-loras", "4", "--seed", "0"]
-    with open(log, "w") as out:
-        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)  # its own process group: the engine core dies with it
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", process, log)
-        yield f"http://127.0.0.1:{port}/v1", log
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # any engine process left in the group
-        except ProcessLookupError:
-            pass
+    with vllm_server(venv, world / "base", options, env=env, log=tmp_path_factory.mktemp("vllm-log") / "server.log",
+                     startup=STARTUP) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=600)
+    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=600)
 
 
 def reference(checkpoint: Path, prompt: str, *, chat: bool = False) -> list[int]:
@@ -215,8 +172,8 @@ def test_stored_adapters_by_name_continue_as_their_merged_checkpoints(world, cli
 @pytest.mark.smollm2
 @pytest.mark.parametrize("model, error, words", [
     ("wrong:v1", "BadRequestError", "wrong:v1 was made for 'other', not for the served checkpoint"),
-    ("big:v1", "BadRequestError", "is a LoRA of rank 128 and this server takes at most 64; it needs vLLM started "
-                                  "with --max-lora-rank 128"),
+    ("big:v1", "BadRequestError", "is a LoRA of rank 128, and this server takes at most rank 64; it needs vLLM "
+                                  "started with --max-lora-rank 128"),
     ("wide:v1", "BadRequestError", "this PISA adapter is a LoRA within relative error 1e-06 only from rank {wide} on"),
     ("nobody:v1", "NotFoundError", "does not exist"),
     ("Not An Adapter", "NotFoundError", "does not exist"),
@@ -245,9 +202,9 @@ def smallest_rank(world: Path, name: str, tolerance: float) -> int:
 
 
 # -- the export cache, without vLLM ------------------------------------------------------------------------------
-def _export_counting(root: str, base: str, ref: str, store: str, counter: str) -> str:
-    """One process's request: export ``ref`` through the cache, appending a line to ``counter`` for each export
-    this process really makes."""
+def _export_counting(root: str, base: str, ref: str, store: str, counter: str) -> list[str]:
+    """One process's two concurrent requests (threads): each exports ``ref`` through the cache; every export
+    really made appends a line to ``counter``."""
     cache = LoRACache(Path(root))
     real = cache._export
 
@@ -257,19 +214,20 @@ def _export_counting(root: str, base: str, ref: str, store: str, counter: str) -
         return real(*args)
 
     cache._export = counted
-    path, _ = cache.export(Store(store).load(ref), Path(base))
-    return str(path)
+    adapter = Store(store).load(ref)
+    with ThreadPoolExecutor(2) as pool:
+        return [str(path) for path, _ in pool.map(lambda _: cache.export(adapter, Path(base)), range(2))]
 
 
 @pytest.mark.smollm2
 def test_concurrent_processes_export_once_and_see_it_whole(world, tmp_path):
     root, counter = tmp_path / "lora", tmp_path / "exports"
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
+    with multiprocessing.get_context("spawn").Pool(2) as pool:  # spawn: no torch thread pool forked mid-state
         paths = pool.starmap(_export_counting, [(str(root), str(world / "base"), "alpha:v1", str(world / "store"),
-                                                 str(counter))] * 4)
+                                                 str(counter))] * 2)
     assert len(counter.read_text().splitlines()) == 1
     digest = Store(world / "store").digest_of("alpha:v1")
-    assert set(paths) == {str(root / digest / "peft")}
+    assert sorted(p for ps in paths for p in ps) == [str(root / digest / "peft")] * 4
     assert sorted(p.name for p in root.iterdir()) == [digest, "locks"]  # no staging directory left behind
     report = json.loads((root / digest / "s2reg-export.json").read_text())
     assert (report["digest"], report["kind"], report["max_rank"]) == (digest, "s2ft", 64)

