@@ -341,3 +341,43 @@ def test_pisa_lines_equal_the_dense_delta_there(dim, shape, block):
                                            scale=0.3).targets["w"]
     selected = torch.tensor([0, 2, shape[dim] - 1])
     np.testing.assert_array_equal(target.lines(dim, selected, name="w"), target.to_dense().take(selected.numpy(), axis=dim))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 20),
+    bh=st.integers(1, 8),
+    bw=st.integers(1, 9),
+    k_fraction=st.floats(0.05, 1.0),
+    scale=st.floats(-4, 4, allow_nan=False),
+    seed=st.integers(0, 2**16),
+    pass_elements=st.integers(1, 300),
+    dtype=st.sampled_from(["BF16", "F16", "F32"]),
+)
+def test_pisa_in_passes_of_block_rows_matches_the_reference_and_merges_pass_by_pass(
+        rows, cols, bh, bw, k_fraction, scale, seed, pass_elements, dtype):
+    """Reconstruction and merge go a few block rows at a time (pisa_fft.deltas): with passes as small as one
+    block row, the delta still matches the float64 reading of FORMAT §5.3, and the merge, done pass by pass
+    in torch, is bit for bit numpy's cast_D(float32(W) +/- delta) of that delta (add_delta), NaN and Inf
+    in the weight included."""
+    from unittest.mock import patch
+
+    from s2reg.format import pisa_fft
+    from s2reg.format.pisa import add_delta
+
+    with patch.object(pisa_fft, "_PASS_ELEMENTS", pass_elements):
+        adapter, expected = random_pisa(rows, cols, bh, bw, k_fraction, scale, seed)
+        target = adapter.targets["w"]
+        assume(len(pisa_fft.block_row_passes((rows, cols), (bh, bw))) > 1)
+        dense = target.to_dense()
+        np.testing.assert_allclose(dense.astype(np.float64), expected, rtol=1e-6,
+                                   atol=1e-6 * max(1.0, np.abs(expected).max()))
+        rng = np.random.default_rng(seed)
+        weight = (rng.standard_normal((rows, cols)) * 4).astype(np.float32).astype(dtypes.to_numpy(dtype))
+        weight.reshape(-1)[rng.choice(rows * cols, min(3, rows * cols), replace=False)] = \
+            np.array([np.nan, -np.inf, -np.nan], dtype=np.float32)[: min(3, rows * cols)].astype(weight.dtype)
+        for subtract in (False, True):
+            got, want = target.merged(weight, subtract=subtract), add_delta(weight, dense, subtract=subtract)
+            assert got.dtype == weight.dtype
+            assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import random
 import shutil
+import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from s2reg.cli import main
 from s2reg.errors import CheckpointError, S2RegError
+from s2reg.format import payload
 from s2reg.fsatomic import TEMP_SUFFIX
 from s2reg.surgery import inplace as inplace_module
 from s2reg.surgery import (
@@ -27,6 +31,7 @@ from s2reg.surgery import (
     recover,
     unmerge_in_place,
 )
+from s2reg.surgery import journal as journal_module
 from s2reg.surgery.journal import Journal, Patch
 from s2reg.surgery.ledger import LEDGER_NAME, Ledger, Support
 from s2reg.ops.permute import PermutationRecord
@@ -452,3 +457,56 @@ def test_a_journal_that_cannot_be_removed_after_a_full_disk_is_left_to_recover(p
     monkeypatch.undo()
     assert recover(ckpt)["action"] == "cleaned"
     assert leftovers(ckpt) == [] and file_digests(ckpt) == base_digests
+
+
+def test_pisa_in_place_computes_whole_tensors_as_it_writes_them_and_a_kill_recovers_either_way(
+        pristine, tmp_path, monkeypatch):
+    """A PISA merge patches whole tensors: each goes into the journal as it is computed (the next one computed
+    meanwhile), so at most a few are ever in memory, not every tensor of the merge; the streamed journal
+    still rolls a killed merge back to the base or forward to the merged checkpoint (spec/SURGERY.md §3)."""
+    base, _, base_digests, _ = pristine
+    adapter = pisa(base, roles=("q", "k", "v", "o", "up", "down"))
+    merge(base, [adapter], tmp_path / "reference")
+    merged = shards(file_digests(tmp_path / "reference"))
+    alive: list[weakref.ref] = []
+    most = [0]
+    real = patching._bytes_of
+
+    def tracked(plan, name):
+        done = real(plan, name)
+        alive.append(weakref.ref(done[1]))
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        return done
+
+    monkeypatch.setattr(patching, "_bytes_of", tracked)
+    ckpt, _ = fresh(pristine, tmp_path)
+    merge_in_place(ckpt, [adapter])
+    assert shards(file_digests(ckpt)) == merged
+    assert len(alive) == len(adapter.targets) >= 8
+    assert most[0] <= 3
+    for forward in (False, True):
+        killed = tmp_path / f"killed-{forward}"
+        shutil.copytree(base, killed)
+        assert run_child(_crash_after, killed, adapter, 3, "exit") == 17
+        assert pending(killed)
+        recover(killed, forward=forward)
+        assert shards(file_digests(killed)) == (merged if forward else shards(base_digests))
+
+
+def test_the_streamed_journal_payload_is_what_payload_dump_makes(tmp_path):
+    """The journal payload is written patch by patch; byte for byte the safetensors file of FORMAT §6.1 that
+    ``payload.dump`` makes of the same tensors (in name order: "10.after" before "2.after"), and read back
+    a tensor at a time."""
+    rng = np.random.default_rng(0)
+    blobs = {f"{i}.{which}": rng.integers(0, 256, size=int(rng.integers(0, 40)), dtype=np.uint8)
+             for i in (0, 1, 2, 10, 11) for which in ("before", "after")}
+    sizes = {name: blob.size for name, blob in blobs.items()}
+    out = io.BytesIO()
+    sha = journal_module._stream_payload(out, sizes, ((name, blobs[name]) for name in sorted(blobs)))
+    assert out.getvalue() == payload.dump(blobs, journal_module.METADATA)
+    assert sha == hashlib.sha256(out.getvalue()).hexdigest()
+    (tmp_path / "p").write_bytes(out.getvalue())
+    with journal_module.JournalPayload(tmp_path / "p") as read:
+        assert sorted(read) == sorted(blobs) and all(np.array_equal(read[n], blobs[n]) for n in blobs)
+    with pytest.raises(CheckpointError, match="where 1.after was due"):
+        journal_module._stream_payload(io.BytesIO(), sizes, ((name, blobs[name]) for name in sorted(blobs) if name != "1.after"))

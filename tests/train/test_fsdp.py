@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +290,46 @@ def test_bad_set_ups_are_refused_before_a_model_loads(tmp_path, monkeypatch, arg
     result = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(_data(base, tmp_path)), "--method",
                                        "s2ft", "-o", str(tmp_path / "out"), *map(str, args)])
     assert result.exit_code in (1, 2) and message in result.output, result.output
+
+
+def _pull_the_directory_from_under(run: Path, state: Path, process: subprocess.Popen, deadline: float) -> None:
+    """Once rank 0 has kept a resumable state in ``run`` (it alone writes one), put a file where the directory
+    was: its next save fails there, mid-run, while rank 1 goes on into the next step's collectives."""
+    while not state.exists():
+        assert process.poll() is None, "the run ended before its first resumable state"
+        assert time.monotonic() < deadline, "no resumable state appeared"
+        time.sleep(0.05)
+    for attempt in range(20):  # rank 0 may recreate the directory between the move and the file: move it again
+        os.replace(run, run.with_name(f"moved-{attempt}"))
+        try:
+            with open(run, "x") as stand_in:
+                stand_in.write("not a directory\n")
+            return
+        except (FileExistsError, IsADirectoryError):
+            continue
+    pytest.fail("could not replace the run's directory")
+
+
+def test_a_rank_that_fails_alone_takes_the_job_down_with_its_message(tmp_path):
+    """Issue 23: one rank fails mid-run (rank 0 cannot write the resumable state: its directory became a file),
+    the other is waiting in a collective. The job must end, non-zero, soon after, with the failing rank's
+    one-line error in its output: the failing rank exits at once (no barrier on the way out), and torchrun's
+    agent stops the rank still waiting (gloo would otherwise wait out its 30-minute timeout)."""
+    base = _checkpoint("llama", tmp_path / "base")
+    data = _data(base, tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "s2reg",
+               "train", "--base", str(base), "--data", str(data), "-o", str(run / "out"), "--device", "cpu",
+               *map(str, [*METHODS["s2ft"], "--fsdp", "--batch-size", 2, "--save-every", 1, "--max-steps", 100_000])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          start_new_session=True) as process:
+        try:
+            _pull_the_directory_from_under(run, run / ".out.train-state", process, time.monotonic() + 400)
+            output, _ = process.communicate(timeout=120)  # a hang waits out gloo's 30 minutes: far past this
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    assert process.returncode != 0, output[-3000:]
+    assert f"Error: File exists: {run}\n" in output, output[-3000:]
