@@ -154,10 +154,24 @@ def completion_ids(client, model: str) -> list[list[int]]:
 
 
 # -- vLLM --------------------------------------------------------------------------------------------------------
+# What cannot be served, and how the client hears it: (model, the openai error class, words of its message).
+REFUSED = [
+    ("wrong:v1", "BadRequestError", "wrong:v1 was made for 'other', not for the served checkpoint"),
+    ("big:v1", "BadRequestError", "is a LoRA of rank 128, and this server takes at most rank 64; it needs vLLM "
+                                  "started with --max-lora-rank 128"),
+    ("wide:v1", "BadRequestError", "this PISA adapter is a LoRA within relative error 1e-06 only from rank {wide} on"),
+    ("nobody:v1", "NotFoundError", "does not exist"),
+    ("Not An Adapter", "NotFoundError", "does not exist"),
+]
+
+
 @pytest.mark.smollm2
-def test_stored_adapters_by_name_continue_as_their_merged_checkpoints(world, client):
-    """Two S2FT adapters, a PISA adapter exact at rank 64, and the base, in one server: vLLM's greedy tokens are
-    transformers' on the merged checkpoints."""
+def test_vllm_serves_stored_adapters_by_name(world, client):
+    """One test for the one server (pytest-xdist would start one per worker for several): two S2FT adapters, a
+    PISA adapter exact at rank 64 and the base continue as transformers does on the merged checkpoints, by
+    completion and by chat; what cannot be served gets a clean API error, and the server keeps serving."""
+    import openai
+
     served = {"base": world / "base", **{f"{n}:v1": world / f"merged-{n}" for n in ("alpha", "beta", "kv")}}
     got = {model: completion_ids(client, model if model != "base" else str(world / "base")) for model in served}
     for model, checkpoint in served.items():
@@ -168,25 +182,13 @@ def test_stored_adapters_by_name_continue_as_their_merged_checkpoints(world, cli
                                           extra_body={"min_tokens": NEW, "return_token_ids": True})
     assert chat.choices[0].token_ids == reference(world / "merged-beta", PROMPTS[0], chat=True)
 
-
-@pytest.mark.smollm2
-@pytest.mark.parametrize("model, error, words", [
-    ("wrong:v1", "BadRequestError", "wrong:v1 was made for 'other', not for the served checkpoint"),
-    ("big:v1", "BadRequestError", "is a LoRA of rank 128, and this server takes at most rank 64; it needs vLLM "
-                                  "started with --max-lora-rank 128"),
-    ("wide:v1", "BadRequestError", "this PISA adapter is a LoRA within relative error 1e-06 only from rank {wide} on"),
-    ("nobody:v1", "NotFoundError", "does not exist"),
-    ("Not An Adapter", "NotFoundError", "does not exist"),
-])
-def test_what_cannot_be_served_is_refused_and_the_server_keeps_serving(world, client, model, error, words):
-    import openai
-
-    words = words.format(wide=smallest_rank(world, "wide:v1", SERVED_TOLERANCE))
-    with pytest.raises(openai.APIStatusError) as caught:
-        client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
-    assert type(caught.value).__name__ == error
-    assert words in caught.value.message, caught.value.message
-    assert completion_ids(client, "alpha:v1")[0] == reference(world / "merged-alpha", PROMPTS[0])
+    wide = smallest_rank(world, "wide:v1", SERVED_TOLERANCE)
+    for model, error, words in REFUSED:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
+        assert type(caught.value).__name__ == error, caught.value.message
+        assert words.format(wide=wide) in caught.value.message, caught.value.message
+    assert completion_ids(client, "alpha:v1") == got["alpha:v1"]  # still serving, the same
 
 
 def smallest_rank(world: Path, name: str, tolerance: float) -> int:
