@@ -1,9 +1,10 @@
 """Checkpoint surgery at Llama-3-8B's shape (bf16, ~16 GB in 4 shards): s2reg against its peers and the disk.
 
-    python bench/surgery_8b.py [--work DIR] [--base DIR] [--pisa-layers 32] [--memory MIB] [--json FILE]
+    python bench/surgery_8b.py [--work DIR] [--base DIR] [--layers N] [--pisa-layers 32] [--memory MIB] [--json FILE]
 
 The checkpoint comes from ``make_big_checkpoint.py --shape llama3-8b`` (built in ``--work`` unless
-``--base`` names one already built; everything under ``--work`` is deleted at the end, also on a
+``--base`` names one already built; ``--layers`` builds only the first N decoder layers, whose tensors are
+those of the whole model's first N; everything under ``--work`` is deleted at the end, also on a
 failure). Contenders, each its own process, timed until its output is on disk (a ``sync`` ends
 every timing), with its peak RSS from ``wait4`` and the bytes it wrote (``ru_oublock``):
 
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/s2reg-surgery-8b"))
     parser.add_argument("--base", type=Path, help="a llama3-8b checkpoint already built (deleted at the end too)")
     parser.add_argument("--keep-base", action="store_true", help="do not delete --base at the end")
+    parser.add_argument("--layers", type=int, help="build only this many decoder layers (default: Llama-3-8B's 32)")
     parser.add_argument("--pisa-layers", type=int, default=32)
     parser.add_argument("--memory", type=float, help="MiB of anonymous memory PEFT may use (default: available - 1 GiB)")
     parser.add_argument("--skip", default="", help="comma-separated contender keys to leave out")
@@ -141,7 +143,7 @@ def main() -> None:
 
     try:
         started = time.perf_counter()
-        base = args.base or make(work / "base", shape="llama3-8b")
+        base = args.base or make(work / "base", args.layers, shape="llama3-8b")
         rows["build_s"] = {"wall_s": time.perf_counter() - started, "reused": args.base is not None}
         shards = sorted(base.glob("*.safetensors"))
         shard_bytes = sum(s.stat().st_size for s in shards)
