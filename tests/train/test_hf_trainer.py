@@ -15,6 +15,7 @@ carries that into the last bits of each update: measured differences are ~1e-6.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -38,7 +39,7 @@ STEPS, BATCH, ACCUM, LR, DECAY = 4, 2, 2, 2e-3, 0.01
 S2FT = S2FTConfig(heads=1, channels=4, roles=("q", "o", "up", "down"), seed=3)
 PISA = PISAConfig(coefficients=8, block=32, roles=("q", "down"), seed=3)
 # a model whose slices are a few percent of it, so that "a checkpoint is the size of the slices" can be told
-# from "a checkpoint is the model" (4 MB of float32; the S2FT slices are 74 kB)
+# from "a checkpoint is the model" (3.8 MB of float32; the S2FT slices are 74 kB, a checkpoint 0.32 MB)
 SHAPE = dict(hidden_size=128, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
@@ -206,11 +207,14 @@ def test_a_checkpoint_of_other_slices_or_an_unprepared_model_is_refused(base, to
     first = sft(base, tokenizer, rows[:BATCH * ACCUM], tmp_path / "a", max_steps=1, save_strategy="steps",
                 save_steps=1)
     first.train()
-    other = prepared(base, "pisa")
+    # the same shapes, other channels and heads: the values would load without complaint and mean nothing
+    other = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    prepare_s2ft(other, dataclasses.replace(S2FT, seed=S2FT.seed + 1))
+    assert {n: p.shape for n, p in other.named_parameters() if p.requires_grad} == {
+        n: p.shape for n, p in first.model.named_parameters() if p.requires_grad}
     with pytest.raises(S2RegError, match="other slices or positions"):
-        S2RegTrainer(model=other, args=transformers.TrainingArguments(**arguments(tmp_path / "b")),
-                     train_dataset=Dataset.from_dict({"input_ids": rows, "labels": rows})
-                     ).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+        sft(base, tokenizer, rows, tmp_path / "b", model=other).train(
+            resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
     plain = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
     with pytest.raises(S2RegError, match="prepare_s2ft / prepare_pisa"):
         sft(base, tokenizer, rows, tmp_path / "c", model=plain)
@@ -236,5 +240,11 @@ def test_the_documented_sft_example_runs_as_written(smollm2_dir, tmp_path, monke
     assert adapter.params["selection"]["0"]["heads"] and adapter.targets
     stored = Store().load("reverse-sft:v1")
     assert stored.targets.keys() == adapter.targets.keys()
+    # the trainable values (fp32: 1.66 M of them), AdamW's two moments, the adapter (bf16, compressed), and the
+    # tokenizer the Trainer saves with every checkpoint: 25 MB, against the 273 MB bf16 model (540 MB as trained)
     checkpoint = tmp_path / "sft-s2ft" / "checkpoint-2"
-    assert (checkpoint / TRAINABLE_FILE).is_file() and directory_bytes(checkpoint) < directory_bytes(smollm2_dir) / 20
+    trainable = (checkpoint / TRAINABLE_FILE).stat().st_size
+    tokenizer_files = sum(f.stat().st_size for f in checkpoint.iterdir() if f.name in ("tokenizer.json",
+                                                                                       "tokenizer_config.json"))
+    assert directory_bytes(checkpoint) - tokenizer_files < 4 * trainable + 65536
+    assert directory_bytes(checkpoint) < directory_bytes(smollm2_dir) / 10
