@@ -15,7 +15,7 @@ delta is reconstructed densely in float64 and factored exactly (the truncated SV
 
 The error reported is then measured on the float32 factors themselves: ``||delta||^2 - 2 <delta, b a> +
 ||b a||^2`` (one operator product and two small Gram matrices), or, when that difference of large numbers
-is within float64 rounding of zero, the residual summed directly over column bands of the delta.
+is within float64 rounding of zero, the residual summed directly over bands of block rows of the delta.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ FIRST_SKETCH = 32          # columns of the first sketch when the rank is chosen
 # of a quarter of the columns took 0.25x the dense SVD's time, of half of them 0.7x, and is less accurate)
 DENSE_FRACTION = 1 / 3
 CANCELLATION = 1e-8        # squared relative error under which the three-term formula is rounding noise
-_BAND_ELEMENTS = 1 << 22   # float64 elements of the delta held at once by the direct residual (32 MiB)
+_BAND_ELEMENTS = 1 << 22   # float64 elements of the delta reconstructed at once for the direct residual (32 MiB)
 _SEED = 0                  # the sketch is seeded: one adapter always exports to the same LoRA
 
 
@@ -160,13 +160,14 @@ def relative_error(op: PISAOperator, a: torch.Tensor, b: torch.Tensor, squared_n
     squared = squared_norm - 2 * cross + float(((b.t() @ b) * (a @ a.t())).sum())
     if squared > CANCELLATION * squared_norm:
         return math.sqrt(squared / squared_norm)
-    squared, columns = 0.0, op.shape[1]
-    band = max(1, _BAND_ELEMENTS // max(1, op.shape[0]))
-    for start in range(0, columns, band):
-        stop = min(start + band, columns)
-        identity = torch.zeros(columns, stop - start, dtype=torch.float64)
-        identity[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
-        squared += float((op @ identity - b @ a[:, start:stop]).square().sum())
+    if op.transposed:  # compare with the target as stored: b @ a approximates its transpose
+        a, b = b.t(), a.t()
+    rows, bh = op.grid[0], op.target.block[0]
+    band = max(1, _BAND_ELEMENTS // (bh * op.target.shape[1]))
+    squared = 0.0
+    for start in range(0, rows, band):
+        stop = min(start + band, rows)
+        squared += float((op.target_rows(start, stop) - b[start * bh: stop * bh] @ a).square().sum())
     return math.sqrt(squared / squared_norm)
 
 

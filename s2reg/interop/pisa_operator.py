@@ -44,7 +44,7 @@ class PISAOperator:
         backward = _Side(mixing.t().coalesce(), bh, target.shape[0], bw, target.shape[1])
         self._forward, self._backward = (backward, forward) if transposed else (forward, backward)
         self.shape = (self._forward.length_out, self._forward.length_in)
-        self.target, self.transposed = target, transposed
+        self.target, self.transposed, self.grid = target, transposed, (gr, gc)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         """``delta @ x`` for ``x`` of shape ``[in, l]``: float64 ``[out, l]``."""
@@ -56,12 +56,18 @@ class PISAOperator:
 
     def dense(self) -> torch.Tensor:
         """The float64 ``[out, in]`` matrix: FORMAT §5.3's reconstruction in double precision."""
-        from ..format.pisa_fft import reconstruct
-
-        t = self.target
-        dense = reconstruct(t.shape, t.block, torch.as_tensor(t.indices), t.complex_coefficients(), t.scale,
-                            precision=torch.complex128)
+        dense = self.target_rows(0, self.grid[0])
         return dense.t() if self.transposed else dense
+
+    def target_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Block rows ``start:stop`` of the target's delta (as stored, never transposed) in float64, cropped."""
+        from ..format.pisa_fft import blocks
+
+        t, (bh, bw), gc = self.target, self.target.block, self.grid[1]
+        part = slice(start * gc, stop * gc)
+        tiles = blocks(t.block, torch.as_tensor(t.indices[part]), t.complex_coefficients()[part], torch.complex128)
+        rows = tiles.reshape(stop - start, gc, bh, bw).permute(0, 2, 1, 3).reshape((stop - start) * bh, gc * bw)
+        return rows[: t.shape[0] - start * bh, : t.shape[1]] * t.scale
 
     def squared_norm(self) -> float:
         """``||delta||_F^2`` from the coefficients alone (Parseval: ``PISATarget.delta_norm``)."""
