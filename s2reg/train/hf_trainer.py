@@ -128,7 +128,7 @@ class S2RegTrainerMixin:
         if self.s2reg_base is None:
             return export_adapter(self.model, base_name=self.s2reg_base_name, training=training)
         with CheckpointSource(self.s2reg_base) as base:
-            return export_adapter(self.model, base=base, base_name=self.s2reg_base_name or str(Path(self.s2reg_base)),
+            return export_adapter(self.model, base=base, base_name=self.s2reg_base_name or str(Path(self.s2reg_base).resolve()),
                                   training=training)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
