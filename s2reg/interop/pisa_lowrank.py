@@ -86,7 +86,8 @@ class _Spectrum:
 def one_thread() -> Iterator[None]:
     """torch on one thread: the FFTs, sparse products, QRs and SVDs here are short, and their OpenMP regions
     stall when another process holds a core. On two shared cores a float64 576 x 576 SVD took 13 s with two
-    threads and 0.43 s with one; a rank-16 export of a 1536 x 576 target 1.0 s and 0.07 s."""
+    threads and 0.43 s with one; a rank-16 export of a 1536 x 576 target 1.0 s and 0.07 s. The setting is
+    OpenMP's, per calling thread: an export in one of a server's threads leaves the others as they are."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -19,7 +19,7 @@ from s2reg.format.pisa import PISATarget, grid_of, half_width, self_conjugate_co
 from s2reg.format.pisa_fft import pisa_top_k
 from s2reg.interop import export_lora
 from s2reg.interop.peft_files import PREFIX
-from s2reg.interop.pisa_lowrank import ToleranceError, pisa_low_rank, relative_error
+from s2reg.interop.pisa_lowrank import ToleranceError, one_thread, pisa_low_rank, relative_error
 from s2reg.interop.pisa_operator import PISAOperator
 from s2reg.tensors import CheckpointSource
 
@@ -230,3 +230,35 @@ def test_export_picks_ranks_per_target_refuses_before_writing_and_is_determinist
     assert ((tmp_path / "auto" / "adapter_model.safetensors").read_bytes()
             == (tmp_path / "again" / "adapter_model.safetensors").read_bytes())
     assert first == {**second, "output": first["output"]}
+
+
+def test_one_thread_is_per_thread_and_restored():
+    """An export runs torch on one thread, in its own thread only (a server's other threads keep theirs), and
+    gives the count back when it ends, refused or not."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    target = random_target((200, 160), (16, 16), 24)
+    inside, release, seen = threading.Barrier(2), threading.Event(), []
+
+    def export():
+        with one_thread():
+            seen.append(torch.get_num_threads())
+            inside.wait()
+            release.wait()
+            pisa_low_rank("t", target, rank=8, max_error=1.0)
+
+    worker = threading.Thread(target=export)
+    try:
+        worker.start()
+        inside.wait()
+        assert seen == [1] and torch.get_num_threads() == 2
+        release.set()
+        worker.join()
+        with pytest.raises(ToleranceError):
+            pisa_low_rank("t", target, rank=8)
+        assert torch.get_num_threads() == 2
+    finally:
+        release.set()
+        torch.set_num_threads(before)
