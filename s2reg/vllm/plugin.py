@@ -55,8 +55,8 @@ def served_max_rank(argv: list[str] | None = None) -> int:
     (``argv``, by default this process's: vLLM resolves adapters in its API server process, the one started by
     ``vllm serve``), else vLLM's default.
 
-    vLLM hands a resolver names only, and its API server keeps its configuration where a plugin cannot reach it
-    (its objects are frozen out of ``gc`` once the engine starts), so the option is read where the user gave it.
+    vLLM hands a resolver names only and gives a plugin no handle on the running engine's configuration, so the
+    option is read where the user gave it.
     A server configured through ``--config FILE`` or from Python needs the environment variable."""
     import argparse
     import sys
