@@ -9,8 +9,9 @@ whose ``Re()`` is FORMAT's Hermitian part (``m_j = 1``). For real ``X``, one blo
 
 where ``Xhat_C[v] = sum_s w_bw^(v s) X_C[s]`` is an FFT of the block's slice of ``X`` (zero-padded past the
 matrix: FORMAT's crop). ``delta.T @ Y`` is the same with the roles of rows and columns swapped. One product
-costs two FFTs of the vectors and ``blocks * k`` multiply-adds per vector, against ``out * in`` for the dense
-matrix (a sparse product: one entry per stored coefficient). Everything runs in float64/complex128, so products agree with the dense float64 delta to rounding.
+costs two FFTs of the vectors and ``blocks * k`` multiply-adds per vector (a sparse product: one entry per
+stored coefficient), against ``out * in`` for the dense matrix. Everything runs in float64/complex128, so the
+products agree with the dense float64 delta to rounding.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..format.pisa import PISATarget, grid_of, half_width, self_conjugate_columns
+
 
 class PISAOperator:
     """``delta`` of one PISA target (transposed when ``transposed``: a GPT-2 ``Conv1D`` weight) as an operator."""
