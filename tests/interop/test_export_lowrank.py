@@ -147,19 +147,23 @@ def test_auto_rank_finds_a_low_true_rank():
     assert result.error < 1e-5 and math.isclose(result.error, true_error(target, result.a, result.b), rel_tol=1e-6)
 
 
-def test_auto_rank_is_the_smallest_meeting_the_tolerance():
-    target = random_target((200, 160), (16, 16), 24)
+@pytest.mark.parametrize("shape, max_error, sketched", [
+    ((200, 160), 0.8, True),     # found in the first sketch
+    ((400, 320), 0.8, True),     # past the first sketch: a wider one
+    ((200, 160), 1e-3, False),   # near full rank: the dense SVD
+])
+def test_auto_rank_is_the_smallest_meeting_the_tolerance(shape, max_error, sketched):
+    target = random_target(shape, (16, 16), 24)
     optimal = optimal_errors(target)
-    for max_error, sketched in ((0.8, True), (1e-3, False)):
-        result = pisa_low_rank("t", target, rank=None, max_error=max_error)
-        smallest = int(np.argmax(optimal <= max_error)) + 1
-        assert result.sketched is sketched
-        assert result.error <= max_error and math.isclose(result.error, true_error(target, result.a, result.b), rel_tol=1e-6)
-        if sketched:  # the sketch's rank-r error is within OPTIMALITY of the optimum, so its rank is close to it
-            assert smallest <= result.rank <= smallest + 4
-        else:
-            assert result.rank == smallest
-            assert pisa_low_rank("t", target, rank=smallest - 1, max_error=1.0).error > max_error
+    result = pisa_low_rank("t", target, rank=None, max_error=max_error)
+    smallest = int(np.argmax(optimal <= max_error)) + 1
+    assert result.sketched is sketched
+    assert result.error <= max_error and math.isclose(result.error, true_error(target, result.a, result.b), rel_tol=1e-6)
+    if sketched:  # the sketch's rank-r error is within OPTIMALITY of the optimum, so its rank is close to it
+        assert smallest <= result.rank <= smallest + 4
+    else:
+        assert result.rank == smallest
+        assert pisa_low_rank("t", target, rank=smallest - 1, max_error=1.0).error > max_error
 
 
 def test_over_the_tolerance_refuses_naming_the_error_and_the_rank_that_meets_it():
