@@ -61,8 +61,9 @@ def _s2reg_dependencies(repo: Path) -> list[str]:
 
 
 def _installed_from(venv: Path) -> Path | None:
-    """The directory the environment's s2reg is imported from (None when it has none)."""
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", "import s2reg; print(s2reg.__file__)"],
+    """The directory the environment's s2reg is imported from (None when it has none). Isolated (-I): a checkout
+    in the working directory would otherwise be imported, installed or not."""
+    result = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", "import s2reg; print(s2reg.__file__)"],
                             capture_output=True, text=True, timeout=120)
     return Path(result.stdout.strip()).parent.parent if result.returncode == 0 else None
 
@@ -130,7 +131,8 @@ def vllm_server(venv: Path, model: Path, options: Sequence[str], *, env: dict[st
     environment = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": "1",
                    "VLLM_NO_USAGE_STATS": "1", **env}
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment,
+        # started in the environment's directory: a checkout in the working directory would shadow what is installed
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment, cwd=venv,
                                    start_new_session=True)
     try:
         _wait_ready(f"http://127.0.0.1:{port}", process, log, startup)
