@@ -142,7 +142,9 @@ from llama_cpp import Llama
 
 job = json.load(sys.stdin)
 kwargs = {"lora_path": job["lora"]} if job["lora"] else {}
-llm = Llama(job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"], logits_all=True, verbose=False, seed=0, **kwargs)
+# an F32 KV cache (type 0): llama.cpp's default F16 cache would round the attention keys and values
+llm = Llama(job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"], logits_all=True, verbose=False, seed=0,
+            type_k=0, type_v=0, **kwargs)
 result = {"logits": [], "continuations": []}
 for prompt in job["prompts"]:
     llm.reset()
