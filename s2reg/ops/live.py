@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,7 +23,8 @@ from torch import nn
 from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.arrays import as_array, to_torch
-from ..format.s2ft import axis_dim
+from ..format.s2ft import EXPERT_AXES, axis_dim
+from ..train.layout import Placement, placements, stored_name
 
 APPLIED_ATTRIBUTE = "s2reg_applied"
 
@@ -42,53 +44,109 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-def _resolve(model: nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class _Home:
+    """Where a checkpoint tensor's values live in the model: ``tensor`` itself, or (a tensor that transformers
+    converted on load: fused MoE experts) the flat ``positions`` of its elements in ``tensor``."""
+
+    tensor: torch.Tensor
+    shape: tuple[int, ...]
+    placement: Placement | None = None
+
+    def read(self, axis: str | None = None, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The checkpoint tensor's values (its ``axis`` slice ``indices`` when given)."""
+        if self._direct(axis):
+            return self.tensor if axis is None else self.tensor.index_select(axis_dim(axis), indices)
+        positions = self._positions(axis, indices)
+        return self.tensor.reshape(-1)[positions.reshape(-1)].reshape(positions.shape)
+
+    def write(self, values: torch.Tensor, axis: str | None = None, indices: torch.Tensor | None = None) -> None:
+        values = values.to(device=self.tensor.device, dtype=self.tensor.dtype)
+        if self._direct(axis) and axis is None:
+            self.tensor.copy_(values)
+        elif self._direct(axis):
+            self.tensor.index_copy_(axis_dim(axis), indices, values)
+        else:
+            flat = self.tensor.view(-1)
+            flat.index_copy_(0, self._positions(axis, indices).reshape(-1), values.reshape(-1))
+
+    def _direct(self, axis: str | None) -> bool:
+        """Stored as held, on a plain axis: index the tensor itself (any device, no position tensor)."""
+        return self.placement is None and axis not in EXPERT_AXES
+
+    def _positions(self, axis: str | None, indices: torch.Tensor | None) -> torch.Tensor:
+        if self.placement is None:  # an expert axis of a 3-D tensor stored as held
+            return expert_positions(self.shape, axis, indices.long())
+        positions = self.placement.positions if axis is None else self.placement.slice_positions(axis, indices.cpu())
+        return positions.long().to(self.tensor.device)
+
+
+def expert_positions(shape: tuple[int, ...], axis: str, indices: torch.Tensor) -> torch.Tensor:
+    """Flat positions in a stored ``[experts, rows, columns]`` tensor of the slice an expert axis selects
+    (FORMAT §4.5: index ``i`` is row or column ``i % n`` of expert ``i // n``), in ``take``'s slice layout:
+    ``[count, columns]`` for expert rows, ``[rows, count]`` for expert columns."""
+    _, rows, columns = shape
+    expert, within = torch.div(indices, shape[1 + axis_dim(axis)], rounding_mode="floor"), indices % shape[1 + axis_dim(axis)]
+    if axis == "expert_rows":
+        return ((expert * rows + within) * columns)[:, None] + torch.arange(columns, device=indices.device)[None, :]
+    return (expert * rows * columns + within)[None, :] + (torch.arange(rows, device=indices.device) * columns)[:, None]
+
+
+def _resolve(model: nn.Module, adapter: Adapter) -> dict[str, _Home]:
+    """Each target's home, by the checkpoint's name; the model's own layout (``layout.placements``: another
+    prefix, fused experts) only for names the model does not hold as they are."""
     tensors = _tensors(model)
+    elsewhere = [name for name in adapter.targets if name not in tensors]
+    homes = placements(model) if elsewhere else {}
     resolved = {}
     for name, target in adapter.targets.items():
-        tensor = tensors.get(name)
-        if tensor is None:
+        if name in tensors:
+            home = _Home(tensors[name], tuple(tensors[name].shape))
+        elif (placement := homes.get(stored_name(name, model, homes))) is not None:
+            parameter = model.get_parameter(placement.parameter)
+            home = _Home(parameter, placement.shape, placement if placement.converted else None)
+        else:
             raise BaseMismatch(f"the model has no parameter {name!r} (adapter made for {adapter.base.name!r})")
-        if tuple(tensor.shape) != tuple(target.shape) or dtypes.name_of(tensor.dtype) != dtypes.name_of(target.dtype):
+        if home.shape != tuple(target.shape) or dtypes.name_of(home.tensor.dtype) != dtypes.name_of(target.dtype):
             raise BaseMismatch(
-                f"{name}: model parameter is {list(tensor.shape)} {dtypes.name_of(tensor.dtype)}, adapter expects "
-                f"{list(target.shape)} {dtypes.name_of(target.dtype)}"
+                f"{name}: model parameter is {list(home.shape)} {dtypes.name_of(home.tensor.dtype)}, adapter "
+                f"expects {list(target.shape)} {dtypes.name_of(target.dtype)}"
             )
-        resolved[name] = tensor
+        resolved[name] = home
     return resolved
 
 
-def _update(name: str, tensor: torch.Tensor, target, *, subtract: bool, stacked: bool) -> None:
-    """The format's one merge rule per kind (``S2FTTarget.shifted``, ``PISATarget.merged``) on the parameter's values."""
+def _update(name: str, home: _Home, target, *, subtract: bool, stacked: bool) -> None:
+    """The format's one merge rule per kind (``S2FTTarget.shifted``, ``PISATarget.merged``) on the model's values."""
     with torch.no_grad():
         if isinstance(target, S2FTTarget):
-            dim = axis_dim(target.axis)
-            index = to_torch(target.indices).to(device=tensor.device)
-            values = target.shifted(as_array(tensor.index_select(dim, index)), name=name, subtract=subtract,
+            index = to_torch(target.indices).to(device=home.tensor.device)
+            values = target.shifted(as_array(home.read(target.axis, index)), name=name, subtract=subtract,
                                     check_reversible=stacked)
-            tensor.index_copy_(dim, index, to_torch(values).to(tensor.device))
+            home.write(to_torch(values), target.axis, index)
         else:
-            tensor.copy_(to_torch(target.merged(as_array(tensor), subtract=subtract)))
+            home.write(to_torch(target.merged(as_array(home.read()), subtract=subtract)))
 
 
 def apply(model: nn.Module, adapter: Adapter) -> None:
     """Add ``adapter``'s delta to the matching parameters of ``model`` in place.
 
-    Parameters are matched by name (``model.layers.0.mlp.down_proj.weight``, as in the checkpoint),
-    shapes and dtypes are checked before anything changes, and applying the same adapter object
-    twice is refused.
+    Parameters are matched by the checkpoint's names (``model.layers.0.mlp.down_proj.weight``), through
+    the model's own layout where transformers holds them otherwise (a model prefix the checkpoint lacks,
+    MoE experts fused on load); shapes and dtypes are checked before anything changes, and applying the
+    same adapter object twice is refused.
     """
     stacked = bool(applied_adapters(model))
     if _is_applied(model, adapter):
         raise S2RegError(f"this adapter is already applied to the model ({adapter.base.name!r}); remove it first")
     done = []
     try:
-        for name, tensor in _resolve(model, adapter).items():
-            _update(name, tensor, adapter.targets[name], subtract=False, stacked=stacked)
-            done.append((name, tensor))
+        for name, home in _resolve(model, adapter).items():
+            _update(name, home, adapter.targets[name], subtract=False, stacked=stacked)
+            done.append((name, home))
     except S2RegError:
-        for name, tensor in reversed(done):
-            _update(name, tensor, adapter.targets[name], subtract=True, stacked=False)
+        for name, home in reversed(done):
+            _update(name, home, adapter.targets[name], subtract=True, stacked=False)
         raise
     setattr(model, APPLIED_ATTRIBUTE, [*applied_adapters(model), adapter])
 
@@ -97,8 +155,8 @@ def remove(model: nn.Module, adapter: Adapter) -> None:
     """Take ``adapter`` out of ``model`` again: bit-exact for S2FT (FORMAT §4.3)."""
     if not _is_applied(model, adapter):
         raise S2RegError("this adapter is not applied to the model")
-    for name, tensor in _resolve(model, adapter).items():
-        _update(name, tensor, adapter.targets[name], subtract=True, stacked=False)
+    for name, home in _resolve(model, adapter).items():
+        _update(name, home, adapter.targets[name], subtract=True, stacked=False)
     setattr(model, APPLIED_ATTRIBUTE, [a for a in applied_adapters(model) if a is not adapter])
 
 

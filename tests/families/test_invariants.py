@@ -11,7 +11,9 @@
    its permutation record, as the official S2FT code leaves it) returns the adapter in original
    coordinates: merged into the base it reproduces the merged base bit for bit;
 5. ``export --to peft-lora`` loads in PEFT and ``merge_and_unload`` equals s2reg's merge;
-6. PISA trains on the family's projections and merges to the trained model's logits.
+6. PISA trains on the family's projections and merges to the trained model's logits;
+7. ``s2reg.apply`` on the live base model (transformers' own layout: fused experts, model prefixes) gives
+   the merged checkpoint's weights and logits bit for bit; ``s2reg.remove`` gives back every bit of the base.
 
 Every invariant trains layer 0, where the zoo puts ``-0.0`` entries into every projection: trained
 slices cross them, and merge, unmerge and permutation must carry them bit for bit (FORMAT §4.3
@@ -324,3 +326,24 @@ def test_unknown_model_type_with_llama_names_is_read_as_llama(zoo_checkpoint, tr
     assert shas(tmp_path / "unpermuted") == shas(strange)
     cli("merge", strange, row.adapter, "-o", tmp_path / "merged")  # the fingerprints are of tensors, not names
     assert shas(tmp_path / "merged") == shas(row.merged)
+
+
+# -- invariant 7 ----------------------------------------------------------------------------------------------
+def bits(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_7_live_apply_equals_the_merged_checkpoint_and_remove_restores_every_bit(name, trained_row):
+    row = trained_row(name)
+    species = zoo.SPECIES[name]
+    model, merged = zoo.load(species, row.base), zoo.load(species, row.merged)
+    base_bits = {n: bits(t) for n, t in model.state_dict().items()}
+    adapter = s2reg.load(row.adapter)
+    s2reg.apply(model, adapter)
+    merged_state = merged.state_dict()
+    changed = {n for n, t in model.state_dict().items() if bits(t) != base_bits[n]}
+    assert changed and all(bits(model.state_dict()[n]) == bits(merged_state[n]) for n in base_bits)
+    assert torch.equal(logits_of(model, row.inputs), logits_of(merged, row.inputs))
+    s2reg.remove(model, adapter)
+    assert {n: bits(t) for n, t in model.state_dict().items()} == base_bits
