@@ -5,6 +5,11 @@ S2FT selects attention heads and FFN channels. A family description (one JSON fi
 beside the checkpoint; format in docs/families.md) says, per tensor of a layer, which roles its
 output units or input units hold and in what layout. Everything else is computed here, once.
 
+Where a family's checkpoint tensors live in a model held in memory (transformers' load-time conversions,
+fused MoE experts, model prefixes) is ``s2reg.arch.layout``, and which modules are matmul layers is
+``s2reg.arch.matmul``; both need torch and are imported only by the code that holds models (training,
+serving, live apply, PEFT interop), never by this package's import.
+
 API (train, zoo, ops, surgery, cli code against this)::
 
     from s2reg.arch import resolve, resolve_source, load_description, Family, ModelInfo, Dims, Coupling

@@ -5,7 +5,7 @@ transformers 5 fuses them on load into ``mlp.experts.gate_up_proj`` ``[experts, 
 ``mlp.experts.down_proj``, which PEFT reaches with ``target_parameters``: per expert ``e`` the delta is
 ``B[:, :, e] @ A[e]`` with ``A`` stored ``[r * experts, in]`` and ``B`` ``[out, r * experts]``. Where each
 checkpoint tensor's elements sit in the fused parameter comes from transformers' own reverse conversion
-(``train.layout``), on a model built on the meta device (no weights are read); the same map names the
+(``arch.layout``), on a model built on the meta device (no weights are read); the same map names the
 module of every other target as transformers builds it. A trained expert slice is
 whole rows (or whole columns) of its expert's matrix, so the factors are exact one-hot ones, as for
 ``nn.Linear`` targets.
@@ -23,7 +23,7 @@ import torch
 from ..errors import S2RegError
 from ..format import S2FTTarget
 from ..format.arrays import to_torch
-from ..train.layout import Placement, placements
+from ..arch.layout import Placement, placements
 from .peft_files import architecture
 
 

@@ -24,7 +24,7 @@ from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter, S2FTTarget, dtypes
 from ..format.arrays import as_array, to_torch
 from ..format.s2ft import EXPERT_AXES, axis_dim
-from ..train.layout import Placement, placements, stored_name
+from ..arch.layout import Placement, placements, stored_name
 
 APPLIED_ATTRIBUTE = "s2reg_applied"
 

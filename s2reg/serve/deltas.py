@@ -12,8 +12,8 @@ in one of two shapes:
   is run again for the sequences that use the adapter with them swapped into the parameter, and the
   parameter's own values swapped back right after (bit for bit: values are copied, never recomputed).
 
-Where a checkpoint tensor lives in the model comes from ``train.layout`` (transformers' own conversions),
-and the matmul kind from ``train.matmul``: no family is named here.
+Where a checkpoint tensor lives in the model comes from ``arch.layout`` (transformers' own conversions),
+and the matmul kind from ``arch.matmul``: no family is named here.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from ..format import Adapter, S2FTTarget
 from ..format.arrays import read_array, to_torch
 from ..format.s2ft import take
 from ..tensors import TensorSource
-from ..train.layout import Placement, stored_name
-from ..train.matmul import matmul_kind
+from ..arch.layout import Placement, stored_name
+from ..arch.matmul import matmul_kind
 
 
 @dataclass(frozen=True)

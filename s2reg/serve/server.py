@@ -38,7 +38,7 @@ from ..ops.permute import read_permutation
 from ..registry import load_adapter
 from ..surgery.lock import locked_for_reading
 from ..tensors import CheckpointSource
-from ..train.layout import placements
+from ..arch.layout import placements
 from .deltas import Delta, live_deltas
 from .routing import Routing
 from .served import Batch, ServedModule

@@ -6,7 +6,7 @@ except the chosen slices or coefficients (ordinary ``nn.Parameter`` objects: use
 ready-made loop behind ``s2reg train``; ``S2RegTrainerMixin`` trains a prepared model inside
 transformers' ``Trainer`` and TRL's trainers (checkpoints of the slices, the adapter at the end).
 Heads and channels come from the model's family description (``s2reg.arch``, checkpoint names and
-coordinates); ``layout`` finds each checkpoint tensor in the model as transformers holds it (fused MoE
+coordinates); ``s2reg.arch.layout`` finds each checkpoint tensor in the model as transformers holds it (fused MoE
 experts, renamed modules), so adapters always name the checkpoint's tensors. transformers is needed only
 to load models and tokenizers and to follow its load-time conversions.
 """

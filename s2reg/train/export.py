@@ -15,7 +15,7 @@ from ..format.arrays import as_array, to_torch
 from ..format.s2ft import put
 from ..ops.permute import Permutation, permute_s2ft_target, read_permutation, to_original
 from .fsdp import whole
-from .layout import placements, stored_name
+from ..arch.layout import placements, stored_name
 from .pisa import layer as pisa_layer
 from .s2ft import experts as s2ft_experts
 from .s2ft import layer as s2ft_layer

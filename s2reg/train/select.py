@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import S2RegError
 from ..format import Adapter, S2FTTarget
-from .matmul import matmul_kind
+from ..arch.matmul import matmul_kind
 from .s2ft.config import HEAD_ROLES
 from .targets import Coupled, ModelMap, kv_to_heads
 

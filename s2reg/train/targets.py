@@ -17,7 +17,7 @@ from torch import nn
 from ..arch import ModelInfo, resolve
 from ..arch.model import Coupling
 from ..errors import S2RegError
-from .layout import Placement, placements, stored_name
+from ..arch.layout import Placement, placements, stored_name
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import s2reg
 from s2reg.errors import S2RegError
 from s2reg.tensors import CheckpointSource
 from s2reg.train import PISAConfig, S2FTConfig, export_adapter, prepare_pisa, prepare_s2ft
-from s2reg.train.layout import placements
+from s2reg.arch.layout import placements
 from s2reg.train.targets import map_model
 
 from ..families import zoo

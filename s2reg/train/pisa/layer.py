@@ -17,7 +17,7 @@ from torch import nn
 
 from ...format.pisa import grid_of, half_width, reconstruct, self_conjugate_columns
 from ..fsdp import whole
-from ..matmul import matmul, matmul_kind
+from ...arch.matmul import matmul, matmul_kind
 from ..ways_out import report_trained_weight
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...errors import S2RegError
-from ..matmul import matmul_kind
+from ...arch.matmul import matmul_kind
 from ..targets import map_model
 from .config import PISAConfig
 from .layer import attach

@@ -10,7 +10,7 @@ The experts module keeps its class, its parameters (frozen: ``requires_grad=Fals
 ``.grad``) and its kernel; its forward becomes one autograd node whose output is transformers' own
 experts forward, computed without a graph, so logits and routing are exactly the untouched model's.
 The trainable values are one small vector per 3-D parameter, ``s2ft_<parameter>``, in checkpoint order
-(``train/layout.py``). The frozen parameter is never written (as in ``layer.py``, so that FSDP's
+(``arch/layout.py``). The frozen parameter is never written (as in ``layer.py``, so that FSDP's
 gathered shards stay the truth): the forward runs the kernel on the effective weight, the frozen one
 with the trained values put in, and the backward rebuilds each reached expert's effective matrices.
 
@@ -40,7 +40,7 @@ from torch import nn
 
 from ...errors import S2RegError
 from ..fsdp import whole
-from ..matmul import matmul
+from ...arch.matmul import matmul
 from ..ways_out import report_trained_weight
 from .layer import autocast_state, input_gradient, master, replay_autocast, slice_gradient
 

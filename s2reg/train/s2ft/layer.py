@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..fsdp import whole
-from ..matmul import matmul, matmul_kind
+from ...arch.matmul import matmul, matmul_kind
 from ..ways_out import report_trained_weight
 
 

@@ -2,7 +2,7 @@
 
 Which stored indices a head or channel owns in which checkpoint tensor is the family description's
 business (``s2reg.arch``: fused, interleaved, transposed, per-expert layouts); where that tensor lives
-in memory is ``train/layout.py``'s. A checkpoint tensor that a matmul layer computes with directly gets
+in memory is ``arch/layout.py``'s. A checkpoint tensor that a matmul layer computes with directly gets
 partial back-propagation on its row or column slice (``layer.py``); an expert inside transformers'
 fused 3-D expert parameters gets it per expert (``experts.py``).
 """
@@ -17,8 +17,8 @@ from torch import nn
 
 from ...errors import S2RegError
 from ...format.s2ft import axis_length, slice_shape
-from ..layout import Placement
-from ..matmul import matmul_kind
+from ...arch.layout import Placement
+from ...arch.matmul import matmul_kind
 from ..select import select
 from ..targets import Coupled, ModelMap, heads_to_kv, map_model
 from .config import CHANNEL_ROLES, HEAD_ROLES, S2FTConfig
