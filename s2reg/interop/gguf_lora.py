@@ -36,6 +36,7 @@ from ..format import Adapter
 from ..fsatomic import check_free, write_file
 from .peft_files import PREFIX, read_peft, with_portable_base
 from .peft_lora import export_lora
+from .pisa_lowrank import DEFAULT_MAX_ERROR
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,8 @@ def _pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return (torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1))
 
 
-def gguf_tensors(adapter: Adapter, base: str | os.PathLike | None = None, *,
-                 rank: int | None = None) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+def gguf_tensors(adapter: Adapter, base: str | os.PathLike | None = None, *, rank: int | None = None,
+                 max_error: float = DEFAULT_MAX_ERROR) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """``(architecture, {gguf tensor name: F32 factor}, export report)`` for ``adapter`` on llama.cpp."""
     import gguf
 
@@ -138,7 +139,7 @@ def gguf_tensors(adapter: Adapter, base: str | os.PathLike | None = None, *,
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     names = gguf.TensorNameMap(arch, info.layers)
     with tempfile.TemporaryDirectory(prefix="s2reg-gguf-") as scratch:
-        report = export_lora(adapter, Path(scratch) / "peft", rank=rank, base=base)
+        report = export_lora(adapter, Path(scratch) / "peft", rank=rank, max_error=max_error, base=base)
         config, weights = read_peft(Path(scratch) / "peft", "LORA")
     pairs = {}
     for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
@@ -166,18 +167,20 @@ def gguf_tensors(adapter: Adapter, base: str | os.PathLike | None = None, *,
 
 
 def export_gguf_lora(adapter: Adapter, output: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                     rank: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+                     rank: int | None = None, max_error: float = DEFAULT_MAX_ERROR,
+                     overwrite: bool = False) -> dict[str, Any]:
     """Write ``adapter`` as a llama.cpp LoRA adapter GGUF at ``output``; the export report.
 
     ``base``: the checkpoint directory the adapter is for (its family and head counts); by default the
-    adapter's recorded base name when that is a directory. ``rank``: PISA's truncated SVD (as ``export_lora``).
+    adapter's recorded base name when that is a directory. ``rank``, ``max_error``: PISA's low-rank export, as
+    ``export_lora``'s.
     """
     import gguf
 
     output = Path(output)
     check_free(output, overwrite=overwrite)
     adapter, base = with_portable_base(adapter, base)
-    arch, tensors, summary = gguf_tensors(adapter, base, rank=rank)
+    arch, tensors, summary = gguf_tensors(adapter, base, rank=rank, max_error=max_error)
     with tempfile.TemporaryDirectory(prefix="s2reg-gguf-") as scratch:
         staged = Path(scratch) / "adapter.gguf"
         writer = gguf.GGUFWriter(staged, arch)
