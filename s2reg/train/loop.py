@@ -284,34 +284,20 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return parameters
 
 
-def train(
-    model: nn.Module,
-    examples: list[Example],
-    config: TrainConfig,
-    *,
-    pad_id: int = 0,
-    eval_examples: list[Example] | None = None,
-    state_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    on_step: Callable[[Progress], None] = lambda _: None,
-    on_warning: Callable[[str], None] | None = None,
-    run_identity: dict[str, Any] | None = None,
-    keep_state: bool = False,
-) -> TrainResult:
+def train(model: nn.Module, examples: list[Example], config: TrainConfig, *, pad_id: int = 0,
+          eval_examples: list[Example] | None = None, state_dir: str | os.PathLike | None = None, resume: bool = False,
+          on_step: Callable[[Progress], None] = lambda _: None, on_warning: Callable[[str], None] | None = None,
+          run_identity: dict[str, Any] | None = None, keep_state: bool = False) -> TrainResult:
     """Train the parameters that require grad (after ``prepare_s2ft`` / ``prepare_pisa``) on ``examples``.
 
-    Under ``torchrun`` (an initialised process group) every rank takes its share of each global batch
-    (``batch_size`` per rank); gradients are reduced once per optimizer step, after the last of its
-    ``grad_accum`` micro-batches. A model sharded with ``fully_shard`` (``fsdp.shard``) trains as it is
-    (FSDP's reduce-scatter, ``set_requires_gradient_sync`` while accumulating); any other is wrapped in DDP.
-
-    ``state_dir`` keeps a resumable state every ``save_every`` steps (``RunState``); ``resume`` continues
-    from it, bit for bit where the uninterrupted run would be, and refuses a state whose settings or
-    ``run_identity`` (what else defines the run: ``run_training`` passes its options and the data's
-    sha256) differ. The state is removed at the end, or, with ``keep_state``, saved there for the caller
-    to discard once the result is safe. The first step that moves a trained weight by more than
-    ``change.STEP_LIMIT`` of its norm is reported once through ``on_warning`` (default: a
-    ``LargeStepWarning``); the result carries the run's relative weight change.
+    Under ``torchrun`` every rank takes ``batch_size`` of each global batch; gradients are reduced once
+    per optimizer step (DDP, or FSDP's reduce-scatter for a model sharded with ``fully_shard``).
+    ``state_dir`` keeps a resumable state every ``save_every`` steps (``RunState``); ``resume``
+    continues it bit for bit, refusing other settings or another ``run_identity`` (what else defines the
+    run: ``run_training`` passes its options and the data's sha256); ``keep_state`` leaves the final state
+    for the caller to drop once the result is safe. Steps are capped at ``max_step_change`` and the first
+    runaway is reported through ``on_warning`` (default: a ``LargeStepWarning``); the result carries the
+    run's relative weight change.
     """
     config.check()
     torch.manual_seed(config.seed)
@@ -319,9 +305,7 @@ def train(
     config.check_fills_a_step(len(examples), _rank_world()[1])
     stepper = _Stepper(model, parameters, config, pad_id)
     state = RunState(state_dir, config, run_identity) if state_dir else None
-    watch = WeightWatch(model)  # before resuming, so the change is measured from the base weights
-    start = state.load(parameters, stepper.optimizer) if resume and state and state.exists() else 0
-    watch.settle()
+    watch, start = _start(model, state, resume, parameters, stepper.optimizer)
     steps, total = _steps(examples, config, start)
     result = TrainResult(steps=start, tokens=0, seconds=0.0, resumed_from=start)
     if eval_examples:
@@ -341,11 +325,18 @@ def train(
     result.weight_change, result.largest_step_change = watch.relative_change(), watch.largest_step
     if eval_examples:
         result.eval_loss_after = evaluate(model, eval_examples, pad_id)
-    if state and keep_state:
-        state.save(result.steps, parameters, stepper.optimizer)
-    elif state:
-        state.discard()
+    if state:  # kept for a caller who drops it once the result is safe, else dropped now
+        state.save(result.steps, parameters, stepper.optimizer) if keep_state else state.discard()
     return result
+
+
+def _start(model: nn.Module, state: RunState | None, resume: bool, parameters, optimizer) -> tuple[WeightWatch, int]:
+    """The weight watch (taken before resuming, so the change is measured from the base weights) and the
+    step to start from (the saved one when resuming)."""
+    watch = WeightWatch(model)
+    start = state.load(parameters, optimizer) if resume and state and state.exists() else 0
+    watch.settle()
+    return watch, start
 
 
 def _watch_step(watch: WeightWatch, step: int, result: TrainResult, on_warning: Callable[[str], None] | None,

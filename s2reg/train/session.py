@@ -189,6 +189,13 @@ def _check_before_loading(base, options: TrainOptions, records: list, device: st
     return choose_objective(checkpoint_config, records), arch_file
 
 
+def _split(examples: list, options: TrainOptions) -> tuple[list, list]:
+    """``(held out, trained on)``: ``eval_fraction`` of the examples, in a seeded order."""
+    random.Random(options.loop.seed).shuffle(examples)
+    held = int(len(examples) * options.eval_fraction)
+    return examples[:held], examples[held:]
+
+
 def _prepare(model, options: TrainOptions, train_examples: list, pad: int, arch_file, device: str):
     """The model made trainable by the options' method; the prepared model and the options as chosen."""
     config = options.method_config
@@ -251,10 +258,8 @@ def run_training(
     model, tokenizer = load_base(base, options.dtype, load_device, objective, seed=options.loop.seed)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    examples = tokenize(records, tokenizer, options.max_length, objective, seed=options.loop.seed)
-    random.Random(options.loop.seed).shuffle(examples)
-    held = int(len(examples) * options.eval_fraction)
-    eval_examples, train_examples = examples[:held], examples[held:]
+    eval_examples, train_examples = _split(tokenize(records, tokenizer, options.max_length, objective,
+                                                    seed=options.loop.seed), options)
     prepared, options = _prepare(model, options, train_examples, pad_id(tokenizer), arch_file, load_device)
     if options.fsdp:
         shard(model, device=device, mixed_precision=options.dtype == "bf16", cpu_offload=options.cpu_offload)

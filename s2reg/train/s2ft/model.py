@@ -115,6 +115,34 @@ def _wanted(mapping: ModelMap, layers: list[int], roles: tuple[str, ...], select
     return wanted
 
 
+def _attach_all(prepared: PreparedS2FT, mapping: ModelMap, wanted: Wanted) -> None:
+    """Make every wanted slice trainable: a matmul layer's own slice parameter, or one trainable vector per
+    converted parameter (fused experts) holding all its tensors' slices."""
+    carried: dict[str, list[tuple[Coupled, set[str], torch.Tensor]]] = {}  # fused expert parameter -> its tensors
+    for name, (c, trained_roles, indices) in wanted.items():
+        module, attr = mapping.owner(c.placement.parameter)
+        group = _group_size(c, trained_roles, indices, mapping)
+        if not c.placement.converted and attr == "weight" and matmul_kind(module) is not None:
+            parameter = f"{c.placement.parameter.rpartition('.')[0]}.s2ft_slice"
+            prepared.parameters[parameter] = attach(module, c.axis, indices)
+            prepared.slices[name] = TrainedSlice(name, tuple(sorted(trained_roles)), c.axis, indices, group, c.placement,
+                                                 parameter, None)
+        else:
+            carried.setdefault(c.placement.parameter, []).append((c, trained_roles, indices))
+    for parameter, tensors in carried.items():
+        module, attr = mapping.owner(parameter)
+        positions, offset = [], 0
+        trainable = f"{parameter.rpartition('.')[0]}.s2ft_{attr}"
+        for c, trained_roles, indices in tensors:
+            flat = c.placement.slice_positions(c.axis, indices).reshape(-1)
+            prepared.slices[c.name] = TrainedSlice(c.name, tuple(sorted(trained_roles)), c.axis, indices,
+                                                   _group_size(c, trained_roles, indices, mapping), c.placement,
+                                                   trainable, offset)
+            positions.append(flat)
+            offset += flat.numel()
+        prepared.parameters[trainable] = attach_experts(module, attr, torch.cat(positions))
+
+
 def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibration=None,
                  arch_file: str | Path | None = None) -> PreparedS2FT:
     """Freeze ``model`` except the S2FT slices chosen by ``config``; return the selection and parameters.
@@ -143,28 +171,6 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibrat
     wanted = _wanted(mapping, layers, roles, selection)
     if not wanted:
         raise S2RegError(f"nothing to train: roles {list(roles)} have no selected heads/channels")
-    carried: dict[str, list[tuple[Coupled, set[str], torch.Tensor]]] = {}  # fused expert parameter -> its tensors
-    for name, (c, trained_roles, indices) in wanted.items():
-        module, attr = mapping.owner(c.placement.parameter)
-        group = _group_size(c, trained_roles, indices, mapping)
-        if not c.placement.converted and attr == "weight" and matmul_kind(module) is not None:
-            parameter = f"{c.placement.parameter.rpartition('.')[0]}.s2ft_slice"
-            prepared.parameters[parameter] = attach(module, c.axis, indices)
-            prepared.slices[name] = TrainedSlice(name, tuple(sorted(trained_roles)), c.axis, indices, group, c.placement,
-                                                 parameter, None)
-        else:
-            carried.setdefault(c.placement.parameter, []).append((c, trained_roles, indices))
-    for parameter, tensors in carried.items():  # one trainable vector per parameter, all its tensors' slices
-        module, attr = mapping.owner(parameter)
-        positions, offset = [], 0
-        trainable = f"{parameter.rpartition('.')[0]}.s2ft_{attr}"
-        for c, trained_roles, indices in tensors:
-            flat = c.placement.slice_positions(c.axis, indices).reshape(-1)
-            prepared.slices[c.name] = TrainedSlice(c.name, tuple(sorted(trained_roles)), c.axis, indices,
-                                                   _group_size(c, trained_roles, indices, mapping), c.placement,
-                                                   trainable, offset)
-            positions.append(flat)
-            offset += flat.numel()
-        prepared.parameters[trainable] = attach_experts(module, attr, torch.cat(positions))
+    _attach_all(prepared, mapping, wanted)
     model.s2reg_prepared = prepared
     return prepared
