@@ -138,6 +138,25 @@ def test_writer_names_shapes_metadata_and_exact_deltas(family, zoo_checkpoint, t
             np.testing.assert_array_equal(product, expected, err_msg=name)
 
 
+def test_pisa_exports_its_low_rank_factors_within_the_reported_error(tmp_path):
+    """PISA on q (rotary order) and down: B @ A against the dense delta in float64, within export's reported error."""
+    from ..surgery.helpers import pisa, tiny
+
+    base = tiny(tmp_path / "base", dtype=torch.float32)
+    adapter = pisa(base, roles=("q", "down"))
+    report = export_gguf_lora(adapter, tmp_path / "a.gguf", base=base)
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
+    for name, target in adapter.targets.items():
+        key = gguf_name(name)
+        product = np.asarray(tensors[f"{key}.lora_b"].data, np.float64) @ np.asarray(tensors[f"{key}.lora_a"].data, np.float64)
+        expected = np.asarray(target.to_dense(), dtype=np.float64)
+        if "q_proj" in name:
+            expected = expected[rope_order(expected.shape[0], 4)]
+        error = np.linalg.norm(product - expected) / np.linalg.norm(expected)
+        assert error <= report["relative_error"][name] * (1 + 1e-3) + 1e-7, name
+    assert report["max_relative_error"] <= 1e-3
+
+
 def test_the_q_rows_really_move(zoo_checkpoint, tmp_path):
     """The rotary permutation is not the identity on the rows trained: the test above would see a missing one."""
     base = zoo_checkpoint("llama")
@@ -267,14 +286,16 @@ def _transformers(directory, prompts, new_tokens):
     return logits, continuations
 
 
-# F32 in both engines, summed in different orders: logits agree to this, relative to the largest logit.
-LOGIT_TOLERANCE = 1e-4
+# F32 in both engines (weights, factors and llama.cpp's KV cache), summed in different orders: the largest logit
+# difference over the largest logit (measured: 3.6e-7 for the base, 3.4e-7 with the adapter, which itself moves
+# the logits by 1.1).
+LOGIT_TOLERANCE = 1e-5
 PROMPTS = [[1, 17, 42, 9, 88, 23], [1, 5, 5, 61, 30, 77, 12, 3, 95], [1, 64]]
 NEW_TOKENS = 12
 
 
 @pytest.mark.slow
-def test_llama_cpp_runs_the_adapter_like_transformers_on_the_merged_checkpoint(llama_cpp, tmp_path, monkeypatch):
+def test_llama_cpp_runs_the_adapter_like_transformers_on_the_merged_checkpoint(llama_cpp, tmp_path, monkeypatch, capsys):
     """An S2FT adapter on q/k/v/up/gate rows and o/down columns of a tiny Llama, applied by llama-cpp-python to an F32
     GGUF that llama.cpp's own converter made: the logits of transformers on the merged checkpoint, the same greedy
     continuations. The same adapter written without the rotary row order on q/k is visibly wrong."""
@@ -302,6 +323,10 @@ def test_llama_cpp_runs_the_adapter_like_transformers_on_the_merged_checkpoint(l
     def error(theirs, ours):
         return max(float(np.abs(np.asarray(t) - o).max() / np.abs(o).max()) for t, o in zip(theirs, ours))
 
+    with capsys.disabled():
+        print(f"\nllama.cpp vs transformers, largest logit difference / largest logit: base {error(plain['logits'], base_logits):.1e}, "
+              f"with the adapter {error(ran['logits'], expected_logits):.1e} (the adapter moves them by "
+              f"{error(expected_logits, base_logits):.1e})")
     assert error(plain["logits"], base_logits) < LOGIT_TOLERANCE  # the base GGUF is the base
     assert error(ran["logits"], expected_logits) < LOGIT_TOLERANCE
     assert ran["continuations"] == expected
@@ -314,6 +339,10 @@ def test_llama_cpp_runs_the_adapter_like_transformers_on_the_merged_checkpoint(l
     assert error(wrong["logits"], expected_logits) > 100 * LOGIT_TOLERANCE
 
 
+# The share of greedy tokens before the first difference, llama.cpp on the Q4_1 GGUF vs transformers on the bf16
+# fixture (which rounds the dequantised Q4_1 weights to bf16, so even the bases differ slightly). Measured
+# 2026-12-07: with the adapter 2/5 continuations equal, 57% of the tokens; the bases alone 3/5, 82%.
+AGREEMENT = 0.4
 SMOLLM2_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
                    "The three primary colors are", "To make a cup of tea, first"]
 
@@ -354,4 +383,4 @@ def test_llama_cpp_on_the_quantized_smollm2_gguf(llama_cpp, smollm2_dir, tmp_pat
         for prompt, a, b in zip(SMOLLM2_PROMPTS, ours["continuations"], merged):
             print(f"  {prompt!r}: llama.cpp {tokenizer.decode(a)!r} | transformers {tokenizer.decode(b)!r}")
     assert merged != plain and ours["continuations"] != base["continuations"]  # the adapter changes both
-    assert with_adapter[0] >= len(prompts) - 1
+    assert with_adapter[1] >= AGREEMENT
