@@ -38,8 +38,8 @@ COMMANDS: dict[str, Lazy] = {
     "demo": Lazy("demo", "demo_command", "The tour on embedded defaults: fixture model, S2FT and PISA adapters, "
                                          "inspect, merge/unmerge, then train -> push (local registry) -> fuse -> merge."),
     "diff": Lazy("diff", "diff_command", "Compare A and B: two adapters (paths or NAME:TAG) or two checkpoints."),
-    "export": Lazy("interop", "export_command", "Write ADAPTER as a PEFT LoRA directory (loads with "
-                                                "PeftModel.from_pretrained; serve it with vLLM)."),
+    "export": Lazy("interop", "export_command", "Write ADAPTER as a PEFT LoRA directory (vLLM, PEFT) or a "
+                                                "llama.cpp LoRA GGUF (llama.cpp, Ollama)."),
     "extract": Lazy("extract", "extract_command", "Compare BASE and TUNED tensor by tensor and store what changed "
                                                   "as an adapter."),
     "fuse": Lazy("fuse", "fuse_command", "Fuse ADAPTERS (same kind, same base) into one adapter."),

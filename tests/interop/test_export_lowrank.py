@@ -266,3 +266,22 @@ def test_one_thread_is_per_thread_and_restored():
     finally:
         release.set()
         torch.set_num_threads(before)
+
+
+def test_the_cli_refuses_over_max_error_in_one_line_and_exports_within_it(base, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from s2reg.cli import main
+
+    pisa(base, k=6, roles=("v", "down")).save(tmp_path / "adapter")
+    run = CliRunner().invoke
+    refused = run(main, ["export", str(tmp_path / "adapter"), "-o", str(tmp_path / "refused"), "--rank", "2"])
+    assert refused.exit_code == 1 and "over the tolerance 0.001" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "refused").exists()
+    loose = run(main, ["export", str(tmp_path / "adapter"), "-o", str(tmp_path / "loose"), "--max-error", "0.05",
+                       "--json"])
+    assert loose.exit_code == 0, loose.output
+    report = json.loads(loose.stdout)
+    assert report["max_error"] == 0.05 and report["max_relative_error"] <= 0.05
