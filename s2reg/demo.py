@@ -139,7 +139,7 @@ def _train_push_fuse_merge(workdir: Path, base_dir: Path, known: Adapter, step: 
 
     step("training an S2FT adapter (2 heads and 32 FFN channels per layer, disjoint from the first one)")
     options = TrainOptions(S2FTConfig(channels=32, heads=2, roles=("o", "down"), exclude=(known,)),
-                           loop=TrainConfig(epochs=2, batch_size=8, lr=5e-4), eval_fraction=0.25,
+                           loop=TrainConfig(epochs=2, batch_size=8, lr=2.5e-4), eval_fraction=0.25,
                            base_name="s2reg-demo/tiny-llama", device="cpu")
     run = run_training(base_dir, _pattern_data(workdir / "pattern.jsonl"), options, output=workdir / "trained-adapter")
     step("pushing both adapters to the local registry (registry/ in the work directory)")
