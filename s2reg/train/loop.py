@@ -188,10 +188,9 @@ class RunState:
             return
         key, was, is_now = found
         if key == "global_batch":
-            was = f"{was} ({saved['batch_size']} per process x {saved['processes']})"
-        raise S2RegError(f"{self.directory}: the saved run has {key} = {json.dumps(was)}, this one "
-                         f"{json.dumps(is_now)}; resume with the same options and data (the global batch is "
-                         "--batch-size x processes), or delete it to start over")
+            key, was = "global batch", f"{was} ({saved['batch_size']} per process x {saved['processes']})"
+        raise S2RegError(f"{self.directory}: the saved run has {key} {was}, this one {is_now}; resume with the same "
+                         "options and data (the global batch is --batch-size x processes), or delete it to start over")
 
     def load(self, parameters: dict[str, nn.Parameter], optimizer) -> int:
         """Restore the parameters, the optimizer and the random generators; the step to continue from."""

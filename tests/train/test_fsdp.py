@@ -285,7 +285,7 @@ def test_bad_set_ups_are_refused_before_a_model_loads(tmp_path, monkeypatch, arg
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr("s2reg.train.session.load_base", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr("s2reg.cli.train._distributed", lambda fsdp: (0, int(environment.get("WORLD_SIZE", 1))))
+    monkeypatch.setattr("s2reg.train.session.join_process_group", lambda fsdp: (0, int(environment.get("WORLD_SIZE", 1))))
     base = _checkpoint("llama", tmp_path / "base")
     result = CliRunner().invoke(main, ["train", "--base", str(base), "--data", str(_data(base, tmp_path)), "--method",
                                        "s2ft", "-o", str(tmp_path / "out"), *map(str, args)])
