@@ -19,8 +19,9 @@ Methods (``GRID``, in the order of what decides the defaults): S2FT-R at the tra
 PISA at the trainer's defaults, then S2FT random and weight selection at 2,764,800 parameters as 160
 channels or 1 ``o`` head + 96 channels per layer, PEFT LoRA matched to that count on all seven
 projections (r=9, alpha 2r), and full fine-tuning. Each at five log-spaced learning rates (``LRS``).
-Order: seed 0 of every point first (the rates from the middle out), then seeds 1 and 2 at each front's
-knee and the rates beside it (``knee``). A method spec can carry options (``Method.parse``), e.g.
+Order, group by group: seed 0 of every point (the rates from the middle out), then seeds 1 and 2 at each
+front's knee (``knee``). Several runs may share one ``--out`` (one per core): each point is claimed with
+a lock that dies with its process. A method spec can carry options (``Method.parse``), e.g.
 ``pisa:roles=q+v,coefficients=426,scale=40.96``, ``pisa:positions=low``, ``fourierft:init=zero``.
 
 Tasks (fixtures/quality_tasks.py): ``skill`` (reverse 4-digit numbers; shifted: 5 and 6 digits) and
@@ -85,6 +86,10 @@ SPREAD = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]  # two decades around the adapters' work
 LRS = {"s2ft": SPREAD, "pisa": SPREAD, "lora": SPREAD, "fourierft": SPREAD, "full": [3e-6, 1e-5, 3e-5, 1e-4, 3e-4]}
 STEPS = 100
 SEEDS = 3
+# The trainer's per-step cap is off: a front shows what the learning rate does, and PEFT's methods have no
+# cap. ``large_steps`` then counts the steps past change.STEP_LIMIT, so a default can be checked to run
+# clear of the cap.
+STEP_CAP = 0.0
 
 # The size S2FT's larger variants and the matched LoRA share: 160 down channels x 30 layers = 1 o head
 # + 96 down channels per layer = PEFT LoRA r=9 on all seven projections (within 1%).
@@ -159,11 +164,12 @@ def knee(points: list[dict]) -> int:
 
 def schedule(groups, tasks: list[str], steps: int, seeds: int, done: dict[Point, dict],
              lrs: list[float] | None = None) -> list[Point]:
-    """Every point still to run, in order: seed 0 of each group (rates middle-out, then task, then method),
-    then, group by group, the other seeds at each front's knee and its neighbouring rates. A front's extra
-    seeds are scheduled once its seed-0 points are all done (the knee is read from them)."""
-    first, extra = [], []
+    """Every point still to run, in order, group by group: seed 0 (rates middle-out, then task, then method),
+    then the other seeds at each front's knee, so the groups that decide the defaults finish first. A
+    front's extra seeds are scheduled once its seed-0 points are all done (the knee is read from them)."""
+    queue = []
     for group in groups:
+        first, extra = [], []
         methods = [Method.parse(spec) for spec in group]
         grid = {m.spec: lrs or LRS[m.kind] for m in methods}
         for rank in range(max(len(v) for v in grid.values())):
@@ -177,10 +183,26 @@ def schedule(groups, tasks: list[str], steps: int, seeds: int, done: dict[Point,
                 front = [done.get(Point(m.spec, task, lr, 0, steps)) for lr in sorted(grid[m.spec])]
                 if None in front:
                     continue
-                k = knee(front)
-                near = [front[i]["lr"] for i in (k, k - 1, k + 1) if 0 <= i < len(front)]
-                extra += [Point(m.spec, task, lr, seed, steps) for seed in range(1, seeds) for lr in near]
-    return [p for p in first + extra if p not in done]
+                lr = front[knee(front)]["lr"]
+                extra += [Point(m.spec, task, lr, seed, steps) for seed in range(1, seeds)]
+        queue += first + extra
+    return [p for p in queue if p not in done]
+
+
+def claim(out: Path, point: Point) -> int | None:
+    """A descriptor holding ``point``'s lock, or None when another process runs it; the lock is released
+    when the descriptor closes or the process dies."""
+    import fcntl
+
+    claims = out / ".claims"
+    claims.mkdir(exist_ok=True)
+    fd = os.open(claims / point.filename, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def read_points(directory: Path) -> dict[Point, dict]:
@@ -396,7 +418,7 @@ class Bench:
         warnings: list[str] = []
         started = time.perf_counter()
         result = train(model, examples, TrainConfig(max_steps=point.steps, epochs=100, batch_size=BATCH, lr=point.lr,
-                                                    seed=point.seed),
+                                                    seed=point.seed, max_step_change=STEP_CAP),
                        pad_id=self.tokenizer.pad_token_id, on_warning=warnings.append)
         trained = time.perf_counter()
         model.eval()
@@ -407,7 +429,8 @@ class Bench:
                   "first_loss": result.losses[0], "final_loss": result.losses[-1],
                   **accuracies(merged, self.tokenizer, task),
                   "prose_nll": prose_nll(merged, self.prose), "agreement": agreement(merged, self.references),
-                  "relative_change": change, "large_steps": result.large_steps if merged is model else None,
+                  "relative_change": change, "max_step_change": STEP_CAP,
+                  "large_steps": result.large_steps if merged is model else None,
                   "warnings": warnings[:1], "train_seconds": round(trained - started, 1),
                   "eval_seconds": round(time.perf_counter() - trained, 1),
                   "base": {"prose_nll": self.base["prose_nll"], **self.base["tasks"][point.task]},
@@ -573,9 +596,18 @@ def main() -> None:
         todo = schedule(groups, args.tasks, args.steps, args.seeds, done, args.lrs)  # again: knees come from new points
         if not todo:
             break
-        point = todo[0]
+        claimed = next(((p, lock) for p in todo if (lock := claim(out, p))), None)
+        if claimed is None:
+            break  # the rest is being run by other processes
+        point, lock = claimed
+        if (out / point.filename).exists():  # finished by another process since this one read the directory
+            done[point] = json.loads((out / point.filename).read_text())
+            os.close(lock)
+            continue
         record = bench.run(point)
         write_file(out / point.filename, (json.dumps(record, indent=1) + "\n").encode(), mode=0o644)
+        os.close(lock)
+        done.update(read_points(out))
         done[point] = record
         ran += 1
         print(f"[{len(todo) - 1} left] {point.method} {point.task} lr={point.lr:g} seed={point.seed}: "

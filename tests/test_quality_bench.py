@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,14 +92,28 @@ def test_schedule_runs_seed_zero_first_then_seeds_at_the_knee(quality):
     assert [(p.method, p.lr) for p in plan] == [("s2ft-R", 1e-3), ("lora", 1e-3), ("s2ft-R", 1e-2), ("lora", 1e-2),
                                                 ("s2ft-R", 1e-4), ("lora", 1e-4), ("pisa", 1e-3), ("pisa", 1e-2),
                                                 ("pisa", 1e-4)]
-    # s2ft-R's front is complete with its knee at 1e-3: extra seeds there and at the rates beside it
+    # s2ft-R's front is complete with its knee at 1e-3: its extra seeds there come after its group's
+    # seed-0 points and before the next group's
     done = {p: point_record(quality, p, acc, rise)
             for p, acc, rise in zip(plan[0::2][:3], (0.8, 1.0, 0.0), (0.05, 0.5, 0.0))}
     later = quality.schedule(groups, ["skill"], 10, 3, done, lrs)
     assert not set(done) & set(later)
-    assert [p.seed for p in later[:6]] == [0] * 6  # every seed-0 point before any extra seed
-    extra = [(p.method, p.lr, p.seed) for p in later if p.seed]
-    assert extra == [("s2ft-R", lr, seed) for seed in (1, 2) for lr in (1e-3, 1e-4, 1e-2)]
+    assert [(p.method, p.lr, p.seed) for p in later] == (
+        [("lora", lr, 0) for lr in (1e-3, 1e-2, 1e-4)] + [("s2ft-R", 1e-3, 1), ("s2ft-R", 1e-3, 2)]
+        + [("pisa", lr, 0) for lr in (1e-3, 1e-2, 1e-4)])
+
+
+def test_a_claimed_point_is_skipped_by_other_processes_until_released(quality, tmp_path):
+    point = quality.Point("s2ft-R", "skill", 1e-3, 0, 100)
+    held = quality.claim(tmp_path, point)
+    assert held is not None
+    script = ("import sys; sys.path.insert(0, 'bench'); import quality; from pathlib import Path; "
+              f"print(quality.claim(Path({str(tmp_path)!r}), quality.Point('s2ft-R', 'skill', 1e-3, 0, 100)))")
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert other.stdout.strip() == "None"
+    os.close(held)
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert again.stdout.strip().isdigit()
 
 
 def test_point_files_are_one_per_point(quality):
