@@ -75,6 +75,17 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch) if epoch else None))
 
 
+_PROVENANCE_KEYS = frozenset({"tool", "created", "source", "training"})  # FORMAT §3: every manifest has them
+
+
+def _complete_provenance(given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` with this tool, this time and ``from_slices`` for what it leaves out; a complete one (a
+    loaded manifest's) is kept exactly as it is, so nothing is stamped anew (nor the clock read) on load."""
+    if _PROVENANCE_KEYS <= given.keys():
+        return dict(given)
+    return {"tool": f"s2reg {__version__}", "created": _now(), "source": "from_slices", "training": None, **given}
+
+
 def _reader(base: TensorReader | Mapping[str, Any]) -> Callable[[str], np.ndarray]:
     return lambda name: read_array(base, name)
 
@@ -87,7 +98,7 @@ class Adapter:
     """
 
     kind: ClassVar[str]
-    target_type: ClassVar[type]
+    target_type: ClassVar[type[Target]]
 
     def __init__(
         self,
@@ -97,20 +108,16 @@ class Adapter:
         params: Mapping[str, Any] | None = None,
         provenance: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
+        allow_nonfinite: bool = False,
     ):
+        """Every adapter, built or loaded, passes :meth:`check` here (``allow_nonfinite`` as there)."""
         self.targets: dict[str, Target] = dict(sorted(targets.items()))
         self.base = base
         self.params = dict(params or {})
-        self.provenance = {
-            "tool": f"s2reg {__version__}",
-            "created": _now(),
-            "source": "from_slices",
-            "training": None,
-            **(provenance or {}),
-        }
+        self.provenance = _complete_provenance(provenance or {})
         self.extra = dict(extra or {})
         self.stored: Stored | None = None
-        self.check()
+        self.check(allow_nonfinite=allow_nonfinite)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self.targets)} targets, base={self.base.name!r}>"
@@ -153,7 +160,7 @@ class Adapter:
         if not hashes:
             return
         names = [name for name, _ in expected]
-        for (name, fp), sha in zip(expected, on_every_core(base.sha256_of, names)):
+        for (name, fp), sha in zip(expected, on_every_core(base.sha256_of, names), strict=True):
             if sha != fp.sha256:
                 raise BaseMismatch(
                     f"{name}: base tensor differs from the one this adapter was made for ({self.base.name!r})"
@@ -396,14 +403,11 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     fingerprints = {
         name: Fingerprint(tuple(fp["shape"]), fp["dtype"], fp["sha256"]) for name, fp in base["fingerprints"].items()
     }
-    adapter = cls.__new__(cls)
-    adapter.targets = dict(sorted(targets.items()))
-    adapter.base = BaseModel(base["name"], base["revision"], fingerprints,
-                             {k: v for k, v in base.items() if k not in {"name", "revision", "fingerprints"}})
-    adapter.params = data["params"]
-    adapter.provenance = data["provenance"]
-    adapter.extra = {k: v for k, v in data.items() if k not in manifest.TOP_KEYS}
-    adapter.check(allow_nonfinite=allow_nonfinite)
+    adapter = cls(targets,
+                  BaseModel(base["name"], base["revision"], fingerprints,
+                            {k: v for k, v in base.items() if k not in {"name", "revision", "fingerprints"}}),
+                  params=data["params"], provenance=data["provenance"],
+                  extra={k: v for k, v in data.items() if k not in manifest.TOP_KEYS}, allow_nonfinite=allow_nonfinite)
     if adapter.format_version != data["format_version"]:
         raise FormatError(f"{path}: its targets need format_version {adapter.format_version} (restore lists: 2, "
                           f"expert axes: 3, else 1), the manifest says {data['format_version']} (FORMAT §3.6: "

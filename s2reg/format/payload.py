@@ -7,8 +7,6 @@ The result is an ordinary safetensors file that any safetensors reader opens.
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Mapping
 
 import numpy as np
@@ -20,21 +18,9 @@ MAX_HEADER_BYTES = safetensors_header.PAYLOAD_MAX_HEADER_BYTES
 
 
 def header_layout(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """The 8-byte length prefix plus the padded JSON header for ``tensors`` in name order."""
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        size = t.nbytes
-        header[name] = {
-            "dtype": dtypes.name_of(t.dtype),
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
+    """The 8-byte length prefix plus the padded JSON header for ``tensors`` in name order, keys sorted."""
+    header, _ = safetensors_header.encode(((name, tensors[name]) for name in sorted(tensors)), metadata, sort_keys=True)
+    return header
 
 
 def dump(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:

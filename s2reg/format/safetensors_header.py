@@ -1,4 +1,4 @@
-"""The one reader of safetensors headers (FORMAT §6.1), for every file s2reg opens.
+"""The one reader and the one writer of safetensors headers (FORMAT §6.1), for every file s2reg touches.
 
 Payloads, checkpoint shards and surgery journals are all read through :func:`read`, with the same
 strict rules: the 8-byte length is bounded by a cap and by the file; the header is a UTF-8 JSON
@@ -6,13 +6,18 @@ object of bounded depth; every entry has a known dtype, a shape of non-negative 
 integer ``data_offsets`` whose span is exactly the tensor's bytes; the spans, sorted, tile the data
 section from 0 to the end of the file with no gap, overlap, alias or trailing byte. A file in which
 two tensors share bytes would let a patch of one silently rewrite the other, so it is refused.
+
+:func:`encode` lays out the header of every file s2reg writes (payloads, journals, checkpoint shards)
+before any tensor is produced, so the tensors can then be streamed one at a time.
 """
 
 from __future__ import annotations
 
+import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from ..errors import FormatError
 from . import boundedjson, dtypes
@@ -129,3 +134,37 @@ def read_buffer(data: bytes | memoryview, *, max_header_bytes: int = PAYLOAD_MAX
     """:func:`read` over bytes in memory."""
     view = memoryview(data)
     return read(lambda offset, n: bytes(view[offset : offset + n]), len(view), max_header_bytes=max_header_bytes)
+
+
+class TensorLayout(Protocol):
+    """What the header says of a tensor (a numpy array, a checkpoint writer's plan of one)."""
+
+    @property
+    def dtype(self) -> Any: ...  # numpy's or torch's; written as its name of FORMAT §2
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+def encode(tensors: Iterable[tuple[str, TensorLayout]], metadata: Mapping[str, str] | None, *,
+           sort_keys: bool) -> tuple[bytes, list[int]]:
+    """The length prefix and the space-padded compact JSON header for ``tensors`` laid out contiguously in
+    the order given, and each one's offset in the data section.
+
+    ``__metadata__`` is written unless ``metadata`` is None. ``sort_keys`` sorts every JSON object's keys,
+    as FORMAT §6.1 fixes for payloads; without it, keys keep their order (``__metadata__`` first, then
+    the tensors; ``dtype``, ``shape``, ``data_offsets``), the order the safetensors library writes.
+    """
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
+    offsets, offset = [], 0
+    for name, tensor in tensors:
+        size = tensor.nbytes
+        header[name] = {"dtype": dtypes.name_of(tensor.dtype), "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offsets.append(offset)
+        offset += size
+    text = json.dumps(header, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets

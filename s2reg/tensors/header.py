@@ -7,9 +7,7 @@ header can be laid out before any tensor is produced and the tensors then stream
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,14 +65,4 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 def layout(specs, metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
     """Header bytes (length prefix included) for tensors in the given order, and their data offsets."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offsets, offset = [], 0
-    for spec in specs:
-        header[spec.name] = {"dtype": dtypes.name_of(spec.dtype), "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
-        offsets.append(offset)
-        offset += spec.nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, offsets
+    return safetensors_header.encode(((spec.name, spec) for spec in specs), metadata or None, sort_keys=False)

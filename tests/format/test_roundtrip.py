@@ -161,6 +161,28 @@ def test_source_date_epoch_sets_created(monkeypatch):
     assert s2ft_adapter().provenance["created"] == "1970-01-01T00:00:00Z"
 
 
+def test_load_builds_through_the_constructor_and_keeps_the_stored_provenance(tmp_path, monkeypatch):
+    """FORMAT §3.7: a loaded adapter is the stored one: the constructor checks it (``allow_nonfinite`` passed
+    through) and stamps nothing anew, neither the tool nor the clock (an unusable SOURCE_DATE_EPOCH included)."""
+    from s2reg.format import adapter as adapter_module
+
+    adapter = s2ft_adapter(provenance={"source": "train", "tool": "s2reg 0.0.1", "created": "2020-01-01T00:00:00Z",
+                                       "training": {"steps": 3}, "note": "kept"})
+    adapter.save(tmp_path / "a")
+    built = []
+
+    class Counted(adapter_module.S2FTAdapter):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["allow_nonfinite"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setitem(adapter_module.ADAPTER_TYPES, "s2ft", Counted)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "not a number")
+    loaded = s2reg.load(tmp_path / "a", allow_nonfinite=True)
+    assert type(loaded) is Counted and built == [True]
+    assert list(loaded.provenance.items()) == sorted(adapter.provenance.items())  # as stored (keys sorted)
+
+
 def test_parts_helper_matches_saved_manifest(tmp_path):
     adapter = s2ft_adapter()
     adapter.save(tmp_path / "a", compress=False)

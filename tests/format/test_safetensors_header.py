@@ -121,3 +121,36 @@ def test_files_written_by_the_safetensors_library_are_accepted(tmp_path, reader)
     loaded, metadata = payload.load(data)
     assert metadata == {"format": "pt"}
     assert all(torch.equal(to_torch(loaded[name]), t) for name, t in tensors.items())
+
+
+@pytest.mark.parametrize("metadata", [None, {"note": "é"}])  # one key: the library's metadata order is a hash map's
+def test_checkpoint_shards_are_byte_for_byte_what_the_safetensors_library_writes(tmp_path, metadata):
+    """The one header writer (``safetensors_header.encode``), given the library's tensor order, writes its
+    exact bytes: compact JSON, ``__metadata__`` first, ``dtype``/``shape``/``data_offsets``, space padding."""
+    import torch
+    from safetensors.torch import save
+
+    from s2reg.tensors.writer import save_state_dict
+
+    tensors = {"w": torch.randn(3, 5), "h": torch.zeros(7, dtype=torch.float16), "i": torch.arange(5, dtype=torch.int8),
+               "empty": torch.zeros(0, 4), "b": torch.ones(2, 2, dtype=torch.bfloat16), "é.x": torch.arange(3)}
+    reference = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", reference[:8])
+    order = [name for name in json.loads(reference[8 : 8 + n]) if name != "__metadata__"]
+    assert order != sorted(order)  # the library's order (by dtype, then name) is kept, not re-sorted
+    out = save_state_dict(tmp_path / "ckpt", [(name, tensors[name]) for name in order],
+                          metadata={"model.safetensors": metadata} if metadata else None)
+    assert (out / "model.safetensors").read_bytes() == reference
+
+
+def test_payload_headers_sort_every_key_and_pad_with_spaces():
+    """FORMAT §6.1: compact JSON with every object's keys sorted (``__metadata__`` among the tensor names,
+    ``data_offsets`` before ``dtype``), tensors in name order, padded with spaces to a multiple of 8."""
+    import numpy as np
+
+    tensors = {"b": np.zeros(3, np.float32), "A": np.zeros((1, 2), np.int64), "a": np.zeros(0, np.float16)}
+    data = payload.dump(tensors, {"z": "1", "s2reg.kind": "s2ft"})
+    text = (b'{"A":{"data_offsets":[0,16],"dtype":"I64","shape":[1,2]},"__metadata__":{"s2reg.kind":"s2ft","z":"1"},'
+            b'"a":{"data_offsets":[16,16],"dtype":"F16","shape":[0]},"b":{"data_offsets":[16,28],"dtype":"F32","shape":[3]}}')
+    text += b" " * (-len(text) % 8)
+    assert data == struct.pack("<Q", len(text)) + text + bytes(28)
