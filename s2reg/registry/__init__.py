@@ -18,7 +18,7 @@ _EXPORTS = {
     "load_adapter": ".resolve",
     "Entry": ".store",
     "Store": ".store",
-    "default_root": ".store",
+    "default_root": "..home",
 }
 
 __getattr__ = exports(__name__, _EXPORTS, globals())

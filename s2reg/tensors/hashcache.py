@@ -27,6 +27,7 @@ import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from .. import home
 from ..fsatomic import write_file
 from ..records import is_int
 
@@ -63,9 +64,7 @@ def default_root() -> Path | None:
     """``$S2REG_HOME/hashes``, or None where ``S2REG_HASH_CACHE=0``."""
     if os.environ.get("S2REG_HASH_CACHE", "1") == "0":
         return None
-    from ..registry.store import default_root as home
-
-    return home() / "hashes"
+    return home.default_root() / "hashes"
 
 
 def _parse(data: bytes, stamp: Stamp) -> dict[Range, str]:
