@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,10 +26,35 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _umask_from_proc() -> int | None:
+    """The umask Linux reports in ``/proc/self/status`` (since 4.7); None where it reports none."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_probe() -> int:
+    """The umask read off the mode of a directory made with 0o777 in a private temp directory."""
+    with tempfile.TemporaryDirectory(prefix=".s2reg-umask.") as tmp:
+        probe = os.path.join(tmp, "probe")
+        os.mkdir(probe, 0o777)
+        return 0o777 & ~stat.S_IMODE(os.stat(probe).st_mode)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it.
+
+    ``os.umask`` can only read the mask by setting it (to 0, then back): a file another thread created
+    in between would get mode 0o666 (a directory 0o777). So the mask is read from /proc, or where there
+    is none, off what it does to a probe directory. Read afresh on each call: a program may change it.
+    """
+    mask = _umask_from_proc()
+    return mask if mask is not None else _umask_by_probe()
 
 
 def staging_directory(destination: Path) -> Path:
@@ -37,7 +63,7 @@ def staging_directory(destination: Path) -> Path:
     (``mkdtemp`` makes it owner-only, which would leak into the renamed result.)
     """
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=TEMP_SUFFIX, dir=destination.parent))
-    staging.chmod(0o777 & ~_umask())
+    staging.chmod(0o777 & ~current_umask())
     return staging
 
 
@@ -95,7 +121,7 @@ def _sync_tree(root: Path) -> None:
     A file made here alone (one link) also gets what a plain ``open()`` gives: writers such as
     safetensors' ``save_file`` create owner-only files, which an engine in another account could not
     read. Hard links into the store keep the mode of the blob they share."""
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~current_umask()
     for directory, _, files in os.walk(root):
         for name in files:
             path = Path(directory) / name
@@ -150,7 +176,7 @@ def _replace(path: Path, fill: Callable[[Path], None], mode: int | None) -> None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         try:
-            os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
+            os.fchmod(fd, mode if mode is not None else 0o666 & ~current_umask())
         finally:
             os.close(fd)
         fill(Path(tmp))
