@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .fsdp import like, whole
+from .wrapper import TrainingWrapper, unchanged
 
 # One optimizer step that moves a target by more than this share of its norm is a runaway: at the
 # trainer's default learning rates a step moves a SmolLM2 target by under 0.6% (bench/quality.py),
@@ -54,17 +55,6 @@ class Tracked:
     capped: bool = True                              # s2reg's own (slices, coefficients); others only reported
 
 
-def _pisa_delta(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    from .pisa.layer import block_delta
-
-    shape = tuple(module.weight.shape)
-    return lambda c: block_delta(shape, module.pisa_block, module.pisa_indices, c, module.pisa_scale)
-
-
-def _identity(change: torch.Tensor) -> torch.Tensor:
-    return change
-
-
 def tracked(model: nn.Module) -> list[Tracked]:
     """The trainable parameters of ``model`` and the target weights they move."""
     found = []
@@ -73,14 +63,11 @@ def tracked(model: nn.Module) -> list[Tracked]:
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
-        if attr == "pisa_coefficients":
-            weight, delta, target = module.weight, _pisa_delta(module), f"{module_name}.weight"
-        elif attr == "s2ft_slice":
-            weight, delta, target = module.weight, _identity, f"{module_name}.weight"
-        elif attr.startswith("s2ft_"):
-            weight, delta, target = getattr(module, attr[len("s2ft_"):]), _identity, f"{module_name}.{attr[len('s2ft_'):]}"
+        if isinstance(module, TrainingWrapper):  # s2reg's slices and coefficients: the wrapper says what they move
+            weight_name, delta = module.moves(attr)
+            weight, target = module.base_layer.get_parameter(weight_name), f"{module_name}.{weight_name}"
         else:  # full fine-tuning, another method's factors: watched, not capped
-            weight, delta, target = p, _identity, name
+            weight, delta, target = p, unchanged, name
         norm = float(whole(weight.detach()).double().norm())
         if norm > 0:  # a zero-initialised factor (LoRA's B) has no scale to be relative to
             found.append(Tracked(target, p, norm, delta, capped=weight is not p))
@@ -98,7 +85,7 @@ class WeightWatch:
 
     def settle(self) -> None:
         """Measure the next step from the current values (after a resumed state was loaded)."""
-        for t, previous in zip(self.targets, self.previous):
+        for t, previous in zip(self.targets, self.previous, strict=True):
             previous.copy_(whole(t.parameter.detach()))
 
     def after_step(self, step: int, cap: float = 0.0) -> list[StepWarning]:
@@ -107,7 +94,7 @@ class WeightWatch:
         linear in it); other steps past ``STEP_LIMIT`` are only reported."""
         warnings = []
         with torch.no_grad():
-            for t, previous in zip(self.targets, self.previous):
+            for t, previous in zip(self.targets, self.previous, strict=True):
                 current = whole(t.parameter.detach())
                 moved = float(t.delta(current - previous).double().norm()) / t.weight_norm
                 if cap and t.capped and moved > cap:
@@ -124,7 +111,7 @@ class WeightWatch:
         """``||W_end - W_start|| / ||W_start||`` over all trained targets together (0 when nothing is tracked)."""
         changed = total = 0.0
         with torch.no_grad():
-            for t, start in zip(self.targets, self.start):
+            for t, start in zip(self.targets, self.start, strict=True):
                 changed += float(t.delta(whole(t.parameter.detach()) - start).double().pow(2).sum())
                 total += t.weight_norm ** 2
         return math.sqrt(changed / total) if total else 0.0

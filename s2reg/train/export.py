@@ -15,7 +15,7 @@ from ..format.arrays import as_array, to_torch
 from ..format.s2ft import put
 from ..ops.permute import Permutation, permute_s2ft_target, read_permutation, to_original
 from .fsdp import whole
-from ..arch.layout import placements, stored_name
+from ..arch.layout import stored_name
 from .pisa import layer as pisa_layer
 from .s2ft import experts as s2ft_experts
 from .s2ft import layer as s2ft_layer
@@ -121,8 +121,8 @@ def export_adapter(model: nn.Module, *, base: TensorReader | None = None, base_n
         return S2FTAdapter.from_tuned({k: v.cpu() for k, v in originals.items()}, slices, base_name=_base_name(model, base, base_name),
                                       group_sizes=group_sizes, params=params, provenance=provenance)
     if pisa:
-        stored = {p.parameter: name for name, p in placements(model, {f"{n}.weight" for n in pisa}).items()}
-        keys = {n: _spelled(stored.get(f"{n}.weight", f"{n}.weight"), model, base) for n in pisa}
+        stored = getattr(prepared, "stored_names", {})  # recorded by prepare_pisa, before the layers were wrapped
+        keys = {n: _spelled(stored.get(n, f"{n}.weight"), model, base) for n in pisa}
         weights = base if base is not None else {keys[n]: whole(m.weight.detach()).cpu() for n, m in pisa.items()}
         coefficients, scales = {}, {}
         for name, m in pisa.items():

@@ -106,6 +106,12 @@ class S2RegTrainerMixin:
     (``s2reg_store``: a ``Store`` root; default the user's store).
     """
 
+    # the Trainer's own attributes, which the mixin reads (it comes first in a Trainer subclass)
+    model: nn.Module
+    args: Any
+    state: Any
+    processing_class: Any
+
     def __init__(self, *args: Any, s2reg_base: str | os.PathLike | None = None, s2reg_base_name: str | None = None,
                  s2reg_push: str | None = None, s2reg_store: str | os.PathLike | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -134,19 +140,19 @@ class S2RegTrainerMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The trainable values and the adapter, in place of the whole model (``state_dict`` is the whole
         model's, which the Trainer computed for ``save_pretrained``: not needed)."""
-        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        directory = Path(output_dir if output_dir is not None else self.args.output_dir)
         trainable = trainable_file(self.model)  # collectives first: every rank takes part, one writes
         adapter = self.export_adapter()
         if not self.args.should_save:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_file(output_dir / TRAINABLE_FILE, trainable)
-        adapter.save(output_dir / ADAPTER_DIR, overwrite=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_file(directory / TRAINABLE_FILE, trainable)
+        adapter.save(directory / ADAPTER_DIR, overwrite=True)
         if self.processing_class is not None:  # as the Trainer does: a checkpoint directory is usable as it is
-            self.processing_class.save_pretrained(str(output_dir))
+            self.processing_class.save_pretrained(str(directory))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call)
+        super().save_model(output_dir, _internal_call)  # type: ignore[misc]  # the Trainer's, after this mixin
         if self.s2reg_push and not _internal_call and self.args.should_save:
             from ..registry import Store
 

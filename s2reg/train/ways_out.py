@@ -3,11 +3,13 @@
 The training layers never write the frozen weight (``s2ft/layer.py``: FSDP's gathered shards must stay
 the truth); they compute with an effective weight, the frozen one plus the trained slice or PISA delta.
 Left alone, ``model.state_dict()`` (and everything built on it: ``save_pretrained``, accelerate,
-``torch.save(model.state_dict())``) would hold the BASE weights and the trainable extras beside them,
-which no plain model loads as the fine-tuned one. A state-dict hook on each trained module puts the
-effective weight under the weight's own name and leaves the trainable extras out, so a state dict,
-a saved checkpoint and ``export_adapter`` all describe the same trained model (merging the exported
-adapter into the base gives the state dict's tensors; tests/train/test_ways_out.py).
+``torch.save(model.state_dict())``) would hold the BASE weights under the wrapper's names
+(``q_proj.base_layer.weight``) and the trainable extras beside them, which no plain model loads as the
+fine-tuned one. State-dict hooks on each training wrapper (``wrapper.py``) give the base layer's
+tensors their own names back, the effective weight in place of each trained one, and leave the
+trainable extras out, so a state dict, a saved checkpoint and ``export_adapter`` all describe the same
+trained model (merging the exported adapter into the base gives the state dict's tensors;
+tests/train/test_ways_out.py).
 
 Loading such a state dict back into a prepared model splits each trained weight into the frozen
 weight and the trainable values where that is exact (an S2FT slice is read back at its indices); a
@@ -16,44 +18,58 @@ PISA delta cannot be read back from a dense weight, so that load is refused with
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from ..errors import S2RegError
 from .fsdp import like, whole
 
-Trained = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (module, frozen weight) -> effective weight
-Split = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # trained -> (frozen, trainable)
+if TYPE_CHECKING:
+    from .wrapper import TrainingWrapper
+
+_BASE = "base_layer."
 
 
-def report_trained_weight(module: nn.Module, weight: str, trainable: str, trained: Trained,
-                          split: Split | None) -> None:
-    """Make ``module.state_dict()`` hold ``trained(module, <weight>)`` as ``weight`` and no ``trainable``;
-    ``load_state_dict`` of such a dict loads ``split(module, trained weight)`` (refused when ``split`` is None)."""
-    module.register_state_dict_post_hook(partial(_report, weight=weight, trainable=trainable, trained=trained))
-    module.register_load_state_dict_pre_hook(partial(_take_back, weight=weight, trainable=trainable, split=split))
+def report_trained_weights(wrapper: TrainingWrapper) -> None:
+    """Make ``wrapper.state_dict()`` spell its base layer's tensors by their own names, each trained weight
+    as ``wrapper.trained`` gives it, and no trainable values; ``load_state_dict`` of such a dict loads
+    ``wrapper.split`` of each trained weight (an error of the load where it refuses)."""
+    wrapper.register_state_dict_post_hook(_report)
+    wrapper.register_load_state_dict_pre_hook(_take_back)
 
 
-def _report(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *, weight: str, trainable: str,
-            trained: Trained) -> None:
-    key = prefix + weight
-    if key in state_dict:
-        frozen = module._parameters[weight]
-        with torch.no_grad():  # a sharded (FSDP) weight is gathered, computed whole, and sharded again
-            state_dict[key] = like(trained(module, whole(frozen.detach())), frozen)
-    state_dict.pop(prefix + trainable, None)
+def _report(wrapper: TrainingWrapper, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    trained = wrapper.trained_weights()
+    trainables = set(trained.values())
+    # the wrapper's entries (its own, then its base layer's) are re-entered in that order, renamed
+    own = [(key, state_dict.pop(key)) for key in [k for k in state_dict if k.startswith(prefix)]]
+    for key, value in own:
+        name = key[len(prefix):]
+        if name in trainables:
+            continue
+        name = name.removeprefix(_BASE)
+        if name in trained:
+            frozen = wrapper.base_layer._parameters[name]
+            with torch.no_grad():  # a sharded (FSDP) weight is gathered, computed whole, and sharded again
+                value = like(wrapper.trained(name, whole(frozen.detach())), frozen)
+        state_dict[prefix + name] = value
 
 
-def _take_back(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing: list,
-               unexpected: list, errors: list, *, weight: str, trainable: str, split: Split | None) -> None:
-    key, values = prefix + weight, prefix + trainable
-    if key not in state_dict or values in state_dict:
-        return  # nothing of this module, or a dict that carries the trainable values itself
-    if split is None:
-        errors.append(f"{key} is a trained weight of a PISA layer, whose coefficients cannot be read back from it: "
-                      "resume from the trainer's checkpoint (its trainable state) or load the s2reg adapter")
-        return
-    with torch.no_grad():
-        state_dict[key], state_dict[values] = split(module, whole(state_dict[key]))
+def _take_back(wrapper: TrainingWrapper, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+               missing: list, unexpected: list, errors: list) -> None:
+    trained = wrapper.trained_weights()
+    for name in wrapper.base_layer.state_dict(keep_vars=True):
+        key = prefix + name
+        if key not in state_dict:
+            continue  # nothing of this module, or a dict in the wrapper's own spelling
+        value = state_dict.pop(key)
+        state_dict[prefix + _BASE + name] = value
+        values = prefix + trained.get(name, "")
+        if name not in trained or values in state_dict:
+            continue  # an untrained tensor, or a dict that carries the trainable values itself
+        try:
+            with torch.no_grad():
+                state_dict[prefix + _BASE + name], state_dict[values] = wrapper.split(name, whole(value))
+        except S2RegError as exc:
+            errors.append(f"{key}: {exc}")

@@ -167,7 +167,7 @@ def test_rows_and_columns_of_either_layout_get_exact_gradients(name):
                                    _columns(experts.gate_up_proj.shape, 2, [0, 3, 7])]),
         "down_proj": torch.cat([_columns(experts.down_proj.shape, 1, [2, 4]), _rows(experts.down_proj.shape, 3, [6])]),
     }
-    trainable = {n: attach_experts(experts, n, positions) for n, positions in chosen.items()}
+    trainable = {n: attach_experts(model, "model.layers.0.mlp.experts", n, positions) for n, positions in chosen.items()}
     for p in reference.parameters():
         p.requires_grad_(True)
     inputs = zoo.example_inputs(name)
@@ -191,8 +191,10 @@ def test_an_expert_weight_made_trainable_after_prepare_is_refused_not_silently_f
 
 
 def test_a_slice_that_is_not_whole_rows_or_columns_is_refused():
-    experts = _experts(_model("mixtral"), 0)
+    model = _model("mixtral")
+    experts = _experts(model, 0)
     with pytest.raises(S2RegError, match="neither whole rows nor whole columns"):
-        attach_experts(experts, "down_proj", _rows(experts.down_proj.shape, 1, [2])[:-1])
+        attach_experts(model, "model.layers.0.mlp.experts", "down_proj", _rows(experts.down_proj.shape, 1, [2])[:-1])
+    assert _experts(model, 0) is experts  # a refused slice leaves the module unwrapped
     with pytest.raises(S2RegError, match="fused MoE experts only"):
-        attach_experts(_model("mixtral").model.layers[0].self_attn, "q_proj", torch.arange(3))
+        attach_experts(model, "model.layers.0.self_attn", "q_proj", torch.arange(3))

@@ -9,7 +9,7 @@ import s2reg
 from s2reg.errors import S2RegError
 from s2reg.format.pisa import reconstruct
 from s2reg.train import PISAConfig, export_adapter, prepare_pisa
-from s2reg.train.pisa.layer import attach, canonical_positions, delta, pisa_linear
+from s2reg.train.pisa.layer import PISALinear, canonical_positions, delta, pisa_linear
 from s2reg.format.arrays import to_torch
 
 from .helpers import batch, tiny_model
@@ -17,8 +17,8 @@ from .helpers import batch, tiny_model
 
 def test_gradcheck_on_the_block_layer():
     torch.manual_seed(0)
-    linear = torch.nn.Linear(20, 12, dtype=torch.float64)  # not multiples of the block: padding and crop
-    attach(linear, (8, 8), 5, scale=3.0, generator=torch.Generator().manual_seed(1))
+    linear = PISALinear(torch.nn.Linear(20, 12, dtype=torch.float64),  # not multiples of the block: padding and crop
+                        (8, 8), 5, scale=3.0, generator=torch.Generator().manual_seed(1))
     coefficients = torch.randn(linear.pisa_coefficients.shape, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
     weight = linear.weight.detach().requires_grad_(True)

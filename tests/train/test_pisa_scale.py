@@ -31,7 +31,7 @@ def numpy_delta(shape, block, indices, coefficients, scale) -> np.ndarray:
     hw = half_width(block)
     for n in range(gr * gc):
         spectrum = np.zeros((bh, hw), dtype=complex)
-        for position, (re, im) in zip(indices[n].tolist(), coefficients[n].tolist()):
+        for position, (re, im) in zip(indices[n].tolist(), coefficients[n].tolist(), strict=True):
             spectrum[divmod(position, hw)] = re + 1j * im
         r, c = divmod(n, gc)
         full[r * bh:(r + 1) * bh, c * bw:(c + 1) * bw] = scale * np.fft.irfft2(spectrum, s=(bh, bw))

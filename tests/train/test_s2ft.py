@@ -57,9 +57,8 @@ def test_training_changes_nothing_outside_the_slices_and_export_reproduces_the_m
     trained = model(**batch(model, seed=99)).logits.detach()
     # the frozen weights never change (the forward puts the slice in a copy: FSDP-safe); every slice moved
     # (the parameters themselves: state_dict() reports the trained weights, tests/train/test_ways_out.py)
-    after = dict(model.named_parameters())
-    for name, tensor in before.items():
-        assert torch.equal(after[name].detach().view(torch.uint8), tensor.view(torch.uint8)), name
+    for name, tensor in before.items():  # (the wrapped layers' weights, read by their own names)
+        assert torch.equal(model.get_parameter(name).detach().view(torch.uint8), tensor.view(torch.uint8)), name
     originals = {n: m.s2ft_original for n, m in model.named_modules() if hasattr(m, "s2ft_slice")}
     moved = [n for n, o in originals.items() if not torch.equal(o, dict(model.named_modules())[n].s2ft_slice.detach().to(o.dtype))]
     assert len(moved) == len(prepared.parameters)

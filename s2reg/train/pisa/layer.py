@@ -4,21 +4,20 @@ Frequency positions are drawn once (seeded) and kept as a buffer, then stored ex
 exported adapter (FORMAT §5). The coefficients start at zero, so training starts from the base
 model. The delta is rebuilt once per forward for all blocks at once, with the format's own
 reconstruction (``s2reg.format.pisa.reconstruct``), so training and merging agree exactly.
-``state_dict()`` (and so ``save_pretrained``) holds that effective weight under the weight's own name
-and no coefficients (``ways_out.py``).
+The layer is wrapped (``PISALinear``, ``wrapper.py``); ``state_dict()`` (and so ``save_pretrained``)
+holds that effective weight under the weight's own name and no coefficients (``ways_out.py``).
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
+from ...errors import S2RegError
 from ...format.pisa import grid_of, half_width, reconstruct, self_conjugate_columns
 from ..fsdp import whole
 from ...arch.matmul import matmul, matmul_kind
-from ..ways_out import report_trained_weight
+from ..wrapper import Delta, TrainingWrapper, wrap
 
 
 def canonical_positions(block: tuple[int, int]) -> torch.Tensor:
@@ -38,35 +37,63 @@ def canonical_positions(block: tuple[int, int]) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
-def attach(linear: nn.Module, block: tuple[int, int], k: int, scale: float, generator: torch.Generator) -> nn.Parameter:
-    """Give the matmul layer ``linear`` a trainable PISA delta of ``k`` coefficients per block; return the parameter.
+class PISALinear(TrainingWrapper):
+    """A matmul layer (``base_layer``) plus a trainable PISA delta of ``k`` coefficients per block
+    (``pisa_coefficients``, starting at zero), drawn at ``generator``'s frequency positions.
 
     The delta lives on the STORED weight (``[in, out]`` for GPT-2's Conv1D), as the adapter does.
     """
-    kind = matmul_kind(linear)
-    if kind is None:
-        raise ValueError(f"{type(linear).__name__} is not a matmul layer (nn.Linear or Conv1D)")
-    linear.pisa_transposed = kind == "conv1d"
-    linear.weight.requires_grad_(False)
-    shape = tuple(linear.weight.shape)
-    blocks = grid_of(shape, block)[0] * grid_of(shape, block)[1]
-    offered = canonical_positions(block)
-    if not 1 <= k <= offered.numel():
-        raise ValueError(f"coefficients per block must be 1..{offered.numel()} for a {block[0]}x{block[1]} block")
-    picks = torch.stack([offered[torch.randperm(offered.numel(), generator=generator)[:k]].sort().values
-                         for _ in range(blocks)])
-    linear.pisa_block = block
-    linear.pisa_scale = float(scale)
-    linear.register_buffer("pisa_indices", picks.to(linear.weight.device), persistent=False)
-    dtype = torch.promote_types(linear.weight.dtype, torch.float32)
-    linear.pisa_coefficients = nn.Parameter(torch.zeros(blocks, k, 2, device=linear.weight.device, dtype=dtype))
-    linear.forward = types.MethodType(_forward, linear)
-    report_trained_weight(linear, "weight", "pisa_coefficients", _trained_weight, None)
-    return linear.pisa_coefficients
+
+    def __init__(self, base_layer: nn.Module, block: tuple[int, int], k: int, scale: float,
+                 generator: torch.Generator):
+        kind = matmul_kind(base_layer)
+        if kind is None:
+            raise ValueError(f"{type(base_layer).__name__} is not a matmul layer (nn.Linear or Conv1D)")
+        super().__init__(base_layer)
+        weight = base_layer.get_parameter("weight")
+        self.pisa_transposed = kind == "conv1d"
+        weight.requires_grad_(False)
+        shape = tuple(weight.shape)
+        blocks = grid_of(shape, block)[0] * grid_of(shape, block)[1]
+        offered = canonical_positions(block)
+        if not 1 <= k <= offered.numel():
+            raise ValueError(f"coefficients per block must be 1..{offered.numel()} for a {block[0]}x{block[1]} block")
+        picks = torch.stack([offered[torch.randperm(offered.numel(), generator=generator)[:k]].sort().values
+                             for _ in range(blocks)])
+        self.pisa_block = block
+        self.pisa_scale = float(scale)
+        self.register_buffer("pisa_indices", picks.to(weight.device), persistent=False)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.pisa_coefficients = nn.Parameter(torch.zeros(blocks, k, 2, device=weight.device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pisa_linear(x, self.base_layer.weight, self.base_layer.bias, self.pisa_coefficients, self.pisa_indices,
+                           self.pisa_block, self.pisa_scale, self.pisa_transposed)
+
+    def trained_weights(self) -> dict[str, str]:
+        return {"weight": "pisa_coefficients"}
+
+    def trained(self, weight: str, frozen: torch.Tensor) -> torch.Tensor:
+        return effective_weight(frozen, whole(self.pisa_coefficients.detach()), self.pisa_indices, self.pisa_block,
+                                self.pisa_scale)
+
+    def split(self, weight: str, trained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise S2RegError("a PISA layer's coefficients cannot be read back from its trained weight: resume from the "
+                         "trainer's checkpoint (its trainable state) or load the s2reg adapter")
+
+    def moves(self, trainable: str) -> tuple[str, Delta]:
+        shape = tuple(self.base_layer.weight.shape)
+        return "weight", lambda c: block_delta(shape, self.pisa_block, self.pisa_indices, c, self.pisa_scale)
+
+
+def attach(model: nn.Module, name: str, block: tuple[int, int], k: int, scale: float,
+           generator: torch.Generator) -> nn.Parameter:
+    """Wrap the matmul layer ``name`` of ``model`` in a ``PISALinear``; return its coefficients."""
+    return wrap(model, name, lambda layer: PISALinear(layer, block, k, scale, generator)).pisa_coefficients
 
 
 def is_attached(module: nn.Module) -> bool:
-    return hasattr(module, "pisa_coefficients")
+    return isinstance(module, PISALinear)
 
 
 def block_delta(shape: tuple[int, int], block: tuple[int, int], indices: torch.Tensor, coefficients: torch.Tensor,
@@ -84,7 +111,8 @@ def effective_weight(weight: torch.Tensor, coefficients: torch.Tensor, indices: 
                      scale: float) -> torch.Tensor:
     """``W + delta`` in the weight's dtype: what the forward computes with, and what ``state_dict`` reports."""
     precision = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
-    d = block_delta(tuple(weight.shape), block, indices, coefficients, scale, precision)
+    rows, cols = weight.shape
+    d = block_delta((rows, cols), block, indices, coefficients, scale, precision)
     return weight + d.to(weight.dtype)
 
 
@@ -95,17 +123,7 @@ def pisa_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return matmul(x, effective_weight(weight, coefficients, indices, block, scale), bias, transposed)
 
 
-def _trained_weight(linear: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    return effective_weight(weight, whole(linear.pisa_coefficients.detach()), linear.pisa_indices, linear.pisa_block,
-                            linear.pisa_scale)
-
-
-def delta(linear: nn.Linear) -> torch.Tensor:
-    """The current dense delta of a PISA-attached linear layer."""
+def delta(linear: PISALinear) -> torch.Tensor:
+    """The current dense delta of a PISA layer."""
     return block_delta(tuple(linear.weight.shape), linear.pisa_block, linear.pisa_indices, linear.pisa_coefficients,
                        linear.pisa_scale)
-
-
-def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return pisa_linear(x, linear.weight, linear.bias, linear.pisa_coefficients, linear.pisa_indices, linear.pisa_block,
-                       linear.pisa_scale, linear.pisa_transposed)

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from ...errors import S2RegError
+from ...arch.layout import placements
 from ...arch.matmul import matmul_kind
+from ..wrapper import refuse_prepared
 from ..targets import map_model
 from .config import PISAConfig
 from .layer import attach
@@ -19,6 +21,9 @@ from .layer import attach
 class PreparedPISA:
     config: PISAConfig
     parameters: dict[str, nn.Parameter] = field(default_factory=dict)
+    # module name -> the checkpoint name of its weight, read before the module was wrapped (the wrapper's
+    # parameter names are not the model's: ``<module>.base_layer.weight``)
+    stored_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_trainable(self) -> int:
@@ -66,20 +71,22 @@ def prepare_pisa(model: nn.Module, config: PISAConfig | None = None, *, arch_fil
     """Freeze ``model`` and add trainable PISA coefficients (zero: the model is unchanged at first)."""
     config = config or PISAConfig()
     config.check()
+    refuse_prepared(model)
     chosen = chosen_targets(model, config, arch_file)
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
-    prepared = PreparedPISA(config)
+    stored = placements(model, {f"{name}.weight" for name, _ in chosen})
+    prepared = PreparedPISA(config, stored_names={p.parameter.removesuffix(".weight"): key for key, p in stored.items()})
     for name, module in chosen:
-        shape = tuple(module.weight.shape)
+        shape = tuple(module.get_parameter("weight").shape)
         block = (min(config.block, shape[0]), min(config.block, shape[1]))
         try:
             prepared.parameters[f"{name}.pisa_coefficients"] = attach(
-                module, block, config.coefficients, config.scale_for(block), generator)
+                model, name, block, config.coefficients, config.scale_for(block), generator)
         except ValueError as exc:
             raise S2RegError(f"{name}: {exc}") from None
     if not prepared.parameters:
         raise S2RegError("nothing to train: no target module matched")
-    model.s2reg_prepared = prepared
+    model.s2reg_prepared = prepared  # type: ignore[assignment]  # nn.Module types attributes as tensors
     return prepared

@@ -6,10 +6,11 @@ transformers keeps an MoE layer's experts as 3-D parameters of one module (``gat
 (``eager``, ``grouped_mm``, ``batched_mm``...). S2FT trains a few channels of some experts: rows or
 columns of the per-expert matrices ``W[e]``.
 
-The experts module keeps its class, its parameters (frozen: ``requires_grad=False``, never a
-``.grad``) and its kernel; its forward becomes one autograd node whose output is transformers' own
-experts forward, computed without a graph, so logits and routing are exactly the untouched model's.
-The trainable values are one small vector per 3-D parameter, ``s2ft_<parameter>``, in checkpoint order
+The experts module is wrapped (``S2FTExperts``, ``wrapper.py``) and keeps its class, its parameters
+(frozen: ``requires_grad=False``, never a ``.grad``) and its kernel; the wrapper's forward is one
+autograd node whose output is transformers' own experts forward, computed without a graph, so logits
+and routing are exactly the untouched model's. The trainable values are one small vector per 3-D
+parameter, the wrapper's ``s2ft_<parameter>``, in checkpoint order
 (``arch/layout.py``). The frozen parameter is never written (as in ``layer.py``, so that FSDP's
 gathered shards stay the truth): the forward runs the kernel on the effective weight, the frozen one
 with the trained values put in, and the backward rebuilds each reached expert's effective matrices.
@@ -30,10 +31,9 @@ As on matmul layers, ``state_dict()`` holds the effective 3-D parameter under it
 from __future__ import annotations
 
 import inspect
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from torch import nn
 from ...errors import S2RegError
 from ..fsdp import whole
 from ...arch.matmul import matmul
-from ..ways_out import report_trained_weight
+from ..wrapper import Delta, TrainingWrapper, unchanged, wrap
 from .layer import autocast_state, input_gradient, master, replay_autocast, slice_gradient
 
 # The weight names of transformers' ``use_experts_implementation`` modules: the first projection
@@ -92,43 +92,74 @@ def _blocks(shape: torch.Size, positions: torch.Tensor, where: str) -> list[_Blo
     return blocks
 
 
-def attach_experts(module: nn.Module, name: str, positions: torch.Tensor) -> nn.Parameter:
-    """Make the fused-experts ``module`` train only the elements at flat ``positions`` of its 3-D
-    parameter ``name`` (whole rows or columns of some experts' matrices).
+class S2FTExperts(TrainingWrapper):
+    """A transformers fused-experts module (``base_layer``) that trains only some elements of its 3-D
+    parameters (whole rows or columns of some experts' matrices), added one parameter at a time
+    (``train``). Its forward is the base layer's own, on the effective weights, as one autograd node."""
 
-    The trainable values are ``module.s2ft_<name>`` (1-D, in the order of ``positions``); the
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.s2ft_positions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (flat positions, original)
+        self.s2ft_blocks: dict[str, list[_Block]] = {}
+        self._signature = inspect.signature(base_layer.forward)
+
+    def trained_weights(self) -> dict[str, str]:
+        return {name: f"s2ft_{name}" for name in self.s2ft_positions}
+
+    def trained(self, weight: str, frozen: torch.Tensor) -> torch.Tensor:
+        return _effective(frozen, self.s2ft_positions[weight][0], whole(getattr(self, f"s2ft_{weight}").detach()))
+
+    def split(self, weight: str, trained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A trained 3-D parameter (a state dict's) split into the frozen one (original values put back) and the values."""
+        index, original = self.s2ft_positions[weight]
+        index = index.to(trained.device)
+        flat = trained.reshape(-1)
+        return flat.index_copy(0, index, original.to(trained)).view(trained.shape), flat.index_select(0, index)
+
+    def moves(self, trainable: str) -> tuple[str, Delta]:
+        return trainable.removeprefix("s2ft_"), unchanged  # the values are elements of the parameter
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        hidden, top_k_index, top_k_weights = list(bound.arguments.values())[:3]
+        trained = [n for n, p in self.base_layer._parameters.items() if p is not None and p.requires_grad]
+        if trained:  # the backward below gives gradients to the S2FT slices only
+            raise S2RegError(f"{type(self.base_layer).__name__}.{trained[0]} requires grad beside its S2FT slices; "
+                             "freeze it")
+        names = list(self.s2ft_positions)
+        return _PartialExperts.apply(self, names, hidden, top_k_index, top_k_weights,
+                                     *(getattr(self, f"s2ft_{n}") for n in names))
+
+
+def attach_experts(model: nn.Module, module_name: str, name: str, positions: torch.Tensor) -> nn.Parameter:
+    """Make the fused-experts module ``module_name`` of ``model`` train only the elements at flat
+    ``positions`` of its 3-D parameter ``name`` (whole rows or columns of some experts' matrices).
+
+    The module is wrapped in an ``S2FTExperts`` (once: its other parameters join the same wrapper). The
+    trainable values are the wrapper's ``s2ft_<name>`` (1-D, in the order of ``positions``); the
     parameter keeps its name and class and changes only at those positions.
     """
+    current = model.get_submodule(module_name)
+    wrapper = current if isinstance(current, S2FTExperts) else None
+    module = wrapper.base_layer if wrapper is not None else current
     where = f"{type(module).__name__}.{name}"
     if not is_experts(module, name):
         raise S2RegError(f"{where}: S2FT trains slices of matmul weights and of transformers' fused MoE experts only")
-    param = module._parameters[name]
-    param.requires_grad_(False)
+    if name in getattr(wrapper, "s2ft_positions", {}):
+        raise S2RegError(f"{where} is already trained")
+    param = module.get_parameter(name)
     index = positions.to(device=param.device, dtype=torch.long).reshape(-1)
+    blocks = _blocks(param.shape, index, where)
+    if wrapper is None:
+        wrapper = wrap(model, module_name, S2FTExperts)
+    param.requires_grad_(False)
     original = param.detach().reshape(-1).index_select(0, index).clone()
-    if not hasattr(module, "s2ft_positions"):
-        module.s2ft_positions, module.s2ft_blocks = {}, {}
-        module._s2ft_inner_forward = module.forward
-        module._s2ft_signature = inspect.signature(module.forward)
-        module.forward = types.MethodType(_forward, module)
-    module.s2ft_positions[name] = (index, original)
-    module.s2ft_blocks[name] = _blocks(param.shape, index, where)
+    wrapper.s2ft_positions[name] = (index, original)
+    wrapper.s2ft_blocks[name] = blocks
     values = master(original)
-    module.register_parameter(f"s2ft_{name}", values)
-    report_trained_weight(module, name, f"s2ft_{name}", partial(_trained, name), partial(_split, name))
+    wrapper.register_parameter(f"s2ft_{name}", values)
     return values
-
-
-def _trained(name: str, module: nn.Module, param: torch.Tensor) -> torch.Tensor:
-    return _effective(param, module.s2ft_positions[name][0], whole(getattr(module, f"s2ft_{name}").detach()))
-
-
-def _split(name: str, module: nn.Module, trained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A trained 3-D parameter (a state dict's) split into the frozen one (original values put back) and the values."""
-    index, original = module.s2ft_positions[name]
-    index = index.to(trained.device)
-    flat = trained.reshape(-1)
-    return flat.index_copy(0, index, original.to(trained)).view(trained.shape), flat.index_select(0, index)
 
 
 def carried_slices(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -149,36 +180,24 @@ def _effective_expert(weight: torch.Tensor, expert: int, block: _Block | None, v
     return weight[expert].index_copy(block.dim - 1, block.indices, values[block.order].to(weight.dtype))
 
 
-def _forward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
-    bound = module._s2ft_signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    hidden, top_k_index, top_k_weights = list(bound.arguments.values())[:3]
-    trained = [n for n, p in module._parameters.items()
-               if p is not None and p.requires_grad and not n.startswith("s2ft_")]
-    if trained:  # the backward below gives gradients to the S2FT slices only
-        raise S2RegError(f"{type(module).__name__}.{trained[0]} requires grad beside its S2FT slices; freeze it")
-    names = list(module.s2ft_positions)
-    return _PartialExperts.apply(module, names, hidden, top_k_index, top_k_weights,
-                                 *(getattr(module, f"s2ft_{n}") for n in names))
-
-
 @contextmanager
-def _effective_parameters(module: nn.Module, trainables: dict[str, torch.Tensor]):
-    """transformers' kernel reads ``module.<name>``: the effective weights stand in for the block."""
-    frozen = {name: module._parameters[name] for name in trainables}
+def _effective_parameters(wrapper: S2FTExperts, trainables: dict[str, torch.Tensor]):
+    """transformers' kernel reads ``base_layer.<name>``: the effective weights stand in for the block."""
+    base = wrapper.base_layer
+    frozen = {name: base._parameters[name] for name in trainables}
     try:
         for name, values in trainables.items():
-            module._parameters[name] = _effective(frozen[name], module.s2ft_positions[name][0], values)
+            base._parameters[name] = _effective(frozen[name], wrapper.s2ft_positions[name][0], values)
         yield
     finally:
-        module._parameters.update(frozen)
+        base._parameters.update(frozen)
 
 
-def _gate(module: nn.Module, first: torch.Tensor) -> torch.Tensor:
+def _gate(module: Any, first: torch.Tensor) -> torch.Tensor:
     return module._apply_gate(first) if module.has_gate else module.act_fn(first)
 
 
-def _routed_output(module: nn.Module, second: torch.Tensor, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _routed_output(module: Any, second: torch.Tensor, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An expert's contribution to its tokens' outputs, as transformers' kernels form it."""
     out = module.post_expert_norm(second) if module.has_post_expert_norm else second
     return (out * routed[:, None]).to(dtype)
@@ -186,16 +205,17 @@ def _routed_output(module: nn.Module, second: torch.Tensor, routed: torch.Tensor
 
 class _PartialExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, names, hidden, top_k_index, top_k_weights, *trainables):
-        ctx.module, ctx.names = module, names
+    def forward(ctx, wrapper, names, hidden, top_k_index, top_k_weights, *trainables):
+        ctx.wrapper, ctx.names = wrapper, names
+        module = wrapper.base_layer
         ctx.trainable_dtypes = [t.dtype for t in trainables]
         ctx.first = "gate_up_proj" if module.has_gate else "up_proj"
         ctx.autocast = autocast_state(hidden.device.type)
         # the frozen weights are saved so that autograd catches an in-place change before the backward
         ctx.save_for_backward(hidden, top_k_index, top_k_weights, module._parameters[ctx.first],
                               module._parameters[_SECOND], *trainables)
-        with _effective_parameters(module, dict(zip(names, trainables, strict=True))):
-            return module._s2ft_inner_forward(hidden, top_k_index, top_k_weights)
+        with _effective_parameters(wrapper, dict(zip(names, trainables, strict=True))):
+            return module(hidden, top_k_index, top_k_weights)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -204,16 +224,17 @@ class _PartialExperts(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        module = ctx.module
+        wrapper = ctx.wrapper
+        module = wrapper.base_layer
         transposed = bool(module.is_transposed)
         hidden, top_k_index, top_k_weights, w_first, w_second, *trainables = ctx.saved_tensors
         values = dict(zip(ctx.names, trainables, strict=True))
         need_x, need_w = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
         grad_x = torch.zeros_like(hidden) if need_x else None
         grad_w = torch.zeros_like(top_k_weights) if need_w else None
-        grads = {n: torch.zeros(module.s2ft_positions[n][0].numel(), dtype=d, device=hidden.device)
+        grads = {n: torch.zeros(wrapper.s2ft_positions[n][0].numel(), dtype=d, device=hidden.device)
                  for n, d in zip(ctx.names, ctx.trainable_dtypes, strict=True)}
-        blocks = {n: {b.expert: b for b in module.s2ft_blocks[n]} for n in ctx.names}
+        blocks = {n: {b.expert: b for b in wrapper.s2ft_blocks[n]} for n in ctx.names}
         for expert in top_k_index.unique().tolist():
             first_block = blocks.get(ctx.first, {}).get(expert)
             second_block = blocks.get(_SECOND, {}).get(expert)
@@ -253,7 +274,7 @@ class _PartialExperts(torch.autograd.Function):
         return (None, None, grad_x, None, grad_w, *grads.values())
 
 
-def _bias(module: nn.Module, name: str, expert: int) -> torch.Tensor | None:
+def _bias(module: Any, name: str, expert: int) -> torch.Tensor | None:
     return module._parameters[f"{name}_bias"][expert] if module.has_bias else None
 
 

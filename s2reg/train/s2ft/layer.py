@@ -17,13 +17,13 @@ use the same two rules per expert (``experts.py``). Under autocast (transformers
 backward runs under the forward's autocast state, so its matmuls take the dtypes an ``nn.Linear``'s
 would.
 
-Every way out of the model sees the trained weights: ``state_dict()`` (and so ``save_pretrained``)
-holds the effective weight under the weight's own name and no ``s2ft_slice`` (``ways_out.py``).
+The layer is wrapped, not patched: ``S2FTLinear`` holds it as ``base_layer`` (``wrapper.py``). Every
+way out of the model sees the trained weights: ``state_dict()`` (and so ``save_pretrained``) holds
+the effective weight under the weight's own name and no ``s2ft_slice`` (``ways_out.py``).
 """
 
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -31,7 +31,7 @@ from torch import nn
 
 from ..fsdp import whole
 from ...arch.matmul import matmul, matmul_kind
-from ..ways_out import report_trained_weight
+from ..wrapper import Delta, TrainingWrapper, unchanged, wrap
 
 
 def input_gradient(grad_y: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -105,61 +105,67 @@ def master(values: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(values.to(torch.promote_types(values.dtype, torch.float32), copy=True))
 
 
-def attach(module: nn.Module, axis: str, indices: torch.Tensor) -> nn.Parameter:
-    """Make the matmul layer ``module`` train only the ``axis`` slice ``indices`` of its stored weight.
+class S2FTLinear(TrainingWrapper):
+    """A matmul layer (``base_layer``) that trains only the ``axis`` slice ``indices`` of its stored weight.
 
-    The module keeps its class and its ``weight`` name (checkpoints, ``s2reg.apply`` and DDP see the
-    same model); it gains the parameter ``s2ft_slice`` and a forward with partial back-propagation.
-    ``weight`` itself is frozen and never changes.
+    The slice is the parameter ``s2ft_slice``; the base layer's ``weight`` is frozen and never changes.
     """
-    if axis not in ("rows", "columns"):
-        raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
-    kind = matmul_kind(module)
-    if kind is None:
-        raise ValueError(f"{type(module).__name__} is not a matmul layer (nn.Linear or Conv1D)")
-    weight = module.weight
-    weight.requires_grad_(False)
-    index = indices.to(device=weight.device, dtype=torch.long)
-    dim = 0 if axis == "rows" else 1
-    original = weight.detach().index_select(dim, index).clone()
-    module.s2ft_axis = axis
-    module.s2ft_transposed = kind == "conv1d"
-    module.register_buffer("s2ft_indices", index, persistent=False)
-    module.register_buffer("s2ft_original", original, persistent=False)
-    module.s2ft_slice = master(original)
-    module.forward = types.MethodType(_forward, module)
-    report_trained_weight(module, "weight", "s2ft_slice", _trained_weight, _frozen_weight)
-    return module.s2ft_slice
+
+    def __init__(self, base_layer: nn.Module, axis: str, indices: torch.Tensor):
+        if axis not in ("rows", "columns"):
+            raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
+        kind = matmul_kind(base_layer)
+        if kind is None:
+            raise ValueError(f"{type(base_layer).__name__} is not a matmul layer (nn.Linear or Conv1D)")
+        super().__init__(base_layer)
+        weight = base_layer.get_parameter("weight")
+        weight.requires_grad_(False)
+        index = indices.to(device=weight.device, dtype=torch.long)
+        original = weight.detach().index_select(_DIM[axis], index).clone()
+        self.s2ft_axis = axis
+        self.s2ft_transposed = kind == "conv1d"
+        self.register_buffer("s2ft_indices", index, persistent=False)
+        self.register_buffer("s2ft_original", original, persistent=False)
+        self.s2ft_slice = master(original)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        outputs = (self.s2ft_axis == "rows") != self.s2ft_transposed  # a slice of output features?
+        return _SliceMatmul.apply(x, weight, self.base_layer.bias, self.s2ft_slice, self.s2ft_indices,
+                                  _DIM[self.s2ft_axis], outputs, self.s2ft_transposed)
+
+    def trained_weights(self) -> dict[str, str]:
+        return {"weight": "s2ft_slice"}
+
+    def trained(self, weight: str, frozen: torch.Tensor) -> torch.Tensor:
+        return effective_weight(frozen, whole(self.s2ft_slice.detach()), self.s2ft_indices, _DIM[self.s2ft_axis])
+
+    def split(self, weight: str, trained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A trained weight (a state dict's) split into the frozen weight (the original slice put back) and the slice."""
+        dim = _DIM[self.s2ft_axis]
+        index = self.s2ft_indices.to(trained.device)
+        return trained.index_copy(dim, index, self.s2ft_original.to(trained)), trained.index_select(dim, index)
+
+    def moves(self, trainable: str) -> tuple[str, Delta]:
+        return "weight", unchanged  # the slice is a part of the weight: its change is the weight's
 
 
-def _trained_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    return effective_weight(weight, whole(module.s2ft_slice.detach()), module.s2ft_indices, _dim(module))
+_DIM = {"rows": 0, "columns": 1}
 
 
-def _frozen_weight(module: nn.Module, trained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A trained weight (a state dict's) split into the frozen weight (the original slice put back) and the slice."""
-    dim = _dim(module)
-    index = module.s2ft_indices.to(trained.device)
-    return trained.index_copy(dim, index, module.s2ft_original.to(trained)), trained.index_select(dim, index)
-
-
-def _dim(module: nn.Module) -> int:
-    return 0 if module.s2ft_axis == "rows" else 1
+def attach(model: nn.Module, name: str, axis: str, indices: torch.Tensor) -> nn.Parameter:
+    """Make the matmul layer ``name`` of ``model`` train only the ``axis`` slice ``indices`` of its stored
+    weight (it is wrapped in an ``S2FTLinear``); return the slice parameter."""
+    wrapper = wrap(model, name, lambda layer: S2FTLinear(layer, axis, indices))
+    return wrapper.s2ft_slice
 
 
 def is_attached(module: nn.Module) -> bool:
-    return hasattr(module, "s2ft_slice")
+    return isinstance(module, S2FTLinear)
 
 
-def tuned_slice(module: nn.Module) -> torch.Tensor:
+def tuned_slice(module: S2FTLinear) -> torch.Tensor:
     """The slice as the model uses it: the trainable values rounded to the weight's dtype."""
     return whole(module.s2ft_slice.detach()).to(module.weight.dtype)
-
-
-def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    weight = module.weight
-    if x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
-    outputs = (module.s2ft_axis == "rows") != module.s2ft_transposed  # a slice of output features?
-    return _SliceMatmul.apply(x, weight, module.bias, module.s2ft_slice, module.s2ft_indices, _dim(module), outputs,
-                              module.s2ft_transposed)

@@ -20,6 +20,7 @@ from ...format.s2ft import axis_length, slice_shape
 from ...arch.layout import Placement
 from ...arch.matmul import matmul_kind
 from ..select import select
+from ..wrapper import refuse_prepared
 from ..targets import Coupled, ModelMap, heads_to_kv, map_model
 from .config import CHANNEL_ROLES, HEAD_ROLES, S2FTConfig
 from .experts import attach_experts
@@ -105,11 +106,11 @@ def _wanted(mapping: ModelMap, layers: list[int], roles: tuple[str, ...], select
     for layer in layers:
         experts = dict.fromkeys([None, *mapping.info.experts(layer)])  # attention (None) and every FFN expert
         for role in roles:
-            for e, c in ((e, c) for e in experts for c in mapping.tensors(role, layer, e)):
-                units = _units(role, e, selection[layer], mapping)
+            for expert, c in ((e, c) for e in experts for c in mapping.tensors(role, layer, e)):
+                units = _units(role, expert, selection[layer], mapping)
                 if not units:
                     continue
-                indices = torch.from_numpy(mapping.info.unit_indices(c.name, role, units, e))  # a stacked tensor: e's units
+                indices = torch.from_numpy(mapping.info.unit_indices(c.name, role, units, expert))  # stacked: its units
                 _, had_roles, had = wanted.get(c.name, (c, set(), torch.empty(0, dtype=torch.long)))
                 wanted[c.name] = (c, had_roles | {role}, torch.cat([had, indices]).unique(sorted=True))
     return wanted
@@ -123,16 +124,17 @@ def _attach_all(prepared: PreparedS2FT, mapping: ModelMap, wanted: Wanted) -> No
         module, attr = mapping.owner(c.placement.parameter)
         group = _group_size(c, trained_roles, indices, mapping)
         if not c.placement.converted and attr == "weight" and matmul_kind(module) is not None:
-            parameter = f"{c.placement.parameter.rpartition('.')[0]}.s2ft_slice"
-            prepared.parameters[parameter] = attach(module, c.axis, indices)
+            module_name = c.placement.parameter.rpartition('.')[0]
+            parameter = f"{module_name}.s2ft_slice"
+            prepared.parameters[parameter] = attach(mapping.model, module_name, c.axis, indices)
             prepared.slices[name] = TrainedSlice(name, tuple(sorted(trained_roles)), c.axis, indices, group, c.placement,
                                                  parameter, None)
         else:
             carried.setdefault(c.placement.parameter, []).append((c, trained_roles, indices))
     for parameter, tensors in carried.items():
-        module, attr = mapping.owner(parameter)
+        module_name, _, attr = parameter.rpartition(".")
         positions, offset = [], 0
-        trainable = f"{parameter.rpartition('.')[0]}.s2ft_{attr}"
+        trainable = f"{module_name}.s2ft_{attr}"
         for c, trained_roles, indices in tensors:
             flat = c.placement.slice_positions(c.axis, indices).reshape(-1)
             prepared.slices[c.name] = TrainedSlice(c.name, tuple(sorted(trained_roles)), c.axis, indices,
@@ -140,7 +142,7 @@ def _attach_all(prepared: PreparedS2FT, mapping: ModelMap, wanted: Wanted) -> No
                                                    trainable, offset)
             positions.append(flat)
             offset += flat.numel()
-        prepared.parameters[trainable] = attach_experts(module, attr, torch.cat(positions))
+        prepared.parameters[trainable] = attach_experts(mapping.model, module_name, attr, torch.cat(positions))
 
 
 def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibration=None,
@@ -153,10 +155,11 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibrat
     """
     config = config or S2FTConfig()
     config.check()
+    refuse_prepared(model)
     mapping = map_model(model, arch_file)
     roles = _roles(config, mapping)
     layers_total = mapping.info.dims.layers
-    layers = config.layers if config.layers is not None else list(range(layers_total))
+    layers = list(config.layers) if config.layers is not None else list(range(layers_total))
     if any(not 0 <= i < layers_total for i in layers):
         raise S2RegError(f"layers {layers} out of range 0..{layers_total - 1}")
     for p in model.parameters():
@@ -172,5 +175,5 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig | None = None, *, calibrat
     if not wanted:
         raise S2RegError(f"nothing to train: roles {list(roles)} have no selected heads/channels")
     _attach_all(prepared, mapping, wanted)
-    model.s2reg_prepared = prepared
+    model.s2reg_prepared = prepared  # type: ignore[assignment]  # nn.Module types attributes as tensors
     return prepared
