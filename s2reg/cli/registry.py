@@ -147,9 +147,9 @@ def gc_command(as_json: bool) -> None:
     """Delete blobs that no ref points at."""
     result = Store().gc()
     if as_json:
-        render.emit_json(result)
+        render.emit_json(result.as_json())
     else:
-        render.line(f"removed {result['blobs_removed']} blob(s), freed {render.human_bytes(result['bytes_freed'])}")
+        render.line(f"removed {result.blobs_removed} blob(s), freed {render.human_bytes(result.bytes_freed)}")
 
 
 @click.command("verify")
@@ -159,15 +159,15 @@ def verify_command(as_json: bool) -> None:
     file) and name the refs they break; remove views that are not exactly their blobs."""
     result = Store().verify()
     if as_json:
-        render.emit_json(result)
+        render.emit_json(result.as_json())
     else:
-        stale = len(result["stale_views_removed"])
-        render.line(f"checked {result['blobs_checked']} blob(s): {len(result['corrupt'])} corrupt; "
-                    f"{result['views_checked']} view(s)"
+        stale = len(result.stale_views_removed)
+        render.line(f"checked {result.blobs_checked} blob(s): {len(result.corrupt)} corrupt; "
+                    f"{result.views_checked} view(s)"
                     + (f": {stale} stale, removed (rebuilt on the next load)" if stale else ""))
-        for broken in result["broken_refs"]:
-            render.line(("broken", "red"), f" {broken['ref']}: {broken['error']}", stderr=True)
-    if result["corrupt"] or result["broken_refs"]:
+        for broken in result.broken_refs:
+            render.line(("broken", "red"), f" {broken.ref}: {broken.error}", stderr=True)
+    if not result.ok:
         raise SystemExit(1)
 
 

@@ -16,8 +16,11 @@ _EXPORTS = {
     "parse_ref": ".names",
     "list_adapters": ".query",
     "load_adapter": ".resolve",
-    "Entry": ".store",
+    "BrokenRef": ".verify",
+    "Entry": ".entry",
+    "GcResult": ".gc",
     "Store": ".store",
+    "VerifyResult": ".verify",
     "default_root": "..home",
 }
 

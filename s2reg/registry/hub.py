@@ -93,7 +93,8 @@ def pull_from_hub(store: Store, url: str, ref: str | None = None, *, subfolder: 
     try:
         # Only this adapter's files: other adapters in the same repo stay on the Hub.
         snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[prefix + MANIFEST_NAME, prefix + "payload.*"],
-                                     endpoint=_endpoint(endpoint), token=token, cache_dir=cache_dir)
+                                     endpoint=_endpoint(endpoint), token=token,
+                                     cache_dir=None if cache_dir is None else Path(cache_dir))
     except Exception as exc:  # noqa: BLE001 - network, offline and Hub errors become one clear line
         raise _hub_error(exc, f"pull from {url} failed") from None
     directory = Path(snapshot) / prefix if prefix else Path(snapshot)

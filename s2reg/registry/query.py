@@ -6,7 +6,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..format import dtypes
-from .store import Entry, Store
+from .entry import Entry
+from .store import Store
 
 if TYPE_CHECKING:
     from ..tensors import CheckpointSource

@@ -77,8 +77,8 @@ def test_corrupted_payload_blob_is_caught_and_quarantined(store, bases, tmp_path
         store.pull("math:v1", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     report = store.verify()
-    assert report["corrupt"] == [entry.manifest["payload"]["sha256"]]
-    assert [b["ref"] for b in report["broken_refs"]] == ["math:v1"]
+    assert report.corrupt == (entry.manifest["payload"]["sha256"],)
+    assert [b.ref for b in report.broken_refs] == ["math:v1"]
     assert any((store.root / "quarantine").iterdir())
 
 
@@ -110,12 +110,12 @@ def test_crash_before_the_ref_leaves_no_half_ref_and_gc_cleans_up(store, bases, 
     def crash(ref, digest):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store, "_set_ref", crash)
+    monkeypatch.setattr(store.ref_files, "write", crash)
     with pytest.raises(KeyboardInterrupt):
         store.push(adapter_dir(bases[0], tmp_path / "b", seed=3), "lost:v1")
     monkeypatch.undo()
     assert [str(r) for r in store.refs()] == ["keep:v1"]
-    assert store.gc()["blobs_removed"] == 2
+    assert store.gc().blobs_removed == 2
     assert store.load("keep:v1")
 
 
@@ -138,7 +138,7 @@ def test_concurrent_pushes_from_several_processes(store, bases, tmp_path):
     assert all(w.exitcode == 0 for w in workers)
     assert len(store.refs()) == 5 + 15
     report = store.verify()
-    assert report["corrupt"] == [] and report["broken_refs"] == []
+    assert report.ok and report.corrupt == () and report.broken_refs == ()
     assert not list((store.root / "blobs").rglob(".*"))  # no temp file left behind
 
 
@@ -172,6 +172,33 @@ def test_cli_session(store, bases, tmp_path):
     assert bad.exit_code == 1 and "invalid adapter name" in bad.output
 
 
+def test_gc_and_verify_return_frozen_results_whose_json_the_cli_prints(store, bases, tmp_path):
+    """The --json keys are the ones `s2reg gc` and `s2reg verify` always printed."""
+    import dataclasses
+
+    store.push(adapter_dir(bases[0], tmp_path / "a"), "math:v1")
+    store.push(adapter_dir(bases[0], tmp_path / "b", seed=2), "other:v1")
+    store.remove("other:v1")
+    _corrupt_payload(store, "math:v1")
+    run = CliRunner().invoke
+    verified = run(main, ["verify", "--json"])
+    assert verified.exit_code == 1
+    report = json.loads(verified.output)
+    assert set(report) == {"blobs_checked", "corrupt", "broken_refs", "views_checked", "stale_views_removed"}
+    assert report["blobs_checked"] == 4 and len(report["corrupt"]) == 1 and report["stale_views_removed"] == []
+    assert [set(b) for b in report["broken_refs"]] == [{"ref", "error"}] and report["broken_refs"][0]["ref"] == "math:v1"
+    collected = json.loads(run(main, ["gc", "--json"]).output)
+    assert collected == {"blobs_removed": 2, "bytes_freed": collected["bytes_freed"], "blobs_kept": 2}
+    assert collected["bytes_freed"] > 0
+    result = store.verify()
+    assert result.as_json() == {"blobs_checked": 1, "corrupt": [],  # the manifest: the payload is in quarantine
+                                "broken_refs": [dataclasses.asdict(b) for b in result.broken_refs],
+                                "views_checked": 0, "stale_views_removed": []}
+    assert not result.ok and result.broken_refs[0].error.startswith("blob ")  # the quarantined payload is missing
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.blobs_checked = 0  # type: ignore[misc]
+
+
 def test_parse_ref_defaults_to_latest():
     assert str(parse_ref("org/name")) == "org/name:latest"
     assert parse_ref("a.b-c_d:V1.0").tag == "V1.0"
@@ -187,7 +214,7 @@ def test_pushing_again_repairs_a_damaged_blob(store, bases, tmp_path):
     data[10] ^= 1
     blob.write_bytes(bytes(data))
     store.push(source, "math:v2")
-    assert store.verify()["corrupt"] == []
+    assert store.verify().corrupt == ()
     assert store.load("math:v1").num_params == s2reg.load(source).num_params
 
 
@@ -236,7 +263,7 @@ def test_tag_racing_rm_and_gc_never_leaves_a_dangling_ref(store, bases, tmp_path
     assert churn.exitcode == 0
     assert tagged > 0 and dangling == 0, (tagged, dangling)
     report = store.verify()
-    assert report["corrupt"] == [] and report["broken_refs"] == []
+    assert report.ok and report.corrupt == () and report.broken_refs == ()
 
 
 def test_loads_never_fail_because_of_a_concurrent_gc(store, bases, tmp_path):
@@ -277,12 +304,12 @@ def test_stale_view_after_quarantine_and_repush_is_rebuilt(store, bases, tmp_pat
     _corrupt_payload(store, "math:v1")
     if verify_first:
         report = store.verify()
-        assert len(report["corrupt"]) == 1 and report["stale_views_removed"] == [digest]
+        assert len(report.corrupt) == 1 and report.stale_views_removed == (digest,)
     store.push(source, "math:v1")
     assert store.load("math:v1").stored.digest == digest
     report = store.verify()
-    assert report["corrupt"] == [] and report["broken_refs"] == [] and report["stale_views_removed"] == []
-    assert store.gc()["blobs_removed"] == 0
+    assert report.ok and report.stale_views_removed == ()
+    assert store.gc().blobs_removed == 0
     assert CliRunner().invoke(main, ["show", "math:v1"]).exit_code == 0
 
 
@@ -296,10 +323,10 @@ def test_verify_checks_views(store, bases, tmp_path):
     payload.unlink()  # a view file that is no longer the blob (the blob itself stays intact)
     payload.write_bytes(bytes(replacement))
     report = store.verify()
-    assert report["corrupt"] == [] and report["stale_views_removed"] == [digest] and report["views_checked"] == 1
+    assert report.corrupt == () and report.stale_views_removed == (digest,) and report.views_checked == 1
     assert not view.exists()
     assert store.load("math:v1").stored.digest == digest  # rebuilt
-    assert store.verify()["stale_views_removed"] == []
+    assert store.verify().stale_views_removed == ()
 
 
 # -- special files in place of blobs -------------------------------------------------------------
