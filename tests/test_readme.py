@@ -25,6 +25,17 @@ def test_ci_runs_the_readme_test_command():
     assert ci[-1] == readme_commands()[1]
 
 
+def test_ci_lints_before_it_tests_in_the_readme_environment():
+    """Issue 26: ruff and mypy (on the typed package) run after the README's own install and before its tests."""
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    install, _, test = readme_commands()[1].rpartition(" && ")
+    assert test == "python -m pytest -n 2"
+    lint = ci.index(install) + 1
+    assert lint < len(ci) - 1 and ci[lint] == "python -m ruff check . && python -m mypy s2reg"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert all(f'"{tool}==' in pyproject for tool in ("ruff", "mypy")), "the test extra pins the linters CI runs"
+
+
 def test_readme_says_how_long_the_suite_takes_and_names_a_quick_subset():
     """Issue 24: the whole suite ran 68 minutes with no word of it; the quick subset leaves out the slow marker."""
     section = (ROOT / "README.md").read_text().split("## Two commands", 1)[1].split("\n## ", 1)[0]
