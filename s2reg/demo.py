@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .arch import resolve_source
 from .format import Adapter, PISAAdapter, S2FTAdapter, load
-from .ops.describe import describe
+from .ops.describe import Description, describe
 from .ops.fuse import fuse
 from .registry import Store
+from .results import Result
 from .surgery import merge, merge_in_place, unmerge, unmerge_in_place
 from .synth import build_checkpoint
 from .tensors import CheckpointSource
@@ -80,13 +81,44 @@ def _same(a: Adapter, b: Adapter) -> bool:
     )
 
 
-def run_demo(workdir: Path, step: Step = lambda _: None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SurgeryChecks(Result):
+    """The tour's merge/unmerge round trips, each bit for bit."""
+
+    s2ft_tensors_bit_identical_after_unmerge: bool
+    in_place_round_trip_bit_identical: bool
+
+
+@dataclass(frozen=True)
+class Story(Result):
+    """Train -> push -> fuse -> merge: what training did, the registry's refs, and whether merging the fusion
+    equals merging both adapters."""
+
+    trainable_parameters: int
+    steps: int
+    eval_loss_before: float | None  # None: no held-out examples to measure on
+    eval_loss_after: float | None
+    registry: tuple[str, ...]
+    fused_merge_equals_merging_both: bool
+
+
+@dataclass(frozen=True)
+class DemoResult(Result):
+    """The tour in ``workdir``: both adapters described (``"s2ft"``, ``"pisa"``), the surgery checks, the story."""
+
+    workdir: str
+    adapters: Mapping[str, Description]
+    surgery: SurgeryChecks
+    story: Story
+
+
+def run_demo(workdir: Path, step: Step = lambda _: None) -> DemoResult:
     """Run the tour in ``workdir`` (replaced); return the reports of both adapters and the surgery checks."""
     workdir = Path(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     step("building the fixture model (tiny Llama, GQA 4/2 heads, bf16)")
     base_dir = build_checkpoint(workdir / "base", "llama", dtype=torch.bfloat16, num_hidden_layers=4)
-    reports = {}
+    reports: dict[str, Description] = {}
     with CheckpointSource(base_dir) as source:
         for name, make in (("s2ft", known_s2ft), ("pisa", known_pisa)):
             step(f"creating the {name} adapter from known deltas")
@@ -111,27 +143,25 @@ def run_demo(workdir: Path, step: Step = lambda _: None) -> dict[str, Any]:
     unmerge_in_place(workdir / "in-place", adapters[:1])
     with CheckpointSource(workdir / "restored") as restored, CheckpointSource(workdir / "in-place") as patched:
         s2ft_only = set(adapters[0].targets) - set(adapters[1].targets)
-        surgery = {
-            "s2ft_tensors_bit_identical_after_unmerge": all(restored.sha256_of(n) == original[n] for n in s2ft_only),
-            "in_place_round_trip_bit_identical": all(patched.sha256_of(n) == original[n] for n in original),
-        }
-    if not all(surgery.values()):
+        surgery = SurgeryChecks(
+            s2ft_tensors_bit_identical_after_unmerge=all(restored.sha256_of(n) == original[n] for n in s2ft_only),
+            in_place_round_trip_bit_identical=all(patched.sha256_of(n) == original[n] for n in original),
+        )
+    if not all(surgery.as_json().values()):
         raise AssertionError(f"surgery round trip was not exact: {surgery}")
-    reports["surgery"] = surgery
-    reports["story"] = _train_push_fuse_merge(workdir, base_dir, adapters[0], step)
-    return reports
+    return DemoResult(str(workdir), reports, surgery, _train_push_fuse_merge(workdir, base_dir, adapters[0], step))
 
 
 def _pattern_data(path: Path, count: int = 256, length: int = 16) -> Path:
     """Pre-tokenised sequences with a learnable rule (arithmetic progressions of token ids)."""
     g = torch.Generator().manual_seed(0)
     starts, steps = torch.randint(0, 200, (count,), generator=g), torch.randint(1, 5, (count,), generator=g)
-    lines = [json.dumps({"input_ids": [3 + (int(a) + i * int(d)) % 200 for i in range(length)]}) for a, d in zip(starts, steps)]
+    lines = [json.dumps({"input_ids": [3 + (int(a) + i * int(d)) % 200 for i in range(length)]}) for a, d in zip(starts, steps, strict=True)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _train_push_fuse_merge(workdir: Path, base_dir: Path, known: Adapter, step: Step) -> dict[str, Any]:
+def _train_push_fuse_merge(workdir: Path, base_dir: Path, known: Adapter, step: Step) -> Story:
     """Train an S2FT adapter disjoint from ``known``, store both, fuse them, merge the fusion."""
     from .train import S2FTConfig
     from .train.session import run_training
@@ -155,11 +185,11 @@ def _train_push_fuse_merge(workdir: Path, base_dir: Path, known: Adapter, step: 
         same = all(a.sha256_of(n) == b.sha256_of(n) for n in a.names())
     if not same:
         raise AssertionError("merging the fused adapter differs from merging both adapters")
-    return {
-        "trainable_parameters": run.trainable,
-        "steps": run.result.steps,
-        "eval_loss_before": run.result.eval_loss_before,
-        "eval_loss_after": run.result.eval_loss_after,
-        "registry": [str(r) for r in store.refs()],
-        "fused_merge_equals_merging_both": same,
-    }
+    return Story(
+        trainable_parameters=run.trainable,
+        steps=run.result.steps,
+        eval_loss_before=run.result.eval_loss_before,
+        eval_loss_after=run.result.eval_loss_after,
+        registry=tuple(str(r) for r in store.refs()),
+        fused_merge_equals_merging_both=same,
+    )

@@ -33,7 +33,7 @@ def plot_adapter(adapter: Adapter, output: str | os.PathLike, info: Any = None) 
         import matplotlib.pyplot as plt
     except ImportError:
         raise S2RegError("--plot needs matplotlib: pip install 's2reg[plot]'") from None
-    rows = describe(adapter, info)["targets"]
+    rows = describe(adapter, info).targets
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None}) or [0]
     modules = sorted({r["module"].removesuffix(".weight") for r in rows})
     grid = [[0.0] * len(modules) for _ in layers]

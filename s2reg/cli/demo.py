@@ -29,23 +29,23 @@ def demo_command(workdir: Path | None, as_json: bool) -> None:
     """The tour on embedded defaults: fixture model, S2FT and PISA adapters, inspect, merge/unmerge,
     then train -> push (local registry) -> fuse -> merge."""
     workdir = workdir or default_workdir()
-    reports = run_demo(workdir, step=lambda text: None if as_json else render.line((">", "cyan"), f" {text}"))
-    surgery, story = reports.pop("surgery"), reports.pop("story")
+    result = run_demo(workdir, step=lambda text: None if as_json else render.line((">", "cyan"), f" {text}"))
     if as_json:
-        render.emit_json({"workdir": str(workdir), "adapters": reports, "surgery": surgery, "story": story})
+        render.emit_json(result.as_json())
         return
-    for report in reports.values():
+    story = result.story
+    for report in result.adapters.values():
         render.console.print()
         show(report)
     render.console.print()
     render.console.print(render.table("surgery", ["check", "result"],
-                                      ([k.replace("_", " "), _verdict(v)] for k, v in surgery.items())))
+                                      ([k.replace("_", " "), _verdict(v)] for k, v in result.surgery.as_json().items())))
     render.console.print(render.table("train -> push -> fuse -> merge", ["", ""], [
-        ["trained parameters", f"{story['trainable_parameters']:,}"],
-        ["steps", story["steps"]],
-        ["eval loss", f"{story['eval_loss_before']:.3f} -> {story['eval_loss_after']:.3f}"],
-        ["registry", ", ".join(story["registry"])],
-        ["fused merge == merging both", _verdict(story["fused_merge_equals_merging_both"])],
+        ["trained parameters", f"{story.trainable_parameters:,}"],
+        ["steps", story.steps],
+        ["eval loss", f"{story.eval_loss_before:.3f} -> {story.eval_loss_after:.3f}"],
+        ["registry", ", ".join(story.registry)],
+        ["fused merge == merging both", _verdict(story.fused_merge_equals_merging_both)],
     ]))
     render.console.print()
     render.line(("done", "green"), f": everything is in {workdir}")

@@ -9,6 +9,7 @@ import click
 from ..errors import S2RegError
 from ..format import MANIFEST_NAME
 from ..ops.diff import diff_adapters, diff_checkpoints
+from ..ops.diff_results import AdapterDiff, CheckpointDiff, OnlyIn, ValueChange
 from ..surgery.lock import locked_for_reading
 from ..tensors import CheckpointSource
 from . import render
@@ -41,31 +42,39 @@ def diff_command(a: str, b: str, as_json: bool) -> None:
     except (S2RegError, OSError) as exc:
         raise one_line_error(exc, exit_code=2) from exc
     if as_json:
-        render.emit_json(report)
-    elif report["identical"]:  # the verdict alone: a table of equal rows (or of none) says nothing more
+        render.emit_json(report.as_json())
+    elif report.identical:  # the verdict alone: a table of equal rows (or of none) says nothing more
         render.line(("identical", "green"), f" {kind}")
-    elif kind == "adapters":
-        render.console.print(render.table(
-            "adapters differ",
-            ["tensor", "only in", "jaccard", "cosine", "rel L2"],
-            ([r["tensor"], r.get("only_in", ""), f"{r['jaccard']:.3f}" if "jaccard" in r else "",
-              f"{r['cosine']:.4f}" if r.get("cosine") is not None else "—",
-              f"{r['relative_l2']:.3g}" if r.get("relative_l2") is not None else "—"]
-             for r in report["tensors"]), right=["jaccard", "cosine", "rel L2"]))
+    elif isinstance(report, AdapterDiff):
+        _show_adapters(report)
     else:
-        render.console.print(render.table(
-            "checkpoints differ",
-            ["tensor", "changed", "rows", "cols", "max |Δ|", "rel L2"],
-            ([r["tensor"], f"{r['changed']:,}/{r['of']:,}", r["rows"], r["columns"] if r["columns"] is not None else "",
-              f"{r['max_abs']:.3g}", f"{r['relative_l2']:.3g}"] if "changed" in r else [r["tensor"], "shape/dtype", "", "", "", ""]
-             for r in report["tensors"]), right=["changed", "rows", "cols", "max |Δ|", "rel L2"]))
-        for side in ("a", "b"):
-            if report[f"only_in_{side}"]:
-                render.line(f"only in {side.upper()}: {', '.join(report[f'only_in_{side}'][:10])}")
-    raise SystemExit(0 if report["identical"] else 1)
+        _show_checkpoints(report)
+    raise SystemExit(0 if report.identical else 1)
 
 
-def _compare(a: str, b: str) -> tuple[str, dict]:
+def _show_adapters(report: AdapterDiff) -> None:
+    render.console.print(render.table(
+        "adapters differ",
+        ["tensor", "only in", "jaccard", "cosine", "rel L2"],
+        ([r.tensor, r.only_in, "", "—", "—"] if isinstance(r, OnlyIn) else
+         [r.tensor, "", f"{r.jaccard:.3f}", f"{r.cosine:.4f}" if r.cosine is not None else "—",
+          f"{r.relative_l2:.3g}" if r.relative_l2 is not None else "—"]
+         for r in report.tensors), right=["jaccard", "cosine", "rel L2"]))
+
+
+def _show_checkpoints(report: CheckpointDiff) -> None:
+    render.console.print(render.table(
+        "checkpoints differ",
+        ["tensor", "changed", "rows", "cols", "max |Δ|", "rel L2"],
+        ([r.tensor, f"{r.changed:,}/{r.of:,}", r.rows, r.columns if r.columns is not None else "",
+          f"{r.max_abs:.3g}", f"{r.relative_l2:.3g}"] if isinstance(r, ValueChange) else [r.tensor, "shape/dtype", "", "", "", ""]
+         for r in report.tensors), right=["changed", "rows", "cols", "max |Δ|", "rel L2"]))
+    for side, only in (("A", report.only_in_a), ("B", report.only_in_b)):
+        if only:
+            render.line(f"only in {side}: {', '.join(only[:10])}")
+
+
+def _compare(a: str, b: str) -> tuple[str, AdapterDiff | CheckpointDiff]:
     if _is_adapter(a) and _is_adapter(b):
         return "adapters", diff_adapters(AdapterType().convert(a, None, None), AdapterType().convert(b, None, None))
     # the shared locks: an in-place merge cannot change either side while it is compared

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..format.stats import ranges
-from ..ops.describe import describe
+from ..ops.describe import Description, describe
 from . import render
 from .common import adapter_argument, arch_option, json_option, sizes_option
 
@@ -65,7 +65,7 @@ def inspect_command(adapter, plot: str | None, base: str | None, sizes: bool, ar
 
         plot_adapter(adapter, plot, info)
     if as_json:
-        render.emit_json(report)
+        render.emit_json(report.as_json())
     else:
         show(report)
 
@@ -75,18 +75,18 @@ def _in_model_order(row: dict) -> tuple:
     return (row["layer"] is not None, row["layer"] or 0, row["module"], row.get("expert") or 0)
 
 
-def show(report: dict) -> None:
+def show(report: Description) -> None:
     """Render a :func:`describe` report: a summary, then one row per target."""
-    s = report["summary"]
-    render.line((s["kind"], "bold"), " adapter for ", (s["base"]["name"], "bold"),
-                f" @ {s['base']['revision']}" if s["base"]["revision"] else "")
-    render.line(f"{s['targets']} targets, {s['params']:,} parameters ({s['percent_of_targeted']:.2f}% of the targeted tensors)")
-    if "digest" in s:
+    s = report.summary
+    render.line((s.kind, "bold"), " adapter for ", (s.base.name, "bold"),
+                f" @ {s.base.revision}" if s.base.revision else "")
+    render.line(f"{s.targets} targets, {s.params:,} parameters ({s.percent_of_targeted:.2f}% of the targeted tensors)")
+    if s.digest is not None and s.bytes_on_disk is not None and s.raw_bytes is not None:
         render.line(
-            f"payload {render.human_bytes(s['bytes_on_disk'])} on disk ({s['encoding']}), "
-            f"{render.human_bytes(s['raw_bytes'])} raw, ratio {s['compression_ratio']:.2f}x; digest {s['digest'][:16]}"
+            f"payload {render.human_bytes(s.bytes_on_disk)} on disk ({s.encoding}), "
+            f"{render.human_bytes(s.raw_bytes)} raw, ratio {s.compression_ratio:.2f}x; digest {s.digest[:16]}"
         )
-    sizes = all("compressed_bytes" in r for r in report["targets"])
+    sizes = all("compressed_bytes" in r for r in report.targets)
     render.console.print(
         render.table(
             None,
@@ -100,7 +100,7 @@ def show(report: dict) -> None:
                     f"{r['percent_of_base']:.2f}",
                     f"{r['delta_norm']:.4g}",
                 ] + ([render.human_bytes(r["compressed_bytes"])] if sizes else [])
-                for r in sorted(report["targets"], key=_in_model_order)
+                for r in sorted(report.targets, key=_in_model_order)
             ),
             right=["params", "% base", "‖Δ‖", "zstd"],
             clip=["selection"],

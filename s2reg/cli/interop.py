@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..interop import export_gguf_lora, export_lora, import_fourierft, import_lora
+from ..interop.export_results import GGUFExport, LoRAExport
 from ..interop.pisa_lowrank import DEFAULT_MAX_ERROR
 from ..interop.peft_files import peft_config, recorded_base, with_portable_base
 from ..tensors import CheckpointSource
@@ -47,19 +48,21 @@ def export_command(adapter, target, output, rank, max_error, base, overwrite, as
     """
     adapter, base = with_portable_base(adapter, base)
     if target == "gguf-lora":
-        report = export_gguf_lora(adapter, output, base=base, rank=rank, max_error=max_error, overwrite=overwrite)
-        what = (f"{report['tensors']} tensors to {output} ({report['family']} as llama.cpp's {report['architecture']}, "
-                f"rank {report['rank']}")
+        gguf = export_gguf_lora(adapter, output, base=base, rank=rank, max_error=max_error, overwrite=overwrite)
+        what = (f"{gguf.tensors} tensors to {output} ({gguf.family} as llama.cpp's {gguf.architecture}, "
+                f"rank {gguf.rank}")
+        report: GGUFExport | LoRAExport = gguf
     else:
         with render.progress() as bar:
             task = bar.add_task("export", total=len(adapter.targets))
-            report = export_lora(adapter, output, rank=rank, max_error=max_error, base=base, overwrite=overwrite,
+            lora = export_lora(adapter, output, rank=rank, max_error=max_error, base=base, overwrite=overwrite,
                                  progress=lambda done, total, name: bar.update(task, completed=done, total=total))
-        what = f"{report['modules']} modules to {output} (task type {report['task_type']}, max rank {report['max_rank']}"
+        what = f"{lora.modules} modules to {output} (task type {lora.task_type}, max rank {lora.max_rank}"
+        report = lora
     if as_json:
-        render.emit_json(report)
+        render.emit_json(report.as_json())
         return
-    render.line(("exported", "green"), f" {what}, max relative error {report['max_relative_error']:.2e})")
+    render.line(("exported", "green"), f" {what}, max relative error {report.max_relative_error:.2e})")
 
 
 @click.command("import")

@@ -114,10 +114,9 @@ def show_command(ref: str, sizes: bool, as_json: bool) -> None:
     from .inspect import show as show_report
 
     store = Store()
-    report = describe(store.load(ref), sizes=sizes)
-    report["summary"]["ref"] = ref
+    report = describe(store.load(ref), sizes=sizes).with_ref(ref)
     if as_json:
-        render.emit_json(report)
+        render.emit_json(report.as_json())
     else:
         show_report(report)
 

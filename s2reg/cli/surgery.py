@@ -10,6 +10,7 @@ import click
 from ..format import Adapter
 from .. import surgery
 from ..surgery import merge, merge_in_place, recover, unmerge, unmerge_in_place
+from ..surgery.results import InPlaceResult
 from ..tensors import CheckpointSource
 from . import render
 from .common import AdapterType, arch_option, json_option, overwrite_option
@@ -54,14 +55,14 @@ def _run(kind: str, checkpoint: Path, adapters: tuple[Adapter, ...], output: Pat
             report = fn(checkpoint, list(adapters), output, verify_base=not skip_base_check, overwrite=overwrite,
                         progress=step)
     if as_json:
-        render.emit_json(report)
+        render.emit_json(report.as_json())
         return
-    where = report.get("output") or report.get("in_place")
-    size = f", {render.human_bytes(report['bytes_patched'])} patched" if "bytes_patched" in report else ""
-    copied = f" (copied {len(report['links_broken'])} linked shard(s) in first)" if report.get("links_broken") else ""
+    links = report.links_broken if isinstance(report, InPlaceResult) else ()
+    copied = f" (copied {len(links)} linked shard(s) in first)" if links else ""
     render.line(
-        (f"{kind}d", "green"), f" {len(adapters)} adapter(s): {report['tensors']} tensors{size} in {report['seconds']:.2f}s -> {where}{copied}; "
-        f"{len(report['merged_now'])} adapter(s) merged now"
+        (f"{kind}d", "green"), f" {len(adapters)} adapter(s): {report.tensors} tensors, "
+        f"{render.human_bytes(report.bytes_patched)} patched in {report.seconds:.2f}s -> {report.written_to}{copied}; "
+        f"{len(report.merged_now)} adapter(s) merged now"
     )
 
 
@@ -121,9 +122,9 @@ def recover_command(checkpoint, forward, as_json) -> None:
     """Finish an interrupted in-place merge/unmerge of CHECKPOINT: roll back (default) or --forward."""
     report = recover(checkpoint, forward=forward)
     if as_json:
-        render.emit_json(report)
+        render.emit_json(report.as_json())
     else:
-        render.line((report["action"], "green"), f": {report['checkpoint']}")
+        render.line((report.action, "green"), f": {report.checkpoint}")
 
 
 def _selection(value: str):
@@ -162,12 +163,12 @@ def permute_command(checkpoint, plan_from, output, overwrite, arch, as_json) -> 
         report = surgery.permute_checkpoint(checkpoint, _selection(plan_from), output, arch_file=arch, overwrite=overwrite,
                                     progress=lambda name: bar.update(task, advance=1, description=name))
     if as_json:
-        render.emit_json(report)
+        render.emit_json(report.as_json())
         return
-    if report["note"]:
-        render.line(("note", "yellow"), f": {report['note']}")
-    render.line(("permuted", "green"), f" {report['layers_permuted']} layer(s), {report['tensors_changed']} tensor(s) "
-                f"changed ({report['family']} layout) -> {output}")
+    if report.note:
+        render.line(("note", "yellow"), f": {report.note}")
+    render.line(("permuted", "green"), f" {report.layers_permuted} layer(s), {report.tensors_changed} tensor(s) "
+                f"changed ({report.family} layout) -> {output}")
 
 
 @click.command("unpermute")
@@ -183,9 +184,9 @@ def unpermute_command(checkpoint, output, overwrite, arch, as_json) -> None:
         report = surgery.unpermute_checkpoint(checkpoint, output, arch_file=arch, overwrite=overwrite,
                                       progress=lambda name: bar.update(task, advance=1, description=name))
     if as_json:
-        render.emit_json(report)
+        render.emit_json(report.as_json())
     else:
-        render.line(("restored", "green"), f" {report['layers_restored']} layer(s), {report['tensors_changed']} "
+        render.line(("restored", "green"), f" {report.layers_restored} layer(s), {report.tensors_changed} "
                     f"tensor(s) changed -> {output}")
 
 

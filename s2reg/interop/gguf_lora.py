@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 from ..errors import S2RegError
 from ..format import Adapter
 from ..fsatomic import check_free, write_file
+from .export_results import GGUFExport
 from .peft_files import PREFIX, read_peft, with_portable_base
 from .peft_lora import export_lora
 from .pisa_lowrank import DEFAULT_MAX_ERROR
@@ -126,7 +127,7 @@ def _pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
 
 
 def gguf_tensors(adapter: Adapter, base: str | os.PathLike | None = None, *, rank: int | None = None,
-                 max_error: float = DEFAULT_MAX_ERROR) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+                 max_error: float = DEFAULT_MAX_ERROR) -> tuple[str, dict[str, torch.Tensor], GGUFExport]:
     """``(architecture, {gguf tensor name: F32 factor}, export report)`` for ``adapter`` on llama.cpp."""
     import gguf
 
@@ -160,15 +161,15 @@ def gguf_tensors(adapter: Adapter, base: str | os.PathLike | None = None, *, ran
     for name, (a, b) in pairs.items():
         a, b = _pad(a, b, top)
         tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a.contiguous(), b.contiguous()
-    summary = {"architecture": gguf.MODEL_ARCH_NAMES[arch], "family": info.family, "rank": top, "alpha": float(top),
-               "tensors": len(pairs), "max_relative_error": report["max_relative_error"],
-               "relative_error": report["relative_error"]}
+    summary = GGUFExport(architecture=gguf.MODEL_ARCH_NAMES[arch], family=info.family, rank=top, alpha=float(top),
+                         tensors=len(pairs), max_relative_error=report.max_relative_error,
+                         relative_error=report.relative_error)
     return gguf.MODEL_ARCH_NAMES[arch], tensors, summary
 
 
 def export_gguf_lora(adapter: Adapter, output: str | os.PathLike, *, base: str | os.PathLike | None = None,
                      rank: int | None = None, max_error: float = DEFAULT_MAX_ERROR,
-                     overwrite: bool = False) -> dict[str, Any]:
+                     overwrite: bool = False) -> GGUFExport:
     """Write ``adapter`` as a llama.cpp LoRA adapter GGUF at ``output``; the export report.
 
     ``base``: the checkpoint directory the adapter is for (its family and head counts); by default the
@@ -186,7 +187,7 @@ def export_gguf_lora(adapter: Adapter, output: str | os.PathLike, *, base: str |
         writer = gguf.GGUFWriter(staged, arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, summary["alpha"])
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, summary.alpha)
         writer.add_string("s2reg.base_model", adapter.base.name)
         writer.add_string("s2reg.adapter_kind", adapter.kind)
         for name, tensor in tensors.items():
@@ -197,4 +198,4 @@ def export_gguf_lora(adapter: Adapter, output: str | os.PathLike, *, base: str |
         writer.close()
         output.parent.mkdir(parents=True, exist_ok=True)
         write_file(output, staged.read_bytes())
-    return {"output": str(output), **summary}
+    return replace(summary, output=str(output))

@@ -31,6 +31,7 @@ from ..format import Adapter, S2FTAdapter, S2FTTarget, limits
 from ..format.arrays import to_torch
 from ..fsatomic import building
 from .peft_experts import MemoryLayout, expert_factors, lora_keys, memory_layout, module_of
+from .export_results import LoRAExport
 from .peft_files import PREFIX, architecture, read_peft
 from .pisa_lowrank import DEFAULT_MAX_ERROR, pisa_low_rank
 
@@ -168,7 +169,7 @@ def base_layout(adapter: Adapter, base: str | os.PathLike | None) -> BaseLayout:
 
 def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None = None,
                 max_error: float = DEFAULT_MAX_ERROR, base: str | os.PathLike | None = None, overwrite: bool = False,
-                progress: ExportProgress | None = None) -> dict[str, Any]:
+                progress: ExportProgress | None = None) -> LoRAExport:
     """Write ``adapter`` as a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     PISA targets: ``rank`` is the LoRA rank of every target (clipped to the matrix); ``None`` gives each
@@ -231,9 +232,9 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
     with building(Path(output), overwrite=overwrite) as staging:
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"output": str(output), "max_rank": top, "modules": len(ranks), "task_type": layout.task_type,
-            "fan_in_fan_out": transposed, "max_relative_error": max(errors.values()), "relative_error": errors,
-            "rank": target_ranks, "max_error": max_error}
+    return LoRAExport(output=str(output), max_rank=top, modules=len(ranks), task_type=layout.task_type,
+                      fan_in_fan_out=transposed, max_relative_error=max(errors.values()), relative_error=errors,
+                      rank=target_ranks, max_error=max_error)
 
 
 def _expert_tensors(adapter: Adapter, layout: BaseLayout, memory: MemoryLayout | None, tensors: dict,

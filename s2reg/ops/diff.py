@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from ..errors import BaseMismatch
 from ..format import Adapter, PISATarget, S2FTTarget, dtypes, limits
 from ..format.arrays import bits, dot, read_array
 from ..format.s2ft import axis_dim
+from .diff_results import AdapterDiff, CheckpointDiff, DeltaComparison, OnlyIn, ShapeOrDtypeDiffers, ValueChange
 
 
 def _slice_numel(target: S2FTTarget) -> int:
@@ -85,29 +85,29 @@ def _natural(name: str) -> list:
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
-def diff_adapters(a: Adapter, b: Adapter) -> dict[str, Any]:
+def diff_adapters(a: Adapter, b: Adapter) -> AdapterDiff:
     """Per-tensor comparison; ``identical`` is true when every tensor's delta matches exactly."""
-    rows = []
+    rows: list[OnlyIn | DeltaComparison] = []
     for name in sorted(set(a.targets) | set(b.targets), key=_natural):
         ta, tb = a.targets.get(name), b.targets.get(name)
         if ta is None or tb is None:
-            rows.append({"tensor": name, "only_in": "a" if tb is None else "b"})
+            rows.append(OnlyIn(name, "a" if tb is None else "b"))
             continue
         if tuple(ta.shape) != tuple(tb.shape):
             raise BaseMismatch(f"{name}: the adapters disagree on its shape ({list(ta.shape)} vs {list(tb.shape)})")
         common, union, xx, yy, xy, dd, equal = _compare(name, ta, tb)
         shared = common > 0  # no common support: nothing to compare the deltas on
         norm = math.sqrt(xx * yy)
-        rows.append({
-            "tensor": name,
-            "jaccard": common / max(1, union),
-            "common": common,
-            "cosine": (xy / norm if norm else float(equal)) if shared else None,
-            "relative_l2": (math.sqrt(dd / xx) if xx else math.sqrt(yy)) if shared else None,
-            "equal": common == union and equal,
-        })
-    identical = a.kind == b.kind and all(r.get("equal") for r in rows)
-    return {"identical": identical, "kinds": [a.kind, b.kind], "tensors": rows}
+        rows.append(DeltaComparison(
+            tensor=name,
+            jaccard=common / max(1, union),
+            common=common,
+            cosine=(xy / norm if norm else float(equal)) if shared else None,
+            relative_l2=(math.sqrt(dd / xx) if xx else math.sqrt(yy)) if shared else None,
+            equal=common == union and equal,
+        ))
+    identical = a.kind == b.kind and all(isinstance(r, DeltaComparison) and r.equal for r in rows)
+    return AdapterDiff(identical, (a.kind, b.kind), tuple(rows))
 
 
 def _lines(mask: np.ndarray, dim: int) -> int:
@@ -116,14 +116,14 @@ def _lines(mask: np.ndarray, dim: int) -> int:
     return int(mask.any(1 - dim).sum())
 
 
-def diff_checkpoints(a, b, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def diff_checkpoints(a, b, progress: Callable[[str], None] = lambda _: None) -> CheckpointDiff:
     """Which tensors, rows and columns of two checkpoints differ (bitwise), and by how much."""
     names_a, names_b = set(a.names()), set(b.names())
-    rows = []
+    rows: list[ShapeOrDtypeDiffers | ValueChange] = []
     for name in sorted(names_a & names_b, key=_natural):
         progress(name)
         if tuple(a.shape(name)) != tuple(b.shape(name)) or dtypes.name_of(a.dtype(name)) != dtypes.name_of(b.dtype(name)):
-            rows.append({"tensor": name, "shape_or_dtype_differs": True})
+            rows.append(ShapeOrDtypeDiffers(name))
             continue
         if a.sha256_of(name) == b.sha256_of(name):
             continue
@@ -132,14 +132,14 @@ def diff_checkpoints(a, b, progress: Callable[[str], None] = lambda _: None) -> 
         wide = x.astype(np.float64)
         delta = y.astype(np.float64) - wide
         norm, delta_norm = math.sqrt(dot(wide, wide)), math.sqrt(dot(delta, delta))
-        rows.append({
-            "tensor": name,
-            "changed": int(changed.sum()),
-            "of": x.size,
-            "rows": _lines(changed, 0),
-            "columns": _lines(changed, 1) if x.ndim == 2 else None,
-            "max_abs": float(np.abs(delta).max()),
-            "relative_l2": delta_norm / norm if norm else delta_norm,
-        })
-    return {"identical": not rows and names_a == names_b, "only_in_a": sorted(names_a - names_b, key=_natural),
-            "only_in_b": sorted(names_b - names_a, key=_natural), "tensors": rows}
+        rows.append(ValueChange(
+            tensor=name,
+            changed=int(changed.sum()),
+            of=x.size,
+            rows=_lines(changed, 0),
+            columns=_lines(changed, 1) if x.ndim == 2 else None,
+            max_abs=float(np.abs(delta).max()),
+            relative_l2=delta_norm / norm if norm else delta_norm,
+        ))
+    return CheckpointDiff(not rows and names_a == names_b, tuple(sorted(names_a - names_b, key=_natural)),
+                          tuple(sorted(names_b - names_a, key=_natural)), tuple(rows))

@@ -11,7 +11,7 @@ def model_card(adapter: Adapter, ref: str) -> str:
     """The card's front matter links the base (``base_model:``) only when the adapter names it by a Hub id; a
     base named by a directory is shown by that directory's name, never by a path of the pushing machine."""
     report = describe(adapter)
-    s = report["summary"]
+    s = report.summary
     base = portable_base_name(adapter.base.name)
     linked = [f"base_model: {base}", "base_model_relation: adapter"] if is_hub_id(base) else []
     front = [
@@ -29,7 +29,7 @@ def model_card(adapter: Adapter, ref: str) -> str:
         "| layer | module | selection | params | % of base |",
         "|---|---|---|---:|---:|",
     ]
-    for r in report["targets"]:
+    for r in report.targets:
         if r["kind"] == "s2ft":
             what = f"{r['axis']} {r['count']}/{r['of']}"
         else:
@@ -40,7 +40,7 @@ def model_card(adapter: Adapter, ref: str) -> str:
         "",
         f"A **{adapter.kind.upper()}** adapter for `{base}` in the s2reg adapter format "
         f"v{adapter.format_version}: "
-        f"{s['targets']} target tensors, {s['params']:,} parameters.",
+        f"{s.targets} target tensors, {s.params:,} parameters.",
         "",
         "```bash",
         "pip install s2reg",

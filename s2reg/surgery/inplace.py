@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from . import patching
 from .journal import Journal, JournalPayload, write_journal
 from .lock import checkpoint_lock, directory_of, shard_locks
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
+from .results import InPlaceResult, RecoverResult
 from .sharing import own_shards
 from ..records import read_record
 
@@ -87,7 +87,7 @@ def _journaled(plan: Plan, progress: Progress) -> dict[str, int]:
         operation="unmerge" if plan.subtract else "merge",
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         ledger_before=plan.ledger_before,
-        ledger_after=plan.ledger_after,
+        ledger_after=computed.run.ledger_after,  # made once every patch is computed into the payload
         patches=tuple(patches),
         payload_sha256=sha,
     ), sizes, blobs())  # from here on, recoverable
@@ -108,7 +108,7 @@ def _journaled(plan: Plan, progress: Progress) -> dict[str, int]:
     return sizes
 
 
-def _patch(plan: Plan, progress: Progress, break_links: bool) -> dict[str, Any]:
+def _patch(plan: Plan, progress: Progress, break_links: bool) -> InPlaceResult:
     """Patch the shards the plan touches, each reached by this checkpoint's name alone (spec/SURGERY.md §3,
     "Shared shard files") and locked against every other command that reaches it."""
     started = time.perf_counter()
@@ -117,12 +117,12 @@ def _patch(plan: Plan, progress: Progress, break_links: bool) -> dict[str, Any]:
     copied = own_shards(directory, files, break_links=break_links, operation="unmerge" if plan.subtract else "merge")
     with shard_locks(files, exclusive=True):
         sizes = _journaled(plan, progress)
-    return {**describe_plan(plan), "in_place": str(directory), "bytes_patched": patching.patched_bytes(sizes),
-            "links_broken": copied, "seconds": time.perf_counter() - started}
+    return InPlaceResult(**vars(describe_plan(plan)), in_place=str(directory), bytes_patched=patching.patched_bytes(sizes),
+                         links_broken=tuple(copied), seconds=time.perf_counter() - started)
 
 
 def merge_in_place(base: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
-                   break_links: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
+                   break_links: bool = False, progress: Progress = lambda _: None) -> InPlaceResult:
     """Merge ``adapters`` into the checkpoint ``base`` by patching its shards (journaled).
 
     A shard another name also reaches (a symbolic or hard link) is refused, or with ``break_links``
@@ -132,7 +132,7 @@ def merge_in_place(base: str | os.PathLike, adapters: Sequence[Adapter], *, veri
 
 
 def unmerge_in_place(merged: str | os.PathLike, adapters: Sequence[Adapter], *, verify_base: bool = True,
-                     break_links: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
+                     break_links: bool = False, progress: Progress = lambda _: None) -> InPlaceResult:
     """Take ``adapters`` out of the checkpoint ``merged`` in place (journaled; exact for S2FT; shared
     shards as :func:`merge_in_place`)."""
     with checkpoint_lock(merged, exclusive=True), CheckpointSource(merged, remember_hashes=True) as source:
@@ -146,7 +146,7 @@ def _remove(files: Sequence[Path], directory: Path) -> list[str]:
     return [f.name for f in files]
 
 
-def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> dict[str, Any]:
+def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> RecoverResult:
     """Finish an interrupted in-place operation: roll back to the state before it (default) or forward.
 
     Without the journal's JSON no shard byte differs from what the ledger says (it never landed, or
@@ -156,10 +156,10 @@ def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> dict[str
     with checkpoint_lock(checkpoint, exclusive=True) as directory:  # never under a live in-place command
         found = leftovers(directory)
         if not found:
-            return {"checkpoint": str(directory), "action": "nothing to recover"}
+            return RecoverResult(str(directory), "nothing to recover")
         file = directory / Journal.NAME
         if not file.exists():
-            return {"checkpoint": str(directory), "action": "cleaned", "removed": _remove(found, directory)}
+            return RecoverResult(str(directory), "cleaned", removed=tuple(_remove(found, directory)))
         journal = read_record(file, Journal.from_json)
         try:
             sha = sha256_file(directory / Journal.PAYLOAD_NAME)  # streamed: the payload can be most of a model
@@ -176,8 +176,8 @@ def recover(checkpoint: str | os.PathLike, *, forward: bool = False) -> dict[str
             _apply(directory, journal, tensors, which)
         removed = _remove([f for f in found if f.name not in (Journal.NAME, Journal.PAYLOAD_NAME)], directory)
         _drop_journal(directory)
-        return {"checkpoint": str(directory), "action": "rolled forward" if forward else "rolled back",
-                "operation": journal.operation, "tensors": len(journal.patches), "removed": removed}
+        return RecoverResult(str(directory), "rolled forward" if forward else "rolled back", removed=tuple(removed),
+                             operation=journal.operation, tensors=len(journal.patches))
 
 
 def pending(checkpoint: str | os.PathLike) -> bool:

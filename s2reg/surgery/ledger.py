@@ -6,7 +6,7 @@ not rewritten for this, so an in-place merge patches tensor bytes only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,9 +135,9 @@ class Ledger:
             original.setdefault(name, sha)
         return Ledger((*self.merged, entry), original, self.inexact)
 
-    def with_inexact(self, name: str) -> Ledger:
-        """The ledger noting that unmerging cannot restore ``name`` bit for bit (merged without the base check, spec/SURGERY.md §2)."""
-        return Ledger(self.merged, self.original, self.inexact | {name})
+    def with_inexact(self, names: Iterable[str]) -> Ledger:
+        """The ledger noting that unmerging cannot restore ``names`` bit for bit (merged without the base check, spec/SURGERY.md §2)."""
+        return Ledger(self.merged, self.original, self.inexact | frozenset(names))
 
     def without(self, identity: str) -> Ledger:
         """The ledger after unmerging ``identity``.

@@ -29,7 +29,7 @@ from ..tensors import CheckpointSource
 from ..tensors.hashcache import Stamp
 from ..tensors.header import TensorInfo
 from .journal import Patch
-from .plan import Plan
+from .plan import Plan, Run
 
 _BLOCK_BYTES = 4 * 1024 * 1024
 
@@ -133,15 +133,16 @@ def patch_of(plan: Plan, name: str) -> Patch:
     return Patch(name, file, None, None) if support is None else Patch(name, file, support[0], tuple(support[1].tolist()))
 
 
-def _bytes_of(plan: Plan, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _bytes_of(run: Run, name: str) -> tuple[np.ndarray, np.ndarray]:
     """The patch's bytes before and after (checked: NaN, inexact unmerge raise)."""
+    plan = run.plan
     source, support = plan.source, plan.support(name)
     if _slice_only(plan, name, support):
         before = read_slice(source, name, support)  # only the slice: the cost follows the delta
-        after = plan.transform_slice(name, before, support)
+        after = plan.transform_slice(name, before, support, run)
     else:
         whole = source.array(name)
-        new = plan.transform(name, whole)
+        new = plan.transform(name, whole, run)
         before, after = (whole, new) if support is None else (take(whole, *support), take(new, *support))
     return _as_bytes(before), _as_bytes(after)
 
@@ -153,15 +154,17 @@ class PatchBytes:
     GIL); they are small and all held. Whole tensors (PISA, a permuted checkpoint, a checked unmerge) are
     computed as the iteration reaches them, the next one on a thread while the caller writes this one, so at
     most two are in memory. A failed check raises from the iteration, before its patch is handed out.
+    ``run``: this run of the plan, whose ledger (``run.ledger_after``) is complete once every patch is.
     """
 
     def __init__(self, plan: Plan, names: Sequence[str], progress: Callable[[str], None]) -> None:
-        self._plan, self._names, self._progress = plan, list(names), progress
+        self.run = Run(plan)
+        self._names, self._progress = list(names), progress
         sliced = [n for n in self._names if _slice_only(plan, n, plan.support(n))]
-        self._sliced = dict(zip(sliced, on_every_core(self._one, sliced)))
+        self._sliced = dict(zip(sliced, on_every_core(self._one, sliced), strict=True))
 
     def _one(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        done = _bytes_of(self._plan, name)
+        done = _bytes_of(self.run, name)
         self._progress(name)
         return done
 
@@ -208,7 +211,7 @@ def write(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch
         key = f"{i}.{which}"
         by_file.setdefault(patch.file, []).append((infos[patch.tensor], patch, lambda key=key: blobs[key]))
     files = list(by_file)
-    return dict(zip(files, side_by_side(lambda file: _write_shard(directory / file, by_file[file]), files)))
+    return dict(zip(files, side_by_side(lambda file: _write_shard(directory / file, by_file[file]), files), strict=True))
 
 
 def write_each(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch],

@@ -22,6 +22,7 @@ from ..ops.permute import Permutation, PermutationRecord, permute_tensor, plan, 
 from ..records import to_bytes
 from ..tensors import CheckpointSource, TensorSpec, write_checkpoint
 from .lock import locked_for_reading
+from .results import PermuteResult, UnpermuteResult
 
 Progress = Callable[[str], None]
 
@@ -70,7 +71,7 @@ def _rewrite(source: CheckpointSource, output: Path, perm: Permutation, info: Mo
 
 def permute_checkpoint(base: str | os.PathLike, selection: Adapter | Mapping[str, Any], output: str | os.PathLike, *,
                        arch_file: str | os.PathLike | None = None, overwrite: bool = False,
-                       progress: Progress = lambda _: None) -> dict[str, Any]:
+                       progress: Progress = lambda _: None) -> PermuteResult:
     """Write ``base`` co-permuted so that ``selection`` is contiguous; the model's function is unchanged."""
     with locked_for_reading(base, CheckpointSource) as source:
         if read_permutation(source, arch_file) is not None:
@@ -80,13 +81,13 @@ def permute_checkpoint(base: str | os.PathLike, selection: Adapter | Mapping[str
         if arch_file is not None:  # merge/unmerge/unpermute of the output find the description beside it
             extra[ARCH_FILE] = Path(arch_file).read_bytes()
         changed = _rewrite(source, Path(output), perm, info, extra, overwrite, progress)
-    return {"output": str(output), "family": info.family.name, "note": info.note, "layers_permuted": len(perm.layers),
-            "tensors_changed": changed, "permutation": perm.as_json()}
+    return PermuteResult(output=str(output), family=info.family.name, note=info.note, layers_permuted=len(perm.layers),
+                         tensors_changed=changed, permutation=perm)
 
 
 def unpermute_checkpoint(permuted: str | os.PathLike, output: str | os.PathLike, *,
                          arch_file: str | os.PathLike | None = None, overwrite: bool = False,
-                         progress: Progress = lambda _: None) -> dict[str, Any]:
+                         progress: Progress = lambda _: None) -> UnpermuteResult:
     """Write the permuted checkpoint back in original order: bit-identical to the original."""
     with locked_for_reading(permuted, CheckpointSource) as source:
         found = read_permutation(source, arch_file)
@@ -94,4 +95,4 @@ def unpermute_checkpoint(permuted: str | os.PathLike, output: str | os.PathLike,
             raise S2RegError(f"{source.directory} has no {PermutationRecord.NAME}: it is not a permuted checkpoint")
         perm, info = found
         changed = _rewrite(source, Path(output), perm.inverse(), info, {}, overwrite, progress)
-    return {"output": str(output), "layers_restored": len(perm.layers), "tensors_changed": changed}
+    return UnpermuteResult(output=str(output), layers_restored=len(perm.layers), tensors_changed=changed)

@@ -8,8 +8,9 @@ per-tensor math, which is exact for S2FT (FORMAT §4.3) and permutation-aware.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from ..parallel import on_every_core
 from ..tensors import CheckpointSource, PermutedView, TensorSource
 from ..tensors.reader import PERMUTATION_NAME
 from .ledger import Ledger, adapter_identity
+from .results import PlanSummary
 
 if TYPE_CHECKING:
     from ..arch import ModelInfo
@@ -74,42 +76,69 @@ def original_coordinates(source: CheckpointSource) -> TensorSource:
     return PermutedView(source, perm.inverse().index_of(info))
 
 
-@dataclass
+class Run:
+    """One execution of a :class:`Plan`, owned by the code writing it: the one thing learnt while computing,
+    the tensors a merge without the base check changed in a way unmerge cannot undo (spec/SURGERY.md §2).
+    Tensors are computed on several threads at once, so noting one is locked."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._inexact: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note_inexact(self, name: str) -> None:
+        with self._lock:
+            self._inexact.add(name)
+
+    @property
+    def ledger_after(self) -> Ledger:
+        """The plan's ledger after the operation, noting the tensors found inexact so far."""
+        with self._lock:
+            inexact = frozenset(self._inexact)
+        return self.plan.ledger_after.with_inexact(inexact) if inexact else self.plan.ledger_after
+
+
+@dataclass(frozen=True)
 class Plan:
-    """A checked merge (``subtract=False``) or unmerge of ``adapters`` into ``source``."""
+    """A checked merge (``subtract=False``) or unmerge of ``adapters`` into ``source``: decided before any
+    byte is written, and never changed afterwards (what a run learns lives in its :class:`Run`)."""
 
     source: CheckpointSource
-    adapters: list[Adapter]
+    adapters: tuple[Adapter, ...]
+    identities: tuple[str, ...]  # adapter_identity of each adapter, computed once
     subtract: bool
     ledger_before: Ledger
     ledger_after: Ledger
-    touched: dict[str, list[Any]] = field(default_factory=dict)  # tensor -> targets, in application order
-    expect_sha: dict[str, str] = field(default_factory=dict)  # tensor -> sha256 the result must have
-    permutation: tuple[Permutation, ModelInfo] | None = None
-    stacked: set[str] = field(default_factory=set)  # tensors an earlier merge already changed
-    unverified: set[str] = field(default_factory=set)  # tensors merged without checking their fingerprint (--skip-base-check)
-    _ledger_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # tensors are computed in parallel
+    touched: Mapping[str, tuple[Any, ...]]  # tensor -> targets, in application order
+    expect_sha: Mapping[str, str]  # tensor -> sha256 the result must have
+    permutation: tuple[Permutation, ModelInfo] | None
+    stacked: frozenset[str]  # tensors an earlier merge already changed
+    unverified: frozenset[str]  # tensors merged without checking their fingerprint (--skip-base-check)
 
-    def _step(self, name: str, i: int, target: S2FTTarget, current: np.ndarray) -> np.ndarray:
+    def __post_init__(self) -> None:
+        for name in ("touched", "expect_sha"):  # read-only views: a frozen plan whose mappings change is not one
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def _step(self, name: str, i: int, target: S2FTTarget, current: np.ndarray, run: Run) -> np.ndarray:
         """One S2FT delta on the slice values ``current``, with the checks of spec/SURGERY.md §2 rule 3.
 
         Stacked on another merged adapter, a step unmerge could not undo is refused. Forced onto values
-        whose fingerprint nobody checked, it is done, and the ledger notes that unmerge cannot restore the tensor.
+        whose fingerprint nobody checked, it is done, and ``run`` notes that unmerge cannot restore the tensor.
         """
         stacked = not self.subtract and bool(i or name in self.stacked)
         shifted = target.shifted(current, name=name, subtract=self.subtract, check_reversible=stacked)
         if not self.subtract and not stacked and name in self.unverified and not target.undoes(current, shifted):
-            with self._ledger_lock:
-                self.ledger_after = self.ledger_after.with_inexact(name)
+            run.note_inexact(name)
         return shifted
 
-    def transform(self, name: str, tensor: np.ndarray) -> np.ndarray:
+    def transform(self, name: str, tensor: np.ndarray, run: Run) -> np.ndarray:
         """The tensor after the operation: exact, finite-checked, in the checkpoint's coordinates."""
         before = work = self._to_original(name, tensor)
         for i, target in enumerate(self.touched[name]):
             if isinstance(target, S2FTTarget):
                 work = work.copy()
-                put(work, target.axis, target.indices, self._step(name, i, target, take(work, target.axis, target.indices)))
+                put(work, target.axis, target.indices,
+                    self._step(name, i, target, take(work, target.axis, target.indices), run))
             else:
                 work = target.merged(work, subtract=self.subtract)
         for target in self.touched[name]:  # only where something changed: S2FT leaves the rest alone
@@ -122,14 +151,14 @@ class Plan:
             raise IntegrityError(f"{name}: unmerge did not restore the recorded original bytes; refused, nothing was written")
         return self._from_original(name, work)
 
-    def transform_slice(self, name: str, before: np.ndarray, support: tuple[str, np.ndarray]) -> np.ndarray:
+    def transform_slice(self, name: str, before: np.ndarray, support: tuple[str, np.ndarray], run: Run) -> np.ndarray:
         """Like :meth:`transform` on just the ``support`` slice (unpermuted S2FT only): reads only its bytes."""
         axis, union = support
         work = before
         for i, target in enumerate(self.touched[name]):
             where = np.searchsorted(union, target.indices)  # union is sorted and holds every index
             work = work.copy()
-            put(work, axis, where, self._step(name, i, target, take(work, axis, where)))
+            put(work, axis, where, self._step(name, i, target, take(work, axis, where), run))
         _check_finite(name, work, before)
         return work
 
@@ -144,7 +173,7 @@ class Plan:
             from ..ops.permute import permute_s2ft_target
 
             perm, info = self.permutation
-            targets = [permute_s2ft_target(name, t, perm, info) for t in targets]
+            targets = tuple(permute_s2ft_target(name, t, perm, info) for t in targets)
         indices = unique(np.concatenate([t.indices.astype(np.int64) for t in targets]))
         return targets[0].axis, indices
 
@@ -159,10 +188,13 @@ class Plan:
         perm, info = self.permutation
         return permute_tensor(name, tensor, perm, info)
 
-    def original_shas(self, names: Sequence[str]) -> dict[str, str]:
-        """sha256 of each tensor in original coordinates, as it is now (streamed when unpermuted), hashed
-        on every core at once: hashlib lets go of the GIL, and the base check is most of a merge's work."""
-        return dict(zip(names, on_every_core(lambda n: original_sha256(self.source, self.permutation, n), names)))
+
+
+def _original_shas(source: CheckpointSource, permutation: tuple[Permutation, ModelInfo] | None,
+                   names: Sequence[str]) -> dict[str, str]:
+    """sha256 of each tensor in original coordinates, as it is now (streamed when unpermuted), hashed
+    on every core at once: hashlib lets go of the GIL, and the base check is most of a merge's work."""
+    return dict(zip(names, on_every_core(lambda n: original_sha256(source, permutation, n), names), strict=True))
 
 
 # the exponent field of each float dtype: all ones is Inf or NaN, so finiteness is an integer test on the bits
@@ -183,10 +215,10 @@ def _check_finite(name: str, after: np.ndarray, before: np.ndarray) -> None:
         raise NonFiniteError(f"{name}: the result would hold NaN/Inf; refused, nothing was written")
 
 
-def _named(adapter: Adapter) -> str:
-    """An adapter as messages name it: by the manifest digest that inspect, ls and push show (the payload's
-    for one never saved), then the base it was made for, so neither reads as the other."""
-    digest = adapter.stored.digest if adapter.stored is not None else adapter_identity(adapter)
+def _named(adapter: Adapter, identity: str) -> str:
+    """An adapter as messages name it: by the manifest digest that inspect, ls and push show (the payload's,
+    its ``identity``, for one never saved), then the base it was made for, so neither reads as the other."""
+    digest = adapter.stored.digest if adapter.stored is not None else identity
     return f"adapter {digest[:16]} (made for base {adapter.base.name!r})"
 
 
@@ -205,24 +237,26 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_
     """Check that ``adapters`` can be merged, in order, into ``source``; raise before any write."""
     if not adapters:
         raise S2RegError("name at least one adapter to merge")
-    ledger = Ledger.read(source.directory)
-    plan = Plan(source, list(adapters), False, ledger, ledger, permutation=read_permutation(source),
-                stacked=ledger.touched())
+    ledger = after = Ledger.read(source.directory)
+    permutation = read_permutation(source)
+    identities = [adapter_identity(a) for a in adapters]  # once each: it hashes the whole payload
+    touched: dict[str, list[Any]] = {}
+    unverified: set[str] = set()
     seen: set[str] = set()
-    for adapter in adapters:
-        identity = adapter_identity(adapter)
+    for adapter, identity in zip(adapters, identities, strict=True):
         if identity in seen or ledger.find(identity) is not None:
-            raise S2RegError(f"{_named(adapter)} is already merged into checkpoint {source.directory}; refused")
+            raise S2RegError(f"{_named(adapter, identity)} is already merged into checkpoint {source.directory}; refused")
         seen.add(identity)
         _check_shapes(source, adapter)
         originals = {}
         for name in adapter.targets:
-            known = ledger.original.get(name) or plan.ledger_after.original.get(name)
+            known = ledger.original.get(name) or after.original.get(name)
             if known is not None:
                 originals[name] = known
             elif not verify_base:
-                plan.unverified.add(name)  # no hashing at all; the merge checks whether it can be undone
-        originals.update(plan.original_shas([n for n in adapter.targets if n not in originals and n not in plan.unverified]))
+                unverified.add(name)  # no hashing at all; the merge checks whether it can be undone
+        originals.update(_original_shas(source, permutation,
+                                        [n for n in adapter.targets if n not in originals and n not in unverified]))
         for name in adapter.targets:
             if verify_base and originals[name] != adapter.base.fingerprints[name].sha256:
                 raise BaseMismatch(
@@ -230,9 +264,11 @@ def plan_merge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_
                     f"({adapter.base.name!r}); refused (--skip-base-check merges anyway)"
                 )
         for name in adapter.targets:
-            plan.touched.setdefault(name, []).append(adapter.targets[name])
-        plan.ledger_after = plan.ledger_after.with_merged(adapter, identity, originals)
-    return plan
+            touched.setdefault(name, []).append(adapter.targets[name])
+        after = after.with_merged(adapter, identity, originals)
+    return Plan(source, tuple(adapters), tuple(identities), False, ledger, after,
+                {n: tuple(t) for n, t in touched.items()}, {}, permutation, frozenset(ledger.touched()),
+                frozenset(unverified))
 
 
 def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, verify_base: bool = True) -> Plan:
@@ -244,22 +280,22 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, verif
     """
     if not adapters:
         raise S2RegError("name at least one adapter to unmerge")
-    ledger = Ledger.read(source.directory)
-    identities = [adapter_identity(a) for a in adapters]
+    ledger = after = Ledger.read(source.directory)
+    identities = [adapter_identity(a) for a in adapters]  # once each: it hashes the whole payload
     if len(set(identities)) != len(identities):
         raise S2RegError("the same adapter is named twice")
-    missing = [a for a, i in zip(adapters, identities) if ledger.find(i) is None]
+    missing = [(a, i) for a, i in zip(adapters, identities, strict=True) if ledger.find(i) is None]
     if missing and verify_base:
         raise BaseMismatch(
-            f"{_named(missing[0])} is not recorded as merged into checkpoint {source.directory}; refused "
+            f"{_named(*missing[0])} is not recorded as merged into checkpoint {source.directory}; refused "
             "(--skip-base-check subtracts it anyway)"
         )
     position = {i: (ledger.find(i) if ledger.find(i) is not None else -1) for i in identities}
-    order = sorted(zip(adapters, identities), key=lambda pair: position[pair[1]], reverse=True)
-    plan = Plan(source, [a for a, _ in order], True, ledger, ledger, permutation=read_permutation(source))
+    order = sorted(zip(adapters, identities, strict=True), key=lambda pair: position[pair[1]], reverse=True)
+    touched: dict[str, list[Any]] = {}
     for adapter, identity in order:
         _check_shapes(source, adapter)
-        clash = plan.ledger_after.later_overlap(identity)
+        clash = after.later_overlap(identity)
         if clash is not None:
             raise S2RegError(
                 f"{clash}: an adapter merged later overlaps this one; unmerge that one first (or both in one call)"
@@ -271,22 +307,24 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, verif
                 "unmerging cannot restore them bit for bit (spec/SURGERY.md §2); refused (--skip-base-check subtracts "
                 "it anyway)"
             )
-        plan.ledger_after = plan.ledger_after.without(identity)
+        after = after.without(identity)
         for name, target in adapter.targets.items():
-            plan.touched.setdefault(name, []).append(target)
-    for name, targets in plan.touched.items():
-        untouched_after = name not in plan.ledger_after.original
+            touched.setdefault(name, []).append(target)
+    expect_sha = {}
+    for name, targets in touched.items():
+        untouched_after = name not in after.original
         exact = all(isinstance(t, S2FTTarget) for t in targets)
         if untouched_after and exact and name in ledger.original:
-            plan.expect_sha[name] = ledger.original[name]
-    return plan
+            expect_sha[name] = ledger.original[name]
+    return Plan(source, tuple(a for a, _ in order), tuple(i for _, i in order), True, ledger, after,
+                {n: tuple(t) for n, t in touched.items()}, expect_sha, read_permutation(source), frozenset(), frozenset())
 
 
-def describe_plan(plan: Plan) -> dict[str, Any]:
-    return {
-        "operation": "unmerge" if plan.subtract else "merge",
-        "adapters": [adapter_identity(a) for a in plan.adapters],
-        "tensors": len(plan.touched),
-        "merged_now": [e.digest for e in plan.ledger_after.merged],
-        "permuted": plan.permutation is not None,
-    }
+def describe_plan(plan: Plan) -> PlanSummary:
+    return PlanSummary(
+        operation="unmerge" if plan.subtract else "merge",
+        adapters=plan.identities,
+        tensors=len(plan.touched),
+        merged_now=tuple(e.digest for e in plan.ledger_after.merged),
+        permuted=plan.permutation is not None,
+    )

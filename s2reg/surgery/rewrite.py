@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from ..format import Adapter
 from ..fsatomic import check_free
@@ -26,12 +25,13 @@ from . import patching
 from .ledger import LEDGER_NAME
 from .lock import locked_for_reading
 from .plan import Plan, describe_plan, plan_merge, plan_unmerge
+from .results import RewriteResult
 
 Progress = Callable[[str], None]
 
 
 def _rewrite(source: CheckpointSource, make_plan: Callable[[], Plan], output: Path, *, overwrite: bool,
-             progress: Progress) -> dict[str, Any]:
+             progress: Progress) -> RewriteResult:
     """Copy the shards into the staging directory while ``make_plan`` checks (hashes) and reads the patches
     on another thread; patch the copies once both are done. A failed check stops the copy at the next
     tensor, and nothing appears at ``output``."""
@@ -56,10 +56,11 @@ def _rewrite(source: CheckpointSource, make_plan: Callable[[], Plan], output: Pa
                 raise planned.exception()
 
         def finalize(staged: Path) -> None:
-            plan, patches, computed = planned.result()
+            _, patches, computed = planned.result()
             patching.write_each(staged, {p.tensor: source.info(p.tensor) for p in patches}, patches, computed)
-            if plan.ledger_after.merged:
-                (staged / LEDGER_NAME).write_bytes(plan.ledger_after.to_bytes())
+            ledger = computed.run.ledger_after  # complete now that every patch is computed
+            if ledger.merged:
+                (staged / LEDGER_NAME).write_bytes(ledger.to_bytes())
 
         try:
             write_checkpoint(output, {}, None, verbatim=verbatim, side_files_from=source.directory,
@@ -68,12 +69,12 @@ def _rewrite(source: CheckpointSource, make_plan: Callable[[], Plan], output: Pa
             planned.cancel()
     plan, patches, _ = planned.result()
     patched = sum(patching.patch_nbytes(source.info(p.tensor), p) for p in patches)
-    return {**describe_plan(plan), "output": str(output), "tensors_patched": len(patches),
-            "bytes_patched": patched, "seconds": time.perf_counter() - started}
+    return RewriteResult(**vars(describe_plan(plan)), output=str(output), tensors_patched=len(patches),
+                         bytes_patched=patched, seconds=time.perf_counter() - started)
 
 
 def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *, verify_base: bool = True,
-          overwrite: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
+          overwrite: bool = False, progress: Progress = lambda _: None) -> RewriteResult:
     """Write ``base`` with ``adapters`` merged (in order) to a new checkpoint at ``output``.
 
     Checks names, shapes and dtypes, and base fingerprints unless ``verify_base=False``; refuses an
@@ -86,7 +87,7 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], output: str | os
 
 
 def unmerge(merged: str | os.PathLike, adapters: Sequence[Adapter], output: str | os.PathLike, *,
-            verify_base: bool = True, overwrite: bool = False, progress: Progress = lambda _: None) -> dict[str, Any]:
+            verify_base: bool = True, overwrite: bool = False, progress: Progress = lambda _: None) -> RewriteResult:
     """Write ``merged`` with ``adapters`` taken out to ``output``: bit-identical to the base for S2FT."""
     with locked_for_reading(merged, partial(CheckpointSource, remember_hashes=True)) as source:
         return _rewrite(source, lambda: plan_unmerge(source, adapters, verify_base=verify_base), Path(output),

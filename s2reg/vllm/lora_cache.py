@@ -112,8 +112,8 @@ class LoRACache:
 
         report = export_lora(adapter, output, max_error=max_error, base=base)
         return {"digest": adapter.stored.digest, "kind": adapter.kind, "base": adapter.base.name, "max_error": max_error,
-                "max_rank": report["max_rank"], "max_relative_error": report["max_relative_error"],
-                "relative_error": report["relative_error"], "rank": report["rank"]}
+                "max_rank": report.max_rank, "max_relative_error": report.max_relative_error,
+                "relative_error": dict(report.relative_error), "rank": dict(report.rank)}
 
 
 class ServedBase:

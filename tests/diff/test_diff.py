@@ -31,12 +31,12 @@ def test_adapter_diff_reports_overlap_and_similarity(tmp_path):
     a.save(tmp_path / "a")
     b.save(tmp_path / "b")
     report = diff_adapters(a, b)
-    down = next(r for r in report["tensors"] if r["tensor"] == DOWN)
-    assert down["jaccard"] == 2 / 6
+    down = next(r for r in report.tensors if r.tensor == DOWN)
+    assert down.jaccard == 2 / 6
     da, db = to_torch(a.to_dense(DOWN)).double(), to_torch(b.to_dense(DOWN)).double()
     both = (da != 0) & (db != 0)
     x, y = da[both], db[both]
-    assert abs(down["cosine"] - float(x @ y / (x.norm() * y.norm()))) < 1e-9
+    assert abs(down.cosine - float(x @ y / (x.norm() * y.norm()))) < 1e-9
     same = run("diff", tmp_path / "a", tmp_path / "a", "--json")
     assert same.exit_code == 0 and json.loads(same.stdout)["identical"] is True
     different = run("diff", tmp_path / "a", tmp_path / "b")
@@ -132,9 +132,9 @@ def test_adapter_diff_from_payloads_matches_dense_masks(axes):
         return S2FTAdapter.from_slices(base, {"w": (kind, chosen, torch.randn(*shape, generator=g))}, base_name="b")
 
     a, b = make(axes[0], [1, 3, 4, 8]), make(axes[1], [3, 5, 8, 9])
-    row = diff_adapters(a, b)["tensors"][0]
+    row = diff_adapters(a, b).tensors[0]
     expected = _dense_reference(a.targets["w"], b.targets["w"])
     for key in ("jaccard", "cosine", "relative_l2"):
-        assert row[key] == pytest.approx(expected[key], rel=1e-6 if any(kind.startswith("pisa") for kind in axes) else 1e-12), key
-    assert (row["common"], row["equal"]) == (expected["common"], expected["equal"])
-    assert diff_adapters(a, a)["tensors"][0]["equal"] is True
+        assert getattr(row, key) == pytest.approx(expected[key], rel=1e-6 if any(kind.startswith("pisa") for kind in axes) else 1e-12), key
+    assert (row.common, row.equal) == (expected["common"], expected["equal"])
+    assert diff_adapters(a, a).tensors[0].equal is True

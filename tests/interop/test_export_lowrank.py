@@ -7,6 +7,7 @@ exported LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -204,7 +205,7 @@ def test_peft_merges_the_exported_lora_to_base_plus_the_factors(base, tmp_path):
     report = export_lora(adapter, tmp_path / "lora", rank=3, max_error=1.0,
                          progress=lambda done, total, name: calls.append((done, total, name)))
     assert calls == [(i + 1, len(adapter.targets), name) for i, name in enumerate(adapter.targets)]
-    assert set(report["rank"].values()) == {3} and report["max_error"] == 1.0
+    assert set(report.rank.values()) == {3} and report.max_error == 1.0
     factors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     merged = PeftModel.from_pretrained(model_of(base, torch.float32), tmp_path / "lora").merge_and_unload().state_dict()
     with CheckpointSource(base) as source:
@@ -214,7 +215,7 @@ def test_peft_merges_the_exported_lora_to_base_plus_the_factors(base, tmp_path):
                 module = f"{PREFIX}{name.removesuffix('.weight')}"
                 b, a = factors[f"{module}.lora_B.weight"].double(), factors[f"{module}.lora_A.weight"].double()
                 expected = weight + b @ a
-                assert math.isclose(report["relative_error"][name],
+                assert math.isclose(report.relative_error[name],
                                     true_error(adapter.targets[name], a.float(), b.float()), rel_tol=1e-9)
             else:
                 expected = weight
@@ -228,12 +229,12 @@ def test_export_picks_ranks_per_target_refuses_before_writing_and_is_determinist
     assert not (tmp_path / "refused").exists()
     first = export_lora(adapter, tmp_path / "auto", max_error=0.05)
     second = export_lora(adapter, tmp_path / "again", max_error=0.05)
-    assert first["max_relative_error"] <= 0.05 and first["max_rank"] == max(first["rank"].values())
+    assert first.max_relative_error <= 0.05 and first.max_rank == max(first.rank.values())
     for name, target in adapter.targets.items():
-        assert first["rank"][name] == int(np.argmax(optimal_errors(target) <= 0.05)) + 1  # small: the dense SVD
+        assert first.rank[name] == int(np.argmax(optimal_errors(target) <= 0.05)) + 1  # small: the dense SVD
     assert ((tmp_path / "auto" / "adapter_model.safetensors").read_bytes()
             == (tmp_path / "again" / "adapter_model.safetensors").read_bytes())
-    assert first == {**second, "output": first["output"]}
+    assert first == dataclasses.replace(second, output=first.output)
 
 
 def test_one_thread_is_per_thread_and_restored():

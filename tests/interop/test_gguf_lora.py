@@ -117,8 +117,8 @@ def test_writer_names_shapes_metadata_and_exact_deltas(family, zoo_checkpoint, t
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     rank = max(t.count for t in adapter.targets.values())
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
-    assert fields["general.architecture"] == ARCHITECTURE[family] == report["architecture"]
-    assert fields["adapter.lora.alpha"] == rank == report["rank"]  # alpha / r = 1 on every tensor
+    assert fields["general.architecture"] == ARCHITECTURE[family] == report.architecture
+    assert fields["adapter.lora.alpha"] == rank == report.rank  # alpha / r = 1 on every tensor
     tensors = {t.name: t for t in reader.tensors}
     assert set(tensors) == {f"{gguf_name(n)}.lora_{ab}" for n in adapter.targets for ab in "ab"}
     config = json.loads((base / "config.json").read_text())
@@ -153,8 +153,8 @@ def test_pisa_exports_its_low_rank_factors_within_the_reported_error(tmp_path):
         if "q_proj" in name:
             expected = expected[rope_order(expected.shape[0], 4)]
         error = np.linalg.norm(product - expected) / np.linalg.norm(expected)
-        assert error <= report["relative_error"][name] * (1 + 1e-3) + 1e-7, name
-    assert report["max_relative_error"] <= 1e-3
+        assert error <= report.relative_error[name] * (1 + 1e-3) + 1e-7, name
+    assert report.max_relative_error <= 1e-3
 
 
 def test_the_q_rows_really_move(zoo_checkpoint, tmp_path):

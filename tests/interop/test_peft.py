@@ -103,7 +103,7 @@ def test_signed_zero_changes_export_exactly_and_peft_merges_the_same_values(tmp_
         adapter = s2reg.S2FTAdapter.from_tuned(source, slices, base_name="tiny")
     assert all(t.restore is not None for t in adapter.targets.values())
     report = export_lora(adapter, tmp_path / "lora")
-    assert report["max_relative_error"] == 0.0
+    assert report.max_relative_error == 0.0
     merged = PeftModel.from_pretrained(model_of(zeros), tmp_path / "lora").merge_and_unload().state_dict()
     for name, tensor in expected.items():
         assert torch.equal(merged[name], tensor), name  # equal values; only the signs of some zeros may differ
@@ -129,7 +129,7 @@ def test_pisa_exports_through_svd_with_its_error(base, tmp_path):
     adapter = pisa(base, k=3, roles=("down",))
     full = export_lora(adapter, tmp_path / "full", rank=64)
     low = export_lora(adapter, tmp_path / "low", rank=2, max_error=1.0)
-    assert full["max_relative_error"] < 1e-5 < low["max_relative_error"] < 1.0
+    assert full.max_relative_error < 1e-5 < low.max_relative_error < 1.0
     with pytest.raises(S2RegError, match="over the tolerance 0.001; rank"):  # more tests: test_export_lowrank.py
         export_lora(adapter, tmp_path / "none", rank=2)
 

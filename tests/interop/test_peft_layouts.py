@@ -79,7 +79,7 @@ def test_pisa_on_conv1d_exports_transposed_through_the_svd(tmp_path):
     with CheckpointSource(base) as source:
         adapter = export_adapter(model, base=source)
     report = export_lora(adapter, tmp_path / "lora", rank=64, base=base)
-    assert report["fan_in_fan_out"] is True and report["max_relative_error"] < 1e-5
+    assert report.fan_in_fan_out is True and report.max_relative_error < 1e-5
     s2reg.merge(base, [adapter], tmp_path / "merged")
     ours = zoo.load("gpt2", tmp_path / "merged").state_dict()
     theirs = _peft_merged("gpt2", base, tmp_path / "lora")

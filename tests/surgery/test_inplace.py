@@ -66,7 +66,7 @@ def test_in_place_equals_new_checkpoint_and_unmerges_exactly(pristine, tmp_path)
     ckpt, _ = fresh(pristine, tmp_path)
     report = merge_in_place(ckpt, [adapter])
     assert shards(file_digests(ckpt)) == shards(merged_digests)
-    assert report["bytes_patched"] < sum((base / n).stat().st_size for n in shards(base_digests)) / 4
+    assert report.bytes_patched < sum((base / n).stat().st_size for n in shards(base_digests)) / 4
     with pytest.raises(S2RegError, match="already merged"):
         merge_in_place(ckpt, [adapter])
     unmerge_in_place(ckpt, [adapter])
@@ -145,7 +145,7 @@ def test_failed_rollback_leaves_the_journal_for_recover(pristine, tmp_path):
     ckpt, adapter = fresh(pristine, tmp_path)
     assert run_child(_crash_after, ckpt, adapter, 3, "broken") == 4
     assert pending(ckpt)
-    assert recover(ckpt)["action"] == "rolled back"
+    assert recover(ckpt).action == "rolled back"
     assert file_digests(ckpt) == base_digests
 
 
@@ -244,7 +244,7 @@ def test_kill_at_each_point_every_command_refuses_then_recover_restores(pristine
     action = json.loads(result.output)["action"]
     assert action == ("cleaned" if point in NO_JOURNAL else "rolled back")
     assert file_digests(ckpt) == (merged_digests if point in COMMITTED else base_digests)  # no leftover either
-    assert not pending(ckpt) and recover(ckpt)["action"] == "nothing to recover"
+    assert not pending(ckpt) and recover(ckpt).action == "nothing to recover"
     with CheckpointSource(ckpt) as source:
         assert source.names()
 
@@ -254,7 +254,7 @@ def test_recover_forward_after_a_kill_completes_the_merge(pristine, tmp_path, po
     _, _, _, merged_digests = pristine
     ckpt, adapter = fresh(pristine, tmp_path)
     assert run_child(_die_at, ckpt, adapter, point) == 17
-    assert recover(ckpt, forward=True)["action"] == "rolled forward"
+    assert recover(ckpt, forward=True).action == "rolled forward"
     assert file_digests(ckpt) == merged_digests
 
 
@@ -362,7 +362,7 @@ def test_read_only_shard_is_refused_before_the_journal(pristine, tmp_path, monke
 
 def test_recover_with_nothing_pending(pristine, tmp_path):
     ckpt, _ = fresh(pristine, tmp_path)
-    assert recover(ckpt)["action"] == "nothing to recover"
+    assert recover(ckpt).action == "nothing to recover"
 
 
 def test_a_checkpoint_being_changed_in_place_is_refused_by_every_other_surgery(pristine, adapter_on_disk, tmp_path):
@@ -455,7 +455,7 @@ def test_a_journal_that_cannot_be_removed_after_a_full_disk_is_left_to_recover(p
     assert result.output == (f"Error: No space left on device in {ckpt} while writing the undo journal; nothing was "
                              f"changed, but it could not be removed: `s2reg recover {ckpt}` removes it\n")
     monkeypatch.undo()
-    assert recover(ckpt)["action"] == "cleaned"
+    assert recover(ckpt).action == "cleaned"
     assert leftovers(ckpt) == [] and file_digests(ckpt) == base_digests
 
 

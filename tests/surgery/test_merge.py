@@ -59,7 +59,7 @@ def test_output_keeps_layout_dtypes_and_side_files(base, tmp_path):
 def test_untouched_shards_are_copied_verbatim(base, tmp_path):
     adapter = s2ft(base, layers=[1])
     report = merge(base, [adapter], tmp_path / "m")
-    assert report["tensors_patched"] == len(adapter.targets)
+    assert report.tensors_patched == len(adapter.targets)
     same = {n for n, d in file_digests(tmp_path / "m").items() if file_digests(base).get(n) == d}
     with CheckpointSource(base) as source:
         untouched = {f for f, names in source.shard_names().items() if not set(names) & set(adapter.targets)}

@@ -133,8 +133,8 @@ def test_break_links_changes_only_this_checkpoint(pristine, layout):
     base, adapter, _, base_digests, merged_digests = pristine
     others = {k: v for k, v in tree_state(tree).items() if not (tree / k).is_relative_to(first)}
     report = merge_in_place(first, [adapter], break_links=True)
-    assert sorted(report["links_broken"]) == sorted(touched(base, adapter))  # only the shards it patched
-    for name in report["links_broken"]:
+    assert sorted(report.links_broken) == sorted(touched(base, adapter))  # only the shards it patched
+    for name in report.links_broken:
         entry = (first / name).lstat()
         assert not (first / name).is_symlink() and entry.st_nlink == 1
     assert shards(file_digests(first)) == merged_digests
