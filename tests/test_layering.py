@@ -68,3 +68,9 @@ def test_format_and_tensors_never_import_the_registry(layer):
 
 def test_home_is_the_bottom_floor():
     assert _imports_under(PACKAGE / "home.py", "s2reg") == []
+
+
+@pytest.mark.parametrize("part", ["blobs", "entry", "files", "gc", "locks", "refs", "verify", "views"])
+def test_the_store_parts_sit_below_the_store_facade(part):
+    """``registry.store.Store`` is built of its parts; a part that imported it back would close a cycle."""
+    assert _imports_under(PACKAGE / "registry" / f"{part}.py", "s2reg.registry.store") == []

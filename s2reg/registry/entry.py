@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from ..format.manifest import MANIFEST_NAME
+from .blobs import Blobs
 from .names import Ref
+from .refs import Refs
 
 AdapterFiles = dict[str, tuple[str, int | None]]  # file name -> (blob digest, recorded size; None for the manifest)
 
@@ -39,3 +42,9 @@ class Entry:
 
     def files(self) -> AdapterFiles:
         return adapter_files(self.digest, self.manifest)
+
+
+def read_entry(blobs: Blobs, refs: Refs, ref: Ref) -> Entry:
+    """The entry of ``ref``, its manifest blob re-hashed (NotFound without the ref, IntegrityError when damaged)."""
+    digest = refs.digest_of(ref)
+    return Entry(ref, digest, json.loads(blobs.read(digest)))

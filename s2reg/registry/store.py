@@ -14,7 +14,6 @@ opened without following links, only as regular files, and read no further than 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from contextlib import AbstractContextManager
@@ -26,7 +25,7 @@ from ..format.manifest import read_manifest
 from ..fsatomic import building
 from ..home import default_root
 from .blobs import Blobs
-from .entry import Entry
+from .entry import Entry, read_entry
 from .gc import GcResult, collect_garbage
 from .locks import store_lock
 from .names import Ref, parse_ref
@@ -76,9 +75,7 @@ class Store:
         return self.ref_files.all()
 
     def entry(self, ref: str | Ref) -> Entry:
-        ref = _as_ref(ref)
-        digest = self.digest_of(ref)
-        return Entry(ref, digest, json.loads(self.read_blob(digest)))
+        return read_entry(self.blobs, self.ref_files, _as_ref(ref))
 
     def entries(self, *, kind: str | None = None) -> list[Entry]:
         found = []
@@ -188,11 +185,11 @@ class Store:
     def gc(self) -> GcResult:
         """Delete blobs no ref points at (and stale views and temp files); what was removed and kept."""
         with self._locked():
-            return collect_garbage(self)
+            return collect_garbage(self.blobs, self.ref_files, self.views)
 
     def verify(self) -> VerifyResult:
         """Re-hash every blob; move corrupt ones (and anything that is not a regular file) to
         ``quarantine/``; remove views that are not exactly their blobs (the next load rebuilds them);
         report the refs the corrupt blobs break."""
         with self._locked():
-            return verify_store(self)
+            return verify_store(self.blobs, self.ref_files, self.views)

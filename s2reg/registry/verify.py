@@ -1,18 +1,19 @@
 """``verify``: re-hash every blob, quarantine the damaged ones, drop views that are not current, name broken refs.
 
-spec/REGISTRY.md §4. Run under the exclusive store lock (:meth:`Store.verify`).
+spec/REGISTRY.md §4. Run under the exclusive store lock (``Store.verify``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import IntegrityError
+from .blobs import Blobs
+from .entry import read_entry
 from .files import remove_any
-
-if TYPE_CHECKING:
-    from .store import Store
+from .refs import Refs
+from .views import Views
 
 
 @dataclass(frozen=True)
@@ -47,28 +48,28 @@ class VerifyResult:
                 "stale_views_removed": list(self.stale_views_removed)}
 
 
-def verify_store(store: Store) -> VerifyResult:
-    """Check ``store`` whole and repair what can be (caller holds its exclusive lock)."""
+def verify_store(blobs: Blobs, refs: Refs, views: Views) -> VerifyResult:
+    """Check a store's blobs, views and refs, and repair what can be (caller holds its exclusive lock)."""
     corrupt, checked = [], 0
-    for path in store.blobs.files():
+    for path in blobs.files():
         if path.name.startswith("."):  # a temp file a crashed write left behind
             remove_any(path)
             continue
         checked += 1
-        if not store.blobs.is_intact(path):
-            store.blobs.quarantine(path)
+        if not blobs.is_intact(path):
+            blobs.quarantine(path)
             corrupt.append(path.name)
-    views, stale = store.views.all(), []
-    for view in views:
-        if not store.views.is_sound(view):
+    found, stale = views.all(), []
+    for view in found:
+        if not views.is_sound(view):
             remove_any(view)
             stale.append(view.name)
     broken = []
-    for ref in store.refs():
+    for ref in refs.all():
         try:
-            payload = store.entry(ref).manifest["payload"]
-            store.read_blob(payload["sha256"], int(payload["bytes"]))
+            payload = read_entry(blobs, refs, ref).manifest["payload"]
+            blobs.read(payload["sha256"], int(payload["bytes"]))
         except (IntegrityError, ValueError, KeyError, TypeError) as exc:
             broken.append(BrokenRef(str(ref), str(exc)))
     return VerifyResult(blobs_checked=checked, corrupt=tuple(corrupt), broken_refs=tuple(broken),
-                        views_checked=len(views), stale_views_removed=tuple(stale))
+                        views_checked=len(found), stale_views_removed=tuple(stale))
