@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from ..demo import run_demo
+from ..home import default_root
 from . import render
 from .common import json_option
 from .inspect import show
 
 
 def default_workdir() -> Path:
-    return Path(os.environ.get("S2REG_HOME", Path.home() / ".cache" / "s2reg")) / "demo"
+    return default_root() / "demo"
 
 
 def _verdict(ok: bool):
