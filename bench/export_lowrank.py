@@ -90,15 +90,15 @@ def main() -> None:
     rows = []
     for rank in (int(r) for r in args.ranks.split(",")):
         print(f"rank {rank}:", flush=True)
-        old = timed(f"old, dense SVD, {torch.get_num_threads()} threads", lambda n, t: (old_factors(t, rank), rank), first)
+        old = timed(f"old, dense SVD, {torch.get_num_threads()} threads", lambda n, t, rank=rank: (old_factors(t, rank), rank), first)
 
-        def one_threaded(name, target):
+        def one_threaded(name, target, rank=rank):
             with one_thread():
                 return old_factors(target, rank), rank
 
         old_one = timed("old, dense SVD, 1 thread", one_threaded, first)
 
-        def new(name, target):
+        def new(name, target, rank=rank):
             result = pisa_low_rank(name, target, rank=rank, max_error=1.0)
             return result.error, result.rank
 

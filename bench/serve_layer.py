@@ -69,7 +69,7 @@ def bench_dim(d: int, counts: list[int], channels: int, tokens: int, repeats: in
     columns = [torch.randperm(d, generator=g)[:channels].sort().values for _ in range(most)]
     deltas = [torch.randn(d, channels, generator=g) * 1e-2 for _ in range(most)]
     adapters = [S2FTAdapter.from_slices({"proj.weight": weight}, {"proj.weight": ("columns", c, dl)}, base_name="bench")
-                for c, dl in zip(columns, deltas)]
+                for c, dl in zip(columns, deltas, strict=True)]
     server = AdapterServer(Layer(weight), base, max_resident=most)
     for i, adapter in enumerate(adapters):
         server.attach(f"a{i}", adapter)
@@ -110,9 +110,9 @@ def bench_dim(d: int, counts: list[int], channels: int, tokens: int, repeats: in
             lora_error = float((lora[rows] - x[rows] @ lora_weight.T).abs().max() / lora[rows].abs().max())
         assert lora_error < 1e-4, f"PEFT's mixed batch differs from its merged LoRA by {lora_error:.2e}"
         with torch.no_grad():
-            t_ours = best_seconds(lambda: server.forward(names, x=x), repeats)
-            t_lora = best_seconds(lambda: peft_model(x, adapter_names=names), repeats)
-            t_merged = best_seconds(lambda: merged_copy(names), repeats)
+            t_ours = best_seconds(lambda names=names: server.forward(names, x=x), repeats)
+            t_lora = best_seconds(lambda names=names: peft_model(x, adapter_names=names), repeats)
+            t_merged = best_seconds(lambda names=names: merged_copy(names), repeats)
             t_base = best_seconds(lambda: x @ weight.T, repeats)
         ours_bytes = sum(server.memory()[f"a{i}"] for i in range(n))
         lora_bytes = n * 2 * d * rank * 4

@@ -24,7 +24,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -68,7 +70,10 @@ def s2ft_adapters(base: Path, count: int) -> list[s2reg.Adapter]:
     return out
 
 
-def timed(fn) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     started = time.perf_counter()
     result = fn()
     return time.perf_counter() - started, result
@@ -123,12 +128,12 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for n in counts:
             names = [f"a{r % n}" for r in range(args.prompts)]
-            t_ours, ours = timed(lambda: server.generate(ids, mask, adapters=names, **options))
+            t_ours, ours = timed(lambda names=names: server.generate(ids, mask, adapters=names, **options))
             with torch.no_grad():
-                t_peft, _ = timed(lambda: peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=names,
+                t_peft, _ = timed(lambda names=names: peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=names,
                                                               **options))
-            t_group, grouped = timed(lambda: per_group(names))
-            same = sum(torch.equal(a[-args.new_tokens:], b[-args.new_tokens:]) for a, b in zip(ours, grouped))
+            t_group, grouped = timed(lambda names=names: per_group(names))
+            same = sum(torch.equal(a[-args.new_tokens:], b[-args.new_tokens:]) for a, b in zip(ours, grouped, strict=True))
             print(f"| {n} | {generated / t_ours:.1f} | {generated / t_peft:.1f} | {generated / t_group:.1f} | "
                   f"{t_peft / t_ours:.2f}x | {t_group / t_ours:.2f}x | {same}/{args.prompts} |", flush=True)
         server.close()

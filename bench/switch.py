@@ -56,11 +56,12 @@ def main() -> None:
         lora_b = torch.randn(d, rank, generator=g).to(torch.bfloat16) * 1e-2
         lora_a = torch.randn(rank, d, generator=g).to(torch.bfloat16) * 1e-2
 
-        def s2ft_switch():
+        # bound as defaults: each size times its own model and layer
+        def s2ft_switch(model=model, adapter=adapter):
             apply(model, adapter)
             remove(model, adapter)
 
-        def lora_switch():
+        def lora_switch(layer=layer, lora_b=lora_b, lora_a=lora_a):
             with torch.no_grad():
                 layer.weight += lora_b @ lora_a
                 layer.weight -= lora_b @ lora_a

@@ -86,7 +86,7 @@ def main() -> None:
         store = Store(work / "store")
         adapters = s2ft_adapters(base, max(counts))
         refs = [f"bench-{i}:v1" for i in range(len(adapters))]
-        for ref, adapter in zip(refs, adapters):
+        for ref, adapter in zip(refs, adapters, strict=True):
             store.push(adapter, ref)
         texts = prompts(args.prompts)
         tokenizer = AutoTokenizer.from_pretrained(base)
@@ -96,7 +96,7 @@ def main() -> None:
                    "pad_token_id": tokenizer.pad_token_id}
         rows = []
         server = AdapterServer.from_pretrained(base, max_resident=max(counts))
-        for ref, adapter in zip(refs, adapters):
+        for ref, adapter in zip(refs, adapters, strict=True):
             server.attach(ref, adapter)
         vllm_options = ["--dtype", "float32", "--max-model-len", "512", "--enable-lora", "--max-lora-rank",
                         str(CHANNELS), "--max-loras", str(max(counts)), "--max-num-seqs", str(args.prompts)]
@@ -115,8 +115,8 @@ def main() -> None:
                 names = [None] * args.prompts if n == 0 else [refs[r % n] for r in range(args.prompts)]
                 t_vllm, vllm_ids = vllm_round(client, names, texts, str(base), args.new_tokens)
                 with torch.no_grad():
-                    t_ours, ours = timed(lambda: server.generate(ids, mask, adapters=names, **options))
-                same = sum(list(row[-args.new_tokens:].tolist()) == got for row, got in zip(ours, vllm_ids))
+                    t_ours, ours = timed(lambda names=names: server.generate(ids, mask, adapters=names, **options))
+                same = sum(list(row[-args.new_tokens:].tolist()) == got for row, got in zip(ours, vllm_ids, strict=True))
                 rows.append({"adapters": n, "vllm_tok_s": generated / t_vllm, "s2reg_tok_s": generated / t_ours,
                              "same_tokens": same})
                 print(f"| {n or 'base'} | {generated / t_vllm:.1f} | {generated / t_ours:.1f} | "
