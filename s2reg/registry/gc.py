@@ -6,10 +6,10 @@ in progress, whose ref is not written yet, are never taken: the push holds the l
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from ..errors import IntegrityError
+from ..results import Result
 from .blobs import Blobs
 from .entry import read_entry
 from .files import remove_any
@@ -18,15 +18,12 @@ from .views import Views
 
 
 @dataclass(frozen=True)
-class GcResult:
+class GcResult(Result):
     """What ``gc`` removed and kept (``blobs_kept``: the blobs some ref needs)."""
 
     blobs_removed: int
     bytes_freed: int
     blobs_kept: int
-
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def referenced_blobs(blobs: Blobs, refs: Refs) -> set[str]:

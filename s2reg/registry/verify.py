@@ -5,10 +5,10 @@ spec/REGISTRY.md §4. Run under the exclusive store lock (``Store.verify``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from ..errors import IntegrityError
+from ..results import Result
 from .blobs import Blobs
 from .entry import read_entry
 from .files import remove_any
@@ -17,18 +17,15 @@ from .views import Views
 
 
 @dataclass(frozen=True)
-class BrokenRef:
+class BrokenRef(Result):
     """A ref whose manifest or payload blob is damaged or missing, and why."""
 
     ref: str
     error: str
 
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class VerifyResult:
+class VerifyResult(Result):
     """What ``verify`` checked, quarantined (``corrupt``: blob digests) and removed (stale views: digests)."""
 
     blobs_checked: int
@@ -41,11 +38,6 @@ class VerifyResult:
     def ok(self) -> bool:
         """No damaged blob and no broken ref (stale views are rebuilt on the next load: no harm done)."""
         return not self.corrupt and not self.broken_refs
-
-    def as_json(self) -> dict[str, Any]:
-        return {"blobs_checked": self.blobs_checked, "corrupt": list(self.corrupt),
-                "broken_refs": [broken.as_json() for broken in self.broken_refs], "views_checked": self.views_checked,
-                "stale_views_removed": list(self.stale_views_removed)}
 
 
 def verify_store(blobs: Blobs, refs: Refs, views: Views) -> VerifyResult:
