@@ -41,7 +41,9 @@ def known_s2ft(source: CheckpointSource, seed: int = 0) -> S2FTAdapter:
     for layer in range(dims.layers):
         for role, units in (("q", heads), ("o", heads), ("down", channels)):
             (name,) = info.tensors(role, layer)
-            axis = info.coupled(name).axis
+            coupled = info.coupled(name)
+            assert coupled is not None, name  # q, o and down are coupled in every family
+            axis = coupled.axis
             indices = info.unit_indices(name, role, units)
             shape = (len(indices), dims.hidden) if axis == "rows" else (dims.hidden, len(indices))
             slices[name] = (axis, indices, torch.randn(*shape, generator=g) * 0.02)

@@ -11,11 +11,11 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
     from rich.table import Table
     from rich.text import Text
 
@@ -104,7 +104,7 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     clipped = [c in clip for c in columns]
     for row in rows:
         cells = [x.copy() if isinstance(x, Text) else Text(str(x)) for x in row]
-        for cell, cut in zip(cells, clipped):
+        for cell, cut in zip(cells, clipped, strict=False):  # a short row: rich leaves the rest blank
             if cut:  # one line of text, but its column still gives way first (rich narrows the widest)
                 cell.no_wrap, cell.overflow = True, "ellipsis"
         t.add_row(*cells)
@@ -120,10 +120,10 @@ class _Unseen:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def add_task(self, description: str, **_: Any) -> int:
-        return 0
+    def add_task(self, description: str, **_: Any) -> TaskID:
+        return cast("TaskID", 0)  # rich's own id type, so code driving either bar type-checks against both
 
-    def update(self, task: int, **_: Any) -> None:
+    def update(self, task: TaskID, **_: Any) -> None:
         return None
 
 

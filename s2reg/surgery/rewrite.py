@@ -52,8 +52,9 @@ def _rewrite(source: CheckpointSource, make_plan: Callable[[], Plan], output: Pa
         planned = pool.submit(plan_and_read)
 
         def stop_early(_: str) -> None:
-            if planned.done() and planned.exception() is not None:
-                raise planned.exception()
+            failure = planned.exception() if planned.done() else None
+            if failure is not None:
+                raise failure
 
         def finalize(staged: Path) -> None:
             _, patches, computed = planned.result()
