@@ -14,6 +14,7 @@ import s2reg
 from s2reg.cli import main
 from s2reg.errors import IntegrityError, NotFound, RegistryError
 from s2reg.registry import Store, list_adapters, parse_ref
+from s2reg.results import Result
 
 from .helpers import adapter_dir, base_checkpoint, tree_digest
 
@@ -195,6 +196,7 @@ def test_gc_and_verify_return_frozen_results_whose_json_the_cli_prints(store, ba
                                 "broken_refs": [dataclasses.asdict(b) for b in result.broken_refs],
                                 "views_checked": 0, "stale_views_removed": []}
     assert not result.ok and result.broken_refs[0].error.startswith("blob ")  # the quarantined payload is missing
+    assert isinstance(result, Result) and isinstance(store.gc(), Result)  # the one JSON form of every verb's result
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.blobs_checked = 0  # type: ignore[misc]
 
