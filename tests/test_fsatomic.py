@@ -27,7 +27,7 @@ def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("mask", MASKS, ids=oct)
 def test_the_umask_read_is_the_one_the_kernel_applies(tmp_path, umask, mask):
     umask(mask)
     (tmp_path / "plain").write_bytes(b"x")  # the kernel's own answer: open() with 0o666
