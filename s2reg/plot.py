@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import S2RegError
 from .format import Adapter
+from .kinds import kind_of
 from .ops.describe import describe
 
 
@@ -39,7 +40,7 @@ def plot_adapter(adapter: Adapter, output: str | os.PathLike, info: Any = None) 
     grid = [[0.0] * len(modules) for _ in layers]
     for r in rows:
         grid[layers.index(r["layer"] if r["layer"] is not None else 0)][modules.index(r["module"].removesuffix(".weight"))] = r["delta_norm"]
-    s2ft = adapter.kind == "s2ft"
+    s2ft = kind_of(adapter).plots_selection  # a second panel: where the selected rows and columns lie
     fig, axes = plt.subplots(1, 2 if s2ft else 1, figsize=(12 if s2ft else 7, max(3, 0.3 * len(layers) + 1.5)),
                              squeeze=False)
     image = axes[0][0].imshow(grid, aspect="auto", cmap="viridis")
@@ -56,7 +57,7 @@ def plot_adapter(adapter: Adapter, output: str | os.PathLike, info: Any = None) 
             module = r["module"].removesuffix(".weight")
             ax.scatter(share, [r["layer"]] * len(share), s=6, label=module, color=f"C{modules.index(module) % 10}")
         handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
+        unique = dict(zip(labels, handles, strict=True))
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right")
         ax.set(title="selected heads / channels (position within the layer)", xlabel="relative index", ylabel="layer")
     fig.tight_layout()

@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from ..fsatomic import check_free
-from ..ops.extract import ExtractRefused, ExtractReport, extract_pisa, extract_s2ft
+from ..errors import S2RegError
+from ..kinds import KINDS, kind_named
+from ..ops.extract import ExtractRefused, ExtractReport
 from ..surgery.lock import locked_for_reading
 from ..tensors import open_source
 from . import render
@@ -27,20 +29,9 @@ def parse_block(value: str) -> tuple[int, int]:
 
 
 def show_report(report: ExtractReport) -> None:
-    pisa = report.kind == "pisa"
-    columns = ["tensor", "changed", "slice" if not pisa else "kept/block", "stored", "status"] + (
-        ["rel. error"] if pisa else ["noise"])
-    rows = []
-    for c in report.changes:
-        where = f"{c.count} {c.axis}" if c.axis else (str(c.count) if c.count else "-")
-        status = "ok" if c.structured else ("not a matrix" if pisa else "dense")
-        row = [c.name, f"{100 * c.changed_fraction:.2f}%", where, f"{c.stored:,}", status]
-        if not pisa:
-            row.append(str(c.noise) if c.noise else "")
-        if pisa:
-            row.append("-" if c.rel_error is None else f"{c.rel_error:.3e}")
-        rows.append(row)
-    render.console.print(render.table(f"{len(report.changes)} changed, {report.unchanged} unchanged", columns, rows,
+    kind = kind_named(report.kind)
+    rows = [kind.extract_row(c) for c in report.changes]
+    render.console.print(render.table(f"{len(report.changes)} changed, {report.unchanged} unchanged", kind.extract_columns, rows,
                                       right=["changed", "stored", "rel. error", "noise"]))
     if report.note:
         render.line(("note", "yellow"), f": {report.note}")
@@ -51,7 +42,7 @@ def show_report(report: ExtractReport) -> None:
 @click.command("extract")
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("tuned", type=click.Path(exists=True))
-@click.option("--kind", type=click.Choice(["s2ft", "pisa"]), default="s2ft", show_default=True)
+@click.option("--kind", type=click.Choice(list(KINDS)), default="s2ft", show_default=True)
 @click.option("-o", "--output", type=click.Path(), required=True, help="Adapter directory to write.")
 @click.option("--allow-dense", is_flag=True, help="s2ft: also store changes outside slices of coupled projections.")
 @click.option("--max-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -84,10 +75,13 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, allow_
       s2reg extract ./base ./finetuned --kind s2ft -o ./adapter
       s2reg extract ./base ./finetuned --kind pisa --budget 32 --block 16 -o ./adapter
     """
-    if kind == "pisa" and budget is None:
-        raise click.UsageError("--kind pisa needs --budget")
-    if kind == "pisa" and detect_permutation:
-        raise click.UsageError("--detect-permutation works with --kind s2ft only (PISA coefficients have no heads to reorder)")
+    options = {"allow_dense": allow_dense, "max_fraction": max_fraction, "allow_noise": allow_noise, "budget": budget,
+               "block": parse_block(block), "allow_partial": allow_partial, "detect_permutation": detect_permutation,
+               "arch": arch}
+    try:
+        kind_named(kind).check_extract_options(options)
+    except S2RegError as refused:
+        raise click.UsageError(str(refused)) from None
     check_free(Path(output), overwrite=overwrite)
     # the shared locks: an in-place merge cannot change either checkpoint while it is compared
     with locked_for_reading(base, open_source) as b, locked_for_reading(tuned, open_source) as t, \
@@ -96,12 +90,7 @@ def extract_command(base, tuned, kind, output, allow_dense, max_fraction, allow_
         step = lambda name: bar.update(task, advance=1, description=name)
         name = base_name or str(Path(base).resolve())
         try:
-            if kind == "s2ft":
-                result = extract_s2ft(b, t, base_name=name, allow_dense=allow_dense, max_fraction=max_fraction,
-                                      allow_noise=allow_noise, detect=detect_permutation, arch_file=arch, progress=step)
-            else:
-                result = extract_pisa(b, t, base_name=name, budget=budget, block=parse_block(block),
-                                      allow_partial=allow_partial, progress=step)
+            result = kind_named(kind).extract(b, t, base_name=name, progress=step, options=options)
         except ExtractRefused as refused:
             if not as_json:
                 show_report(refused.report)

@@ -4,30 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ..format.stats import ranges
+from ..kinds import kind_named
 from ..ops.describe import Description, describe
 from . import render
 from .common import adapter_argument, arch_option, json_option, sizes_option
-
-UNIT_NAMES = {"q": "heads", "o": "heads", "k": "kv heads", "v": "kv heads", "up": "channels", "gate": "channels",
-              "down": "channels"}
-
-
-def _units(row: dict) -> str:
-    """``q heads 1,3 + k kv heads 0`` (``expert 3:`` in front for an MoE expert's tensor)."""
-    parts = [f"{role} {UNIT_NAMES[role]} {ranges(units)} of {row['unit_totals'][role]}" for role, units in row["units"].items()]
-    return (f"expert {row['expert']}: " if row["expert"] is not None else "") + " + ".join(parts)
-
-
-def _selection(row: dict) -> str:
-    if row["kind"] == "pisa":
-        return f"{row['coefficients']}/block of {row['block'][0]}x{row['block'][1]}, grid {row['grid'][0]}x{row['grid'][1]}"
-    if row.get("units"):
-        return f"{row['count']} {row['axis']}: {_units(row)}"
-    what = "rows" if row["axis"] == "rows" else "cols"
-    if row["groups"] is not None:
-        return f"{row['count']} {what}: groups {ranges(row['groups'])}"
-    return f"{row['count']}/{row['of']} {what}: {ranges(row['indices'])}"
 
 
 @click.command("inspect")
@@ -95,7 +75,7 @@ def show(report: Description) -> None:
                 [
                     "" if r["layer"] is None else r["layer"],
                     r["module"].removesuffix(".weight"),
-                    _selection(r),
+                    kind_named(r["kind"]).selection_text(r),
                     f"{r['params']:,}",
                     f"{r['percent_of_base']:.2f}",
                     f"{r['delta_norm']:.4g}",

@@ -11,8 +11,6 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from . import codec, dtypes
-from .arrays import dot
-from .s2ft import S2FTTarget, axis_length
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -51,7 +49,7 @@ def with_units(rows: list[dict[str, Any]], info: Any) -> list[dict[str, Any]]:
     """
     out = []
     for row in rows:
-        c = info.coupled(row["name"]) if row["kind"] == "s2ft" else None
+        c = info.coupled(row["name"]) if row.get("axis") else None  # only a slice of rows or columns holds units
         if c is None or c.axis != row["axis"]:
             out.append({**row, "units": None, "unit_totals": None, "expert": None})
             continue
@@ -64,6 +62,8 @@ def with_units(rows: list[dict[str, Any]], info: Any) -> list[dict[str, Any]]:
 def target_rows(adapter: Adapter, *, sizes: bool = False) -> list[dict[str, Any]]:
     """One row per target (``Adapter.stats``); ``sizes`` adds ``compressed_bytes``, each target compressed
     alone, which costs a zstd run per target: most of an ``inspect`` when it is always done."""
+    from ..kinds import kind_of  # the kinds import this module's helpers: named here, once it is loaded
+
     rows = []
     for name, t in adapter.targets.items():
         layer, module = layer_and_module(name)
@@ -82,23 +82,6 @@ def target_rows(adapter: Adapter, *, sizes: bool = False) -> list[dict[str, Any]
         }
         if sizes:  # the payload file of an adapter holding this target alone
             row["compressed_bytes"] = len(codec.encode(type(adapter)({name: t}, adapter.base).payload_bytes()))
-        if isinstance(t, S2FTTarget):
-            row.update(
-                axis=t.axis,
-                count=t.count,
-                of=axis_length(t.shape, t.axis),
-                indices=t.indices.tolist(),
-                group_size=t.group_size,
-                groups=t.groups,
-                delta_norm=math.sqrt(dot(t.delta, t.delta)),
-            )
-        else:
-            row.update(
-                block=list(t.block),
-                grid=list(t.grid),
-                coefficients=t.k,
-                scale=t.scale,
-                delta_norm=t.delta_norm(),
-            )
+        row.update(kind_of(t).stats_columns(t))
         rows.append(row)
     return rows

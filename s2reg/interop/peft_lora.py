@@ -30,10 +30,11 @@ from ..errors import FormatError, S2RegError
 from ..format import Adapter, S2FTAdapter, S2FTTarget, limits
 from ..format.arrays import to_torch
 from ..fsatomic import building
+from ..kinds import kind_of
 from .peft_experts import MemoryLayout, expert_factors, lora_keys, memory_layout, module_of
 from .export_results import LoRAExport
 from .peft_files import PREFIX, architecture, read_peft
-from .pisa_lowrank import DEFAULT_MAX_ERROR, pisa_low_rank
+from .pisa_lowrank import DEFAULT_MAX_ERROR
 
 
 class ExportProgress(Protocol):
@@ -63,26 +64,23 @@ def _lora_error(target: S2FTTarget, stored: torch.Tensor) -> float:
     return float((stored.double() - true).norm()) / norm if norm else float((stored.double() - true).norm())
 
 
-def _factors(name: str, target, rank: int | None, max_error: float,
-             transposed: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(A [r, in], B [out, r], relative error)`` for one target, in the ``nn.Linear`` convention."""
-    if isinstance(target, S2FTTarget):
-        if len(target.shape) != 2:
-            raise S2RegError(f"{name}: only matrices export to LoRA")
-        n = target.count
-        length = target.shape[0 if target.axis == "rows" else 1]
-        limits.check_dense((length, n), name)  # a declared length
-        axis, delta = target.axis, to_torch(target.delta).to(torch.float32)
-        error = _lora_error(target, delta)
-        if transposed:  # stored rows are the layer's inputs, stored columns its outputs
-            axis, delta = ("columns" if axis == "rows" else "rows"), delta.t()
-        one_hot = torch.zeros(length, n, dtype=torch.float32)
-        one_hot[to_torch(target.indices).long(), torch.arange(n)] = 1.0
-        if axis == "rows":
-            return delta.contiguous(), one_hot, error
-        return one_hot.t().contiguous(), delta.contiguous(), error
-    low_rank = pisa_low_rank(name, target, rank=rank, max_error=max_error, transposed=transposed)
-    return low_rank.a, low_rank.b, low_rank.error
+def s2ft_factors(name: str, target: S2FTTarget, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A [r, in], B [out, r], relative error)`` of an S2FT slice in the ``nn.Linear`` convention: the slice
+    and a one-hot matrix of its indices (the S2FT kind's ``lora_factors``)."""
+    if len(target.shape) != 2:
+        raise S2RegError(f"{name}: only matrices export to LoRA")
+    n = target.count
+    length = target.shape[0 if target.axis == "rows" else 1]
+    limits.check_dense((length, n), name)  # a declared length
+    axis, delta = target.axis, to_torch(target.delta).to(torch.float32)
+    error = _lora_error(target, delta)
+    if transposed:  # stored rows are the layer's inputs, stored columns its outputs
+        axis, delta = ("columns" if axis == "rows" else "rows"), delta.t()
+    one_hot = torch.zeros(length, n, dtype=torch.float32)
+    one_hot[to_torch(target.indices).long(), torch.arange(n)] = 1.0
+    if axis == "rows":
+        return delta.contiguous(), one_hot, error
+    return one_hot.t().contiguous(), delta.contiguous(), error
 
 
 def _fused_on_load(model_type: str | None, name: str) -> bool:
@@ -194,7 +192,7 @@ def export_lora(adapter: Adapter, output: str | os.PathLike, *, rank: int | None
     tell = progress or (lambda done, total, name: None)
     for name, target in dense.items():
         module = _module(name) if memory is None else module_of(_module(name) + ".weight", memory)
-        a, b, error = _factors(name, target, rank, max_error, transposed)
+        a, b, error = kind_of(target).lora_factors(name, target, rank, max_error, transposed)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b
         ranks[module] = target_ranks[name] = a.shape[0]
@@ -246,8 +244,9 @@ def _expert_tensors(adapter: Adapter, layout: BaseLayout, memory: MemoryLayout |
     if memory is None:
         raise S2RegError("MoE expert targets export onto transformers' fused expert parameters: pass --base "
                          "(the checkpoint directory, for its config)")
-    if any(not isinstance(t, S2FTTarget) for t in experts.values()):
-        raise S2RegError("PISA targets on MoE experts do not export to LoRA (only S2FT slices do)")
+    refused = sorted({t.kind for t in experts.values() if not kind_of(t).experts_to_lora})
+    if refused:
+        raise S2RegError(f"{refused[0].upper()} targets on MoE experts do not export to LoRA (only S2FT slices do)")
     factors = expert_factors(experts, memory)
     ranks = {}
     for parameter, (a, b) in factors.items():

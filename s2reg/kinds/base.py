@@ -62,14 +62,21 @@ class Kind:
     def __repr__(self) -> str:
         return f"<kind {self.name}>"
 
+    #: its target and adapter classes, by their names in ``s2reg.format`` (imported on first use)
+    format_names: ClassVar[tuple[str, str]]
+
     # -- types -----------------------------------------------------------------------------
     @property
     def target_type(self) -> type:
-        raise NotImplementedError
+        from .. import format
+
+        return getattr(format, self.format_names[0])
 
     @property
     def adapter_type(self) -> type:
-        raise NotImplementedError
+        from .. import format
+
+        return getattr(format, self.format_names[1])
 
     # -- merge math --------------------------------------------------------------------------
     def region(self, target: Any) -> tuple[str, np.ndarray] | None:

@@ -12,20 +12,9 @@ from .base import Comparison, Kind, extract_head, dense_delta, sums
 
 class PISAKind(Kind):
     name = "pisa"
+    format_names = ("PISATarget", "PISAAdapter")
     size_options = "--coefficients per --block"
     extract_columns: ClassVar[list[str]] = ["tensor", "changed", "kept/block", "stored", "status", "rel. error"]
-
-    @property
-    def target_type(self) -> type:
-        from ..format.pisa import PISATarget
-
-        return PISATarget
-
-    @property
-    def adapter_type(self) -> type:
-        from ..format.adapter import PISAAdapter
-
-        return PISAAdapter
 
     # -- statistics and text -------------------------------------------------------------------
     def stats_columns(self, target) -> dict[str, Any]:

@@ -30,24 +30,13 @@ def _units(row: dict) -> str:
 
 class S2FTKind(Kind):
     name = "s2ft"
+    format_names = ("S2FTTarget", "S2FTAdapter")
     exact = True  # FORMAT §4.3: the delta is an exact difference, restore lists included
     lora_by_tolerance = False  # its LoRA factors are the slice and a one-hot matrix: the export is the adapter
     experts_to_lora = True
     plots_selection = True
     size_options = None  # --budget chooses --channels and --heads
     extract_columns: ClassVar[list[str]] = ["tensor", "changed", "slice", "stored", "status", "noise"]
-
-    @property
-    def target_type(self) -> type:
-        from ..format.s2ft import S2FTTarget
-
-        return S2FTTarget
-
-    @property
-    def adapter_type(self) -> type:
-        from ..format.adapter import S2FTAdapter
-
-        return S2FTAdapter
 
     # -- merge math --------------------------------------------------------------------------
     def region(self, target):

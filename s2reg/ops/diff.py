@@ -16,67 +16,31 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import BaseMismatch
-from ..format import Adapter, PISATarget, S2FTTarget, dtypes, limits
+from ..format import Adapter, dtypes
 from ..format.arrays import bits, dot, read_array
 from ..format.s2ft import axis_dim
 from .diff_results import AdapterDiff, CheckpointDiff, DeltaComparison, OnlyIn, ShapeOrDtypeDiffers, ValueChange
+from ..kinds import kind_of, sums
+from ..kinds.base import Comparison, dense_delta
 
 
-def _slice_numel(target: S2FTTarget) -> int:
-    """Elements of one selected row (or column): the tensor's size divided by its selected axis."""
-    return math.prod(target.shape) // target.shape[axis_dim(target.axis)]
-
-
-def _s2ft_overlap(ta: S2FTTarget, tb: S2FTTarget) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """(common elements, union, a's and b's deltas on the common elements), from the slices alone."""
-    if ta.axis == tb.axis:
-        dim = axis_dim(ta.axis)
-        _, pa, pb = np.intersect1d(ta.indices, tb.indices, assume_unique=True, return_indices=True)
-        per = _slice_numel(ta)
-        common = len(pa) * per
-        x, y = np.take(ta.delta, pa, axis=dim), np.take(tb.delta, pb, axis=dim)
-        return common, (ta.count + tb.count) * per - common, x, y
-    rows, cols = (ta, tb) if ta.axis == "rows" else (tb, ta)
-    common = rows.count * cols.count  # the crossing of the selected rows and the selected columns
-    union = rows.count * rows.shape[1] + cols.count * cols.shape[0] - common
-    on_rows = np.take(rows.delta, cols.indices, axis=1)
-    on_cols = np.take(cols.delta, rows.indices, axis=0)
-    return (common, union, on_rows, on_cols) if rows is ta else (common, union, on_cols, on_rows)
-
-
-def _pisa_pair(name: str, ta: PISATarget, tb: PISATarget) -> tuple[int, int, float, float, float, float, bool]:
-    """Two PISA deltas compared by inner products of their coefficients (same block), else densified (capped)."""
-    numel = math.prod(ta.shape)
-    if ta.block != tb.block:
-        limits.check_dense(ta.shape, name)
-        return (numel, numel, *_sums(ta.to_dense(), tb.to_dense()))
-    from ..format.pisa_fft import delta_dot  # PISA reconstruction runs in torch
-
-    sa, sb = ta.spectral(), tb.spectral()
-    xx, yy, xy = (delta_dot(ta.shape, ta.block, p, q) for p, q in ((sa, sa), (sb, sb), (sa, sb)))
-    same = (ta.scale == tb.scale and np.array_equal(ta.indices, tb.indices)
-            and np.array_equal(ta.coefficients.astype(np.float32), tb.coefficients.astype(np.float32)))
-    return numel, numel, xx, yy, xy, 0.0 if same else max(0.0, xx + yy - 2 * xy), same
-
-
-def _sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, bool]:
-    """x.x, y.y, x.y, |x - y|^2 and equality of two deltas on the same elements."""
-    x, y = x.astype(np.float64).reshape(-1), y.astype(np.float64).reshape(-1)
-    return dot(x, x), dot(y, y), dot(x, y), dot(x - y, x - y), bool(np.array_equal(x, y))
-
-
-def _compare(name: str, ta, tb) -> tuple[int, int, float, float, float, float, bool]:
+def _compare(name: str, ta, tb) -> Comparison:
     """(common elements, union, x.x, y.y, x.y, |x - y|^2 on the common elements, equal there)."""
-    if isinstance(ta, PISATarget) and isinstance(tb, PISATarget):
-        return _pisa_pair(name, ta, tb)
-    if isinstance(ta, S2FTTarget) and isinstance(tb, S2FTTarget):
-        common, union, x, y = _s2ft_overlap(ta, tb)
-        return (common, union, *_sums(x, y))
-    # S2FT against PISA: the PISA delta on the S2FT slice, from the blocks holding it.
-    s2ft, spectral = (ta, tb) if isinstance(ta, S2FTTarget) else (tb, ta)
-    on_slice = spectral.lines(axis_dim(s2ft.axis), s2ft.indices, name=name)
-    x, y = (s2ft.delta, on_slice) if s2ft is ta else (on_slice, s2ft.delta)
-    return (s2ft.count * _slice_numel(s2ft), math.prod(ta.shape), *_sums(x, y))
+    kind_a, kind_b = kind_of(ta), kind_of(tb)
+    if kind_a is kind_b:
+        return kind_a.compare(name, ta, tb)
+    # two kinds: on the rows or columns one of them rewrites, the other's delta there (PISA: from the blocks
+    # holding them); neither rewriting a slice, their dense deltas (capped)
+    for own, other in ((ta, tb), (tb, ta)):
+        region = kind_of(own).region(own)
+        if region is not None:
+            axis, indices = region
+            mine = kind_of(own).region_delta(own)
+            theirs = kind_of(other).lines(other, axis_dim(axis), indices, name=name)
+            x, y = (mine, theirs) if own is ta else (theirs, mine)
+            return (mine.size, math.prod(ta.shape), *sums(x, y))
+    numel = math.prod(ta.shape)
+    return (numel, numel, *sums(dense_delta(ta, name), dense_delta(tb, name)))
 
 
 def _natural(name: str) -> list:

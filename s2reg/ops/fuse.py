@@ -21,6 +21,7 @@ from ..errors import BaseMismatch, FormatError, S2RegError, listing
 from ..format import dtypes
 from ..format.arrays import as_array, to_torch
 from ..format.s2ft import Restore
+from ..kinds import kind_of
 from ..format import (
     Adapter,
     BaseModel,
@@ -191,12 +192,10 @@ def fuse(adapters: Sequence[Adapter], *, method: str = "linear", weights: Sequen
               "majority_sign": majority_sign, "inputs": [a.stored.digest if a.stored else None for a in adapters]}
     names = sorted({n for a in adapters for n in a.targets})
     fingerprints = {n: next(a.base.fingerprints[n] for a in adapters if n in a.base.fingerprints) for n in names}
-    if adapters[0].kind == "s2ft":
-        return _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints, base)
-    return _fuse_pisa(adapters, names, method, options, generator, params, fingerprints)
+    return kind_of(adapters[0]).fuse(adapters, names, method, options, generator, params, fingerprints, base)
 
 
-def _fuse_s2ft(adapters, names, method, options, generator, params, fingerprints, base):
+def fuse_s2ft(adapters, names, method, options, generator, params, fingerprints, base):
     slices, report, group_sizes, exact = {}, [], {}, True
     for name in names:
         present = [(i, a.targets[name]) for i, a in enumerate(adapters) if name in a.targets]
@@ -265,7 +264,7 @@ def _copied_target(adapters, name: str, fused: S2FTTarget) -> S2FTTarget:
     return fused
 
 
-def _fuse_pisa(adapters, names, method, options, generator, params, fingerprints):
+def fuse_pisa(adapters, names, method, options, generator, params, fingerprints):
     coefficients, report = {}, []
     for name in names:
         present = [(i, a.targets[name]) for i, a in enumerate(adapters) if name in a.targets]

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import BaseMismatch, S2RegError
-from ..format import Adapter, S2FTTarget, dtypes
+from ..format import Adapter, dtypes
 from ..format.arrays import as_array, to_torch
 from ..format.s2ft import EXPERT_AXES, axis_dim
+from ..kinds import kind_of
 from ..arch.layout import Placement, placements, stored_name
 
 APPLIED_ATTRIBUTE = "s2reg_applied"
@@ -117,15 +118,17 @@ def _resolve(model: nn.Module, adapter: Adapter) -> dict[str, _Home]:
 
 
 def _update(name: str, home: _Home, target, *, subtract: bool, stacked: bool) -> None:
-    """The format's one merge rule per kind (``S2FTTarget.shifted``, ``PISATarget.merged``) on the model's values."""
+    """The format's one merge rule of the target's kind (``Kind.merged_region``) on the model's values."""
     with torch.no_grad():
-        if isinstance(target, S2FTTarget):
-            index = to_torch(target.indices).to(device=home.tensor.device)
-            values = target.shifted(as_array(home.read(target.axis, index)), name=name, subtract=subtract,
+        kind = kind_of(target)
+        region = kind.region(target)  # the slice a merge rewrites, or None for the whole tensor
+        if region is None:
+            home.write(to_torch(kind.merged_region(target, as_array(home.read()), subtract=subtract, name=name)))
+            return
+        axis, index = region[0], to_torch(region[1]).to(device=home.tensor.device)
+        values = kind.merged_region(target, as_array(home.read(axis, index)), name=name, subtract=subtract,
                                     check_reversible=stacked)
-            home.write(to_torch(values), target.axis, index)
-        else:
-            home.write(to_torch(target.merged(as_array(home.read()), subtract=subtract)))
+        home.write(to_torch(values), axis, index)
 
 
 def apply(model: nn.Module, adapter: Adapter) -> None:

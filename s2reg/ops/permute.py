@@ -26,6 +26,7 @@ from ..errors import S2RegError, ShapeError, listing
 from ..format import Adapter, S2FTTarget
 from ..format.arrays import as_array, is_torch, to_torch
 from ..format.s2ft import axis_dim, axis_length, gather
+from ..kinds import kind_of
 from ..records import RECORD_VERSION, RecordError, checked, read_record
 from ..tensors.reader import PERMUTATION_NAME
 
@@ -201,9 +202,10 @@ def selection_of(adapter: Adapter, info: ModelInfo) -> Selection:
     channels: dict[int, dict[str | None, set[int]]] = {}
     for name, target in adapter.targets.items():
         c = info.coupled(name)
-        if c is None or c.follower or not isinstance(target, S2FTTarget):
+        region = kind_of(target).region(target)  # only the rows or columns a target rewrites hold heads and channels
+        if c is None or c.follower or region is None:
             continue
-        for expert, touched in info.expert_units(name, target.indices).items():
+        for expert, touched in info.expert_units(name, region[1]).items():
             for role, units in touched.items():
                 if role in ("q", "o"):
                     heads.setdefault(c.layer, set()).update(units)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..basename import is_hub_id, portable_base_name
 from ..format import Adapter
+from ..kinds import kind_named
 from ..ops.describe import describe
 
 
@@ -30,10 +31,7 @@ def model_card(adapter: Adapter, ref: str) -> str:
         "|---|---|---|---:|---:|",
     ]
     for r in report.targets:
-        if r["kind"] == "s2ft":
-            what = f"{r['axis']} {r['count']}/{r['of']}"
-        else:
-            what = f"{r['coefficients']} coefficients per {r['block'][0]}x{r['block'][1]} block"
+        what = kind_named(r["kind"]).card_text(r)
         rows.append(f"| {'' if r['layer'] is None else r['layer']} | {r['module']} | {what} | {r['params']:,} | {r['percent_of_base']:.2f} |")
     body = [
         f"# {ref}",

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from ..errors import BaseMismatch, S2RegError
-from ..format import Adapter, S2FTTarget
+from ..format import Adapter
 from ..format.arrays import read_array, to_torch
 from ..format.s2ft import take
+from ..kinds import kind_of
 from ..tensors import TensorSource
 from ..arch.layout import Placement, stored_name
 from ..arch.matmul import matmul_kind
@@ -103,26 +104,29 @@ def _merged_region(target, base) -> tuple[torch.Tensor, torch.Tensor]:
     """``(before, after)`` of the region a merge rewrites, in the checkpoint's dtype: an S2FT target's
     slice (exact, restore list included), a PISA target's whole tensor. The merge's own (numpy) code
     computes them, so serving and ``s2reg merge`` cannot disagree."""
-    if isinstance(target, S2FTTarget):
-        before = take(base, target.axis, target.indices)
-        return to_torch(before), to_torch(target.shifted(before))
-    return to_torch(base), to_torch(target.merged(base))
+    kind = kind_of(target)
+    region = kind.region(target)
+    before = base if region is None else take(base, *region)
+    return to_torch(before), to_torch(kind.merged_region(target, before))
 
 
 def _matmul_delta(target, before: torch.Tensor, after: torch.Tensor, kind: str, like: torch.Tensor) -> MatmulDelta:
     # the difference of what the model would hold before and after the merge (each cast to its dtype)
     change = (after.to(like.dtype).double() - before.to(like.dtype).double()).to(device=like.device, dtype=like.dtype)
     matrix = (change.T if kind == "linear" else change).contiguous()  # so that the output is x @ matrix
-    if not isinstance(target, S2FTTarget):
+    region = kind_of(target).region(target)
+    if region is None:
         return MatmulDelta("input", None, matrix)
     # a Linear weight is [out, in] (columns are inputs); a Conv1D weight is stored [in, out] (rows are inputs)
-    gathers = (target.axis == "columns") == (kind == "linear")
-    return MatmulDelta("input" if gathers else "output", to_torch(target.indices).long().to(like.device), matrix)
+    axis, indices = region
+    gathers = (axis == "columns") == (kind == "linear")
+    return MatmulDelta("input" if gathers else "output", to_torch(indices).long().to(like.device), matrix)
 
 
 def _parameter_delta(target, after: torch.Tensor, placement: Placement, attr: str, like: torch.Tensor) -> ParameterDelta:
-    if isinstance(target, S2FTTarget):
-        positions = placement.slice_positions(target.axis, to_torch(target.indices))
+    region = kind_of(target).region(target)
+    if region is not None:
+        positions = placement.slice_positions(region[0], to_torch(region[1]))
     elif placement.converted:
         positions = placement.positions
     else:

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..format import Adapter, S2FTTarget
+from ..format import Adapter
 from ..format.digest import sha256_bytes
 from ..fsatomic import write_file
+from ..kinds import kind_of
 from ..format.s2ft import AXES as S2FT_AXES
 from ..records import RECORD_VERSION, checked, int_list, read_record, require, to_bytes
 
@@ -50,7 +51,8 @@ class Support:
 
     @classmethod
     def of(cls, target: Any) -> Support:
-        return cls(target.axis, tuple(target.indices.tolist())) if isinstance(target, S2FTTarget) else cls(None)
+        region = kind_of(target).region(target)  # None: the merge rewrites the whole tensor
+        return cls(None) if region is None else cls(region[0], tuple(region[1].tolist()))
 
 
 @dataclass(frozen=True)

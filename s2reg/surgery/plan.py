@@ -22,10 +22,11 @@ from ..errors import (
     S2RegError,
     ShapeError,
 )
-from ..format import Adapter, S2FTTarget, dtypes
+from ..format import Adapter, dtypes
 from ..format.arrays import bits, unique
 from ..format.digest import tensor_sha256
 from ..format.s2ft import EXPERT_AXES, put, take
+from ..kinds import kind_of
 from ..parallel import on_every_core
 from ..tensors import CheckpointSource, PermutedView, TensorSource
 from ..tensors.reader import PERMUTATION_NAME
@@ -119,33 +120,34 @@ class Plan:
         for name in ("touched", "expect_sha"):  # read-only views: a frozen plan whose mappings change is not one
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
-    def _step(self, name: str, i: int, target: S2FTTarget, current: np.ndarray, run: Run) -> np.ndarray:
-        """One S2FT delta on the slice values ``current``, with the checks of spec/SURGERY.md §2 rule 3.
+    def _step(self, name: str, i: int, target: Any, current: np.ndarray, run: Run) -> np.ndarray:
+        """One delta on the slice values ``current`` (its kind's region), with the checks of spec/SURGERY.md §2 rule 3.
 
         Stacked on another merged adapter, a step unmerge could not undo is refused. Forced onto values
         whose fingerprint nobody checked, it is done, and ``run`` notes that unmerge cannot restore the tensor.
         """
         stacked = not self.subtract and bool(i or name in self.stacked)
-        shifted = target.shifted(current, name=name, subtract=self.subtract, check_reversible=stacked)
-        if not self.subtract and not stacked and name in self.unverified and not target.undoes(current, shifted):
+        kind = kind_of(target)
+        shifted = kind.merged_region(target, current, name=name, subtract=self.subtract, check_reversible=stacked)
+        if not self.subtract and not stacked and name in self.unverified and not kind.undoes(target, current, shifted):
             run.note_inexact(name)
         return shifted
 
     def transform(self, name: str, tensor: np.ndarray, run: Run) -> np.ndarray:
         """The tensor after the operation: exact, finite-checked, in the checkpoint's coordinates."""
         before = work = self._to_original(name, tensor)
-        for i, target in enumerate(self.touched[name]):
-            if isinstance(target, S2FTTarget):
+        regions = [kind_of(t).region(t) for t in self.touched[name]]  # None: the merge rewrites the whole tensor
+        for i, (target, region) in enumerate(zip(self.touched[name], regions, strict=True)):
+            if region is None:
+                work = kind_of(target).merged_region(target, work, subtract=self.subtract, name=name)
+            else:
                 work = work.copy()
-                put(work, target.axis, target.indices,
-                    self._step(name, i, target, take(work, target.axis, target.indices), run))
-            else:
-                work = target.merged(work, subtract=self.subtract)
-        for target in self.touched[name]:  # only where something changed: S2FT leaves the rest alone
-            if isinstance(target, S2FTTarget):
-                _check_finite(name, take(work, target.axis, target.indices), take(before, target.axis, target.indices))
-            else:
+                put(work, *region, self._step(name, i, target, take(work, *region), run))
+        for region in regions:  # only where something changed: a slice's kind leaves the rest alone
+            if region is None:
                 _check_finite(name, work, before)
+            else:
+                _check_finite(name, take(work, *region), take(before, *region))
         expected = self.expect_sha.get(name)
         if expected is not None and tensor_sha256(work) != expected:
             raise IntegrityError(f"{name}: unmerge did not restore the recorded original bytes; refused, nothing was written")
@@ -156,7 +158,9 @@ class Plan:
         axis, union = support
         work = before
         for i, target in enumerate(self.touched[name]):
-            where = np.searchsorted(union, target.indices)  # union is sorted and holds every index
+            region = kind_of(target).region(target)
+            assert region is not None  # support() found a slice for every target
+            where = np.searchsorted(union, region[1])  # union is sorted and holds every index
             work = work.copy()
             put(work, axis, where, self._step(name, i, target, take(work, axis, where), run))
         _check_finite(name, work, before)
@@ -165,17 +169,17 @@ class Plan:
     def support(self, name: str) -> tuple[str, np.ndarray] | None:
         """The slice the operation changes in the checkpoint's coordinates, or None for the whole tensor."""
         targets = self.touched[name]
-        if not all(isinstance(t, S2FTTarget) for t in targets) or len({t.axis for t in targets}) != 1:
+        regions = [kind_of(t).region(t) for t in targets]
+        slices = [r for r in regions if r is not None]
+        if len(slices) != len(regions) or len({axis for axis, _ in slices}) != 1:
             return None
-        if targets[0].axis in EXPERT_AXES:  # byte patches are rows or columns: a stacked tensor is rewritten whole
+        axis = slices[0][0]
+        if axis in EXPERT_AXES:  # byte patches are rows or columns: a stacked tensor is rewritten whole
             return None
         if self.permutation:
-            from ..ops.permute import permute_s2ft_target
-
             perm, info = self.permutation
-            targets = tuple(permute_s2ft_target(name, t, perm, info) for t in targets)
-        indices = unique(np.concatenate([t.indices.astype(np.int64) for t in targets]))
-        return targets[0].axis, indices
+            slices = [r for t in targets if (r := kind_of(t).region(kind_of(t).permuted(name, t, perm, info))) is not None]
+        return axis, unique(np.concatenate([indices.astype(np.int64) for _, indices in slices]))
 
     def _to_original(self, name: str, tensor: np.ndarray) -> np.ndarray:
         return to_original(name, tensor, self.permutation)
@@ -313,7 +317,7 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, verif
     expect_sha = {}
     for name, targets in touched.items():
         untouched_after = name not in after.original
-        exact = all(isinstance(t, S2FTTarget) for t in targets)
+        exact = all(kind_of(t).exact for t in targets)
         if untouched_after and exact and name in ledger.original:
             expect_sha[name] = ledger.original[name]
     return Plan(source, tuple(a for a, _ in order), tuple(i for _, i in order), True, ledger, after,

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter
+from ..kinds import kind_of
 from ..registry import Store, parse_ref
 
 REPORT = "s2reg-export.json"  # beside the PEFT directory in each cache entry: what the export reported
@@ -85,7 +86,7 @@ class LoRACache:
 
     def entry(self, adapter: Adapter, max_error: float | None) -> Path:
         """An S2FT export depends on the adapter alone; a PISA export also on the tolerance that chose its ranks."""
-        return self.root / (adapter.stored.digest + (f"-e{max_error:g}" if adapter.kind == "pisa" else ""))
+        return self.root / (adapter.stored.digest + (f"-e{max_error:g}" if kind_of(adapter).lora_by_tolerance else ""))
 
     def export(self, adapter: Adapter, base: Path, *, max_error: float | None = None) -> tuple[Path, dict[str, Any]]:
         """``(PEFT directory, report)`` of ``adapter`` exported against ``base``; PISA targets at the smallest rank
@@ -147,9 +148,7 @@ class ServedBase:
             raise NotServable(f"{name}: its LoRA export has a relative error of {error:.2e}, over the tolerance "
                               f"{tolerance:g}")
         if needed > self.max_rank:
-            what = (f"is a LoRA of rank {needed}" if adapter.kind == "s2ft" else
-                    f"is a LoRA within relative error {tolerance:g} only from rank {needed} on (PISA deltas are of "
-                    "full rank; merging it gives the adapter exactly)")
+            what = kind_of(adapter).lora_rank_text(needed, tolerance)
             raise NotServable(f"{name}: this {adapter.kind.upper()} adapter {what}, and this server takes at most "
                               f"rank {self.max_rank}; it needs {self.rank_advice(needed)}")
         return ServedLoRA(name, adapter.stored.digest, adapter.kind, directory, needed, error)
