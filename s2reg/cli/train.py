@@ -11,25 +11,27 @@ from pathlib import Path
 import click
 
 from ..errors import S2RegError
+from ..kinds import KINDS, kind_named
 from ..train.data import read_jsonl
-from ..train.pisa.config import PISAConfig
 from ..train.s2ft.config import S2FTConfig
 from ..train.settings import TrainConfig, TrainOptions
 from . import render
 from .common import json_option, overwrite_option
 from .options import add_options, build, given_flags
 
-METHODS = {"s2ft": S2FTConfig, "pisa": PISAConfig}
-OPTION_CLASSES = (TrainConfig, TrainOptions, S2FTConfig, PISAConfig)
+# --method NAME -> its config class (its flags), for every kind s2reg trains
+METHODS = {kind.name: kind.train_config for kind in KINDS.values() if kind.train_config is not None}
+OPTION_CLASSES = (TrainConfig, TrainOptions, *METHODS.values())
 
 
 def options_from(ctx: click.Context, method: str, values: dict) -> TrainOptions:
     """The run's options from the parsed flags; flags of the other method, or --budget with the sizes it
     chooses, are usage errors."""
-    other = METHODS["pisa" if method == "s2ft" else "s2ft"]
-    foreign = set(given_flags(ctx, [other])) - set(given_flags(ctx, [METHODS[method]]))
-    if foreign:
-        raise click.UsageError(f"{sorted(foreign)[0]} is an option of --method {other.method}, not {method}")
+    own = set(given_flags(ctx, [METHODS[method]]))
+    for other in (config for name, config in METHODS.items() if name != method):
+        foreign = set(given_flags(ctx, [other])) - own
+        if foreign:
+            raise click.UsageError(f"{sorted(foreign)[0]} is an option of --method {other.method}, not {method}")
     if values.get("budget") is not None and {"--channels", "--heads"} & set(given_flags(ctx, [S2FTConfig])):
         raise click.UsageError("--budget chooses --channels and --heads; give one or the other")
     options = build(TrainOptions, values, method_config=build(METHODS[method], values), loop=build(TrainConfig, values))
@@ -95,8 +97,7 @@ def _report(run, output: Path, push_ref: str | None, as_json: bool) -> None:
                "trainable_parameters": run.trainable, "device": run.device, "digest": stored.digest,
                "bytes": stored.payload_bytes, **result.summary()}
     config = options.method_config
-    if options.method == "s2ft":
-        summary |= {"channels": config.channels, "heads": config.heads}
+    summary |= kind_named(options.method).train_summary(config, options)
     if push_ref:
         summary["pushed"] = push_ref
     if as_json:
@@ -108,10 +109,7 @@ def _report(run, output: Path, push_ref: str | None, as_json: bool) -> None:
             ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"),
             ("weight change", f"{result.weight_change:.2%} of the trained weights' norm (largest step "
                               f"{result.largest_step_change:.2%})")]
-    if options.method == "s2ft":
-        rows.insert(3, ("selection", f"{config.channels} channel{'s' * (config.channels != 1)}, {config.heads} "
-                                     f"head{'s' * (config.heads != 1)} per layer"
-                                     + (f" (budget {options.budget:,})" if options.budget else "")))
+    rows[3:3] = kind_named(options.method).train_rows(config, options)
     if result.eval_loss_before is not None:
         rows += [("eval loss before", f"{result.eval_loss_before:.4f}"), ("eval loss after", f"{result.eval_loss_after:.4f}")]
     rows += [("adapter", f"{output} ({render.human_bytes(stored.payload_bytes)}, {stored.digest[:16]})")]

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import S2RegError
-from ..format import Adapter, S2FTTarget
+from ..format import Adapter
+from ..kinds import kind_of
 from ..arch.matmul import matmul_kind
 from .s2ft.config import HEAD_ROLES
 from .targets import Coupled, ModelMap, kv_to_heads
@@ -145,9 +146,10 @@ def excluded_units(adapters: Iterable[Adapter], mapping: ModelMap) -> dict[Unit,
     for adapter in adapters:
         for name, target in adapter.targets.items():
             c = mapping.coupled.get(mapping.stored(name))
-            if c is None or not isinstance(target, S2FTTarget):
+            region = kind_of(target).region(target)  # only the rows or columns a target rewrites hold units
+            if c is None or region is None:
                 continue
-            for role, ids in mapping.info.units_of(c.name, target.indices.tolist()).items():
+            for role, ids in mapping.info.units_of(c.name, region[1].tolist()).items():
                 if role in ("k", "v"):  # a key/value head serves its whole query group
                     ids = kv_to_heads(ids, mapping)
                 kind = "heads" if role in HEAD_ROLES else "channels"

@@ -8,7 +8,7 @@ import hashlib
 import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from ..arch import ARCH_FILE
 from ..errors import S2RegError
 from ..format import Adapter, Stored
+from ..kinds import kind_named
 from ..fsatomic import check_free
 from ..tensors import CheckpointSource
 from ..tensors.reader import read_config
@@ -24,14 +25,9 @@ from ..tensors.reader import refuse_leftovers
 from .data import read_jsonl, tokenize
 from .objective import CAUSAL, CLASSIFY, Objective
 from .objective import choose as choose_objective
-from .budget import fit_budget
 from .export import export_adapter
-from .fsdp import agree, shard
+from .fsdp import shard
 from .loop import Progress, TrainResult, train
-from .pisa.config import PISAConfig
-from .pisa.model import prepare_pisa
-from .s2ft.config import S2FTConfig
-from .s2ft.model import prepare_s2ft
 from .settings import TrainConfig, TrainOptions, default_lr
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -198,20 +194,7 @@ def _split(examples: list, options: TrainOptions) -> tuple[list, list]:
 
 def _prepare(model, options: TrainOptions, train_examples: list, pad: int, arch_file, device: str):
     """The model made trainable by the options' method; the prepared model and the options as chosen."""
-    config = options.method_config
-    if options.method == "pisa":
-        return prepare_pisa(model, config, arch_file=arch_file), options
-    if options.budget is not None:
-        config = fit_budget(model, options.budget, config, arch_file=arch_file)
-    calibration = None
-    if config.strategy in ("activation", "weight_activation", "gradient"):
-        from .data import collate
-
-        calibration = [{k: v.to(device) for k, v in collate(train_examples[i:i + 4], pad).items()}
-                       for i in range(0, min(len(train_examples), 32), 4)]
-    prepared = prepare_s2ft(model, config, calibration=calibration, arch_file=arch_file)
-    agree(prepared.selection, "S2FT slices")
-    return prepared, replace(options, method_config=prepared.config)
+    return kind_named(options.method).prepare_training(model, options, train_examples, pad, arch_file, device)
 
 
 def _training_record(options: TrainOptions, data, objective: Objective, device: str, train_examples: list,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import S2RegError
+from ..kinds import kind_named
 
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("fp32", "bf16")
@@ -187,8 +188,9 @@ class TrainOptions:
             raise S2RegError("--eval-fraction must be in [0, 1)")
         if self.dtype not in DTYPES:
             raise S2RegError(f"unknown dtype {self.dtype!r} ({' or '.join(DTYPES)})")
-        if self.budget is not None and self.method != "s2ft":
-            raise S2RegError("--budget sizes S2FT selections; PISA's size is --coefficients per --block")
+        kind = kind_named(self.method)
+        if self.budget is not None and kind.size_options is not None:
+            raise S2RegError(f"--budget sizes S2FT selections; {self.method.upper()}'s size is {kind.size_options}")
         if self.cpu_offload and not self.fsdp:
             raise S2RegError("--cpu-offload offloads FSDP shards; give --fsdp too")
         if self.fsdp and "WORLD_SIZE" not in os.environ:
