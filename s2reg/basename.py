@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TypeGuard
 
 # The Hub's repository id shape: ORG/NAME (letters, digits, '.', '_', '-').
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def is_hub_id(name: str | None) -> bool:
+def is_hub_id(name: str | None) -> TypeGuard[str]:
     """``ORG/NAME`` and not a directory here (a relative path such as ``runs/base`` has the same shape)."""
-    return bool(name) and _HUB_ID.fullmatch(name) is not None and not Path(name).is_dir()
+    return name is not None and _HUB_ID.fullmatch(name) is not None and not Path(name).is_dir()
 
 
 def portable_base_name(name: str) -> str:

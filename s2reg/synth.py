@@ -67,7 +67,7 @@ def _llama_specs(c: dict[str, Any], dtype: torch.dtype) -> list[TensorSpec]:
     h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = c.get("head_dim") or h // c["num_attention_heads"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    specs = [("model.embed_tokens.weight", (v, h))]
+    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         specs += [

@@ -37,7 +37,7 @@ def _expression(text: str, known: Mapping[str, int], where: str) -> int:
             return known[token]
         raise ArchError(f"{where}: {token!r} is neither a number nor a dimension read before it ({FORMAT_HELP})")
     result = value(tokens[0])
-    for op, token in zip(tokens[1::2], tokens[2::2]):
+    for op, token in zip(tokens[1::2], tokens[2::2], strict=True):  # split on a group: odd length
         operand = value(token)
         if op == "*":
             result *= operand

@@ -37,19 +37,22 @@ class Placement:
 
     @property
     def positions(self) -> torch.Tensor | None:
-        return self._markers()[self._name] if self.converted else None
+        return self._markers()[self._name] if self.converted and self._markers is not None else None
 
     def slice_positions(self, axis: str, indices: torch.Tensor) -> torch.Tensor:
         """Flat positions in the parameter of the checkpoint slice ``axis`` / ``indices`` (any FORMAT §4.1 axis)."""
-        everywhere = self.positions if self.converted else torch.arange(torch.Size(self.shape).numel()).reshape(self.shape)
-        return to_torch(take(as_array(everywhere), axis, indices)).long()
+        everywhere = self.positions
+        if everywhere is None:
+            everywhere = torch.arange(torch.Size(self.shape).numel()).reshape(self.shape)
+        return to_torch(take(as_array(everywhere), axis, as_array(indices))).long()
 
     def stored_value(self, model: nn.Module) -> torch.Tensor:
         """The checkpoint tensor's current values, read from the model in memory."""
         param = model.get_parameter(self.parameter).detach()
-        if not self.converted:
+        positions = self.positions
+        if positions is None:
             return param
-        return param.reshape(-1)[self.positions.reshape(-1).long().to(param.device)].reshape(self.shape)
+        return param.reshape(-1)[positions.reshape(-1).long().to(param.device)].reshape(self.shape)
 
 
 class _Markers:

@@ -191,6 +191,13 @@ class ModelInfo:
             self._coupled[name] = self._match(name)
         return self._coupled[name]
 
+    def coupling_of(self, name: str) -> Coupling:
+        """``coupled(name)`` for a tensor that must hold units: an ArchError names one that holds none."""
+        c = self.coupled(name)
+        if c is None:
+            raise ArchError(f"{name} holds no heads or channels in the {self.family.name} layout")
+        return c
+
     def _match(self, name: str) -> Coupling | None:
         found = match_name(self.family, name)
         if found is not None and found[1]["prefix"] in (self.prefix, self.family.prefix, ""):
@@ -206,9 +213,7 @@ class ModelInfo:
         return None
 
     def _layout_of(self, name: str) -> tuple[Coupling, _Layout]:
-        c = self.coupled(name)
-        if c is None:
-            raise ArchError(f"{name} holds no heads or channels in the {self.family.name} layout")
+        c = self.coupling_of(name)
         if name not in self._layouts:
             if self.shapes is not None and name in self.shapes:
                 shape = tuple(self.shapes[name])
@@ -269,7 +274,7 @@ class ModelInfo:
 
     def expert_units(self, name: str, indices: Iterable[int] | np.ndarray) -> dict[str | None, dict[str, list[int]]]:
         """``units_of`` per expert: ``{coupled(name).expert: ...}``, or per expert of a stacked tensor."""
-        c = self.coupled(name)
+        c = self.coupling_of(name)
         return {(expert if c.stacked else c.expert): self.units_of(name, local)
                 for expert, local in self.by_expert(name, indices).items()}
 

@@ -109,7 +109,9 @@ class TensorSpec:
 
     @property
     def segment(self) -> Segment:
-        return self.out or self.inp or self.follows  # exactly one is set (checked in from_json)
+        segment = self.out or self.inp or self.follows
+        assert segment is not None, "from_json sets exactly one of out, in and follows"
+        return segment
 
     @property
     def side(self) -> str:

@@ -44,7 +44,7 @@ def tensor_bytes(tensor: Any) -> memoryview:
 
     from .arrays import as_array
 
-    return memoryview(np.ascontiguousarray(as_array(tensor)).reshape(-1).view(np.uint8)).cast("B")
+    return np.ascontiguousarray(as_array(tensor)).reshape(-1).view(np.uint8).data.cast("B")
 
 
 def tensor_sha256(tensor: Any) -> str:

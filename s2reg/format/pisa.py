@@ -143,8 +143,8 @@ class PISATarget:
 
         gr, gc = self.grid
         k, size = self.k, self.block[dim]
-        selected = torch.as_tensor(np.asarray(selected, dtype=np.int64))
-        touched, where = torch.unique(selected.long() // size, return_inverse=True)
+        chosen = torch.as_tensor(np.asarray(selected, dtype=np.int64))
+        touched, where = torch.unique(chosen // size, return_inverse=True)
         indices = to_torch(self.indices).reshape(gr, gc, k).index_select(dim, touched)
         values = self.complex_coefficients().reshape(gr, gc, k).index_select(dim, touched)
         n_rows, n_cols = indices.shape[:2]
@@ -153,7 +153,7 @@ class PISATarget:
         blocks = _kernel().blocks(self.block, indices.reshape(-1, k), values.reshape(-1, k), torch.complex64)
         dense = blocks.reshape(n_rows, n_cols, bh, bw).permute(0, 2, 1, 3).reshape(n_rows * bh, n_cols * bw)
         dense = dense[:, : self.shape[1]] if dim == 0 else dense[: self.shape[0], :]
-        return (dense.index_select(dim, where * size + selected % size) * self.scale).numpy()
+        return (dense.index_select(dim, where * size + chosen % size) * self.scale).numpy()
 
     def merged(self, weight: np.ndarray, *, subtract: bool = False) -> np.ndarray:
         """The whole merged (or unmerged) weight: cast_D(float32(W) +/- delta) (FORMAT §5.3).

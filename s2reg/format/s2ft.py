@@ -178,7 +178,7 @@ def exact_difference(base: np.ndarray, tuned: np.ndarray, *, name: str = "tensor
     changed = bits(base) != bits(tuned)
     if bool((changed & ~np.isfinite(tuned)).any()):
         raise NonFiniteError(f"{name}: the fine-tuned values hold NaN/Inf where the base differs (refused; FORMAT §4.2)")
-    best = None
+    best: tuple[int, np.ndarray, np.ndarray] | None = None
     for wide in DELTA_DTYPES:
         if wide.itemsize < base.dtype.itemsize:
             continue
@@ -192,6 +192,7 @@ def exact_difference(base: np.ndarray, tuned: np.ndarray, *, name: str = "tensor
         cost = delta.size * wide.itemsize + listed * (RESTORE_INDEX.itemsize + 2 * base.dtype.itemsize)
         if best is None or cost < best[0]:
             best = (cost, delta, wrong)
+    assert best is not None, "F64 is at least as wide as every float dtype"
     _, delta, wrong = best
     index = np.flatnonzero(wrong).astype(np.int64)
     return delta, Restore(index, base.reshape(-1)[index], tuned.reshape(-1)[index])

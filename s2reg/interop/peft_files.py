@@ -28,6 +28,8 @@ def architecture(config: dict[str, Any] | None) -> str | None:
     from transformers.models.auto import modeling_auto as auto
 
     model_type = (config or {}).get("model_type")
+    if not isinstance(model_type, str):
+        return None
     for mapping in (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES):
         if model_type in mapping:
             return mapping[model_type]

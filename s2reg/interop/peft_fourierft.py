@@ -31,7 +31,7 @@ def half_plane(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, sha
     out, inp = shape
     hw = half_width(shape)
     acc: dict[int, float] = {}
-    for u, v, s in zip(rows.tolist(), cols.tolist(), values.double().tolist()):
+    for u, v, s in zip(rows.tolist(), cols.tolist(), values.double().tolist(), strict=True):
         for mu, mv in ((u, v), ((-u) % out, (-v) % inp)):
             if mv < hw:
                 acc[mu * hw + mv] = acc.get(mu * hw + mv, 0.0) + s / 2

@@ -25,7 +25,7 @@ _UNIT_KINDS = {"heads": ("q", "o"), "kv_heads": ("k", "v"), "channels": ("gate",
 
 
 def _unit_bytes(tensor: torch.Tensor, info: ModelInfo, name: str, role: str, expert: str | None = None) -> list[bytes]:
-    c = info.coupled(name)
+    c = info.coupling_of(name)
     table = info.unit_indices(name, role, range(info.unit_count(name, role)), expert)
     picked = np.moveaxis(take(as_array(tensor), c.axis, table), axis_dim(c.axis), 0)
     units = np.ascontiguousarray(picked).reshape(info.unit_count(name, role), -1)
@@ -44,8 +44,9 @@ def _candidates(base: torch.Tensor, tuned: torch.Tensor, info: ModelInfo, name: 
 def relocated_units(base: torch.Tensor, tuned: torch.Tensor, info: ModelInfo, name: str) -> int:
     """Changed units of ``tuned`` whose bytes equal a different unit of ``base`` (the mark of a co-permuted save)."""
     moved = 0
-    for expert in info.stacked_experts(name) or [None]:
-        for role in info.coupled(name).roles:
+    experts: list[str | None] = list(info.stacked_experts(name)) or [None]
+    for expert in experts:
+        for role in info.coupling_of(name).roles:
             before = _unit_bytes(base, info, name, role, expert)
             where: dict[bytes, set[int]] = {}
             for unit, key in enumerate(before):
@@ -63,27 +64,29 @@ def _order(evidence: list[list[set[int]]], total: int, what: str) -> list[int]:
     for per_tensor in evidence:
         for pos, cands in enumerate(per_tensor):
             if cands:
-                known[pos] = set(cands) if known[pos] is None else known[pos] & cands
+                prior = known[pos]
+                known[pos] = set(cands) if prior is None else prior & cands
     order: dict[int, int] = {}
     taken: set[int] = set()
     # Positions with the same candidate set are a tie between byte-identical units: assign in index order.
     groups: dict[frozenset[int], list[int]] = {}
-    for pos, cands in enumerate(known):
-        if cands:
-            groups.setdefault(frozenset(cands), []).append(pos)
-    for cands, positions in sorted(groups.items(), key=lambda kv: len(kv[0])):
-        free = sorted(cands - taken)
+    for pos, found in enumerate(known):
+        if found:
+            groups.setdefault(frozenset(found), []).append(pos)
+    for shared, positions in sorted(groups.items(), key=lambda kv: len(kv[0])):
+        free = sorted(shared - taken)
         if len(free) < len(positions):
             raise S2RegError(f"{what}: the untouched units do not map one-to-one onto the base "
                              f"({len(positions)} positions share {len(free)} free candidates); is TUNED a fine-tune of BASE?")
-        for pos, unit in zip(positions, free):
+        # the group's positions take its lowest free units; the rest stay free for the groups after it
+        for pos, unit in zip(positions, free, strict=False):
             order[pos] = unit
             taken.add(unit)
     # Units trained in every tensor that holds them left no untouched bytes; they fill the remaining
     # positions in ascending order, as S2FT plans list a selection. Any other assignment would differ
     # only by a co-permutation of whole trained units, which computes the same function.
     missing_pos = [p for p in range(total) if p not in order]
-    order.update(zip(missing_pos, sorted(set(range(total)) - taken)))
+    order.update(zip(missing_pos, sorted(set(range(total)) - taken), strict=True))  # one unit taken per position
     return [order[p] for p in range(total)]
 
 
@@ -105,14 +108,15 @@ def detect_permutation(base, tuned, info: ModelInfo | None = None) -> Permutatio
     _check_dtypes(base, tuned, coupled)
     by_layer: dict[int, list[str]] = {}
     for name in coupled:
-        by_layer.setdefault(info.coupled(name).layer, []).append(name)
+        by_layer.setdefault(info.coupling_of(name).layer, []).append(name)
     layers = {}
     for layer in range(info.dims.layers):
         evidence: dict[tuple[str, str | None], list[list[set[int]]]] = {}
         for name in by_layer.get(layer, []):
-            c = info.coupled(name)
+            c = info.coupling_of(name)
             b, t = base.get(name), tuned.get(name)
-            for expert in info.stacked_experts(name) or [c.expert]:
+            unit_experts: list[str | None] = list(info.stacked_experts(name)) or [c.expert]
+            for expert in unit_experts:
                 for role in c.roles:
                     kind = next(k for k, roles in _UNIT_KINDS.items() if role in roles)
                     evidence.setdefault((kind, expert if kind == "channels" else None), []).append(

@@ -185,7 +185,7 @@ def _analyse(name: str, b: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, in
     """The slice that stores a change, and whether it is a selection of heads or channels."""
     c = info.coupled(name) if info else None
     group = None
-    if c is not None and c.stored_dim < mask.dim():
+    if info is not None and c is not None and c.stored_dim < mask.dim():
         indices = torch.from_numpy(info.whole_units(name, _changed_along(mask, c.axis)))
         selected, total = _unit_share(info, name, indices)
         axis, fits = c.axis, _allowed(selected, total, max_fraction)
@@ -268,12 +268,12 @@ def extract_s2ft(base, tuned, *, base_name: str, allow_dense: bool = False, max_
     the adapter holds original coordinates.
     """
     info, why = _resolve(base, arch_file)
-    if detect and info is None:
-        raise S2RegError(f"--detect-permutation needs the model's family: {why}")
     report = ExtractReport("s2ft", family=info.family.name if info else None, note=info.note if info else None)
     permutation = None
     source = tuned
     if detect:
+        if info is None:
+            raise S2RegError(f"--detect-permutation needs the model's family: {why}")
         permutation = detect_permutation(base, tuned, info)
         source = PermutedView(tuned, permutation.inverse().index_of(info))
     slices, group_sizes = {}, {}
@@ -282,7 +282,7 @@ def extract_s2ft(base, tuned, *, base_name: str, allow_dense: bool = False, max_
             raise S2RegError(f"{name}: a {b.dtype} tensor changed; only float tensors can hold deltas")
         change, axis, indices, group = _analyse(name, b, t, mask, info, max_fraction)
         report.changes.append(change)
-        slices[name] = (axis, indices, take(as_array(t), axis, indices))
+        slices[name] = (axis, indices, take(as_array(t), axis, as_array(indices)))
         if group:
             group_sizes[name] = group
     if not slices:

@@ -10,7 +10,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,4 +85,4 @@ def complete(server: AdapterServer, tokenizer, prompts: Sequence[str], adapters:
     output = server.generate(input_ids, attention_mask, adapters=[a for _, a in rows], max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, streamer=streamer)
     continuations = output[:, input_ids.shape[1]:]
-    return [Completion(p, a, tokenizer.decode(c, skip_special_tokens=True)) for (p, a), c in zip(rows, continuations)]
+    return [Completion(p, a, tokenizer.decode(c, skip_special_tokens=True)) for (p, a), c in zip(rows, continuations, strict=True)]

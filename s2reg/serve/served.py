@@ -84,7 +84,7 @@ class ServedModule:
             rerun = [d for d in self.deltas[name] if isinstance(d, ParameterDelta)]
             if rerun and rows is not None and _row_aligned(args, kwargs, y.shape[0]):
                 # every input holds one row per output row (an MoE experts block): rerun just these rows
-                picked_args, picked_kwargs = _pick(args, rows), dict(zip(kwargs, _pick(tuple(kwargs.values()), rows)))
+                picked_args, picked_kwargs = _pick(args, rows), dict(zip(kwargs, _pick(tuple(kwargs.values()), rows), strict=True))
                 y.index_copy_(0, rows, _flat(self._rerun(module, picked_args, picked_kwargs, rerun)))
             elif rerun:
                 merged = _flat(self._rerun(module, args, kwargs, rerun))

@@ -112,7 +112,8 @@ class AdapterServer:
             raise S2RegError(f"{base}: not a Hugging Face checkpoint directory (no config.json)")
         # the weights are loaded under the lock; the server then holds its own
         with locked_for_reading(base, CheckpointSource), loading_quietly():
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+            model = model.to(device)  # type: ignore[arg-type]  # transformers' wrapped to() is typed to take the model
             return cls(model, base, max_resident=max_resident)
 
     def close(self) -> None:
@@ -227,6 +228,9 @@ class AdapterServer:
         if len(adapters) != input_ids.shape[0]:
             raise S2RegError(f"{input_ids.shape[0]} sequences but {len(adapters)} adapter names: give one per sequence")
         options = {"do_sample": False, **options}
+        generate = getattr(self.model, "generate", None)  # a transformers model's; a bare module has none
+        if generate is None:
+            raise S2RegError(f"a {type(self.model).__name__} cannot generate: serve a transformers causal language model")
         with self.routed(adapters), torch.no_grad():
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                       max_new_tokens=max_new_tokens, **options)
+            return generate(input_ids=input_ids, attention_mask=attention_mask,
+                              max_new_tokens=max_new_tokens, **options)

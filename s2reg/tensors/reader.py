@@ -223,7 +223,7 @@ class CheckpointSource:
         buffer = np.empty(nbytes, dtype=np.uint8)
         fd, done = self._fd(file), 0
         while done < nbytes:  # a single pread stops at 2 GiB
-            got = os.preadv(fd, [memoryview(buffer)[done:]], start + done)
+            got = os.preadv(fd, [buffer.data[done:]], start + done)
             if got == 0:
                 raise CheckpointError(f"{file}: truncated while reading (file changed underneath?)")
             done += got

@@ -21,7 +21,7 @@ from ..format.digest import tensor_sha256
 from ..format.arrays import read_array, to_torch
 from ..format.s2ft import gather
 from .reader import CheckpointSource, check_rows
-from .memory import Closeable, MemorySource
+from .memory import Closeable
 from .torch_bin import TorchBinSource, holds_torch_bin
 
 # name -> (stored dim, gather index) that puts a tensor into the view's order, or None to pass it through

@@ -19,11 +19,14 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from .reader import indexed_shards, read_config
 from .memory import MemorySource
+from .reader import indexed_shards, read_config
+
+if TYPE_CHECKING:  # imported where used: reading a safetensors checkpoint never imports torch
+    import torch
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -70,7 +73,8 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _ties_word_embeddings(config: dict[str, Any] | None) -> tuple[bool, int | None]:
     config = config or {}
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    text = config.get("text_config")
+    text = text if isinstance(text, dict) else {}
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     vocab = config.get("vocab_size", text.get("vocab_size"))
     return bool(tied), vocab if isinstance(vocab, int) else None

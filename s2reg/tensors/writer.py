@@ -151,6 +151,8 @@ def write_checkpoint(
             for spec in specs:
                 progress(spec.name)
         for file, specs in shards.items():
+            if produce is None:
+                raise TypeError(f"write_checkpoint: {file} has tensors to write and no produce() to make them")
             _write_shard(staging / file, specs, produce, (metadata or {}).get(file), progress)
         if finalize is not None:
             finalize(staging)

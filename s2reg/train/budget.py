@@ -12,6 +12,7 @@ channels the rest.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _slice_size(mapping: ModelMap, role: str, layer: int, expert) -> int:
     return size
 
 
-def unit_costs(mapping: ModelMap, layers: list[int], roles: tuple[str, ...]) -> UnitCosts:
+def unit_costs(mapping: ModelMap, layers: Sequence[int], roles: tuple[str, ...]) -> UnitCosts:
     head = kv_head = channel = 0
     channels_available = None
     for layer in layers:

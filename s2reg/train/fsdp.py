@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,11 @@ from torch import nn
 
 from ..errors import S2RegError
 
+if TYPE_CHECKING:  # imported where used: torch.distributed.fsdp takes seconds to import
+    from torch.distributed.fsdp import FSDPModule
 
-def is_sharded(model: nn.Module) -> bool:
+
+def is_sharded(model: nn.Module) -> TypeGuard[FSDPModule]:
     """Whether ``fully_shard`` was applied to ``model`` (its parameters are DTensors)."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -90,7 +94,8 @@ def shard(model: nn.Module, *, device: str, mixed_precision: bool = False, cpu_o
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
-    model.s2reg_compute_device = torch.device(device)  # offloaded shards live elsewhere; batches go here
+    # offloaded shards live elsewhere; batches go here (nn.Module types its attributes as tensors and modules)
+    model.s2reg_compute_device = torch.device(device)  # type: ignore[assignment]
     return model
 
 

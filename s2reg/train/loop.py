@@ -92,8 +92,9 @@ def _batches(examples: list[Example], config: TrainConfig, epoch: int) -> list[l
 def _input_device(model: nn.Module) -> torch.device:
     """Where batches go: the parameters' device (a shard's under FSDP; the compute device when the shards
     are offloaded to CPU memory)."""
-    if getattr(model, "s2reg_compute_device", None) is not None:
-        return model.s2reg_compute_device
+    compute = getattr(model, "s2reg_compute_device", None)
+    if isinstance(compute, torch.device):
+        return compute
     param = next(model.parameters())
     return param.to_local().device if hasattr(param, "to_local") else param.device
 
@@ -231,9 +232,10 @@ class _Stepper:
         _, self.world = _rank_world()
         self.model, self.config, self.pad_id = model, config, pad_id
         self.parameters = parameters
-        self.optimizer = torch.optim.AdamW(parameters.values(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameters.values(), lr=config.peak_lr, weight_decay=config.weight_decay)
         self.sharded = is_sharded(model)
-        self.runner = nn.parallel.DistributedDataParallel(model) if self.world > 1 and not self.sharded else model
+        self.ddp = nn.parallel.DistributedDataParallel(model) if self.world > 1 and not self.sharded else None
+        self.runner = model if self.ddp is None else self.ddp
         self.device = _input_device(model)
 
     def __call__(self, micros: list[list[Example]], lr: float) -> tuple[float, int]:
@@ -245,9 +247,9 @@ class _Stepper:
             batch = {k: v.to(self.device) for k, v in collate(micro, self.pad_id).items()}
             tokens += int(batch["attention_mask"].sum()) * self.world
             accumulating = self.world > 1 and index < len(micros) - 1  # reduce once, after the last micro-batch
-            if self.sharded:
+            if is_sharded(self.model):
                 self.model.set_requires_gradient_sync(not accumulating)
-            with self.runner.no_sync() if accumulating and not self.sharded else contextlib.nullcontext():
+            with self.ddp.no_sync() if accumulating and self.ddp is not None else contextlib.nullcontext():
                 loss = self.runner(**batch).loss / self.config.grad_accum
                 loss.backward()
             loss_sum += float(loss.detach())
@@ -312,7 +314,7 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, *, pad
     model.train()
     started = time.perf_counter()
     for step, micros in steps:
-        lr = config.lr * _lr_factor(step, total, config)
+        lr = config.peak_lr * _lr_factor(step, total, config)
         loss, tokens = stepper(micros, lr)
         result.steps, result.tokens = step + 1, result.tokens + tokens
         result.losses.append(loss)

@@ -14,10 +14,14 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import S2RegError
 from ..kinds import kind_named
+
+if TYPE_CHECKING:  # imported where used: the method configs import this module (their settings)
+    from .pisa.config import PISAConfig
+    from .s2ft.config import S2FTConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("fp32", "bf16")
@@ -106,10 +110,15 @@ class TrainConfig:
             raise S2RegError(f"unknown schedule {self.schedule!r} ({', '.join(SCHEDULES)})")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise S2RegError("batch size, gradient accumulation and epochs must be at least 1")
+        if self.peak_lr <= 0:
+            raise S2RegError("the learning rate must be positive")
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, which the loop needs as a number (the schedule scales it)."""
         if self.lr is None:
             raise S2RegError("no learning rate: give lr (s2reg train uses the method's default, default_lr)")
-        if self.lr <= 0:
-            raise S2RegError("the learning rate must be positive")
+        return self.lr
 
     def check_fills_a_step(self, examples: int, processes: int) -> None:
         """Refuse ``examples`` that cannot give every process one whole optimizer step."""
@@ -123,14 +132,14 @@ class TrainConfig:
         return self.max_steps or per_epoch * self.epochs
 
 
-def _method_configs() -> dict[str, type]:
+def _method_configs() -> dict[str, type[S2FTConfig] | type[PISAConfig]]:
     from .pisa.config import PISAConfig
     from .s2ft.config import S2FTConfig
 
     return {S2FTConfig.method: S2FTConfig, PISAConfig.method: PISAConfig}
 
 
-def method_config_class(method: str) -> type:
+def method_config_class(method: str) -> type[S2FTConfig] | type[PISAConfig]:
     configs = _method_configs()
     if method not in configs:
         raise S2RegError(f"unknown method {method!r} ({' or '.join(configs)})")

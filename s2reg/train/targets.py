@@ -70,7 +70,9 @@ class ModelMap:
 
 def _config(model: nn.Module) -> dict | None:
     config = getattr(model, "config", None)
-    return config.to_dict() if hasattr(config, "to_dict") else config
+    if config is not None and hasattr(config, "to_dict"):
+        return config.to_dict()
+    return config
 
 
 def map_model(model: nn.Module, arch_file: str | Path | None = None) -> ModelMap:

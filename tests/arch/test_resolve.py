@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from click.testing import CliRunner
 from s2reg.arch import ARCH_FILE, ArchError, builtin_families, load_description, resolve, resolve_source
 from s2reg.cli import main
 from s2reg.tensors import open_source, save_state_dict
-from tests.families import zoo
 
 
 def config_and_shapes(directory):

@@ -127,7 +127,6 @@ def test_adapter_diff_from_payloads_matches_dense_masks(axes):
             idx = torch.stack([torch.randperm(block[0] * (block[1] // 2 + 1), generator=g)[:k] for _ in range(blocks)])
             values = torch.complex(torch.randn(blocks, k, generator=g), torch.randn(blocks, k, generator=g))
             return PISAAdapter.from_coefficients(base, {"w": (block, idx, values)}, base_name="b", scale=0.7)
-        length = 12 if kind == "rows" else 10
         shape = (len(chosen), 10) if kind == "rows" else (12, len(chosen))
         return S2FTAdapter.from_slices(base, {"w": (kind, chosen, torch.randn(*shape, generator=g))}, base_name="b")
 

@@ -42,7 +42,7 @@ RSS_GROWTH_MIB = 512
 BIG = "@@BIG@@"  # replaced in the text by literals json.dumps cannot write
 DEEP = "@@DEEP@@"
 LITERALS = {BIG: b"9" * 5001, DEEP: b"[" * 1000 + b"]" * 1000}
-HOSTILE_VALUES = [
+HOSTILE_VALUES: list[object] = [
     0, -1, 1, 3, 7, 2**31, 2**32 + 1, 2**40, 2**63 - 1, 2**63, 2**64, 9 * 10**19, 10**400, True, False, None,
     "x", "", "F32", "I32", "BF16", "rows", "columns", "expert_rows", "expert_columns", "zstd-byteplane", "raw", [], {}, [0], [0, 0], [1, 2, 3],
     [2**62, 2**62], [24576, 24576], [False, 8], 1.5, -0.0, 1e308, float("nan"), BIG, DEEP, {"k": "v"}, [[[]]],
@@ -265,7 +265,7 @@ def declared_shape(rng, seed):
     for where in (target, data["base"]["fingerprints"][name]):
         where["shape"][axis] = size
     if "grid" in target:
-        target["grid"] = [-(-d // b) for d, b in zip(target["shape"], target["block"])]
+        target["grid"] = [-(-d // b) for d, b in zip(target["shape"], target["block"], strict=True)]
     if "group_size" in target and rng.random() < 0.5:
         target["group_size"] = size
     return f"declared {name} axis {axis} = {size}", files_for(seed, data, seed.raw)

@@ -9,9 +9,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from s2reg import PISAAdapter, S2FTAdapter
-from s2reg.errors import FormatError, NonFiniteError
+from s2reg.errors import NonFiniteError
 from s2reg.format import dtypes, exact_difference
-from s2reg.format.arrays import to_torch
+from s2reg.format.arrays import as_array, to_torch
 from s2reg.format.s2ft import add_exact
 
 from .helpers import random_half_plane_indices
@@ -122,7 +122,7 @@ def test_pisa_matches_numpy_irfft2_on_hermitian_input():
     values = torch.complex(torch.randn(1, len(positions), generator=g), torch.randn(1, len(positions), generator=g))
     adapter = PISAAdapter.from_coefficients({"w": torch.zeros(bh, bw)}, {"w": ((bh, bw), idx, values)}, base_name="b")
     half = np.zeros((bh, hw), dtype=np.complex128)
-    for pos, value in zip(positions, values[0].numpy()):
+    for pos, value in zip(positions, values[0].numpy(), strict=True):
         half[pos // hw, pos % hw] = value
     np.testing.assert_allclose(adapter.to_dense("w"), np.fft.irfft2(half, s=(bh, bw)), rtol=1e-5, atol=1e-6)
 
@@ -191,15 +191,15 @@ def _check_exact_pairs(base_bits: list[int], tuned_bits: list[int], dtype: torch
     if target.restore is not None:
         listed = target.restore.index.tolist()
         assert all(base_bits[i] != tuned_bits[i] for i in listed)
-        arithmetic = add_exact(base, target.delta[0])
-        back = add_exact(tuned, target.delta[0], subtract=True)  # numpy results; bits() compares them as torch
+        arithmetic = add_exact(as_array(base), target.delta[0])
+        back = add_exact(as_array(tuned), target.delta[0], subtract=True)  # numpy results; bits() compares them as torch
         assert all(bits(arithmetic)[i] != bits(tuned)[i] or bits(back)[i] != bits(base)[i] for i in listed)
 
 
 def _usable(dtype: torch.dtype, base_bits: list[int], tuned_bits: list[int]) -> list[int]:
     """Tuned patterns, with non-finite ones (refused unless equal to the base, FORMAT §4.2) replaced by the base's."""
     tuned = _from_bits(tuned_bits, dtype)
-    return [t if bool(torch.isfinite(tuned[i])) else b for i, (b, t) in enumerate(zip(base_bits, tuned_bits))]
+    return [t if bool(torch.isfinite(tuned[i])) else b for i, (b, t) in enumerate(zip(base_bits, tuned_bits, strict=True))]
 
 
 SPECIAL_16 = {  # +-0, smallest/largest subnormal, smallest normal, 1.0, largest finite, +-inf, a NaN

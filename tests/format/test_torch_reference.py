@@ -40,7 +40,7 @@ def torch_add_exact(base: torch.Tensor, delta: torch.Tensor, *, subtract: bool =
 def torch_exact_difference(base: torch.Tensor, tuned: torch.Tensor):
     """s2reg's torch implementation (before issue 12), verbatim in its logic."""
     changed = _bits(base) != _bits(tuned)
-    best = None
+    best: tuple[int, torch.Tensor, torch.Tensor] | None = None
     for wide in (torch.float32, torch.float64):
         if wide.itemsize < base.dtype.itemsize:
             continue
@@ -53,6 +53,7 @@ def torch_exact_difference(base: torch.Tensor, tuned: torch.Tensor):
         cost = delta.numel() * wide.itemsize + int(wrong.sum()) * (8 + 2 * base.dtype.itemsize)
         if best is None or cost < best[0]:
             best = (cost, delta, wrong)
+    assert best is not None, "F64 is at least as wide as every float dtype"
     _, delta, wrong = best
     index = wrong.reshape(-1).nonzero().reshape(-1)
     return delta, (index, base.reshape(-1)[index], tuned.reshape(-1)[index])
@@ -111,7 +112,7 @@ def test_arithmetic_rule_on_other_values_matches_torch_except_its_double_roundin
     if not (dtype == torch.float16 and payload == torch.float64):
         assert _same(ours, theirs)
         return
-    for b, d, got in zip(base[torch.from_numpy(~nan)].tolist(), delta[torch.from_numpy(~nan)].tolist(), ours.tolist()):
+    for b, d, got in zip(base[torch.from_numpy(~nan)].tolist(), delta[torch.from_numpy(~nan)].tolist(), ours.tolist(), strict=True):
         if d == 0 or not np.isfinite(b) or not np.isfinite(b + d) or abs(b + d) > 65504:
             continue  # zero deltas keep the base; overflow is refused where it matters
         assert got == _round_to_half(Fraction(b) + Fraction(d))

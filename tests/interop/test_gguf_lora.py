@@ -71,7 +71,7 @@ def all_projections(directory, seed: int = 0, scale: float = 0.05) -> S2FTAdapte
     with CheckpointSource(directory) as source:
         info = resolve_source(source)
         g = torch.Generator().manual_seed(seed)
-        slices = {}
+        slices: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
         for name in source.names():
             c = info.coupled(name)
             if c is None or c.follower or c.part != "weight" or c.expert is not None or c.stacked:
@@ -250,7 +250,7 @@ def test_llama_cpp_converter_agrees_with_the_writer(llama_cpp, zoo_checkpoint, t
         theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / f"{family}-ref.gguf").tensors}
         assert set(ours) == set(theirs), family
         for name in (n.removesuffix(".lora_a") for n in theirs if n.endswith(".lora_a")):
-            def product(tensors):
+            def product(tensors, name=name):
                 return np.asarray(tensors[f"{name}.lora_b"].data, np.float64) @ np.asarray(tensors[f"{name}.lora_a"].data, np.float64)
             np.testing.assert_array_equal(product(ours), product(theirs), err_msg=f"{family} {name}")
 
@@ -321,7 +321,7 @@ def test_llama_cpp_runs_the_adapter_like_transformers_on_the_merged_checkpoint(l
     plain = evaluate(llama_cpp, tmp_path / "base.gguf", None, PROMPTS, new_tokens=NEW_TOKENS)
 
     def error(theirs, ours):
-        return max(float(np.abs(np.asarray(t) - o).max() / np.abs(o).max()) for t, o in zip(theirs, ours))
+        return max(float(np.abs(np.asarray(t) - o).max() / np.abs(o).max()) for t, o in zip(theirs, ours, strict=True))
 
     with capsys.disabled():
         print(f"\nllama.cpp vs transformers, largest logit difference / largest logit: base {error(plain['logits'], base_logits):.1e}, "
@@ -371,8 +371,10 @@ def test_llama_cpp_on_the_quantized_smollm2_gguf(llama_cpp, smollm2_dir, tmp_pat
 
     def agreement(a, b):
         """Whole continuations equal, and the share of tokens before the first difference."""
-        same = sum(x == y for x, y in zip(a, b))
-        prefix = sum(next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x)) for x, y in zip(a, b))
+        same = sum(x == y for x, y in zip(a, b, strict=True))
+        # token by token up to the shorter continuation (one may stop early at an end-of-text token)
+        prefix = sum(next((i for i, (s, t) in enumerate(zip(x, y, strict=False)) if s != t), len(x))
+                     for x, y in zip(a, b, strict=True))
         return same, prefix / sum(len(x) for x in a)
 
     with_adapter, without = agreement(ours["continuations"], merged), agreement(base["continuations"], plain)
@@ -380,7 +382,7 @@ def test_llama_cpp_on_the_quantized_smollm2_gguf(llama_cpp, smollm2_dir, tmp_pat
         print(f"\nSmolLM2 Q4_1 GGUF in llama.cpp vs transformers on the bf16 fixture: with the adapter "
               f"{with_adapter[0]}/{len(prompts)} continuations equal ({with_adapter[1]:.0%} of tokens before the first "
               f"difference); base alone {without[0]}/{len(prompts)} ({without[1]:.0%})")
-        for prompt, a, b in zip(SMOLLM2_PROMPTS, ours["continuations"], merged):
+        for prompt, a, b in zip(SMOLLM2_PROMPTS, ours["continuations"], merged, strict=True):
             print(f"  {prompt!r}: llama.cpp {tokenizer.decode(a)!r} | transformers {tokenizer.decode(b)!r}")
     assert merged != plain and ours["continuations"] != base["continuations"]  # the adapter changes both
     assert with_adapter[1] >= AGREEMENT
