@@ -240,6 +240,20 @@ def example_inputs(species: Species | str, seed: int = 0) -> dict[str, torch.Ten
     return {"input_ids": torch.randint(3, VOCAB - 3, (BATCH, SEQ), generator=generator)}
 
 
+def word_tokenizer(directory: str | Path) -> None:
+    """A WordLevel tokenizer over the zoo's 128 ids: [PAD] [UNK] [CLS] [SEP] [MASK] w5 .. w127."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(directory)
+
+
 def outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The tensor the invariants compare: logits where the model has a head, else the last hidden state."""
     out = model(**inputs)

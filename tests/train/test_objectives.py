@@ -22,27 +22,13 @@ from s2reg.train.session import load_base
 from ..families import zoo
 
 
-def _word_tokenizer(directory) -> None:
-    """A WordLevel tokenizer over the zoo's 128 ids: [PAD] [UNK] [CLS] [SEP] [MASK] w5 .. w127."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {t: i for i, t in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), zoo.VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoders")
     built = {}
     for name in ("bert", "bert_model"):
         built[name] = zoo.build(name, root / name)
-        _word_tokenizer(built[name])
+        zoo.word_tokenizer(built[name])
     rng = random.Random(0)
     sentences = [" ".join(f"w{rng.randrange(5, zoo.VOCAB)}" for _ in range(rng.randrange(6, 12))) for _ in range(24)]
     (root / "text.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))

@@ -32,7 +32,7 @@ class S2FTConfig:
 
     method: ClassVar[str] = "s2ft"
     # Learns without wrecking the base on every family tested (bench/quality.py; docs/training.md).
-    default_lr: ClassVar[float] = 1e-3
+    default_lr: ClassVar[float] = 3e-3
 
     channels: int = setting(32, "s2ft: FFN channels per layer.", low=0)
     heads: int = setting(0, "s2ft: attention heads per layer.", low=0)
