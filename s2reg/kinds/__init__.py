@@ -11,36 +11,8 @@ Importing this package costs no numpy and no torch: a kind imports what it compu
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..errors import FormatError, S2RegError
+from . import s2ft, pisa  # noqa: F401 (each registers its kind when imported, in the order the command line lists them)
 from .base import Kind, sums
-
-KINDS: dict[str, Kind] = {}
-
-
-def register(kind: Kind) -> Kind:
-    """Add ``kind`` to :data:`KINDS`; a second kind of the same name is a programming error, refused."""
-    if kind.name in KINDS:
-        raise S2RegError(f"adapter kind {kind.name!r} is registered twice")
-    KINDS[kind.name] = kind
-    return kind
-
-
-def kind_named(name: str) -> Kind:
-    """The registered kind called ``name`` (FormatError for an unknown one)."""
-    kind = KINDS.get(name)
-    if kind is None:
-        raise FormatError(f"unknown adapter kind {name!r} (known: {', '.join(sorted(KINDS))})")
-    return kind
-
-
-def kind_of(thing: Any) -> Kind:
-    """The kind of a target or an adapter: both name it in their ``kind`` attribute."""
-    return kind_named(thing.kind)
-
-
-# each module registers its kind when imported (after the registry above exists)
-from . import s2ft, pisa  # noqa: E402,F401 (in the order the command line lists them)
+from .registry import KINDS, kind_named, kind_of, register
 
 __all__ = ["KINDS", "Kind", "kind_named", "kind_of", "register", "sums"]

@@ -6,7 +6,7 @@ import math
 from typing import Any, ClassVar
 
 from ..errors import S2RegError
-from . import register
+from .registry import register
 from .base import Comparison, Kind, extract_head, dense_delta, sums
 
 

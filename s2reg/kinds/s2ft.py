@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from . import register
+from .registry import register
 from .base import Comparison, Kind, extract_head, sums
 
 # what inspect calls the units of each role
