@@ -16,7 +16,6 @@ import torch
 import s2reg
 from s2reg.errors import FormatError, S2RegError
 from s2reg.format import Adapter, BaseModel, Fingerprint, manifest
-from s2reg.format.adapter import ADAPTER_TYPES
 from s2reg.format.arrays import as_array
 from s2reg.format.s2ft import axis_dim
 from s2reg.kinds import KINDS, Kind, kind_named, kind_of, register
@@ -37,13 +36,14 @@ def f64(array: Any) -> np.ndarray:
 
 # -- the registry --------------------------------------------------------------------------------------
 
-def test_every_kind_is_registered_once_under_the_name_its_types_carry():
+def test_every_kind_is_registered_once_under_the_name_its_types_carry(tmp_path):
     assert sorted(KINDS) == ["pisa", "s2ft"]
-    assert sorted(KINDS) == sorted(manifest.KINDS) == sorted(ADAPTER_TYPES)  # FORMAT §3: the kinds a manifest names
+    assert sorted(KINDS) == sorted(manifest.KINDS)  # FORMAT §3: the kinds a manifest names
     for name, kind in KINDS.items():
         assert kind.name == name and kind_named(name) is kind
         assert kind.target_type.kind == kind.adapter_type.kind == name
-        assert ADAPTER_TYPES[name] is kind.adapter_type
+        EXAMPLES[name]().save(tmp_path / name)
+        assert type(s2reg.load(tmp_path / name)) is kind.adapter_type  # load() builds the type the registry names
         with pytest.raises(S2RegError, match="registered twice"):
             register(type(kind)())
     assert sorted(KINDS) == ["pisa", "s2ft"]  # the refused registrations changed nothing
@@ -314,3 +314,21 @@ def test_a_third_kind_merges_into_a_checkpoint_by_its_own_rule(lowrank, tmp_path
             reference = (w.astype(np.float32) + (f64(targets[n].b) @ f64(targets[n].a)).astype(np.float32)).astype(w.dtype)
             assert merged.array(n).dtype == ml_dtypes.bfloat16
             assert np.array_equal(merged.array(n).view(np.uint16), reference.view(np.uint16))
+
+
+def test_train_methods_are_the_kinds_that_register_a_train_config(lowrank, monkeypatch):
+    """``s2reg train --method`` reads the registry: a kind without ``train_config`` is no method, one with it is."""
+    from s2reg.train.settings import default_lr, method_config_class
+
+    for name in ("s2ft", "pisa"):
+        assert method_config_class(name) is kind_named(name).train_config and method_config_class(name).method == name
+    with pytest.raises(S2RegError, match=r"unknown method 'lowrank' \(s2ft or pisa\)"):
+        method_config_class("lowrank")
+
+    @dataclass(frozen=True)
+    class LowRankConfig:
+        method: ClassVar[str] = "lowrank"
+        default_lr: ClassVar[float] = 2e-4
+
+    monkeypatch.setattr(LowRankKind, "train_config", LowRankConfig)
+    assert method_config_class("lowrank") is LowRankConfig and default_lr("lowrank") == 2e-4

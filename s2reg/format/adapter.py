@@ -361,9 +361,6 @@ def payload_metadata(format_version: int, kind: str) -> dict[str, str]:
     return {"s2reg.format_version": str(format_version), "s2reg.kind": kind}
 
 
-ADAPTER_TYPES: dict[str, type[Adapter]] = {"s2ft": S2FTAdapter, "pisa": PISAAdapter}
-
-
 def read_payload(path: Path, entry: Mapping[str, Any]) -> bytes:
     """The verified raw payload bytes (FORMAT §7 steps 2-3)."""
     file = path / entry["file"]
@@ -389,7 +386,10 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     path = Path(path)
     data, text = manifest.read_manifest(path)
     tensors, metadata = payload.load(read_payload(path, data["payload"]))
-    cls = ADAPTER_TYPES[data["kind"]]
+    # the kinds registry sits above the format (it imports these types), so it is asked here, at run time
+    from ..kinds import kind_named
+
+    cls = kind_named(data["kind"]).adapter_type
     expected = {n for name, entry in data["targets"].items() for n in cls.target_type.payload_names(name, entry)}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))

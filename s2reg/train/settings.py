@@ -14,14 +14,10 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import S2RegError
-from ..kinds import kind_named
-
-if TYPE_CHECKING:  # imported where used: the method configs import this module (their settings)
-    from .pisa.config import PISAConfig
-    from .s2ft.config import S2FTConfig
+from ..kinds import KINDS, kind_named
 
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("fp32", "bf16")
@@ -132,15 +128,9 @@ class TrainConfig:
         return self.max_steps or per_epoch * self.epochs
 
 
-def _method_configs() -> dict[str, type[S2FTConfig] | type[PISAConfig]]:
-    from .pisa.config import PISAConfig
-    from .s2ft.config import S2FTConfig
-
-    return {S2FTConfig.method: S2FTConfig, PISAConfig.method: PISAConfig}
-
-
-def method_config_class(method: str) -> type[S2FTConfig] | type[PISAConfig]:
-    configs = _method_configs()
+def method_config_class(method: str) -> Any:
+    """The config class of ``s2reg train --method`` ``method``: the ``train_config`` its kind registers."""
+    configs = {name: kind.train_config for name, kind in KINDS.items() if kind.train_config is not None}
     if method not in configs:
         raise S2RegError(f"unknown method {method!r} ({' or '.join(configs)})")
     return configs[method]
