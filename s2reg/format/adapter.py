@@ -389,7 +389,7 @@ def load(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Adapter:
     # the kinds registry sits above the format (it imports these types), so it is asked here, at run time
     from ..kinds import kind_named
 
-    cls = kind_named(data["kind"]).adapter_type
+    cls: type[Adapter] = kind_named(data["kind"]).adapter_type
     expected = {n for name, entry in data["targets"].items() for n in cls.target_type.payload_names(name, entry)}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
