@@ -313,7 +313,7 @@ def accuracy(model, tokenizer, records: list[dict]) -> float:
     for start in range(0, len(records), 16):
         chunk = records[start:start + 16]
         width = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in chunk) + 1
-        for record, ids in zip(chunk, greedy(model, tokenizer, [r["prompt"] for r in chunk], width)):
+        for record, ids in zip(chunk, greedy(model, tokenizer, [r["prompt"] for r in chunk], width), strict=True):
             right += matches(tokenizer.decode(ids, skip_special_tokens=True), record["completion"])
     return right / len(records)
 
@@ -395,7 +395,7 @@ class Bench:
     def measure_base(self) -> dict:
         base = load(self.path).eval()
         references = []
-        for prompt, ids in zip(UNRELATED, greedy(base, self.tokenizer, UNRELATED, 12)):
+        for prompt, ids in zip(UNRELATED, greedy(base, self.tokenizer, UNRELATED, 12), strict=True):
             prompt_ids = self.tokenizer(prompt)["input_ids"]
             references.append((prompt_ids + ids, len(prompt_ids)))
         return {"prose_tokens": len(self.prose), "prose_nll": prose_nll(base, self.prose), "references": references,
@@ -525,7 +525,7 @@ def plot(rows: list[dict], cover: dict, path: Path) -> None:
                 xs, ys = [r["prose_rise"] for r in mine], [100 * r[key] for r in mine]
                 style = "-" if m.startswith("s2ft") else "--"
                 ax.plot(xs, ys, style, marker="o", color=colours[m], label=mine[0]["label"])
-                for r, x, y in zip(mine, xs, ys):
+                for r, x, y in zip(mine, xs, ys, strict=True):
                     ax.annotate(f"{r['lr']:g}", (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
             rises = [r["prose_rise"] for r in rows if r["task"] == task]
             ax.set_xscale("symlog", linthresh=0.05)  # linear near no forgetting, logarithmic past it

@@ -95,7 +95,7 @@ def test_schedule_runs_seed_zero_first_then_seeds_at_the_knee(quality):
     # s2ft-R's front is complete with its knee at 1e-3: its extra seeds there come after its group's
     # seed-0 points and before the next group's
     done = {p: point_record(quality, p, acc, rise)
-            for p, acc, rise in zip(plan[0::2][:3], (0.8, 1.0, 0.0), (0.05, 0.5, 0.0))}
+            for p, acc, rise in zip(plan[0::2][:3], (0.8, 1.0, 0.0), (0.05, 0.5, 0.0), strict=True)}
     later = quality.schedule(groups, ["skill"], 10, 3, done, lrs)
     assert not set(done) & set(later)
     assert [(p.method, p.lr, p.seed) for p in later] == (
@@ -126,7 +126,7 @@ def test_report_on_a_partial_grid_counts_and_draws(quality, tmp_path):
     out = tmp_path / "quality"
     out.mkdir()
     points = [quality.Point("s2ft-R", "skill", 1e-3, seed, 100) for seed in (0, 1)] + [quality.Point("lora", "skill", 1e-3, 0, 100)]
-    for p, acc in zip(points, (0.5, 0.7, 0.4)):
+    for p, acc in zip(points, (0.5, 0.7, 0.4), strict=True):
         (out / p.filename).write_text(json.dumps(point_record(quality, p, acc, 0.1)))
     text = quality.report(out, 100, ["skill", "facts"], tmp_path / "quality-fronts")
     total = len(quality.schedule(quality.GRID, ["skill", "facts"], 100, 3, {}))
