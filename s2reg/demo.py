@@ -179,7 +179,7 @@ def _train_push_fuse_merge(workdir: Path, base_dir: Path, known: Adapter, step: 
     store.push(workdir / "s2ft-adapter", "demo/known:v1")
     store.push(workdir / "trained-adapter", "demo/trained:v1")
     step("fusing them (disjoint supports: an exact concatenation) and merging the fusion into the base")
-    fused, _ = fuse([store.load("demo/known:v1"), store.load("demo/trained:v1")])
+    fused = fuse([store.load("demo/known:v1"), store.load("demo/trained:v1")]).adapter
     store.push(fused, "demo/fused:v1")
     merge(base_dir, [store.load("demo/fused:v1")], workdir / "merged-fused")
     merge(base_dir, [store.load("demo/known:v1"), store.load("demo/trained:v1")], workdir / "merged-both")

@@ -15,6 +15,7 @@ from s2reg.demo import run_demo
 from s2reg.interop import export_gguf_lora, export_lora
 from s2reg.ops.describe import describe
 from s2reg.ops.diff import diff_adapters, diff_checkpoints
+from s2reg.ops.fuse import fuse
 from s2reg.results import Result
 from s2reg.surgery import (
     merge,
@@ -33,7 +34,7 @@ from s2reg.tensors import CheckpointSource
 from .surgery.helpers import pisa, s2ft, tiny
 
 VERBS = [merge, unmerge, merge_in_place, unmerge_in_place, recover, permute_checkpoint, unpermute_checkpoint,
-         describe_plan, diff_adapters, diff_checkpoints, describe, export_lora, export_gguf_lora, run_demo]
+         describe_plan, diff_adapters, diff_checkpoints, describe, export_lora, export_gguf_lora, run_demo, fuse]
 
 
 def _frozen_result_type(cls: type) -> bool:
@@ -114,6 +115,24 @@ def test_exports_return_frozen_results(tmp_path):
               "rank", "max_error"})
     _checked(export_gguf_lora(adapter, tmp_path / "a.gguf", base=base),
              {"output", "architecture", "family", "rank", "alpha", "tensors", "max_relative_error", "relative_error"})
+
+
+FUSED_KEYS = {"tensor", "inputs", "overlapping", "overlap_fraction"}
+
+
+def test_fuse_returns_a_frozen_result_whose_json_leaves_the_adapter_out(tmp_path):
+    """``s2reg fuse --json`` prints the output, the digest and ``tensors``: S2FT rows count the union's
+    ``indices``, PISA rows the ``coefficients_per_block``, each without the other kind's key."""
+    base = tiny(tmp_path / "base")
+    fused = fuse([s2ft(base, seed=1, heads=(0,), channels=(1, 2)), s2ft(base, seed=2, heads=(1,), channels=(7, 9))])
+    data = _checked(fused, {"tensors"})
+    assert [set(r) for r in data["tensors"]] == [FUSED_KEYS | {"indices"}] * len(fused.adapter.targets)
+    assert fused.adapter.kind == "s2ft" and [r["tensor"] for r in data["tensors"]] == sorted(fused.adapter.targets)
+    spectral = fuse([pisa(base, seed=1), pisa(base, seed=2)])
+    data = _checked(spectral, {"tensors"})
+    assert [set(r) for r in data["tensors"]] == [FUSED_KEYS | {"coefficients_per_block"}] * len(spectral.adapter.targets)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spectral.tensors[0].overlapping = 0  # type: ignore[misc]
 
 
 def _counting_identity(monkeypatch) -> list[str]:

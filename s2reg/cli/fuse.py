@@ -55,20 +55,20 @@ def fuse_command(adapters, method, weights, density, seed, majority_sign, base, 
     check_free(output, overwrite=overwrite)
     if base:
         with CheckpointSource(base) as source:
-            fused, report = fuse(list(adapters), method=method, weights=_weights(weights), density=density, seed=seed,
-                                 majority_sign=majority_sign, base=source)
+            result = fuse(list(adapters), method=method, weights=_weights(weights), density=density, seed=seed,
+                          majority_sign=majority_sign, base=source)
     else:
-        fused, report = fuse(list(adapters), method=method, weights=_weights(weights), density=density, seed=seed,
-                             majority_sign=majority_sign)
-    stored = fused.save(output, overwrite=overwrite)
+        result = fuse(list(adapters), method=method, weights=_weights(weights), density=density, seed=seed,
+                      majority_sign=majority_sign)
+    stored = result.adapter.save(output, overwrite=overwrite)
     if as_json:
-        render.emit_json({"output": str(output), "digest": stored.digest, "tensors": report})
+        render.emit_json({"output": str(output), "digest": stored.digest, **result.as_json()})
         return
     render.console.print(render.table(
         f"fused {len(adapters)} adapters ({method})", ["tensor", "inputs", "overlapping", "overlap"],
-        ([r["tensor"], r["inputs"], r["overlapping"], f"{100 * r['overlap_fraction']:.1f}%"] for r in report),
+        ([r.tensor, r.inputs, r.overlapping, f"{100 * r.overlap_fraction:.1f}%"] for r in result.tensors),
         right=["inputs", "overlapping", "overlap"]))
-    render.line(("wrote", "green"), f" {output} ({fused.num_params:,} parameters, digest {stored.digest[:16]})")
+    render.line(("wrote", "green"), f" {output} ({result.adapter.num_params:,} parameters, digest {stored.digest[:16]})")
 
 
 COMMANDS = [fuse_command]

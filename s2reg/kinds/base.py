@@ -16,6 +16,8 @@ from ..errors import S2RegError
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..ops.fuse_results import FuseResult
+
 # (common elements, union, x.x, y.y, x.y, |x - y|^2 on the common elements, equal there): one diff comparison
 Comparison = tuple[int, int, float, float, float, float, bool]
 
@@ -127,7 +129,7 @@ class Kind:
 
     # -- fuse, interop, extract, training --------------------------------------------------------
     def fuse(self, adapters: Any, names: list[str], method: str, options: Any, generator: Any, params: dict,
-             fingerprints: dict, base: Any) -> tuple[Any, list[dict[str, Any]]]:
+             fingerprints: dict, base: Any) -> FuseResult:
         raise S2RegError(f"{self.name} adapters cannot be fused")
 
     def lora_factors(self, name: str, target: Any, rank: int | None, max_error: float, transposed: bool) -> tuple:

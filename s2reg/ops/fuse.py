@@ -22,6 +22,7 @@ from ..format import dtypes
 from ..format.arrays import as_array, to_torch
 from ..format.s2ft import Restore
 from ..kinds import kind_of
+from .fuse_results import FusedTensor, FuseResult
 from ..format import (
     Adapter,
     BaseModel,
@@ -179,8 +180,8 @@ def _check_inputs(adapters: Sequence[Adapter], weights: Sequence[float] | None, 
 
 
 def fuse(adapters: Sequence[Adapter], *, method: str = "linear", weights: Sequence[float] | None = None,
-         density: float = 1.0, seed: int = 0, majority_sign: str = "total", base=None) -> tuple[Adapter, list[dict[str, Any]]]:
-    """Fuse ``adapters`` (same kind, same base); return the fused adapter and a per-tensor overlap report.
+         density: float = 1.0, seed: int = 0, majority_sign: str = "total", base=None) -> FuseResult:
+    """Fuse ``adapters`` (same kind, same base): the fused adapter and a per-tensor overlap report.
 
     S2FT outputs must be exact differences (FORMAT §4.3): when fused values are not simply copied
     from one input (overlaps, or weights other than 1), ``base`` (a checkpoint reader) is required.
@@ -221,8 +222,8 @@ def fuse_s2ft(adapters, names, method, options, generator, params, fingerprints,
         sizes = {t.group_size for _, t in present}
         if len(sizes) == 1 and None not in sizes:
             group_sizes[name] = sizes.pop()
-        report.append({"tensor": name, "inputs": len(present), "indices": union.numel(),
-                       "overlapping": int(overlap.sum()), "overlap_fraction": float(overlap.double().mean())})
+        report.append(FusedTensor(tensor=name, inputs=len(present), indices=union.numel(),
+                                  overlapping=int(overlap.sum()), overlap_fraction=float(overlap.double().mean())))
     if exact:
         targets = {}
         for name, (axis, union, fused) in slices.items():
@@ -236,14 +237,14 @@ def fuse_s2ft(adapters, names, method, options, generator, params, fingerprints,
                                                                       group_sizes.get(name)))
         adapter = S2FTAdapter(targets, BaseModel(adapters[0].base.name, adapters[0].base.revision, fingerprints),
                               params=params, provenance={"source": "fuse"})
-        return adapter, report
+        return FuseResult(adapter, tuple(report))
     if base is None:
         raise S2RegError("the fused S2FT deltas overlap or are weighted, so they must be snapped to exact differences "
                          "against the base checkpoint: pass --base CKPT")
     adapter = S2FTAdapter.from_slices(base, slices, base_name=adapters[0].base.name,
                                       base_revision=adapters[0].base.revision, group_sizes=group_sizes, params=params,
                                       provenance={"source": "fuse"})
-    return adapter, report
+    return FuseResult(adapter, tuple(report))
 
 
 def _copied_target(adapters, name: str, fused: S2FTTarget) -> S2FTTarget:
@@ -301,8 +302,8 @@ def fuse_pisa(adapters, names, method, options, generator, params, fingerprints)
         coefficients[name] = PISATarget(first.shape, first.dtype, block, idx.gather(1, order),
                                         as_array(val.gather(1, order[..., None].expand(-1, -1, 2))).astype(first.coefficients.dtype),
                                         scale)
-        report.append({"tensor": name, "inputs": len(present), "coefficients_per_block": kmax,
-                       "overlapping": overlapping, "overlap_fraction": overlapping / max(1, grid_blocks * kmax)})
+        report.append(FusedTensor(tensor=name, inputs=len(present), coefficients_per_block=kmax,
+                                  overlapping=overlapping, overlap_fraction=overlapping / max(1, grid_blocks * kmax)))
     adapter = PISAAdapter(coefficients, BaseModel(adapters[0].base.name, adapters[0].base.revision, fingerprints),
                           params=params, provenance={"source": "fuse"})
-    return adapter, report
+    return FuseResult(adapter, tuple(report))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -81,8 +82,10 @@ def base(tmp_path_factory):
 def test_disjoint_s2ft_adapters_concatenate_exactly_without_the_base(base, tmp_path):
     a = s2ft(base, seed=1, heads=(0,), channels=(1, 2))
     b = s2ft(base, seed=2, heads=(1,), channels=(7, 9))
-    fused, report = fuse([a, b])
-    assert all(r["overlapping"] == 0 for r in report)
+    result = fuse([a, b])
+    fused = result.adapter
+    assert [r.tensor for r in result.tensors] == sorted(set(a.targets) | set(b.targets))
+    assert all(r.overlapping == 0 and r.overlap_fraction == 0 for r in result.tensors)
     s2reg.merge(base, [fused], tmp_path / "fused")
     s2reg.merge(base, [a, b], tmp_path / "both")
     assert tensor_digests(tmp_path / "fused") == tensor_digests(tmp_path / "both")
@@ -94,9 +97,13 @@ def test_overlapping_s2ft_fuse_needs_the_base_and_then_is_exact(base, tmp_path):
     with pytest.raises(S2RegError, match="--base"):
         fuse([a, b], weights=[0.5, 0.5])
     with CheckpointSource(base) as source:
-        fused, report = fuse([a, b], weights=[0.5, 0.5], base=source)
+        result = fuse([a, b], weights=[0.5, 0.5], base=source)
+        fused = result.adapter
         down = "model.layers.0.mlp.down_proj.weight"
-        assert next(r for r in report if r["tensor"] == down)["overlapping"] == 1
+        row = next(r for r in result.tensors if r.tensor == down)
+        union = np.union1d(a.targets[down].indices, b.targets[down].indices)  # channels 1, 2, 3: 2 is in both
+        assert (row.inputs, row.indices, row.overlapping, row.coefficients_per_block) == (2, union.size, 1, None)
+        assert row.overlap_fraction == 1 / union.size
         weight = source.get(down).double()
         expected = (weight + 0.5 * to_torch(a.to_dense(down)).double() + 0.5 * to_torch(b.to_dense(down)).double()).to(torch.bfloat16)
         assert torch.equal(to_torch(fused.targets[down].merged(source.get(down))), expected)
@@ -108,11 +115,12 @@ def test_overlapping_s2ft_fuse_needs_the_base_and_then_is_exact(base, tmp_path):
 
 def test_pisa_fuse_sums_the_spectra(base):
     a, b = pisa(base, seed=1, k=4), pisa(base, seed=2, k=4)
-    fused, report = fuse([a, b], weights=[1.0, -0.5])
+    result = fuse([a, b], weights=[1.0, -0.5])
+    fused = result.adapter
     for name in a.targets:
         expected = to_torch(a.to_dense(name)).double() - 0.5 * to_torch(b.to_dense(name)).double()
         torch.testing.assert_close(to_torch(fused.to_dense(name)).double(), expected, rtol=1e-5, atol=1e-6)
-    assert all(r["coefficients_per_block"] >= 4 for r in report)
+    assert all(r.coefficients_per_block >= 4 and r.indices is None for r in result.tensors)
 
 
 def test_bad_fuse_inputs_are_clear_errors_and_write_nothing(base, tmp_path):
@@ -166,7 +174,7 @@ def test_disjoint_adapters_of_one_base_fuse_when_the_base_vouches_for_them(base,
     with pytest.raises(BaseMismatch, match="share a base model"):
         fuse([a, b])
     with CheckpointSource(base) as source:
-        fused, _ = fuse([a, b], base=source)
+        fused = fuse([a, b], base=source).adapter
     s2reg.merge(base, [fused], tmp_path / "fused")
     s2reg.merge(base, [a, b], tmp_path / "both")
     assert tensor_digests(tmp_path / "fused") == tensor_digests(tmp_path / "both")
@@ -184,7 +192,7 @@ def test_disjoint_fuse_carries_restore_lists_onto_the_union(tmp_path):
     b = s2ft(zeros, seed=2, heads=(1,), channels=(2, 7))
     down = "model.layers.0.mlp.down_proj.weight"
     assert a.targets[down].restore is not None and b.targets[down].restore is not None
-    fused, _ = fuse([a, b])
+    fused = fuse([a, b]).adapter
     assert fused.targets[down].restore.count == a.targets[down].restore.count + b.targets[down].restore.count
     s2reg.merge(zeros, [fused], tmp_path / "fused")
     s2reg.merge(zeros, [a, b], tmp_path / "both")
