@@ -16,6 +16,8 @@ from s2reg.interop import export_gguf_lora, export_lora
 from s2reg.ops.describe import describe
 from s2reg.ops.diff import diff_adapters, diff_checkpoints
 from s2reg.ops.fuse import fuse
+from s2reg.registry.entry import Entry
+from s2reg.registry.hub import pull_from_hub, push_to_hub
 from s2reg.results import Result
 from s2reg.surgery import (
     merge,
@@ -34,7 +36,8 @@ from s2reg.tensors import CheckpointSource
 from .surgery.helpers import pisa, s2ft, tiny
 
 VERBS = [merge, unmerge, merge_in_place, unmerge_in_place, recover, permute_checkpoint, unpermute_checkpoint,
-         describe_plan, diff_adapters, diff_checkpoints, describe, export_lora, export_gguf_lora, run_demo, fuse]
+         describe_plan, diff_adapters, diff_checkpoints, describe, export_lora, export_gguf_lora, run_demo, fuse,
+         push_to_hub, pull_from_hub, Entry.summary]  # the Hub verbs run against a test double in registry/test_hub.py
 
 
 def _frozen_result_type(cls: type) -> bool:

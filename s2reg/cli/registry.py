@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -35,14 +36,15 @@ def push_command(source: str, destination: str, subfolder: str | None, private: 
     if _is_hub(destination):
         from ..registry.hub import push_to_hub
 
-        result = push_to_hub(store, source, destination, subfolder=subfolder, private=private)
+        pushed = push_to_hub(store, source, destination, subfolder=subfolder, private=private)
+        digest, result = pushed.digest, pushed.as_json()
     else:
         digest = store.push(Path(source), destination)
         result = {"ref": destination, "digest": digest, "store": str(store.root)}
     if as_json:
         render.emit_json(result)
     else:
-        render.line(("pushed", "green"), f" {source} -> {destination} ({result.get('digest', '')[:16]})")
+        render.line(("pushed", "green"), f" {source} -> {destination} ({digest[:16]})")
 
 
 @click.command("pull")
@@ -67,10 +69,11 @@ def pull_command(source: str, ref: str | None, output: Path | None, subfolder: s
 
         if output:
             store.check_output(output)  # before anything is downloaded
-        result = pull_from_hub(store, source, ref, subfolder=subfolder)
+        pulled = pull_from_hub(store, source, ref, subfolder=subfolder)
         if output:
-            store.pull(result["ref"], output, overwrite=overwrite)
-            result["output"] = str(output)
+            store.pull(pulled.ref, output, overwrite=overwrite)
+            pulled = dataclasses.replace(pulled, output=str(output))
+        result = pulled.as_json()
     else:
         if output is None:
             raise click.UsageError("give -o DIR to copy a stored adapter out")
@@ -90,7 +93,7 @@ def ls_command(base: str | None, kind: str | None, as_json: bool) -> None:
     """List the stored adapters."""
     rows = list_adapters(Store(), base=base, kind=kind)
     if as_json:
-        render.emit_json(rows)
+        render.emit_json([r.as_json() for r in rows])
         return
     if not rows:
         filters = " matching --base/--kind" if base or kind else ""
@@ -98,8 +101,7 @@ def ls_command(base: str | None, kind: str | None, as_json: bool) -> None:
         return
     render.console.print(render.table(
         None, ["ref", "kind", "base", "targets", "bytes", "digest", "created"],
-        ([r["ref"], r["kind"], r["base"], r["targets"], render.human_bytes(r["bytes"]), r["digest"][:16],
-          (r["created"] or "")[:10]]
+        ([r.ref, r.kind, r.base, r.targets, render.human_bytes(r.bytes), r.digest[:16], (r.created or "")[:10]]
          for r in rows),
         right=["targets", "bytes"], clip=["base"]))
 

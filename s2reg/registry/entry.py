@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..format.manifest import MANIFEST_NAME
+from ..results import Result
 from .blobs import Blobs
 from .names import Ref
 from .refs import Refs
@@ -21,6 +22,20 @@ def adapter_files(digest: str, manifest: dict[str, Any]) -> AdapterFiles:
 
 
 @dataclass(frozen=True)
+class EntrySummary(Result):
+    """One line of ``s2reg ls``: a stored adapter's ref, manifest digest, kind, base model name, number of
+    targets, payload bytes and creation time (None when its provenance has none)."""
+
+    ref: str
+    digest: str
+    kind: str
+    base: str
+    targets: int
+    bytes: int
+    created: str | None
+
+
+@dataclass(frozen=True)
 class Entry:
     """One ref and what it points at."""
 
@@ -28,17 +43,10 @@ class Entry:
     digest: str
     manifest: dict[str, Any]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> EntrySummary:
         m = self.manifest
-        return {
-            "ref": str(self.ref),
-            "digest": self.digest,
-            "kind": m["kind"],
-            "base": m["base"]["name"],
-            "targets": len(m["targets"]),
-            "bytes": m["payload"]["bytes"],
-            "created": m["provenance"].get("created"),
-        }
+        return EntrySummary(str(self.ref), self.digest, m["kind"], m["base"]["name"], len(m["targets"]),
+                            m["payload"]["bytes"], m["provenance"].get("created"))
 
     def files(self) -> AdapterFiles:
         return adapter_files(self.digest, self.manifest)

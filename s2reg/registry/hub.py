@@ -11,17 +11,43 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import RegistryError, S2RegError
 from ..format import load, read_manifest
 from ..format.manifest import MANIFEST_NAME
+from ..results import Result, omitted_if_none
 from .modelcard import model_card
 from .names import parse_ref
 from .store import Store
 
 _REPO = re.compile(r"hf://([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@([A-Za-z0-9._/-]+))?")
+
+
+@dataclass(frozen=True)
+class PushResult(Result):
+    """A push to the Hub: the ``commit`` (and its ``url``) made on ``revision`` of ``repo``, in ``subfolder``
+    (None: the repo's root), and the pushed adapter's manifest ``digest``."""
+
+    repo: str
+    revision: str
+    subfolder: str | None
+    commit: str
+    digest: str
+    url: str
+
+
+@dataclass(frozen=True)
+class PullResult(Result):
+    """A pull from ``revision`` of the Hub ``repo``: the local ``ref`` it was stored as and its manifest
+    ``digest``; ``output`` when ``s2reg pull -o`` also copied it to a directory."""
+
+    repo: str
+    revision: str
+    ref: str
+    digest: str
+    output: str | None = omitted_if_none()
 
 
 def parse_hub(url: str) -> tuple[str, str | None]:
@@ -51,7 +77,7 @@ def _endpoint(endpoint: str | None) -> str | None:
 
 
 def push_to_hub(store: Store, source: str, url: str, *, subfolder: str | None = None, private: bool = False,
-                token: str | None = None, endpoint: str | None = None) -> dict[str, Any]:
+                token: str | None = None, endpoint: str | None = None) -> PushResult:
     """Publish ``source`` (a stored ``NAME:TAG`` or an adapter directory) at ``url``; return the commit."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -76,13 +102,13 @@ def push_to_hub(store: Store, source: str, url: str, *, subfolder: str | None = 
         raise
     except Exception as exc:  # noqa: BLE001 - network and Hub errors become one clear line
         raise _hub_error(exc, f"push to {url} failed") from None
-    return {"repo": repo_id, "revision": revision or "main", "subfolder": prefix.rstrip("/") or None,
-            "commit": commit.oid, "digest": adapter.stored.digest, "url": commit.commit_url}
+    return PushResult(repo_id, revision or "main", prefix.rstrip("/") or None, commit.oid, adapter.stored.digest,
+                      commit.commit_url)
 
 
 def pull_from_hub(store: Store, url: str, ref: str | None = None, *, subfolder: str | None = None,
                   token: str | None = None, endpoint: str | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                  cache_dir: str | os.PathLike | None = None) -> PullResult:
     """Download the adapter at ``url`` (through the Hub cache), verify it, and store it as ``ref``."""
     from huggingface_hub import snapshot_download
 
@@ -101,4 +127,4 @@ def pull_from_hub(store: Store, url: str, ref: str | None = None, *, subfolder: 
     if not (directory / MANIFEST_NAME).is_file():
         raise RegistryError(f"{url}{' ' + prefix if prefix else ''}: no s2reg adapter there (no {MANIFEST_NAME})")
     digest = store.push(directory, target)  # FORMAT §7 checks every digest before the store changes
-    return {"repo": repo_id, "revision": revision or "main", "ref": str(target), "digest": digest}
+    return PullResult(repo_id, revision or "main", str(target), digest)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..format import dtypes
-from .entry import Entry
+from .entry import Entry, EntrySummary
 from .store import Store
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def fits(entry: Entry, source: CheckpointSource, hashes: dict[str, str]) -> bool
     return True
 
 
-def list_adapters(store: Store, *, base: str | os.PathLike | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+def list_adapters(store: Store, *, base: str | os.PathLike | None = None, kind: str | None = None) -> list[EntrySummary]:
     """Summaries of the stored adapters, only those of ``kind`` and fitting ``base`` when given."""
     entries = store.entries(kind=kind)
     if base is None:

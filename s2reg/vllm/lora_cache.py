@@ -63,7 +63,7 @@ def load_named(name: str, store: Store) -> Adapter:
     if name.startswith("hf://"):
         from ..registry.hub import pull_from_hub
 
-        name = pull_from_hub(store, name)["ref"]
+        name = pull_from_hub(store, name).ref
     return store.load(parse_ref(name))
 
 

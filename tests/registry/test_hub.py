@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -51,7 +52,13 @@ def test_push_then_pull_into_another_store(env):
     assert "| 0 | mlp.down_proj.weight | columns 3/128 |" in card
     other = Store(tmp / "other")
     pulled = pull_from_hub(other, "hf://org/math", "math:from-hub", endpoint=hub.endpoint, token="t")
-    assert pulled["digest"] == pushed["digest"] == store.digest_of("math:v1")
+    assert pulled.digest == pushed.digest == store.digest_of("math:v1")
+    # typed results (issue 26) whose JSON keys are the ones --json always printed; pull's output only with -o
+    assert pushed.as_json() == {"repo": "org/math", "revision": "main", "subfolder": None, "commit": pushed.commit,
+                                "digest": pushed.digest, "url": pushed.url} and pushed.commit
+    assert pulled.as_json() == {"repo": "org/math", "revision": "main", "ref": "math:from-hub", "digest": pulled.digest}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pulled.ref = "x:v1"  # type: ignore[misc]
     assert other.load("math:from-hub").num_params == store.load("math:v1").num_params
 
 
@@ -64,7 +71,7 @@ def test_several_adapters_per_repo_and_branches(env, base):
     assert "math/s2reg.json" not in hub.repos["org/suite"].files("main")
     other = Store(tmp / "other")
     got = pull_from_hub(other, "hf://org/suite@dev", subfolder="code", endpoint=hub.endpoint)
-    assert got["ref"] == "suite/code:dev"
+    assert got.ref == "suite/code:dev"
     assert other.digest_of("suite/code:dev") == store.digest_of("code:v1")
     with pytest.raises(RegistryError, match="no s2reg adapter there"):
         pull_from_hub(other, "hf://org/suite@dev", endpoint=hub.endpoint)

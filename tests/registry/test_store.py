@@ -146,8 +146,8 @@ def test_concurrent_pushes_from_several_processes(store, bases, tmp_path):
 def test_ls_base_lists_only_adapters_made_for_that_checkpoint(store, bases, tmp_path):
     store.push(adapter_dir(bases[0], tmp_path / "a"), "for-a:v1")
     store.push(adapter_dir(bases[1], tmp_path / "b"), "for-b:v1")
-    assert [r["ref"] for r in list_adapters(store, base=bases[0])] == ["for-a:v1"]
-    assert [r["ref"] for r in list_adapters(store, base=bases[1])] == ["for-b:v1"]
+    assert [r.ref for r in list_adapters(store, base=bases[0])] == ["for-a:v1"]
+    assert [r.ref for r in list_adapters(store, base=bases[1])] == ["for-b:v1"]
     assert len(list_adapters(store, kind="s2ft")) == 2 and list_adapters(store, kind="pisa") == []
 
 
@@ -158,6 +158,10 @@ def test_cli_session(store, bases, tmp_path):
     assert run(main, ["tag", "team/math:v1", "team/math:stable"]).exit_code == 0
     listed = json.loads(run(main, ["ls", "--json", "--base", str(bases[0])]).output)
     assert [r["ref"] for r in listed] == ["team/math:stable", "team/math:v1"]
+    adapter = s2reg.load(source)  # each row: the ref's typed summary (issue 26), keys and values as ls always printed
+    assert listed[0] == {"ref": "team/math:stable", "digest": adapter.stored.digest, "kind": "s2ft", "base": adapter.base.name,
+                         "targets": len(adapter.targets), "bytes": adapter.stored.payload_bytes,
+                         "created": adapter.provenance["created"]}
     shown = json.loads(run(main, ["show", "team/math:stable", "--json"]).output)
     assert shown["summary"]["digest"] == s2reg.load(source).stored.digest
     inspected = run(main, ["inspect", "team/math:v1", "--json"])  # a ref wherever a path is accepted
