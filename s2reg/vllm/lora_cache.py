@@ -37,6 +37,7 @@ from ..errors import BaseMismatch, S2RegError
 from ..format import Adapter
 from ..kinds import kind_of
 from ..registry import Store, parse_ref
+from ..results import Result, not_in_json
 
 REPORT = "s2reg-export.json"  # beside the PEFT directory in each cache entry: what the export reported
 PEFT = "peft"
@@ -78,6 +79,27 @@ def _exclusive(path: Path) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class CachedExport(Result):
+    """A cached export: what the export reported (the entry's ``s2reg-export.json``, which is this result's JSON
+    form): the adapter's ``digest``, ``kind`` and ``base``, the ``max_error`` tolerance it was made at, the
+    LoRA ``rank`` and ``relative_error`` per target with their maxima; and its PEFT ``directory``."""
+
+    digest: str
+    kind: str
+    base: str
+    max_error: float
+    max_rank: int
+    max_relative_error: float
+    relative_error: dict[str, float]
+    rank: dict[str, int]
+    directory: Path = not_in_json()
+
+    @classmethod
+    def read(cls, entry: Path) -> CachedExport:
+        return cls(**json.loads((entry / REPORT).read_text()), directory=entry / PEFT)
+
+
 class LoRACache:
     """PEFT LoRA exports keyed by adapter digest (and rank), published whole, made once."""
 
@@ -88,9 +110,9 @@ class LoRACache:
         """An S2FT export depends on the adapter alone; a PISA export also on the tolerance that chose its ranks."""
         return self.root / (adapter.stored.digest + (f"-e{max_error:g}" if kind_of(adapter).lora_by_tolerance else ""))
 
-    def export(self, adapter: Adapter, base: Path, *, max_error: float | None = None) -> tuple[Path, dict[str, Any]]:
-        """``(PEFT directory, report)`` of ``adapter`` exported against ``base``; PISA targets at the smallest rank
-        whose relative error is at most ``max_error`` (None: ``export_lora``'s default)."""
+    def export(self, adapter: Adapter, base: Path, *, max_error: float | None = None) -> CachedExport:
+        """The PEFT directory and report of ``adapter`` exported against ``base``; PISA targets at the smallest
+        rank whose relative error is at most ``max_error`` (None: ``export_lora``'s default)."""
         if max_error is None:
             from ..interop.pisa_lowrank import DEFAULT_MAX_ERROR
 
@@ -105,10 +127,11 @@ class LoRACache:
                     with building(entry, overwrite=entry.exists()) as staging:
                         report = self._export(adapter, base, staging / PEFT, max_error)
                         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        return entry / PEFT, json.loads((entry / REPORT).read_text())
+        return CachedExport.read(entry)
 
     @staticmethod
     def _export(adapter: Adapter, base: Path, output: Path, max_error: float) -> dict[str, Any]:
+        """The export's report, as the entry's JSON file holds it (read back as a :class:`CachedExport`)."""
         from ..interop.peft_lora import export_lora
 
         report = export_lora(adapter, output, max_error=max_error, base=base)
@@ -142,8 +165,8 @@ class ServedBase:
         NotServable (one line saying what to change) for one that cannot be served here."""
         adapter = load_named(name, self.store)
         self.check_base(adapter, name)
-        directory, report = self.cache.export(adapter, self.directory, max_error=self.max_error)
-        error, needed, tolerance = report["max_relative_error"], report["max_rank"], report["max_error"]
+        export = self.cache.export(adapter, self.directory, max_error=self.max_error)
+        error, needed, tolerance = export.max_relative_error, export.max_rank, export.max_error
         if error > tolerance:  # S2FT (PISA exports refuse this themselves): an F64 delta that F32 factors round off
             raise NotServable(f"{name}: its LoRA export has a relative error of {error:.2e}, over the tolerance "
                               f"{tolerance:g}")
@@ -151,7 +174,7 @@ class ServedBase:
             what = kind_of(adapter).lora_rank_text(needed, tolerance)
             raise NotServable(f"{name}: this {adapter.kind.upper()} adapter {what}, and this server takes at most "
                               f"rank {self.max_rank}; it needs {self.rank_advice(needed)}")
-        return ServedLoRA(name, adapter.stored.digest, adapter.kind, directory, needed, error)
+        return ServedLoRA(name, adapter.stored.digest, adapter.kind, export.directory, needed, error)
 
     def check_base(self, adapter: Adapter, name: str) -> None:
         """Refuse ``adapter`` unless its base fingerprints match the served checkpoint (FORMAT §3.2)."""

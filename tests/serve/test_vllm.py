@@ -218,7 +218,7 @@ def _export_counting(root: str, base: str, ref: str, store: str, counter: str) -
     cache._export = counted
     adapter = Store(store).load(ref)
     with ThreadPoolExecutor(2) as pool:
-        return [str(path) for path, _ in pool.map(lambda _: cache.export(adapter, Path(base)), range(2))]
+        return [str(export.directory) for export in pool.map(lambda _: cache.export(adapter, Path(base)), range(2))]
 
 
 @pytest.mark.smollm2
@@ -232,6 +232,10 @@ def test_concurrent_processes_export_once_and_see_it_whole(world, tmp_path):
     assert sorted(p for ps in paths for p in ps) == [str(root / digest / "peft")] * 4
     assert sorted(p.name for p in root.iterdir()) == [digest, "locks"]  # no staging directory left behind
     report = json.loads((root / digest / "s2reg-export.json").read_text())
+    hit = LoRACache(root)
+    hit._export = pytest.fail  # type: ignore[method-assign]  # a cached entry is read, never exported again
+    export = hit.export(Store(world / "store").load("alpha:v1"), world / "base")
+    assert export.directory == root / digest / "peft" and export.as_json() == report  # the typed result is the file
     assert (report["digest"], report["kind"], report["max_rank"]) == (digest, "s2ft", 64)
     assert report["max_relative_error"] < 1e-7  # exact but for F64 deltas (of an F32 base) rounded to F32 factors
     config = json.loads((root / digest / "peft" / "adapter_config.json").read_text())
