@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -13,15 +14,20 @@ sizes_option = click.option("--sizes", is_flag=True,
                             help="Also compress each target alone for its share of the file (a zstd run per target).")
 
 
-def one_line_error(exc: S2RegError | OSError, *, exit_code: int = 1) -> click.ClickException:
+class _TroubleError(click.ClickException):
+    """An error for a command whose exit status 1 means an answer (``diff``: they differ): trouble exits 2."""
+
+    exit_code = 2
+
+
+def one_line_error(exc: S2RegError | OSError, *, exit_code: Literal[1, 2] = 1) -> click.ClickException:
     """A library or OS error as the CLI shows it: ``Error: <one line>``, exit status ``exit_code``."""
+    # click keeps exit_code on the class (a ClassVar), so each status is its own class
+    error_class = click.ClickException if exit_code == 1 else _TroubleError
     if isinstance(exc, OSError):
         where = f": {exc.filename}" if exc.filename else ""
-        error = click.ClickException(one_line(f"{exc.strerror or exc}{where}"))
-    else:
-        error = click.ClickException(one_line(str(exc)))
-    error.exit_code = exit_code
-    return error
+        return error_class(one_line(f"{exc.strerror or exc}{where}"))
+    return error_class(one_line(str(exc)))
 
 
 class RetiredFlag(click.ClickException):

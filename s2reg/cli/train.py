@@ -28,10 +28,10 @@ def options_from(ctx: click.Context, method: str, values: dict) -> TrainOptions:
     """The run's options from the parsed flags; flags of the other method, or --budget with the sizes it
     chooses, are usage errors."""
     own = set(given_flags(ctx, [METHODS[method]]))
-    for other in (config for name, config in METHODS.items() if name != method):
-        foreign = set(given_flags(ctx, [other])) - own
-        if foreign:
-            raise click.UsageError(f"{sorted(foreign)[0]} is an option of --method {other.method}, not {method}")
+    for other, config in METHODS.items():  # keyed by --method name
+        foreign = set(given_flags(ctx, [config])) - own
+        if other != method and foreign:
+            raise click.UsageError(f"{sorted(foreign)[0]} is an option of --method {other}, not {method}")
     if values.get("budget") is not None and {"--channels", "--heads"} & set(given_flags(ctx, [S2FTConfig])):
         raise click.UsageError("--budget chooses --channels and --heads; give one or the other")
     options = build(TrainOptions, values, method_config=build(METHODS[method], values), loop=build(TrainConfig, values))

@@ -17,7 +17,7 @@ from .digest import tensor_bytes
 MAX_HEADER_BYTES = safetensors_header.PAYLOAD_MAX_HEADER_BYTES
 
 
-def header_layout(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+def header_layout(tensors: Mapping[str, safetensors_header.TensorLayout], metadata: Mapping[str, str]) -> bytes:
     """The 8-byte length prefix plus the padded JSON header for ``tensors`` in name order, keys sorted."""
     header, _ = safetensors_header.encode(((name, tensors[name]) for name in sorted(tensors)), metadata, sort_keys=True)
     return header

@@ -136,16 +136,15 @@ def base_layout(adapter: Adapter, base: str | os.PathLike | None) -> BaseLayout:
     from ..tensors import CheckpointSource
     from ..tensors.reader import read_config
 
-    directory = Path(base) if base is not None else Path(adapter.base.name)
-    if base is not None and not (directory / "config.json").is_file():
-        raise S2RegError(f"{directory}: not a checkpoint directory (no config.json)")
+    candidate = Path(base) if base is not None else Path(adapter.base.name)
+    if base is not None and not (candidate / "config.json").is_file():
+        raise S2RegError(f"{candidate}: not a checkpoint directory (no config.json)")
     config, shapes = None, {n: tuple(f.shape) for n, f in adapter.base.fingerprints.items()}
-    if (directory / "config.json").is_file():
+    directory = candidate if (candidate / "config.json").is_file() else None
+    if directory is not None:
         config = read_config(directory)
         with CheckpointSource(directory) as source:
             shapes = {n: tuple(source.shape(n)) for n in source.names()}
-    else:
-        directory = None
     try:
         info = resolve(config, shapes)
     except S2RegError:

@@ -40,7 +40,7 @@ def _is_applied(model: nn.Module, adapter: Adapter) -> bool:
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    found = dict(model.named_parameters(remove_duplicate=False))
+    found: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     found.update(dict(model.named_buffers(remove_duplicate=False)))
     return found
 
@@ -54,32 +54,33 @@ class _Home:
     shape: tuple[int, ...]
     placement: Placement | None = None
 
-    def read(self, axis: str | None = None, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The checkpoint tensor's values (its ``axis`` slice ``indices`` when given)."""
-        if self._direct(axis):
-            return self.tensor if axis is None else self.tensor.index_select(axis_dim(axis), indices)
-        positions = self._positions(axis, indices)
-        return self.tensor.reshape(-1)[positions.reshape(-1)].reshape(positions.shape)
+    def read(self, region: tuple[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The checkpoint tensor's values (only its ``region``, an axis and its indices, when given)."""
+        positions = self._positions(region)
+        if positions is not None:
+            return self.tensor.reshape(-1)[positions.reshape(-1)].reshape(positions.shape)
+        return self.tensor if region is None else self.tensor.index_select(axis_dim(region[0]), region[1])
 
-    def write(self, values: torch.Tensor, axis: str | None = None, indices: torch.Tensor | None = None) -> None:
+    def write(self, values: torch.Tensor, region: tuple[str, torch.Tensor] | None = None) -> None:
         values = values.to(device=self.tensor.device, dtype=self.tensor.dtype)
-        if self._direct(axis) and axis is None:
+        positions = self._positions(region)
+        if positions is not None:
+            self.tensor.view(-1).index_copy_(0, positions.reshape(-1), values.reshape(-1))
+        elif region is None:
             self.tensor.copy_(values)
-        elif self._direct(axis):
-            self.tensor.index_copy_(axis_dim(axis), indices, values)
         else:
-            flat = self.tensor.view(-1)
-            flat.index_copy_(0, self._positions(axis, indices).reshape(-1), values.reshape(-1))
+            self.tensor.index_copy_(axis_dim(region[0]), region[1], values)
 
-    def _direct(self, axis: str | None) -> bool:
-        """Stored as held, on a plain axis: index the tensor itself (any device, no position tensor)."""
-        return self.placement is None and axis not in EXPERT_AXES
-
-    def _positions(self, axis: str | None, indices: torch.Tensor | None) -> torch.Tensor:
-        if self.placement is None:  # an expert axis of a 3-D tensor stored as held
-            return expert_positions(self.shape, axis, indices.long())
-        positions = self.placement.positions if axis is None else self.placement.slice_positions(axis, indices.cpu())
-        return positions.long().to(self.tensor.device)
+    def _positions(self, region: tuple[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """Flat positions in ``tensor`` of the region's elements; None where the tensor is indexed itself (stored
+        as held, on a plain axis: any device, no position tensor)."""
+        if self.placement is not None:
+            positions = (self.placement.positions if region is None
+                         else self.placement.slice_positions(region[0], region[1].cpu()))
+            return None if positions is None else positions.long().to(self.tensor.device)
+        if region is not None and region[0] in EXPERT_AXES:  # an expert axis of a 3-D tensor stored as held
+            return expert_positions(self.shape, region[0], region[1].long())
+        return None
 
 
 def expert_positions(shape: tuple[int, ...], axis: str, indices: torch.Tensor) -> torch.Tensor:
@@ -125,10 +126,10 @@ def _update(name: str, home: _Home, target, *, subtract: bool, stacked: bool) ->
         if region is None:
             home.write(to_torch(kind.merged_region(target, as_array(home.read()), subtract=subtract, name=name)))
             return
-        axis, index = region[0], to_torch(region[1]).to(device=home.tensor.device)
-        values = kind.merged_region(target, as_array(home.read(axis, index)), name=name, subtract=subtract,
+        where = region[0], to_torch(region[1]).to(device=home.tensor.device)
+        values = kind.merged_region(target, as_array(home.read(where)), name=name, subtract=subtract,
                                     check_reversible=stacked)
-        home.write(to_torch(values), axis, index)
+        home.write(to_torch(values), where)
 
 
 def apply(model: nn.Module, adapter: Adapter) -> None:

@@ -174,7 +174,8 @@ def plan(info: ModelInfo, heads: Mapping[int, Iterable[int]],
             head_order += sorted(h for h in members if h in chosen) + [h for h in members if h not in chosen]
         wanted = channels.get(layer, ())
         per_expert = dict(wanted) if isinstance(wanted, Mapping) else {None: wanted}
-        orders: dict[str | None, list[int]] = {}
+        dense: list[int] | None = None
+        orders: dict[str, list[int]] = {}  # by expert
         for expert, selected in per_expert.items():
             if not selected:
                 continue
@@ -182,8 +183,11 @@ def plan(info: ModelInfo, heads: Mapping[int, Iterable[int]],
             if expert not in info.experts(layer):
                 raise ShapeError(f"layer {layer} has no {'dense FFN' if expert is None else f'expert {expert!r}'}"
                                  f" (its FFN: {', '.join(str(e) for e in info.experts(layer))})")
-            orders[expert] = _selected_first(selected, info.channel_count(layer, expert), f"layer {layer} channel")
-        dense = orders.pop(None, None)
+            order = _selected_first(selected, info.channel_count(layer, expert), f"layer {layer} channel")
+            if expert is None:
+                dense = order
+            else:
+                orders[expert] = order
         if dense is None:
             dense = list(range(info.channel_count(layer))) if None in info.experts(layer) else []
         p = LayerPermutation(head_order, kv_order, dense, {e: o for e, o in orders.items() if not _identity(o)})

@@ -61,6 +61,8 @@ class MatmulDelta:
             else:
                 y.index_add_(0, rows, change)
             return
+        if self.index is None:  # _matmul_delta gives every output delta its slice's columns
+            raise ValueError("an output-side MatmulDelta needs the output columns it adds to")
         change = ((x if rows is None else x.index_select(0, rows)) @ self.matrix).to(y.dtype)
         if rows is None:
             y.index_add_(1, self.index, change)
@@ -127,9 +129,9 @@ def _parameter_delta(target, after: torch.Tensor, placement: Placement, attr: st
     region = kind_of(target).region(target)
     if region is not None:
         positions = placement.slice_positions(region[0], to_torch(region[1]))
-    elif placement.converted:
-        positions = placement.positions
-    else:
+    elif (converted := placement.positions) is not None:
+        positions = converted
+    else:  # held as the checkpoint stores it
         positions = torch.arange(like.numel()).reshape(like.shape)
     return ParameterDelta(attr, positions.reshape(-1).long().to(like.device),
                           after.reshape(-1).to(device=like.device, dtype=like.dtype))
@@ -138,7 +140,7 @@ def _parameter_delta(target, after: torch.Tensor, placement: Placement, attr: st
 def live_deltas(adapter: Adapter, model: nn.Module, placements: dict[str, Placement],
                 source: TensorSource) -> dict[str, list[Delta]]:
     """``{module name: deltas}``: what ``adapter`` adds to each layer of ``model`` (loaded from ``source``)."""
-    found: dict[str, list[MatmulDelta]] = {}
+    found: dict[str, list[Delta]] = {}
     parameters: dict[tuple[str, str], list[ParameterDelta]] = {}
     holders: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):

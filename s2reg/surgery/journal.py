@@ -38,6 +38,10 @@ class Patch:
     axis: str | None
     indices: tuple[int, ...] | None
 
+    def __post_init__(self) -> None:
+        if (self.axis is None) != (self.indices is None):  # the patching code reads one to know the other
+            raise ValueError(f"patch of {self.tensor}: indices exactly when there is an axis")
+
     def to_json(self) -> dict[str, Any]:
         return {"tensor": self.tensor, "file": self.file, "axis": self.axis,
                 "indices": None if self.indices is None else list(self.indices)}
@@ -119,7 +123,7 @@ def _stream_payload(fh, sizes: Mapping[str, int], blobs: Iterable[tuple[str, np.
     names = iter(sorted(sizes))
     for name, blob in blobs:
         expected = next(names, None)
-        data = memoryview(np.ascontiguousarray(blob).reshape(-1).view(np.uint8))
+        data = np.ascontiguousarray(blob).reshape(-1).view(np.uint8).data
         if name != expected or data.nbytes != sizes[name]:  # a bug, never a user's doing: refuse the journal
             raise CheckpointError(f"journal payload: got {name} ({data.nbytes} bytes) where {expected} was due")
         digest.update(data)
@@ -176,7 +180,7 @@ class JournalPayload(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         entry = self._entries[name]
         data = np.empty(entry.end - entry.begin, dtype=np.uint8)
-        if data.size and os.preadv(self._fd, [data], self._start + entry.begin) != data.size:
+        if data.size and os.preadv(self._fd, [data.data], self._start + entry.begin) != data.size:
             raise CheckpointError(f"journal payload truncated in {name}")
         return data.view(dtypes.to_numpy(entry.dtype)).reshape(entry.shape)
 

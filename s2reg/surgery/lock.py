@@ -15,16 +15,30 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, Self, TypeVar
 
 from ..errors import CheckpointError
 
 _NO_LOCKS_HERE = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
-Source = TypeVar("Source")
+
+
+class _FileSource(Protocol):
+    """What ``locked_for_reading`` opens: a reader used in a ``with`` block that lists the files it reads
+    (CheckpointSource, TorchBinSource), so their locks can be taken."""
+
+    @property
+    def files(self) -> Sequence[Path]: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+Source = TypeVar("Source", bound=_FileSource)
 
 
 def directory_of(checkpoint: str | os.PathLike) -> Path:

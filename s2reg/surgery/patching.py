@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from .plan import Plan, Run
 _BLOCK_BYTES = 4 * 1024 * 1024
 
 
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
     """Consecutive runs ``[start, stop)`` of sorted indices."""
     runs: list[tuple[int, int]] = []
     for i in indices:
@@ -48,7 +49,7 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
 def _pread(fd: int, length: int, offset: int) -> np.ndarray:
     """``length`` bytes at ``offset`` as a writable array of its own (read straight into it: no copy)."""
     data = np.empty(length, dtype=np.uint8)
-    if length and os.preadv(fd, [data], offset) != length:
+    if length and os.preadv(fd, [data.data], offset) != length:
         raise CheckpointError(f"shard truncated while reading {length} bytes at offset {offset}")
     return data
 
@@ -77,7 +78,7 @@ def _read_bytes(fd: int, info: TensorInfo, axis: str | None, indices: list[int])
 
 def patch_nbytes(info: TensorInfo, patch: Patch) -> int:
     """How many bytes ``patch`` of the tensor ``info`` holds (before, and after)."""
-    if patch.axis is None:
+    if patch.indices is None:  # the whole tensor (a Patch has indices exactly when it has an axis)
         return info.nbytes
     row_bytes = info.nbytes // info.shape[0]
     return len(patch.indices) * (row_bytes if patch.axis == "rows" else info.shape[0] * info.dtype.itemsize)
@@ -89,12 +90,12 @@ def write_patch(fd: int, info: TensorInfo, patch: Patch, raw: np.ndarray) -> Non
     row_bytes = info.nbytes // info.shape[0] if info.shape else info.nbytes
     if raw.size != patch_nbytes(info, patch):
         raise CheckpointError(f"{patch.file}: patch bytes do not fit the slice of {patch.tensor}")
-    if axis is None:
-        os.pwrite(fd, raw, info.start)
+    if indices is None:  # the whole tensor (a Patch has indices exactly when it has an axis)
+        os.pwrite(fd, raw.data, info.start)
     elif axis == "rows":
         at = 0
         for a, b in _runs(indices):
-            os.pwrite(fd, raw[at:at + (b - a) * row_bytes], info.start + a * row_bytes)
+            os.pwrite(fd, raw[at:at + (b - a) * row_bytes].data, info.start + a * row_bytes)
             at += (b - a) * row_bytes
     else:  # columns are strided: read-modify-write blocks of whole rows, a few MiB at a time
         cols, item, idx = info.shape[1], info.dtype.itemsize, np.asarray(indices)
@@ -102,7 +103,7 @@ def write_patch(fd: int, info: TensorInfo, patch: Patch, raw: np.ndarray) -> Non
         for first, count, offset in _row_blocks(info):
             block = _pread(fd, count * row_bytes, offset)
             block.reshape(count, cols, item)[:, idx, :] = values[first:first + count]
-            os.pwrite(fd, block, offset)
+            os.pwrite(fd, block.data, offset)
 
 
 def read_slice(source: CheckpointSource, name: str, support: tuple[str, np.ndarray]) -> np.ndarray:
@@ -122,9 +123,10 @@ def _as_bytes(array: np.ndarray) -> np.ndarray:
     return np.frombuffer(tensor_bytes(array), dtype=np.uint8)
 
 
-def _slice_only(plan: Plan, name: str, support: tuple[str, np.ndarray] | None) -> bool:
-    """Whether the patch of ``name`` is computed from its slice alone (else from the whole tensor)."""
-    return support is not None and plan.permutation is None and name not in plan.expect_sha
+def _slice_only(plan: Plan, name: str) -> bool:
+    """Whether the patch of ``name``, when it has a support slice, is computed from that slice alone (else from
+    the whole tensor)."""
+    return plan.permutation is None and name not in plan.expect_sha
 
 
 def patch_of(plan: Plan, name: str) -> Patch:
@@ -137,7 +139,7 @@ def _bytes_of(run: Run, name: str) -> tuple[np.ndarray, np.ndarray]:
     """The patch's bytes before and after (checked: NaN, inexact unmerge raise)."""
     plan = run.plan
     source, support = plan.source, plan.support(name)
-    if _slice_only(plan, name, support):
+    if support is not None and _slice_only(plan, name):
         before = read_slice(source, name, support)  # only the slice: the cost follows the delta
         after = plan.transform_slice(name, before, support, run)
     else:
@@ -160,7 +162,7 @@ class PatchBytes:
     def __init__(self, plan: Plan, names: Sequence[str], progress: Callable[[str], None]) -> None:
         self.run = Run(plan)
         self._names, self._progress = list(names), progress
-        sliced = [n for n in self._names if _slice_only(plan, n, plan.support(n))]
+        sliced = [n for n in self._names if plan.support(n) is not None and _slice_only(plan, n)]
         self._sliced = dict(zip(sliced, on_every_core(self._one, sliced), strict=True))
 
     def _one(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +211,7 @@ def write(directory: Path, infos: dict[str, TensorInfo], patches: Sequence[Patch
     by_file: dict[str, list[tuple[TensorInfo, Patch, Callable[[], np.ndarray]]]] = {}
     for i, patch in enumerate(patches):
         key = f"{i}.{which}"
-        by_file.setdefault(patch.file, []).append((infos[patch.tensor], patch, lambda key=key: blobs[key]))
+        by_file.setdefault(patch.file, []).append((infos[patch.tensor], patch, partial(blobs.__getitem__, key)))
     files = list(by_file)
     return dict(zip(files, side_by_side(lambda file: _write_shard(directory / file, by_file[file]), files), strict=True))
 

@@ -35,7 +35,7 @@ def _channels(raw: Mapping[str, Any]) -> dict[int, Any]:
 def plan_for(source: CheckpointSource, selection: Adapter | Mapping[str, Any], arch_file: str | os.PathLike | None = None
              ) -> tuple[Permutation, ModelInfo]:
     """The permutation making an adapter's (or a ``{"heads": {layer: [...]}, "channels": {...}}``) selection contiguous."""
-    info = resolve_source(source, arch_file)
+    info = resolve_source(source, None if arch_file is None else Path(arch_file))
     if isinstance(selection, Adapter):
         heads, channels = selection_of(selection, info)
     else:

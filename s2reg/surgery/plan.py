@@ -294,7 +294,7 @@ def plan_unmerge(source: CheckpointSource, adapters: Sequence[Adapter], *, verif
             f"{_named(*missing[0])} is not recorded as merged into checkpoint {source.directory}; refused "
             "(--skip-base-check subtracts it anyway)"
         )
-    position = {i: (ledger.find(i) if ledger.find(i) is not None else -1) for i in identities}
+    position = {i: -1 if (at := ledger.find(i)) is None else at for i in identities}
     order = sorted(zip(adapters, identities, strict=True), key=lambda pair: position[pair[1]], reverse=True)
     touched: dict[str, list[Any]] = {}
     for adapter, identity in order:

@@ -24,15 +24,15 @@ from .s2ft.config import HEAD_ROLES
 from .targets import Coupled, ModelMap, kv_to_heads
 
 SCORED_ROLE = {"heads": "o", "channels": "down"}
-Unit = tuple[str, int, object]  # (kind "heads"|"channels", layer, expert or None)
+Unit = tuple[str, int, str | None]  # (kind "heads"|"channels", layer, expert or None)
 Scores = dict[Unit, torch.Tensor]  # per unit id
 
 
 def units(mapping: ModelMap, layers: Iterable[int], kinds: Iterable[str]) -> list[Unit]:
-    found = []
+    found: list[Unit] = []
     for layer in layers:
         for kind in kinds:
-            experts = [None] if kind == "heads" else mapping.info.experts(layer)
+            experts: list[str | None] = [None] if kind == "heads" else mapping.info.experts(layer)
             found += [(kind, layer, expert) for expert in experts]
     return found
 
@@ -88,13 +88,13 @@ def _matmul_modules(mapping: ModelMap, chosen: list[Unit], strategy: str) -> dic
 def activation_scores(model: nn.Module, mapping: ModelMap, chosen: list[Unit], batches) -> Scores:
     # o and down read their units on their input features, whatever the storage
     modules = _matmul_modules(mapping, chosen, "activation")
-    sums = {unit: None for unit in modules}
+    sums: dict[Unit, torch.Tensor] = {}
 
     def record(unit):
         def hook(module, args, output) -> None:  # must return None: a value would replace the output
             x = args[0].detach().double()
             s = x.reshape(-1, x.shape[-1]).pow(2).sum(0).cpu()
-            sums[unit] = s if sums[unit] is None else sums[unit] + s
+            sums[unit] = s if unit not in sums else sums[unit] + s
         return hook
 
     hooks = [m.register_forward_hook(record(unit)) for unit, m in modules.items()]
@@ -105,32 +105,36 @@ def activation_scores(model: nn.Module, mapping: ModelMap, chosen: list[Unit], b
     finally:
         for h in hooks:
             h.remove()
-    return {unit: _per_unit(mapping, unit, s) for unit, s in sums.items()}
+    if unseen := [_scored_tensor(mapping, unit).name for unit in modules if unit not in sums]:
+        raise S2RegError(f"the activation strategy saw no input reach {', '.join(unseen)}: the calibration data is "
+                         f"empty")
+    return {unit: _per_unit(mapping, unit, sums[unit]) for unit in modules}
 
 
 def gradient_scores(model: nn.Module, mapping: ModelMap, chosen: list[Unit], batches) -> Scores:
     modules = _matmul_modules(mapping, chosen, "gradient")
     axes = {unit: _other_axis(_scored_tensor(mapping, unit)) for unit in modules}
     sums: dict[Unit, torch.Tensor] = {}
-    flags = {unit: m.weight.requires_grad for unit, m in modules.items()}
+    weights = {unit: m.get_parameter("weight") for unit, m in modules.items()}  # _matmul_modules checked it is one
+    flags = {unit: w.requires_grad for unit, w in weights.items()}
     hooks = []
-    for unit, m in modules.items():
-        m.weight.requires_grad_(True)
+    for unit, weight in weights.items():
+        weight.requires_grad_(True)
 
         def reduce(param, unit=unit):  # reduce each gradient as it arrives, then drop it
             s = param.grad.detach().double().pow(2).sum(axes[unit]).cpu()
             sums[unit] = s if unit not in sums else sums[unit] + s
             param.grad = None
 
-        hooks.append(m.weight.register_post_accumulate_grad_hook(reduce))
+        hooks.append(weight.register_post_accumulate_grad_hook(reduce))
     try:
         for batch in _require(batches, "gradient"):
             model(**batch).loss.backward()
     finally:
         for h in hooks:
             h.remove()
-        for unit, m in modules.items():
-            m.weight.requires_grad_(flags[unit])
+        for unit, weight in weights.items():
+            weight.requires_grad_(flags[unit])
     return {unit: _per_unit(mapping, unit, s) for unit, s in sums.items()}
 
 

@@ -179,7 +179,7 @@ def _check_before_loading(base, options: TrainOptions, records: list, device: st
     # the process group may not be joined yet: torchrun's WORLD_SIZE says how many processes share a step
     examples = len(records) - int(len(records) * options.eval_fraction)
     options.loop.check_fills_a_step(examples, int(os.environ.get("WORLD_SIZE", "1")))
-    arch_file = options.arch_file
+    arch_file: str | Path | None = options.arch_file
     if arch_file is None and (Path(base) / ARCH_FILE).is_file():  # a description saved beside the checkpoint
         arch_file = Path(base) / ARCH_FILE
     return choose_objective(checkpoint_config, records), arch_file
@@ -233,7 +233,7 @@ def run_training(
     options = options.resolved()
     device = _device(options)
     if output is not None:
-        check_free(output, overwrite=overwrite)
+        check_free(Path(output), overwrite=overwrite)
     records = records if records is not None else read_jsonl(data)
     objective, arch_file = _check_before_loading(base, options, records, device)
     # FSDP loads on the CPU and moves each rank's shards to the device (the whole model never goes there)
@@ -255,7 +255,7 @@ def run_training(
         adapter = export_adapter(model, base=stored, base_name=options.base_name, training=training)
     run = Run(adapter, result, prepared.num_trainable, device, objective, options)
     if output is not None:
-        run.stored = _save(adapter, output, overwrite, state)
+        run.stored = _save(adapter, output, overwrite, state_dir_for(output))
     return run
 
 

@@ -76,7 +76,7 @@ def dense_pisa(shape, block, indices, values, scale) -> np.ndarray:
     out = np.zeros((gr * bh, gc * bw))
     for n in range(gr * gc):
         half = np.zeros((bh, hw), dtype=np.complex128)
-        for position, value in zip(indices[n], values[n]):
+        for position, value in zip(indices[n], values[n], strict=True):
             half[position // hw, position % hw] = value
         full = np.zeros((bh, bw), dtype=np.complex128)
         for u in range(bh):

@@ -80,8 +80,6 @@ def test_cli_permute_from_a_selection_file(tmp_path):
 
 
 # -- families (issue 10): MoE experts, encoders without their prefix -------------------------------
-from tests.families.conftest import zoo_checkpoint  # noqa: E402,F401  (a fixture, registered by import)
-
 
 def test_moe_channels_are_permuted_per_expert_from_a_selection_file(zoo_checkpoint, tmp_path):
     base = zoo_checkpoint("qwen2_moe")
@@ -134,7 +132,7 @@ def test_restore_lists_follow_a_permutation(tmp_path):
     weight equals permuting the merged weight, bit for bit, also for a permutation that reverses the selection."""
     from s2reg.ops.permute import Permutation, permute_s2ft_target, permute_tensor
 
-    from .helpers import negative_zeros, signed_zero_changes
+    from .helpers import signed_zero_changes
 
     base = tiny(tmp_path / "base", negative_zeros=0.05)
     with CheckpointSource(base) as source:

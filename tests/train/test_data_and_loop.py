@@ -89,7 +89,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     result = train(model, _examples(), config, state_dir=tmp_path / "state", resume=True)
     assert result.resumed_from == 4 and result.steps == 6
     assert not (tmp_path / "state").exists()
-    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         if a.requires_grad:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -201,6 +201,6 @@ def test_a_run_longer_than_an_epoch_resumes_to_the_same_result(tmp_path):
         train(model, _examples(count=8), config, state_dir=tmp_path / "state", on_step=crash)
     result = train(model, _examples(count=8), config, state_dir=tmp_path / "state", resume=True)
     assert result.resumed_from == 6 and result.steps == 7
-    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         if a.requires_grad:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

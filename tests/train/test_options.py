@@ -65,7 +65,7 @@ def test_every_declared_option_is_a_flag_with_its_help_and_default():
             if f.metadata["help"]:
                 assert f.metadata["help"] in param.help, f.name
             if f.default not in (None, (), False):
-                assert f"[default: " in param.help, f.name
+                assert "[default: " in param.help, f.name
 
 
 def test_shared_flags_set_every_config_that_has_the_field(captured, files):
