@@ -105,10 +105,7 @@ def activation_scores(model: nn.Module, mapping: ModelMap, chosen: list[Unit], b
     finally:
         for h in hooks:
             h.remove()
-    if unseen := [_scored_tensor(mapping, unit).name for unit in modules if unit not in sums]:
-        raise S2RegError(f"the activation strategy saw no input reach {', '.join(unseen)}: the calibration data is "
-                         f"empty")
-    return {unit: _per_unit(mapping, unit, sums[unit]) for unit in modules}
+    return _scores_of_sums(mapping, modules, sums, "activation")
 
 
 def gradient_scores(model: nn.Module, mapping: ModelMap, chosen: list[Unit], batches) -> Scores:
@@ -135,7 +132,16 @@ def gradient_scores(model: nn.Module, mapping: ModelMap, chosen: list[Unit], bat
             h.remove()
         for unit, weight in weights.items():
             weight.requires_grad_(flags[unit])
-    return {unit: _per_unit(mapping, unit, s) for unit, s in sums.items()}
+    return _scores_of_sums(mapping, modules, sums, "gradient")
+
+
+def _scores_of_sums(mapping: ModelMap, modules: Mapping[Unit, nn.Module], sums: Mapping[Unit, torch.Tensor],
+                    strategy: str) -> Scores:
+    """Each unit's scores from the per-index sums the calibration batches left; every unit must have some."""
+    if unseen := [_scored_tensor(mapping, unit).name for unit in modules if unit not in sums]:
+        raise S2RegError(f"the {strategy} strategy saw no calibration batch reach {', '.join(unseen)}: the "
+                         "calibration data is empty")
+    return {unit: _per_unit(mapping, unit, sums[unit]) for unit in modules}
 
 
 def _require(batches, strategy: str):

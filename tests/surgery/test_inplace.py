@@ -337,6 +337,8 @@ def test_records_round_trip_and_reject_wrong_types(pristine, tmp_path):
         Patch.from_json(patch)
     with pytest.raises(CheckpointError, match="integers"):
         Patch.from_json({**patch, "file": "model.safetensors", "indices": [1.0]})
+    with pytest.raises(ValueError, match="indices exactly when there is an axis"):  # patching reads one for both
+        Patch("t", "model.safetensors", "rows", None)
 
 
 def test_corrupt_journal_is_refused(pristine, tmp_path):

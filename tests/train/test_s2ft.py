@@ -120,6 +120,9 @@ def test_activation_strategies_follow_the_calibration_inputs(tmp_path):
     assert low.selection[0]["channels"] == [9]
     with pytest.raises(S2RegError, match="calibration data"):
         prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=1, strategy="activation"))
+    for strategy in ("activation", "gradient"):  # data given, but no batch in it: one line, not a crash
+        with pytest.raises(S2RegError, match=f"the {strategy} strategy saw no calibration batch reach .*down_proj"):
+            prepare_s2ft(copy.deepcopy(model), S2FTConfig(channels=1, strategy=strategy), calibration=[])
 
 
 def test_random_selection_is_seeded_and_counts_are_exact(tmp_path):
