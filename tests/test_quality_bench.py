@@ -3,7 +3,6 @@ tasks it trains on (fixtures/quality_tasks.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,16 +13,14 @@ import pytest
 
 from fixtures.quality_tasks import TASKS, facts_task, matches, skill_task
 
+from . import bench_modules
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while they are built
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load("quality")
 
 
 # ---------------------------------------------------------------------------------------------- tasks

@@ -26,6 +26,8 @@ from s2reg.train.s2ft.config import S2FTConfig
 from s2reg.train.session import run_training
 from s2reg.train.settings import TrainOptions, method_config_class
 
+from .. import bench_modules
+
 # nats, the bound docs/training.md states for the defaults (under a third of what PEFT LoRA's defaults cost
 # SmolLM2 at their best rate). Measured here: S2FT +0.030 (at 1e-3, the old default: +0.004), PISA +0.0005;
 # the old PISA convention +0.54.
@@ -126,11 +128,7 @@ def averaged(records: list[dict]) -> tuple[float, float]:
 
 def lora_knee(task: str) -> list[dict]:
     """PEFT LoRA (defaults) at its front's knee: the most accuracy for the least forgetting (bench/quality.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_quality", QUALITY.parents[1] / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = bench_modules.load("quality")
     front = measured("lora", task)
     seed0 = [next(r for r in front[lr] if r["seed"] == 0) for lr in sorted(front)]
     return front[seed0[quality.knee(seed0)]["lr"]]
