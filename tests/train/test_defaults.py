@@ -77,10 +77,11 @@ def base(tmp_path_factory):
     return root / "base", data
 
 
-def short_run(base, method, method_config=None, lr=None):
+def short_run(base, method, method_config=None, lr=None, **loop):
     directory, data = base
     options = TrainOptions(method_config or method_config_class(method)(),
-                           loop=TrainConfig(max_steps=40, epochs=10, batch_size=8, lr=lr), eval_fraction=0.25, device="cpu")
+                           loop=TrainConfig(max_steps=40, epochs=10, batch_size=8, lr=lr, **loop), eval_fraction=0.25,
+                           device="cpu")
     run = run_training(directory, data, options, on_warning=lambda _: None)
     tuned = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
     before = prose_loss(tuned)
@@ -94,12 +95,17 @@ def test_defaults_learn_the_task_without_wrecking_the_base(base, method):
     result, prose_rise = short_run(base, method)
     assert result.eval_loss_after < result.eval_loss_before - LEARNT[method]
     assert prose_rise <= PROSE_RISE_BOUND
-    assert result.large_steps == 0
+    # This model is small (hidden 64): S2FT's 32 channels are a quarter of down_proj, so at the default rate
+    # the step cap acts here (on SmolLM2 the largest step is 0.24%: tests/train/test_cli.py checks the cap
+    # never acts there); PISA's steps stay under it.
+    assert (result.large_steps > 0) == (method == "s2ft")
+    assert result.largest_step_change <= TrainConfig().max_step_change + 1e-6
 
 
 @pytest.mark.slow  # over 20 s on 2 cores: outside the quick subset (README)
 def test_the_bound_catches_the_old_pisa_convention(base):
-    result, prose_rise = short_run(base, "pisa", method_config=PISAConfig(scale=64 * 64 / 100), lr=5e-2)
+    """Without the step cap, which since holds any convention's steps to 1%."""
+    result, prose_rise = short_run(base, "pisa", method_config=PISAConfig(scale=64 * 64 / 100), lr=5e-2, max_step_change=0.0)
     assert prose_rise > PROSE_RISE_BOUND
 
 
